@@ -1,0 +1,256 @@
+"""`LM`: a causal language model, its tokenizer and its `ArchSpec`, with the three batched calls that
+every metric uses (`logprobs`, `next_token_logprobs`, `generate`).
+
+Scoring packs work: a continuation of m tokens needs only the sequence prompt + cont[:-1], and a
+sequence that is a prefix of another is read off the longer one (causal attention makes the logits
+identical), so CounterFact's single-token target pairs cost one forward row per prompt. The LM head is
+applied only at the positions being scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..tokens import encode_pair, encode_prompt
+from .arch import ArchSpec
+
+
+@dataclass
+class ContinuationScore:
+    """Teacher-forced scores of one continuation: per-token log-probs, the target ids and the model's
+    argmax prediction at each of those positions."""
+
+    target_ids: list[int]
+    logprobs: torch.Tensor  # [m] float32
+    argmax_ids: list[int]
+
+    @property
+    def mean_nll(self) -> float:
+        return float(-self.logprobs.mean())
+
+    @property
+    def token_accuracy(self) -> float:
+        if not self.target_ids:
+            return 0.0
+        return sum(int(a == b) for a, b in zip(self.argmax_ids, self.target_ids)) / len(self.target_ids)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Stable hash of a model's config and weights (shapes, a strided sample and a float64 sum per
+    tensor): equal for the same weights, different after any edit we make."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        h.update(json.dumps({k: d.get(k) for k in sorted(d) if not k.startswith("_")}, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 512)
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()[:32]
+
+
+class LM:
+    """Model + tokenizer + ArchSpec. Create with `editlab.load_lm` (or directly from objects)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        arch: ArchSpec,
+        name: str = "model",
+        max_batch_tokens: int = 4096,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.name = name
+        self.max_batch_tokens = max_batch_tokens
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id: int = int(tokenizer.pad_token_id)
+        self._softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        self._fingerprint: str | None = None
+        self.cache: dict[str, Any] = {}  # per-model derived data (e.g. context templates)
+        self.active_edits: list[Any] = []  # Edit handles not yet restored, oldest first
+        self.base_fingerprint = self.fingerprint()
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers(self.model.config)
+
+    def module(self, path: str) -> torch.nn.Module:
+        return self.model.get_submodule(path)
+
+    def fingerprint(self) -> str:
+        """Fingerprint of the *current* weights (recomputed on every call)."""
+        return model_fingerprint(self.model)
+
+    def current_fingerprint(self) -> str:
+        """Fingerprint of the current weights; free while no editlab edit is active."""
+        return self.base_fingerprint if not self.active_edits else self.fingerprint()
+
+    # ----------------------------------------------------------------- forward helpers
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden states of the backbone for a right-padded batch."""
+        backbone = self.model.get_submodule(self.arch.backbone)
+        out = backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_submodule(self.arch.lm_head)(hidden)
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def pad_right(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+    def _batches(self, seqs: list[tuple[int, ...]]) -> Iterator[list[int]]:
+        """Indices of `seqs` grouped by length into batches of at most max_batch_tokens padded tokens."""
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        batch: list[int] = []
+        width = 0
+        for i in order:
+            w = max(width, len(seqs[i]))
+            if batch and w * (len(batch) + 1) > self.max_batch_tokens:
+                yield batch
+                batch, w = [], len(seqs[i])
+            batch.append(i)
+            width = w
+        if batch:
+            yield batch
+
+    @torch.no_grad()
+    def _score_positions(self, needs: list[tuple[tuple[int, ...], list[int]]]) -> list[torch.Tensor]:
+        """For each (sequence, positions) return log-softmax rows [len(positions), V] at those positions.
+        Sequences that are prefixes of other sequences are computed inside the longer one."""
+        carriers: dict[tuple[int, ...], int] = {}
+        unique: list[tuple[int, ...]] = []
+        for seq in sorted({s for s, _ in needs}, key=len, reverse=True):
+            if seq in carriers:
+                continue
+            idx = len(unique)
+            unique.append(seq)
+            for k in range(1, len(seq) + 1):
+                carriers.setdefault(seq[:k], idx)
+        # group the positions wanted per carrier
+        wanted: dict[int, set[int]] = {}
+        for seq, pos in needs:
+            wanted.setdefault(carriers[seq], set()).update(pos)
+        rows: dict[tuple[int, int], torch.Tensor] = {}
+        for batch in self._batches(unique):
+            ids, mask = self.pad_right([unique[i] for i in batch])
+            hid = self.hidden_states(ids, mask)
+            b_idx, p_idx, keys = [], [], []
+            for r, ci in enumerate(batch):
+                for p in sorted(wanted.get(ci, ())):
+                    b_idx.append(r)
+                    p_idx.append(p)
+                    keys.append((ci, p))
+            if not keys:
+                continue
+            logits = self.head(hid[torch.tensor(b_idx), torch.tensor(p_idx)]).float()
+            lsm = torch.log_softmax(logits, dim=-1).cpu()
+            for k, row in zip(keys, lsm):
+                rows[k] = row
+        return [torch.stack([rows[(carriers[seq], p)] for p in pos]) for seq, pos in needs]
+
+    # ----------------------------------------------------------------- the three calls
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[ContinuationScore]:
+        """Teacher-forced log-probs and argmax predictions of each continuation after its prompt."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        needs, targets = [], []
+        for p, c in zip(prompts, continuations):
+            p_ids, t_ids = encode_pair(self.tokenizer, p, c)
+            seq = tuple(p_ids + t_ids[:-1])
+            needs.append((seq, list(range(len(p_ids) - 1, len(seq)))))
+            targets.append(t_ids)
+        out = []
+        for t_ids, rows in zip(targets, self._score_positions(needs)):
+            tgt = torch.tensor(t_ids, dtype=torch.long)
+            out.append(
+                ContinuationScore(
+                    target_ids=list(t_ids),
+                    logprobs=rows.gather(1, tgt[:, None])[:, 0],
+                    argmax_ids=rows.argmax(-1).tolist(),
+                )
+            )
+        return out
+
+    def logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[torch.Tensor]:
+        """Per-token log-probabilities of each continuation given its prompt (list of 1-D tensors)."""
+        return [s.logprobs for s in self.score(prompts, continuations)]
+
+    def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Log-probabilities of the next token after each prompt: tensor [n_prompts, vocab]."""
+        needs = []
+        for p in prompts:
+            ids = tuple(encode_prompt(self.tokenizer, p))
+            needs.append((ids, [len(ids) - 1]))
+        return torch.cat(self._score_positions(needs), dim=0)
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20) -> list[list[int]]:
+        """Greedy continuations (token ids, stopping at EOS) of each prompt."""
+        out: list[list[int]] = [[] for _ in prompts]
+        encoded = [tuple(encode_prompt(self.tokenizer, p)) for p in prompts]
+        eos = self.tokenizer.eos_token_id
+        for batch in self._batches([s + (0,) * max_new_tokens for s in encoded]):
+            seqs = [encoded[i] for i in batch]
+            n = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), n), dtype=torch.long)
+            for r, s in enumerate(seqs):  # left padding so that new tokens line up
+                ids[r, n - len(s) :] = torch.tensor(s)
+                mask[r, n - len(s) :] = 1
+            gen = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.pad_id,
+                eos_token_id=eos,
+            )
+            for r, i in enumerate(batch):
+                toks = gen[r, n:].tolist()
+                if eos is not None and eos in toks:
+                    toks = toks[: toks.index(eos)]
+                out[i] = toks
+        return out
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
+        """Greedy continuations (text, without the prompt) of each prompt."""
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.generate_ids(prompts, max_new_tokens)]
+
+    def __repr__(self) -> str:
+        return f"LM({self.name!r}, arch={self.arch.model_type}, layers={self.n_layers}, device={self.device}, dtype={self.dtype})"
