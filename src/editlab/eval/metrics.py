@@ -56,31 +56,17 @@ def pre_edit(lm: LM, requests: Iterable[EditRequest], cache: PreEdit | None = No
     return cache
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def evaluate_request(
-    lm: LM,
-    req: EditRequest,
-    pre: PreEdit | None = None,
-    *,
-    generation: bool = False,
-    fluency_prompts: Sequence[str] = (),
-    fluency_tokens: int = 50,
-) -> dict[str, float]:
-    """All metrics for one request on the (edited) `lm`. Locality needs `pre` (from `pre_edit`)."""
+def _probe_slots(req: EditRequest) -> tuple[list[tuple[str, int, str]], list[str], list[str]]:
+    slots: list[tuple[str, int, str]] = []  # (group, index, which)
     prompts: list[str] = []
     conts: list[str] = []
-    slots: list[tuple[str, int, str]] = []  # (group, index, which)
 
     def add(group: str, i: int, which: str, prompt: str, cont: str) -> None:
         slots.append((group, i, which))
         prompts.append(prompt)
         conts.append(cont)
 
-    groups = {"rewrite": [req.prompt], "paraphrase": [p for p, _ in req.paraphrases]}
-    for g, ps in groups.items():
+    for g, ps in (("rewrite", [req.prompt]), ("paraphrase", [p for p, _ in req.paraphrases])):
         for i, p in enumerate(ps):
             add(g, i, "new", p, req.target_new)
             if req.target_true:
@@ -89,22 +75,21 @@ def evaluate_request(
         for i, (p, _a) in enumerate(req.neighborhood):
             add("neighborhood", i, "new", p, req.target_new)
             add("neighborhood", i, "true", p, req.target_true)
-    loc_pairs = _locality_pairs(req)
-    for i, (p, a) in enumerate(loc_pairs):
+    for i, (p, a) in enumerate(_locality_pairs(req)):
         add("locality", i, "own", p, a)
     for i, (p, a) in enumerate(req.portability):
         add("portability", i, "own", p, a)
+    return slots, prompts, conts
 
-    scores = lm.score(prompts, conts)
-    by = {s: sc for s, sc in zip(slots, scores)}
+
+def _metrics_from_scores(req: EditRequest, by: dict[tuple[str, int, str], Any], pre: PreEdit | None) -> dict[str, float]:
     out: dict[str, float] = {}
 
     def prob(group: str, i: int, which: str) -> float:
         return math.exp(-by[(group, i, which)].mean_nll)
 
     if req.target_true:
-        for g, key in (("rewrite", "efficacy"), ("paraphrase", "paraphrase")):
-            n = len(groups[g])
+        for g, key, n in (("rewrite", "efficacy", 1), ("paraphrase", "paraphrase", len(req.paraphrases))):
             if n:
                 diffs = [prob(g, i, "new") - prob(g, i, "true") for i in range(n)]
                 out[f"{key}_score"] = sum(d > 0 for d in diffs) / n
@@ -113,10 +98,10 @@ def evaluate_request(
             diffs = [prob("neighborhood", i, "true") - prob("neighborhood", i, "new") for i in range(len(req.neighborhood))]
             out["neighborhood_score"] = sum(d > 0 for d in diffs) / len(diffs)
             out["neighborhood_magnitude"] = sum(diffs) / len(diffs)
-
     out["rewrite_acc"] = by[("rewrite", 0, "new")].token_accuracy
     if req.paraphrases:
-        out["rephrase_acc"] = _mean([by[("paraphrase", i, "new")].token_accuracy for i in range(len(req.paraphrases))])  # type: ignore[assignment]
+        out["rephrase_acc"] = sum(by[("paraphrase", i, "new")].token_accuracy for i in range(len(req.paraphrases))) / len(req.paraphrases)
+    loc_pairs = _locality_pairs(req)
     if loc_pairs and pre is not None:
         accs = []
         for i, pair in enumerate(loc_pairs):
@@ -127,18 +112,64 @@ def evaluate_request(
             accs.append(sum(int(a == b) for a, b in zip(after, before)) / max(1, len(before)))
         out["locality_acc"] = sum(accs) / len(accs)
     if req.portability:
-        out["portability_acc"] = _mean([by[("portability", i, "own")].token_accuracy for i in range(len(req.portability))])  # type: ignore[assignment]
-
-    if generation:
-        gen_prompts = [req.prompt] + [p for p, _ in req.paraphrases]
-        em = generation_exact_match(lm, gen_prompts, [req.target_new] * len(gen_prompts))
-        out["rewrite_gen_em"] = em[0]
-        if len(em) > 1:
-            out["rephrase_gen_em"] = sum(em[1:]) / (len(em) - 1)
-    if fluency_prompts:
-        texts = lm.generate(list(fluency_prompts), fluency_tokens)
-        out["fluency"] = sum(ngram_entropy(p + t) for p, t in zip(fluency_prompts, texts)) / len(texts)
+        out["portability_acc"] = sum(by[("portability", i, "own")].token_accuracy for i in range(len(req.portability))) / len(req.portability)
     return out
+
+
+def evaluate_requests(
+    lm: LM,
+    requests: Sequence[EditRequest],
+    pre: PreEdit | None = None,
+    *,
+    generation: bool = False,
+    fluency_prompts: Sequence[Sequence[str]] | None = None,
+    fluency_tokens: int = 50,
+) -> list[dict[str, float]]:
+    """All metrics for each request on the (edited) `lm`, scored in one batched pass.
+    Locality needs `pre` (from `pre_edit`, computed before editing)."""
+    all_prompts: list[str] = []
+    all_conts: list[str] = []
+    spans = []
+    for req in requests:
+        slots, prompts, conts = _probe_slots(req)
+        spans.append((len(all_prompts), slots))
+        all_prompts += prompts
+        all_conts += conts
+    scores = lm.score(all_prompts, all_conts)
+    rows = []
+    for req, (start, slots) in zip(requests, spans):
+        by = {s: scores[start + k] for k, s in enumerate(slots)}
+        rows.append(_metrics_from_scores(req, by, pre))
+    if generation:
+        gen_p, gen_t, owner = [], [], []
+        for r, req in enumerate(requests):
+            for p in [req.prompt] + [p for p, _ in req.paraphrases]:
+                gen_p.append(p)
+                gen_t.append(req.target_new)
+                owner.append(r)
+        em = generation_exact_match(lm, gen_p, gen_t)
+        for r, row in enumerate(rows):
+            mine = [e for e, o in zip(em, owner) if o == r]
+            row["rewrite_gen_em"] = mine[0]
+            if len(mine) > 1:
+                row["rephrase_gen_em"] = sum(mine[1:]) / (len(mine) - 1)
+    if fluency_prompts:
+        flat = [(r, p) for r, ps in enumerate(fluency_prompts) for p in ps]
+        texts = lm.generate([p for _, p in flat], fluency_tokens)
+        per: dict[int, list[float]] = {}
+        for (r, p), t in zip(flat, texts):
+            per.setdefault(r, []).append(ngram_entropy(p + t))
+        for r, vals in per.items():
+            rows[r]["fluency"] = sum(vals) / len(vals)
+    return rows
+
+
+def evaluate_request(lm: LM, req: EditRequest, pre: PreEdit | None = None, *, generation: bool = False,
+                     fluency_prompts: Sequence[str] = (), fluency_tokens: int = 50) -> dict[str, float]:
+    """`evaluate_requests` for one request."""
+    return evaluate_requests(lm, [req], pre, generation=generation,
+                             fluency_prompts=[list(fluency_prompts)] if fluency_prompts else None,
+                             fluency_tokens=fluency_tokens)[0]
 
 
 def generation_exact_match(lm: LM, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:

@@ -133,20 +133,31 @@ class LM:
             mask[i, : len(s)] = 1
         return ids, mask
 
-    def _batches(self, seqs: list[tuple[int, ...]]) -> Iterator[list[int]]:
-        """Indices of `seqs` grouped by length into batches of at most max_batch_tokens padded tokens."""
+    def _batches(self, seqs: list[tuple[int, ...]], overhead: int = 24) -> Iterator[list[int]]:
+        """Indices of `seqs` split into right-padded batches that minimize padded tokens plus a fixed
+        per-batch overhead (in token equivalents), each within max_batch_tokens. Sequences are sorted
+        by length and cut into contiguous runs by dynamic programming, so short prompts are not
+        padded to the length of long ones."""
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        batch: list[int] = []
-        width = 0
-        for i in order:
-            w = max(width, len(seqs[i]))
-            if batch and w * (len(batch) + 1) > self.max_batch_tokens:
-                yield batch
-                batch, w = [], len(seqs[i])
-            batch.append(i)
-            width = w
-        if batch:
-            yield batch
+        lens = [len(seqs[i]) for i in order]
+        n = len(lens)
+        best = [0.0] + [float("inf")] * n  # best[j]: cost of batching order[:j]
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            for i in range(j - 1, -1, -1):  # batch order[i:j]; its width is lens[i]
+                size = (j - i) * lens[i]
+                if size > self.max_batch_tokens and j - i > 1:
+                    break
+                c = best[i] + size + overhead
+                if c < best[j]:
+                    best[j], cut[j] = c, i
+        spans = []
+        j = n
+        while j > 0:
+            spans.append((cut[j], j))
+            j = cut[j]
+        for i, j in reversed(spans):
+            yield order[i:j]
 
     @torch.no_grad()
     def _score_positions(self, needs: list[tuple[tuple[int, ...], list[int]]]) -> list[torch.Tensor]:

@@ -28,6 +28,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+CONVERSION_FORMAT = 2  # bump to force re-conversion of cached GGUF models
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
@@ -66,14 +69,22 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32)
     # GGUF-loaded models refuse save_pretrained: rebuild a plain model from the config and copy weights.
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF origin is recorded as a quantization_config; the saved weights are plain float32.
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            try:
+                delattr(config, attr)
+            except AttributeError:
+                pass
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        (tmp / "editlab-source.json").write_text(json.dumps({"gguf": gguf_file, "size": (gguf_dir / gguf_file).stat().st_size}))
+        (tmp / "editlab-source.json").write_text(json.dumps({"gguf": gguf_file, "size": (gguf_dir / gguf_file).stat().st_size, "format": CONVERSION_FORMAT}))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -86,7 +97,8 @@ def _valid_cached(folder: Path, gguf_path: Path) -> bool:
     marker = folder / "editlab-source.json"
     try:
         meta = json.loads(marker.read_text())
-        return meta.get("size") == gguf_path.stat().st_size and (folder / "model.safetensors").exists()
+        return (meta.get("size") == gguf_path.stat().st_size and meta.get("format") == CONVERSION_FORMAT
+                and (folder / "model.safetensors").exists())
     except (OSError, ValueError):
         return False
 
