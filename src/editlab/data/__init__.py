@@ -83,6 +83,8 @@ def resolve(name_or_path: str | Path, root: Path | None = None) -> tuple[Path, s
     p = Path(s).expanduser()
     if p.exists():
         return p, None
+    if "/" in s or p.suffix in (".json", ".jsonl"):
+        raise DataFormatError(f"data file not found: {p}")
     raise DataFormatError(f"unknown dataset {s!r}: not a dataset name ({', '.join(DATASETS)}) nor an existing file")
 
 

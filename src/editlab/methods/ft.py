@@ -83,7 +83,7 @@ def _finetune(lm: LM, requests: list[EditRequest], hp: FTHparams) -> tuple[dict[
             hid = out[0] if isinstance(out, tuple) else out.last_hidden_state
             logp = torch.log_softmax(lm.head(hid[b, p]).float(), -1)
             loss = -logp.gather(1, t[:, None]).mean()  # target tokens only: the prompt is never a target
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if losses[-1] < hp.stop_nll:
                 break
             opt.zero_grad()

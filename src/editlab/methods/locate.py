@@ -115,6 +115,62 @@ def capture_at_subject(
     return {path: s / len(templates) for path, s in sums.items()}
 
 
+class _SuffixRunner:
+    """Runs many sequences whose tokens before `edit_pos` never change: the prefixes are computed
+    once (left-padded, no grad) into a KV cache; each call runs only the suffixes from the edit
+    position on, attending to a copy of that cache. Exact: causal attention means prefix states do
+    not depend on anything added at or after the edit position."""
+
+    def __init__(self, lm: LM, seqs: Sequence[Sequence[int]], edit_pos: Sequence[int]) -> None:
+        import copy
+
+        self._copy = copy.deepcopy
+        self.lm = lm
+        self.backbone = lm.model.get_submodule(lm.arch.backbone)
+        n = len(seqs)
+        plen = [int(e) for e in edit_pos]
+        P = max(plen)
+        suffixes = [list(s[e:]) for s, e in zip(seqs, plen)]
+        S = max(len(x) for x in suffixes)
+        self.P = P
+        pre_ids = torch.full((n, max(P, 1)), lm.pad_id, dtype=torch.long)
+        pre_mask = torch.zeros((n, max(P, 1)), dtype=torch.long)
+        for i, (s, e) in enumerate(zip(seqs, plen)):
+            if e:
+                pre_ids[i, P - e : P] = torch.tensor(list(s[:e]))
+                pre_mask[i, P - e : P] = 1
+        suf_ids = torch.full((n, S), lm.pad_id, dtype=torch.long)
+        suf_mask = torch.zeros((n, S), dtype=torch.long)
+        for i, x in enumerate(suffixes):
+            suf_ids[i, : len(x)] = torch.tensor(x)
+            suf_mask[i, : len(x)] = 1
+        dev = lm.device
+        self.suf_ids = suf_ids.to(dev)
+        self.suf_pos = (torch.tensor(plen)[:, None] + torch.arange(S)[None, :]).to(dev)
+        self.cache = None
+        if P:
+            self.full_mask = torch.cat([pre_mask, suf_mask], dim=1).to(dev)
+            pos = (pre_mask.cumsum(1) - 1).clamp(min=0)
+            with torch.no_grad():
+                out = self.backbone(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
+                                    position_ids=pos.to(dev), use_cache=True)
+            self.cache = out.past_key_values
+        else:
+            self.full_mask = suf_mask.to(dev)
+
+    def run(self, rows: Sequence[int]) -> torch.Tensor:
+        idx = torch.tensor(list(rows), device=self.lm.device)
+        kwargs: dict[str, Any] = {}
+        if self.cache is not None:
+            cache = self._copy(self.cache)
+            if list(rows) != list(range(self.suf_ids.shape[0])):
+                cache.batch_select_indices(idx)
+            kwargs = {"past_key_values": cache, "use_cache": True}
+        out = self.backbone(input_ids=self.suf_ids[idx], attention_mask=self.full_mask[idx],
+                            position_ids=self.suf_pos[idx], **kwargs)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
 def _depth(lm: LM, path: str) -> tuple[int, int]:
     prefix = lm.arch.layers + "."
     if path.startswith(prefix):
@@ -133,6 +189,7 @@ class ValueOptConfig:
     clamp_norm_factor: float
     stop_nll: float
     kl_prompt: str = "{} is a"
+    prefix_cache: bool = True  # run the tokens before the edit position once (exact; faster)
 
 
 def optimize_values(
@@ -183,14 +240,22 @@ def optimize_values(
     steps_used = torch.zeros(n, dtype=torch.long)
     result = torch.zeros(n, dim)
     req_rows = {r: [i for i, q in enumerate(row_req) if q == r] for r in range(n)}
+    runner = _SuffixRunner(lm, rows_ids, row_edit_pos) if cfg.prefix_cache else None
 
     for step in range(cfg.steps):
         rows = [i for r in active for i in req_rows[r]]
-        ids, mask = lm.pad_right([rows_ids[i] for i in rows])
-        b = torch.arange(len(rows), device=lm.device)
-        p = torch.tensor([row_edit_pos[i] for i in rows], device=lm.device)
         rq = torch.tensor([row_req[i] for i in rows], device=lm.device)
         captured: list[torch.Tensor] = []
+        if runner is not None:
+            # only the tokens from the edit position on are recomputed; δ sits at suffix position 0
+            b = torch.arange(len(rows), device=lm.device)
+            p = torch.zeros(len(rows), dtype=torch.long, device=lm.device)
+            offset = [row_edit_pos[i] for i in rows]
+        else:
+            ids, mask = lm.pad_right([rows_ids[i] for i in rows])
+            b = torch.arange(len(rows), device=lm.device)
+            p = torch.tensor([row_edit_pos[i] for i in rows], device=lm.device)
+            offset = [0] * len(rows)
 
         def add_delta(_m: Any, _i: Any, out: Any) -> Any:
             h = output_tensor(out)
@@ -201,8 +266,11 @@ def optimize_values(
             return replace_output(out, h + add)
 
         with hooks(lm.model, forward={edit_path: add_delta}):
-            hid = backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-            hid = hid[0] if isinstance(hid, tuple) else hid.last_hidden_state
+            if runner is not None:
+                hid = runner.run(rows)
+            else:
+                hid = backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+                hid = hid[0] if isinstance(hid, tuple) else hid.last_hidden_state
         if step == 0:
             v0_sum.index_add_(0, rq.cpu(), captured[0])
             v0_count.index_add_(0, rq.cpu(), torch.ones(len(rows)))
@@ -213,12 +281,12 @@ def optimize_values(
             if row_tgt[i][0]:
                 for pos_, tid in zip(*row_tgt[i]):
                     tb.append(j)
-                    tp.append(pos_)
+                    tp.append(pos_ - offset[j])
                     tt.append(tid)
                     trow.append(j)
             if i in kl_rows:
                 kb.append(j)
-                kp.append(kl_pos[kl_rows.index(i)])
+                kp.append(kl_pos[kl_rows.index(i)] - offset[j])
                 kreq.append(row_req[i])
         logp = torch.log_softmax(lm.head(hid[torch.tensor(tb), torch.tensor(tp)]).float(), -1)
         tok_nll = -logp.gather(1, torch.tensor(tt, device=logp.device)[:, None])[:, 0]

@@ -72,6 +72,14 @@ class MEMITHparams(Hparams):
             self._check_positive(name, getattr(self, name), allow_zero=True)
 
 
+def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:
+    """ΔW (out, in) = R Kᵀ (λ C + K Kᵀ)⁻¹ for keys K [n, in] and residuals R [n, out] (rows = requests):
+    the least-squares fit of the new associations regularized by λ·E[k kᵀ] of existing ones."""
+    k = keys.double()
+    a = weight * cov.double() + k.T @ k
+    return torch.linalg.solve(a, k.T @ resid.double()).T
+
+
 class MEMITEditor(Editor):
     name = "memit"
     description = "MEMIT: batch edits spread over several MLP layers"
@@ -95,8 +103,7 @@ class MEMITEditor(Editor):
                 got = capture_at_subject(lm, requests, templates, {kpath: "in", last: "out"})
                 keys, cur = got[kpath].double(), got[last].double()
                 resid = (z.double() - cur) / (len(hp.layers) - i)
-                a = hp.mom2_update_weight * covs[l].double() + keys.T @ keys
-                upd = torch.linalg.solve(a, keys.T @ resid).T  # (out, in)
+                upd = memit_update(keys, resid, covs[l], hp.mom2_update_weight)
                 d = lm.arch.from_matrix(upd.to(params[l].dtype))
                 with torch.no_grad():
                     params[l].add_(d.to(params[l].device))

