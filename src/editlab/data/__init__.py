@@ -40,6 +40,8 @@ class DatasetEntry:
 
 
 DATASETS: dict[str, DatasetEntry] = {e.name: e for e in [
+    DatasetEntry("builtin", "(inside the package)", "builtin",
+                 "built-in facts SmolLM2-135M knows, 8 relations, with paraphrases, neighbours and portability"),
     DatasetEntry("counterfact", "counterfact/counterfact_portability_gpt4.json", "counterfact",
                  "CounterFact (ROME format) with one-hop portability questions, 766 records"),
     DatasetEntry("counterfact-edit", "counterfact/counterfact-edit.json", "counterfact-compact",
@@ -122,6 +124,13 @@ def load_requests(name_or_path: str | Path, limit: int | None = None, format: st
     """EditRequests (with probes) from a dataset name or a file. `limit` takes the first N records."""
     if limit is not None and limit < 1:
         raise DataFormatError(f"limit must be >= 1, got {limit}")
+    if str(name_or_path) == "builtin":
+        from .builtin import builtin_requests
+
+        reqs = builtin_requests()
+        if limit is not None and limit > len(reqs):
+            warnings.warn(f"builtin: asked for {limit} records, only {len(reqs)} available; using all", stacklevel=2)
+        return builtin_requests(limit) if limit is not None else reqs
     path, fmt = resolve(name_or_path, root)
     return parse_records(read_records(path), format or fmt, path, limit, strict)
 

@@ -3,8 +3,9 @@
 Definitions (see docs/metrics.md for the formulas):
 - CounterFact (ROME paper). For a prompt, P(o) = exp(−mean token NLL of o). Efficacy score: fraction
   of rewrite prompts with P(new) > P(true); magnitude: mean P(new) − P(true). Paraphrase: the same on
-  paraphrase prompts. Neighbourhood: fraction of neighbour prompts with P(true) > P(new); magnitude
-  P(true) − P(new). Dataset score: harmonic mean of the three scores.
+  paraphrase prompts. Neighbourhood: fraction of neighbour prompts whose own answer beats the
+  new target, P(answer) > P(new) (in CounterFact the answer is the edited fact's true object);
+  magnitude P(answer) − P(new). Dataset score: harmonic mean of the three scores.
 - Token accuracy (zsRE / EasyEdit). Teacher-forced: the fraction of answer tokens that are the argmax
   prediction given the prompt and the preceding answer tokens. rewrite_acc (prompt -> new target),
   rephrase_acc (paraphrases -> new target), portability_acc (portability question -> its answer),
@@ -71,10 +72,9 @@ def _probe_slots(req: EditRequest) -> tuple[list[tuple[str, int, str]], list[str
             add(g, i, "new", p, req.target_new)
             if req.target_true:
                 add(g, i, "true", p, req.target_true)
-    if req.target_true:
-        for i, (p, _a) in enumerate(req.neighborhood):
-            add("neighborhood", i, "new", p, req.target_new)
-            add("neighborhood", i, "true", p, req.target_true)
+    for i, (p, a) in enumerate(req.neighborhood):
+        add("neighborhood", i, "new", p, req.target_new)
+        add("neighborhood", i, "true", p, a)
     for i, (p, a) in enumerate(_locality_pairs(req)):
         add("locality", i, "own", p, a)
     for i, (p, a) in enumerate(req.portability):
@@ -94,10 +94,10 @@ def _metrics_from_scores(req: EditRequest, by: dict[tuple[str, int, str], Any], 
                 diffs = [prob(g, i, "new") - prob(g, i, "true") for i in range(n)]
                 out[f"{key}_score"] = sum(d > 0 for d in diffs) / n
                 out[f"{key}_magnitude"] = sum(diffs) / n
-        if req.neighborhood:
-            diffs = [prob("neighborhood", i, "true") - prob("neighborhood", i, "new") for i in range(len(req.neighborhood))]
-            out["neighborhood_score"] = sum(d > 0 for d in diffs) / len(diffs)
-            out["neighborhood_magnitude"] = sum(diffs) / len(diffs)
+    if req.neighborhood:
+        diffs = [prob("neighborhood", i, "true") - prob("neighborhood", i, "new") for i in range(len(req.neighborhood))]
+        out["neighborhood_score"] = sum(d > 0 for d in diffs) / len(diffs)
+        out["neighborhood_magnitude"] = sum(diffs) / len(diffs)
     out["rewrite_acc"] = by[("rewrite", 0, "new")].token_accuracy
     if req.paraphrases:
         out["rephrase_acc"] = sum(by[("paraphrase", i, "new")].token_accuracy for i in range(len(req.paraphrases))) / len(req.paraphrases)

@@ -239,6 +239,7 @@ def optimize_values(
     final_nll = torch.full((n,), float("nan"))
     steps_used = torch.zeros(n, dtype=torch.long)
     result = torch.zeros(n, dim)
+    history: list[list[float]] = []
     req_rows = {r: [i for i, q in enumerate(row_req) if q == r] for r in range(n)}
     runner = _SuffixRunner(lm, rows_ids, row_edit_pos) if cfg.prefix_cache else None
 
@@ -311,6 +312,7 @@ def optimize_values(
         act = torch.tensor(active, device=lm.device)
         loss = (loss_vec[act] + wd[act]).sum()
         with torch.no_grad():
+            history.append(req_nll.detach().cpu().tolist())
             final_nll[act.cpu()] = req_nll[act].detach().cpu()
             steps_used[act.cpu()] += 1
         done = [r for r in active if float(req_nll[r].detach()) < cfg.stop_nll]
@@ -331,5 +333,5 @@ def optimize_values(
         for r in active:
             result[r] = delta[r].detach().float().cpu()
     v0 = v0_sum / v0_count.clamp(min=1)[:, None]
-    info = {"final_nll": final_nll.tolist(), "steps": steps_used.tolist()}
+    info = {"final_nll": final_nll.tolist(), "steps": steps_used.tolist(), "nll_history": history}
     return result, v0, info

@@ -46,8 +46,8 @@ class ROMEHparams(Hparams):
         "gpt-j-6b": {"layer": 5, "n_templates": 10, "template_len": 10, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0},
         "llama-2-7b": {"layer": 5, "n_templates": 10, "template_len": 10, "v_steps": 25, "v_weight_decay": 1e-3},
         # tuned here on CounterFact records (see docs/methods.md)
-        "smollm2-135m": {"layer": 4, "n_templates": 4, "template_len": 8, "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
-                         "kl_factor": 0.0625, "clamp_norm_factor": 4.0},
+        "smollm2-135m": {"layer": 4, "n_templates": 4, "template_len": 8, "v_steps": 15, "v_lr": 1.0, "v_weight_decay": 0.05,
+                         "kl_factor": 0.0625, "clamp_norm_factor": 10.0},
     }
 
     @classmethod

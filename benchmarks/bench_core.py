@@ -1,0 +1,102 @@
+"""Speed of the core library on SmolLM2-135M (CPU): ROME time per edit (statistics cached), MEMIT
+batch time, CounterFact evaluation throughput, covariance throughput, and peak memory of a ROME edit.
+
+    python benchmarks/bench_core.py [--rome-edits 10] [--memit-batch 100] [--eval-records 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+
+from common import ROOT, med, peak_rss_mb, timed
+
+
+def rome_peak_memory(n: int) -> float:
+    """Peak RSS (MB) of a fresh process that loads the model and runs `n` ROME edits."""
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "from common import peak_rss_mb\n"
+        "from editlab import load_lm, get_editor\nfrom editlab.data import load_requests\n"
+        "lm = load_lm('smollm2-135m'); reqs = load_requests('counterfact', limit=%d)\n"
+        "for r in reqs: get_editor('rome').apply(lm, r).restore()\n"
+        "print(peak_rss_mb())\n" % (str(ROOT / "benchmarks"), n)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rome-edits", type=int, default=10)
+    ap.add_argument("--memit-batch", type=int, default=100)
+    ap.add_argument("--eval-records", type=int, default=40)
+    ap.add_argument("--skip-memit", action="store_true")
+    args = ap.parse_args()
+
+    from editlab import get_editor, load_lm
+    from editlab.data import load_requests
+    from editlab.eval import evaluate_requests, pre_edit
+    from editlab.stats import get_corpus, second_moments
+
+    figures: dict[str, float] = {}
+    lm, t_load = timed(load_lm, "smollm2-135m")
+    figures["load_s"] = t_load
+
+    # covariance throughput for an early layer, in a throwaway cache so it is really computed
+    import os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old = os.environ.get("EDITLAB_HOME")
+        os.environ["EDITLAB_HOME"] = tmp
+        corpus = get_corpus()
+        fresh = load_lm("smollm2-135m")
+        _, t_cov = timed(second_moments, fresh, [2], corpus, 30_000, progress=False)
+        figures["covariance_tokens_per_s_layer2"] = 30_000 / t_cov
+        if old is None:
+            del os.environ["EDITLAB_HOME"]
+        else:
+            os.environ["EDITLAB_HOME"] = old
+        del fresh
+
+    reqs = load_requests("counterfact", limit=max(args.rome_edits, args.memit_batch, args.eval_records))
+    rome = get_editor("rome")
+    rome.apply(lm, reqs[0]).restore()  # statistics + context templates cached
+    times, steps = [], []
+    for r in reqs[: args.rome_edits]:
+        e, t = timed(rome.apply, lm, r)
+        times.append(t)
+        steps.append(e.info["steps"][0])
+        e.restore()
+    figures["rome_median_s_per_edit"] = med(times)
+    figures["rome_mean_opt_steps"] = sum(steps) / len(steps)
+
+    ev = reqs[: args.eval_records]
+    _, t_pre = timed(pre_edit, lm, ev)
+    _, t_batch = timed(evaluate_requests, lm, ev, pre_edit(lm, ev))
+    figures["eval_records_per_s_batched"] = len(ev) / t_batch
+    pre = pre_edit(lm, ev)
+    one = []
+    for r in ev[:10]:
+        _, t = timed(evaluate_requests, lm, [r], pre)
+        one.append(t)
+    figures["eval_records_per_s_one_at_a_time"] = 1 / med(one)
+
+    if not args.skip_memit:
+        memit = get_editor("memit")
+        memit.apply(lm, reqs[:2]).restore()  # statistics cached
+        e, t = timed(memit.apply, lm, reqs[: args.memit_batch])
+        figures[f"memit_batch{args.memit_batch}_s"] = t
+        figures["memit_mean_opt_steps"] = sum(e.info["steps"]) / len(e.info["steps"])
+        e.restore()
+
+    figures["rome_peak_rss_mb_fresh_process"] = rome_peak_memory(3)
+    figures["this_process_peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps({k: round(v, 3) for k, v in figures.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

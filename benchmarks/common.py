@@ -1,0 +1,31 @@
+"""Helpers shared by the benchmark scripts (figures are printed; nothing here asserts timings)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("EDITLAB_DATA", str((ROOT / ".." / "shared" / "data").resolve()))
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def timed(fn, *args, **kw):
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,72 @@
+"""Quality on the first N records of counterfact_portability_gpt4.json with SmolLM2-135M:
+single edits (edit, evaluate, restore) for ROME / FT-L / FT-M, and MEMIT with all N edits in one batch.
+
+    python benchmarks/quality_counterfact.py [--n 200] [--methods rome,ft,memit] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import med, timed
+
+KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "cf_score", "efficacy_magnitude",
+        "paraphrase_magnitude", "neighborhood_magnitude", "rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--methods", default="rome,memit,ft")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[], help="method.key=value hparam override")
+    args = ap.parse_args()
+
+    from tqdm import tqdm
+
+    from editlab import get_editor, load_lm
+    from editlab.data import load_requests
+    from editlab.eval import evaluate_requests, pre_edit, summarize
+
+    overrides: dict[str, dict[str, str]] = {}
+    for s in args.set:
+        mk, v = s.split("=", 1)
+        m, k = mk.split(".", 1)
+        overrides.setdefault(m, {})[k] = v
+
+    lm = load_lm("smollm2-135m")
+    reqs = load_requests("counterfact", limit=args.n)
+    pre = pre_edit(lm, reqs)
+    results = {"unedited": summarize(evaluate_requests(lm, reqs, pre))}
+    timing = {}
+    for method in args.methods.split(","):
+        ed = get_editor(method)
+        hp = ed.hparams(lm, **overrides.get(method, {}))
+        if method == "memit":
+            e, t = timed(ed.apply, lm, reqs, hp)
+            rows = evaluate_requests(lm, reqs, pre)
+            e.restore()
+            timing[method] = {"batch_s": t}
+        else:
+            rows, times = [], []
+            for r in tqdm(reqs, desc=method):
+                e, t = timed(ed.apply, lm, r, hp)
+                times.append(t)
+                rows.extend(evaluate_requests(lm, [r], pre))
+                e.restore()
+            timing[method] = {"median_s_per_edit": med(times)}
+        results[method] = summarize(rows)
+        print(method, {k: round(results[method].get(k, float("nan")), 3) for k in KEYS}, timing[method], flush=True)
+    print()
+    print("| method | " + " | ".join(KEYS) + " |")
+    print("|---|" + "---|" * len(KEYS))
+    for m, s in results.items():
+        print(f"| {m} | " + " | ".join(f"{s.get(k, float('nan')):.3f}" for k in KEYS) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"n": args.n, "results": results, "timing": timing}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Runs a method on requests in one of three modes and writes each finished row to the store.
+
+- single: for each request, edit -> evaluate -> restore (one row per request).
+- batch: k requests per edit (one row per request; the edit time is the batch's, shared).
+- sequential: edits accumulate without restore; at each checkpoint (number of edits so far) one row
+  evaluates the newest edits, retention of all earlier edits, locality probes and perplexity.
+Pre-edit values are computed once per model fingerprint and kept in the store for every method/mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..errors import EditlabError, EditRequestError
+from ..eval.metrics import PreEdit, evaluate_requests, pre_edit, summarize
+from ..eval.perplexity import perplexity, text_windows
+from ..methods import get_editor
+from ..models.lm import LM
+from ..requests import EditRequest
+from .store import Row, Store
+
+MODES = ("single", "batch", "sequential")
+
+
+@dataclass
+class RunConfig:
+    method: str
+    mode: str = "single"
+    dataset: str = "builtin"
+    batch_size: int = 1
+    checkpoints: list[int] = field(default_factory=list)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    generation: bool = False
+    ppl_text: str | None = None  # sequential mode: text whose perplexity is tracked
+
+    def validate(self, n_requests: int) -> None:
+        if self.mode not in MODES:
+            raise EditlabError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.mode == "batch" and self.batch_size < 1:
+            raise EditlabError("--batch-size must be >= 1")
+        if self.mode == "sequential":
+            if not self.checkpoints:
+                self.checkpoints = sorted({c for c in (1, 10, 50, 100, 500, 1000) if c <= n_requests} | {n_requests})
+            bad = [c for c in self.checkpoints if c < 1 or c > n_requests]
+            if bad:
+                raise EditlabError(f"checkpoints {bad} outside 1..{n_requests}")
+            self.checkpoints = sorted(set(self.checkpoints))
+
+
+def run_id_for(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest], hparams: dict[str, Any]) -> str:
+    key = {
+        "model": lm.base_fingerprint, "method": cfg.method, "mode": cfg.mode, "dataset": cfg.dataset,
+        "batch": cfg.batch_size if cfg.mode == "batch" else None, "checkpoints": cfg.checkpoints if cfg.mode == "sequential" else None,
+        "hparams": hparams, "seed": cfg.seed, "generation": cfg.generation,
+        "requests": hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest(),
+    }
+    return f"{cfg.method}-{cfg.mode}-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"editlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def shared_pre_edit(lm: LM, store: Store, requests: Sequence[EditRequest]) -> PreEdit:
+    """Pre-edit predictions for these requests, from the store where present, computed otherwise."""
+    cache = PreEdit(store.load_pre_edit(lm.base_fingerprint))
+    before = set(cache.argmax)
+    pre_edit(lm, requests, cache)
+    new = {k: v for k, v in cache.argmax.items() if k not in before}
+    if new:
+        store.save_pre_edit(lm.base_fingerprint, new)
+    return cache
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def run(
+    lm: LM,
+    requests: Sequence[EditRequest],
+    cfg: RunConfig,
+    store: Store,
+    progress: Progress | None = None,
+    resume: bool = True,
+) -> str:
+    """Run `cfg` on `requests`, writing rows to `store`. Returns the run id. With `resume`, rows
+    already in the store for the same run are skipped."""
+    if not requests:
+        raise EditRequestError("no requests to run")
+    cfg.validate(len(requests))
+    editor = get_editor(cfg.method)
+    if cfg.mode == "batch" and cfg.batch_size > 1 and not editor.supports_batch:
+        raise EditlabError(f"method {cfg.method!r} does not support batch edits; use --mode single or a batch method")
+    if lm.active_edits:
+        raise EditlabError("the model carries active edits; restore them before running")
+    hp = editor.hparams(lm, **cfg.hparams)
+    run_id = run_id_for(lm, cfg, requests, hp.to_dict())
+    existed = store.ensure_run(
+        run_id, model=lm.name, model_fingerprint=lm.base_fingerprint, method=cfg.method, mode=cfg.mode,
+        dataset=cfg.dataset, n_requests=len(requests), seed=cfg.seed, hparams=hp.to_dict(),
+        config={"batch_size": cfg.batch_size, "checkpoints": cfg.checkpoints, "generation": cfg.generation},
+        versions=versions(),
+    )
+    done = store.done_keys(run_id) if (resume or not existed) else set()
+    if existed and not resume and done:
+        raise EditlabError(f"run {run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
+    pre = shared_pre_edit(lm, store, requests)
+    tick = progress or (lambda i, n, msg: None)
+
+    def key_of(i: int, r: EditRequest) -> str:
+        return f"{i}:{r.case_id}"
+
+    if cfg.mode in ("single", "batch"):
+        size = cfg.batch_size if cfg.mode == "batch" else 1
+        for start in range(0, len(requests), size):
+            chunk = list(enumerate(requests))[start : start + size]
+            todo = [(i, r) for i, r in chunk if key_of(i, r) not in done]
+            if not todo:
+                tick(start + len(chunk), len(requests), "skipped (done)")
+                continue
+            batch_reqs = [r for _, r in chunk]
+            t0 = time.perf_counter()
+            edit = editor.apply(lm, batch_reqs if size > 1 else batch_reqs[0], hp)
+            t_edit = time.perf_counter() - t0
+            try:
+                t1 = time.perf_counter()
+                rows = evaluate_requests(lm, [r for _, r in todo], pre, generation=cfg.generation)
+                t_eval = (time.perf_counter() - t1) / len(todo)
+            finally:
+                edit.restore()
+            for (i, r), m in zip(todo, rows):
+                store.add_row(Row(run_id, key_of(i, r), r.case_id, "edit", len(chunk), t_edit / len(chunk), t_eval, m))
+            tick(start + len(chunk), len(requests), f"{cfg.method} {start + len(chunk)}/{len(requests)}")
+        return run_id
+
+    # sequential
+    windows = text_windows(lm, cfg.ppl_text, 1024) if cfg.ppl_text else []
+    base_ppl = perplexity(lm, windows) if windows else None
+    edits = []
+    try:
+        last = 0
+        for n_done in range(1, len(requests) + 1):
+            r = requests[n_done - 1]
+            t0 = time.perf_counter()
+            edits.append(editor.apply(lm, r, hp))
+            t_edit = time.perf_counter() - t0
+            if n_done in cfg.checkpoints and f"ckpt:{n_done}" not in done:
+                t1 = time.perf_counter()
+                newest = list(requests[last:n_done])
+                all_rows = evaluate_requests(lm, list(requests[:n_done]), pre)
+                s_all = summarize(all_rows)
+                s_new = summarize(all_rows[last:])
+                metrics = {f"retention_{k}": v for k, v in s_all.items()}
+                metrics.update({f"newest_{k}": v for k, v in s_new.items()})
+                if windows:
+                    metrics["perplexity"] = perplexity(lm, windows)
+                    metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]
+                store.add_row(Row(run_id, f"ckpt:{n_done}", None, "checkpoint", n_done, t_edit,
+                                  time.perf_counter() - t1, metrics))
+                del newest
+            if n_done in cfg.checkpoints:
+                last = n_done
+            tick(n_done, len(requests), f"{cfg.method} sequential {n_done}/{len(requests)}")
+    finally:
+        for e in reversed(edits):
+            e.restore()
+    return run_id
