@@ -14,7 +14,7 @@ from .errors import EditlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit the factual knowledge of language models and measure what editing breaks.")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

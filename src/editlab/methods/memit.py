@@ -49,8 +49,8 @@ class MEMITHparams(Hparams):
         "llama-2-7b": {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 15000.0, "clamp_norm_factor": 4.0,
                        "v_weight_decay": 1e-3, "v_steps": 25, "n_templates": 10, "template_len": 10},
         # tuned here on CounterFact records (see docs/methods.md)
-        "smollm2-135m": {"layers": [2, 3, 4, 5, 6], "mom2_update_weight": 15000.0, "clamp_norm_factor": 4.0,
-                         "n_templates": 4, "template_len": 8},
+        "smollm2-135m": {"layers": [2, 3, 4, 5, 6], "mom2_update_weight": 2000.0, "clamp_norm_factor": 10.0,
+                         "n_templates": 2, "template_len": 8, "v_lr": 1.0, "v_steps": 15, "v_weight_decay": 0.05},
     }
 
     @classmethod

@@ -114,7 +114,7 @@ def run(
         config={"batch_size": cfg.batch_size, "checkpoints": cfg.checkpoints, "generation": cfg.generation},
         versions=versions(),
     )
-    done = store.done_keys(run_id) if (resume or not existed) else set()
+    done = store.done_keys(run_id)
     if existed and not resume and done:
         raise EditlabError(f"run {run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
     pre = shared_pre_edit(lm, store, requests)
