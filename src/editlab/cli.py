@@ -366,12 +366,7 @@ def methods() -> None:
     """List editing methods."""
     from .methods import available_methods
 
-    t = Table(title="methods")
-    t.add_column("name")
-    t.add_column("description")
-    for k, v in available_methods().items():
-        t.add_row(k, v)
-    console.print(t)
+    _print_listing("methods", ["name", "description"], list(available_methods().items()))
 
 
 @app.command()
@@ -379,12 +374,7 @@ def models() -> None:
     """List named models (any local Hugging Face folder works too)."""
     from .models import MODELS
 
-    t = Table(title="models")
-    t.add_column("name")
-    t.add_column("description")
-    for m in MODELS.values():
-        t.add_row(m.name, m.description)
-    console.print(t)
+    _print_listing("models", ["name", "description"], [(m.name, m.description) for m in MODELS.values()])
 
 
 @app.command()
@@ -392,12 +382,15 @@ def datasets() -> None:
     """List dataset names (resolved under $EDITLAB_DATA, default ../shared/data)."""
     from .data import DATASETS
 
-    t = Table(title="datasets")
-    t.add_column("name")
-    t.add_column("file")
-    t.add_column("description")
-    for d in DATASETS.values():
-        t.add_row(d.name, d.relpath, d.description)
+    _print_listing("datasets", ["name", "file", "description"], [(d.name, d.relpath, d.description) for d in DATASETS.values()])
+
+
+def _print_listing(title: str, columns: list[str], rows: list[tuple[str, ...]]) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*r)
     console.print(t)
 
 
