@@ -317,8 +317,8 @@ def report(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("editlab-demo"), help="Folder for runs.db and report.html"),
-    n: int = typer.Option(16, help="Built-in facts per method"),
-    sequential: int = typer.Option(24, help="Edits in the sequential run"),
+    n: int = typer.Option(12, help="Built-in facts per method"),
+    sequential: int = typer.Option(16, help="Edits in the sequential run"),
     model: str = typer.Option("smollm2-135m"),
 ) -> None:
     """The main job: FT, ROME and MEMIT on the built-in facts with the embedded model, single and

@@ -80,11 +80,11 @@ def _bar_charts(summaries: list[dict[str, Any]]) -> list[tuple[str, str]]:
             for b, v in zip(bars, vals):
                 ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(keys))])
-        ax.set_xticklabels(keys, fontsize=8)
+        ax.set_xticklabels([k.replace("_", " ") for k in keys], fontsize=8, rotation=15, ha="right")
         ax.set_ylim(0, 1.1)
         ax.set_title(family, fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+        ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=min(3, len(summaries)))
         out.append((family, _png(fig)))
     return out
 
