@@ -60,6 +60,9 @@ def test_batch_and_sequential_modes(lm, tmp_path):
     pts = list(store.rows(rid))
     assert [p.n_edits for p in pts] == [1, 3, 6] and all(p.kind == "checkpoint" for p in pts)
     assert all("retention_rewrite_acc" in p.metrics and "newest_rewrite_acc" in p.metrics and p.metrics["perplexity"] > 1 for p in pts)
+    run(lm, reqs, RunConfig("ft-m", mode="sequential", checkpoints=[1, 3, 6], hparams=FT,
+                            ppl_text="Paris is the capital of France. " * 40), store, resume=True)
+    assert len(list(store.rows(rid))) == 3
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 

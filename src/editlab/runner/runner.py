@@ -146,7 +146,10 @@ def run(
             tick(start + len(chunk), len(requests), f"{cfg.method} {start + len(chunk)}/{len(requests)}")
         return run_id
 
-    # sequential
+    # sequential: a resumed run re-applies the (deterministic) edits and evaluates only missing checkpoints
+    if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+        tick(len(requests), len(requests), "skipped (done)")
+        return run_id
     windows = text_windows(lm, cfg.ppl_text, 1024) if cfg.ppl_text else []
     base_ppl = perplexity(lm, windows) if windows else None
     edits = []
@@ -159,7 +162,6 @@ def run(
             t_edit = time.perf_counter() - t0
             if n_done in cfg.checkpoints and f"ckpt:{n_done}" not in done:
                 t1 = time.perf_counter()
-                newest = list(requests[last:n_done])
                 all_rows = evaluate_requests(lm, list(requests[:n_done]), pre)
                 s_all = summarize(all_rows)
                 s_new = summarize(all_rows[last:])
@@ -170,7 +172,6 @@ def run(
                     metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]
                 store.add_row(Row(run_id, f"ckpt:{n_done}", None, "checkpoint", n_done, t_edit,
                                   time.perf_counter() - t1, metrics))
-                del newest
             if n_done in cfg.checkpoints:
                 last = n_done
             tick(n_done, len(requests), f"{cfg.method} sequential {n_done}/{len(requests)}")
