@@ -317,8 +317,8 @@ def report(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("editlab-demo"), help="Folder for runs.db and report.html"),
-    n: int = typer.Option(12, help="Built-in facts per method"),
-    sequential: int = typer.Option(16, help="Edits in the sequential run"),
+    n: int = typer.Option(10, help="Built-in facts per method"),
+    sequential: int = typer.Option(12, help="Edits in the sequential run"),
     model: str = typer.Option("smollm2-135m"),
 ) -> None:
     """The main job: FT, ROME and MEMIT on the built-in facts with the embedded model, single and
@@ -342,7 +342,7 @@ def demo(
             run_ids.append(_progress_runner(lm, reqs, cfg, store, True, f"{m} single"))
         text = _ppl_text(None)
         for m in ("rome", "memit"):
-            ck = sorted({c for c in (1, 4, 8, 16, sequential) if c <= sequential})
+            ck = sorted({c for c in (1, 4, 8, sequential) if c <= sequential})
             cfg = RunConfig(method=m, mode="sequential", dataset="builtin", checkpoints=ck, ppl_text=text)
             run_ids.append(_progress_runner(lm, seq_reqs, cfg, store, True, f"{m} sequential"))
         from .methods import get_editor
