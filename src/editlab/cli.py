@@ -127,9 +127,10 @@ def _summary_table(store: Any, run_ids: list[str], title: str) -> Table:
     from .eval import summarize
 
     keys = ["efficacy_score", "paraphrase_score", "neighborhood_score", "rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc"]
-    short = ["ES", "PS", "NS", "rewrite", "rephrase", "locality", "portab."]
-    t = Table(title=title, caption="ES/PS/NS: CounterFact efficacy/paraphrase/neighbourhood scores; others: token accuracy")
-    for c in ["run", "n", "edit s"] + short:
+    short = ["ES", "PS", "NS", "rw", "rph", "loc", "port"]
+    t = Table(title=title, caption="ES/PS/NS: CounterFact efficacy/paraphrase/neighbourhood scores; rw/rph/loc/port: "
+              "rewrite/rephrase/locality/portability token accuracy; sequential rows: all edits so far")
+    for c in ["run", "n", "s/edit"] + short:
         t.add_column(c, justify="right" if c != "run" else "left", no_wrap=c == "run")
     runs = {r["run_id"]: r for r in store.runs()}
     for rid in run_ids:
@@ -141,14 +142,16 @@ def _summary_table(store: Any, run_ids: list[str], title: str) -> Table:
                 continue
             last = max(pts, key=lambda r: r.n_edits)
             s = {k: last.metrics.get(f"retention_{k}") for k in keys}
-            label = f"{run['method']} sequential (after {last.n_edits} edits)"
+            label = f"{run['method']} seq"
             times = [r.edit_s for r in pts]
+            n_shown = last.n_edits
         else:
             s = summarize(r.metrics for r in rows)
             label = f"{run['method']} {run['mode']}"
             times = sorted(r.edit_s for r in rows if r.edit_s is not None)
-        med = f"{sorted(times)[len(times) // 2]:.2f}" if times else ""
-        t.add_row(label, str(len(rows)), med, *[("" if s.get(k) is None else f"{s[k]:.3f}") for k in keys])
+            n_shown = len(rows)
+        med = f"{sorted(times)[len(times) // 2]:.1f}" if times else ""
+        t.add_row(label, str(n_shown), med, *[("" if s.get(k) is None else f"{s[k]:.2f}") for k in keys])
     return t
 
 
