@@ -4,8 +4,8 @@ import torch
 from editlab.errors import EditMismatchError, EditRequestError, HparamsError, UnknownMethodError
 from editlab.methods import Edit, get_editor
 from editlab.models import load_lm
-from editlab.methods.memit import memit_update
-from editlab.methods.rome import rank_one_update
+from editlab.methods.locate.memit import memit_update
+from editlab.methods.locate.rome import rank_one_update
 from editlab.requests import EditRequest
 
 REQ = EditRequest.create("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
@@ -142,7 +142,7 @@ def test_save_and_load_roundtrip(tmp_path, corpus_file):
 def test_failure_mid_apply_leaves_model_unchanged(monkeypatch, corpus_file):
     lm = load_lm("tiny-llama")
     before = state(lm)
-    import editlab.methods.memit as memit
+    import editlab.methods.locate.memit as memit
 
     calls = {"n": 0}
     real = memit.capture_at_subject

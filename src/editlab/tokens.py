@@ -7,7 +7,7 @@ the boundary or treat leading spaces specially (SentencePiece) still give the id
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 
 def join_target(prompt: str, target: str) -> str:
@@ -17,15 +17,17 @@ def join_target(prompt: str, target: str) -> str:
     return " " + target
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+def encode_prompt(tokenizer: Any, prompt: str, prefix: Sequence[int] = ()) -> list[int]:
+    """Token ids of `prompt` with the tokenizer's special tokens, after `prefix` (the architecture's
+    attention-sink tokens, see `ArchSpec.sink_token`; empty for most models)."""
+    return list(prefix) + list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
-def encode_pair(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, prompt: str, target: str, prefix: Sequence[int] = ()) -> tuple[list[int], list[int]]:
     """Token ids of `prompt` (with the model's special prefix tokens) and of `target` continuing it."""
     cont = join_target(prompt, target)
-    p_ids = encode_prompt(tokenizer, prompt)
-    full = list(tokenizer(prompt + cont, add_special_tokens=True)["input_ids"])
+    p_ids = encode_prompt(tokenizer, prompt, prefix)
+    full = encode_prompt(tokenizer, prompt + cont, prefix)
     if len(full) > len(p_ids) and full[: len(p_ids)] == p_ids:
         return p_ids, full[len(p_ids) :]
     # The tokenizer merged across the boundary; fall back to encoding the continuation on its own.
@@ -33,8 +35,12 @@ def encode_pair(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], li
     return p_ids, t_ids
 
 
-def subject_last_index(tokenizer: Any, prompt: str, subject: str) -> int:
-    """Index (in `encode_prompt(prompt)`) of the last token of the last occurrence of `subject`."""
+def subject_last_index(tokenizer: Any, prompt: str, subject: str, prefix: Sequence[int] = ()) -> int:
+    """Index (in `encode_prompt(prompt, prefix)`) of the last token of the last occurrence of `subject`."""
+    return len(prefix) + _subject_last_index(tokenizer, prompt, subject)
+
+
+def _subject_last_index(tokenizer: Any, prompt: str, subject: str) -> int:
     start = prompt.rfind(subject)
     if start < 0:
         raise ValueError(f"subject {subject!r} not in prompt {prompt!r}")

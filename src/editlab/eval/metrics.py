@@ -23,7 +23,6 @@ from typing import Any, Iterable, Sequence
 
 from ..models.lm import LM
 from ..requests import EditRequest
-from ..tokens import encode_pair
 from .fluency import ngram_entropy
 
 CF_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
@@ -174,7 +173,7 @@ def evaluate_request(lm: LM, req: EditRequest, pre: PreEdit | None = None, *, ge
 
 def generation_exact_match(lm: LM, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """1.0 where greedy decoding reproduces the target's tokens exactly, else 0.0."""
-    t_ids = [encode_pair(lm.tokenizer, p, t)[1] for p, t in zip(prompts, targets)]
+    t_ids = [lm.encode_pair(p, t)[1] for p, t in zip(prompts, targets)]
     width = max(len(t) for t in t_ids)
     gens = lm.generate_ids(list(prompts), width)
     return [float(g[: len(t)] == t) for g, t in zip(gens, t_ids)]

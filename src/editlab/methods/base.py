@@ -4,7 +4,6 @@ class (`apply` with transactional weight updates) and the method registry."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
@@ -13,6 +12,7 @@ import torch
 
 from ..errors import EditRequestError, HparamsError, UnknownMethodError
 from ..models.lm import LM
+from ..registry import Registry, lazy
 from ..requests import EditRequest
 from .edit import Edit, apply_weight_deltas
 
@@ -118,7 +118,6 @@ class Editor(ABC):
     """One editing method. Subclasses set `name`, `hparams_cls`, and implement `compute_deltas`."""
 
     name: ClassVar[str]
-    description: ClassVar[str] = ""
     hparams_cls: ClassVar[type[Hparams]]
     supports_batch: ClassVar[bool] = False
 
@@ -167,23 +166,25 @@ class Editor(ABC):
 
 
 # ---------------------------------------------------------------- registry (lazy per method)
-_METHODS: dict[str, tuple[str, str, str]] = {
-    # name: (module, class, one-line description)
-    "ft": ("editlab.methods.ft", "FTEditor", "FT-L: norm-bounded fine-tuning of one MLP layer"),
-    "ft-m": ("editlab.methods.ft", "FTMEditor", "FT-M: fine-tuning of one MLP layer, loss on target tokens only"),
-    "rome": ("editlab.methods.rome", "ROMEEditor", "ROME (r-ROME keys): rank-one update of one MLP layer"),
-    "memit": ("editlab.methods.memit", "MEMITEditor", "MEMIT: mass editing spread over several MLP layers"),
-}
-_ALIASES = {"ft-l": "ft", "r-rome": "rome"}
+METHODS: Registry[type[Editor]] = Registry("method", UnknownMethodError)
+METHODS.register("ft", "FT-L: fine-tuning of one MLP layer within an L-inf ball (ROME paper's baseline)",
+                 lazy("editlab.methods.ft:FTEditor"), aliases=("ft-l",), family="fine-tuning")
+METHODS.register("ft-m", "FT-M: fine-tuning of one MLP layer, loss on the target tokens only (EasyEdit)",
+                 lazy("editlab.methods.ft:FTMEditor"), family="fine-tuning")
+METHODS.register("rome", "ROME (r-ROME keys by default): rank-one update of one MLP output projection",
+                 lazy("editlab.methods.locate.rome:ROMEEditor"), aliases=("r-rome",), family="locate-and-edit")
+METHODS.register("memit", "MEMIT: batch edits spread over several MLP layers by least squares",
+                 lazy("editlab.methods.locate.memit:MEMITEditor"), family="locate-and-edit")
 
 
 def available_methods() -> dict[str, str]:
-    return {k: v[2] for k, v in _METHODS.items()}
+    """Registered method names and their one-line descriptions."""
+    return METHODS.describe()
 
 
 def get_editor(name: str) -> Editor:
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in _METHODS:
-        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
-    module, cls, _ = _METHODS[key]
-    return getattr(importlib.import_module(module), cls)()
+    """A fresh editor instance for a registered method name or alias (UnknownMethodError otherwise)."""
+    cls = METHODS.get(name)
+    editor = cls()
+    editor.name = METHODS.resolve(name)
+    return editor

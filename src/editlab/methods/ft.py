@@ -15,7 +15,6 @@ import torch
 
 from ..models.lm import LM
 from ..requests import EditRequest
-from ..tokens import encode_pair
 from .base import Editor, Hparams
 
 
@@ -65,7 +64,7 @@ def _finetune(lm: LM, requests: list[EditRequest], hp: FTHparams) -> tuple[dict[
     original = param.detach().clone()
     seqs, positions, targets = [], [], []
     for r in requests:
-        p_ids, t_ids = encode_pair(lm.tokenizer, r.prompt, r.target_new)
+        p_ids, t_ids = lm.encode_pair(r.prompt, r.target_new)
         seqs.append(p_ids + t_ids[:-1] if len(t_ids) > 1 else p_ids)
         positions.append(list(range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))))
         targets.append(t_ids)
@@ -102,7 +101,6 @@ def _finetune(lm: LM, requests: list[EditRequest], hp: FTHparams) -> tuple[dict[
 
 class FTEditor(Editor):
     name = "ft"
-    description = "FT-L: norm-bounded fine-tuning of one MLP layer"
     hparams_cls = FTHparams
     supports_batch = True
 
@@ -112,5 +110,4 @@ class FTEditor(Editor):
 
 class FTMEditor(FTEditor):
     name = "ft-m"
-    description = "FT-M: fine-tuning of one MLP layer on target tokens only"
     hparams_cls = FTMHparams

@@ -1,7 +1,7 @@
 """`ArchSpec`: where each architecture keeps the modules editing methods touch.
 
 Chosen from `config.model_type` only. Paths are attribute paths from the `*ForCausalLM` root; per-block
-paths are relative to one block. Adding an architecture is one entry in `ARCHS`.
+paths are relative to one block. Adding an architecture is one entry in `_SPECS` (registered in `ARCHS`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedArchitectureError
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,31 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     transposed: bool = False  # weights stored (in, out) as in GPT-2's Conv1D
+    # Token put before every text when the tokenizer adds no BOS of its own, so that position 0 (an
+    # attention sink with a huge residual norm in such models) is never a subject token. None: no prefix.
+    sink_token: str | None = None
+    # Norm applied to the MLP output before it joins the residual (Gemma 3's post_feedforward_layernorm):
+    # breaks the linear key -> residual algebra that ROME/MEMIT rely on.
+    mlp_post_norm: str | None = None
 
     def n_layers(self, config: Any) -> int:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if getattr(config, key, None) is not None:
                 return int(getattr(config, key))
         raise UnsupportedArchitectureError(f"cannot read the layer count of {self.model_type}")
+
+    def sink_prefix_ids(self, tokenizer: Any) -> list[int]:
+        """Ids to put before every text: [] when no sink token is set, the tokenizer does not know it,
+        or the tokenizer already starts every text with a special token (a BOS)."""
+        if not self.sink_token:
+            return []
+        tid = tokenizer.convert_tokens_to_ids(self.sink_token)
+        if tid is None or tid == getattr(tokenizer, "unk_token_id", None) and self.sink_token != tokenizer.unk_token:
+            return []
+        probe = tokenizer("x", add_special_tokens=True)["input_ids"]
+        if probe and probe[0] in set(getattr(tokenizer, "all_special_ids", []) or []):
+            return []
+        return [int(tid)]
 
     def block_path(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -71,7 +91,7 @@ def _llama_like(model_type: str) -> ArchSpec:
     )
 
 
-ARCHS: dict[str, ArchSpec] = {
+_SPECS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         model_type="gpt2",
         backbone="transformer",
@@ -115,17 +135,33 @@ ARCHS: dict[str, ArchSpec] = {
     ),
 }
 # Gemma 3 checkpoints ship as "gemma3" (multimodal wrapper) or "gemma3_text"; both load as the text model.
-ARCHS["gemma3"] = ARCHS["gemma3_text"]
+_SPECS["gemma3"] = _SPECS["gemma3_text"]
+
+
+_DESCRIPTIONS = {
+    "gpt2": "GPT-2 family (Conv1D weights stored transposed)",
+    "llama": "Llama, SmolLM2 and other Llama-style models (SwiGLU MLP)",
+    "mistral": "Mistral-style models",
+    "qwen2": "Qwen2 models",
+    "gemma3_text": "Gemma 3 text models",
+    "gemma3": "Gemma 3 checkpoints (multimodal wrapper; the text model is used)",
+    "gpt_neox": "GPT-NeoX / Pythia models",
+    "gptj": "GPT-J models",
+}
+
+ARCHS: Registry[ArchSpec] = Registry("architecture", UnsupportedArchitectureError, case_sensitive=True)
+for _name, _spec in _SPECS.items():
+    ARCHS.register(_name, _DESCRIPTIONS[_name], (lambda s=_spec: s))
 
 
 def supported_architectures() -> list[str]:
-    return sorted(ARCHS)
+    return sorted(ARCHS.names())
 
 
 def arch_for(config: Any) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
-    if model_type in ARCHS:
-        return ARCHS[model_type]
+    if isinstance(model_type, str) and model_type in ARCHS:
+        return ARCHS.get(model_type)
     raise UnsupportedArchitectureError(
         f"architecture {model_type!r} is not supported; supported: {', '.join(supported_architectures())}"
     )

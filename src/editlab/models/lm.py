@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..tokens import encode_pair, encode_prompt
+from ..tokens import encode_pair, encode_prompt, subject_last_index
 from .arch import ArchSpec
 
 
@@ -79,6 +79,9 @@ class LM:
         if getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id: int = int(tokenizer.pad_token_id)
+        # tokens put before every text (attention sink, see ArchSpec.sink_token); same for methods,
+        # statistics and metrics
+        self.prefix_ids: list[int] = arch.sink_prefix_ids(tokenizer)
         self._softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         self._fingerprint: str | None = None
         self.cache: dict[str, Any] = {}  # per-model derived data (e.g. context templates)
@@ -112,6 +115,19 @@ class LM:
     def current_fingerprint(self) -> str:
         """Fingerprint of the current weights; free while no editlab edit is active."""
         return self.base_fingerprint if not self.active_edits else self.fingerprint()
+
+    # ----------------------------------------------------------------- tokenization (one place)
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids the model sees for `text`: sink prefix, tokenizer specials, then the text."""
+        return encode_prompt(self.tokenizer, text, self.prefix_ids)
+
+    def encode_pair(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, target ids) with the target continuing the prompt; see `tokens.encode_pair`."""
+        return encode_pair(self.tokenizer, prompt, target, self.prefix_ids)
+
+    def subject_last_index(self, prompt: str, subject: str) -> int:
+        """Position (in `encode_prompt(prompt)`) of the last token of `subject` in `prompt`."""
+        return subject_last_index(self.tokenizer, prompt, subject, self.prefix_ids)
 
     # ----------------------------------------------------------------- forward helpers
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -203,7 +219,7 @@ class LM:
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         needs, targets = [], []
         for p, c in zip(prompts, continuations):
-            p_ids, t_ids = encode_pair(self.tokenizer, p, c)
+            p_ids, t_ids = self.encode_pair(p, c)
             seq = tuple(p_ids + t_ids[:-1])
             needs.append((seq, list(range(len(p_ids) - 1, len(seq)))))
             targets.append(t_ids)
@@ -227,15 +243,19 @@ class LM:
         """Log-probabilities of the next token after each prompt: tensor [n_prompts, vocab]."""
         needs = []
         for p in prompts:
-            ids = tuple(encode_prompt(self.tokenizer, p))
+            ids = tuple(self.encode_prompt(p))
             needs.append((ids, [len(ids) - 1]))
         return torch.cat(self._score_positions(needs), dim=0)
 
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20) -> list[list[int]]:
-        """Greedy continuations (token ids, stopping at EOS) of each prompt."""
+    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, *, top_k: int | None = None,
+                     seed: int | None = None) -> list[list[int]]:
+        """Continuations (token ids, stopping at EOS) of each prompt: greedy by default, or top-k
+        sampling at temperature 1 when `top_k` is given (seeded with `seed`; the caller's RNG state
+        is untouched). Decoding settings are always explicit: the model's own generation config
+        (temperature, top-p, repetition penalty) is never used."""
         out: list[list[int]] = [[] for _ in prompts]
-        encoded = [tuple(encode_prompt(self.tokenizer, p)) for p in prompts]
+        encoded = [tuple(self.encode_prompt(p)) for p in prompts]
         eos = self.tokenizer.eos_token_id
         for batch in self._batches([s + (0,) * max_new_tokens for s in encoded]):
             seqs = [encoded[i] for i in batch]
@@ -245,15 +265,7 @@ class LM:
             for r, s in enumerate(seqs):  # left padding so that new tokens line up
                 ids[r, n - len(s) :] = torch.tensor(s)
                 mask[r, n - len(s) :] = 1
-            gen = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=self.pad_id,
-                eos_token_id=eos,
-            )
+            gen = self._generate_batch(ids, mask, max_new_tokens, top_k, None if seed is None else seed + batch[0])
             for r, i in enumerate(batch):
                 toks = gen[r, n:].tolist()
                 if eos is not None and eos in toks:
@@ -261,9 +273,28 @@ class LM:
                 out[i] = toks
         return out
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
-        """Greedy continuations (text, without the prompt) of each prompt."""
-        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.generate_ids(prompts, max_new_tokens)]
+    def _generate_batch(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, top_k: int | None,
+                        seed: int | None) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        eos = self.tokenizer.eos_token_id
+        if top_k is None:
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                   pad_token_id=self.pad_id, eos_token_id=eos)
+        else:
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, top_k=int(top_k), top_p=1.0,
+                                   temperature=1.0, num_beams=1, pad_token_id=self.pad_id, eos_token_id=eos)
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                       generation_config=cfg)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, *, top_k: int | None = None,
+                 seed: int | None = None) -> list[str]:
+        """Continuations (text, without the prompt) of each prompt; see `generate_ids`."""
+        return [self.tokenizer.decode(t, skip_special_tokens=True)
+                for t in self.generate_ids(prompts, max_new_tokens, top_k=top_k, seed=seed)]
 
     def __repr__(self) -> str:
         return f"LM({self.name!r}, arch={self.arch.model_type}, layers={self.n_layers}, device={self.device}, dtype={self.dtype})"

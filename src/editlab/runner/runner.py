@@ -36,6 +36,7 @@ class RunConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     generation: bool = False
+    fluency: bool = False  # ROME-style generation fluency (n-gram entropy of sampled text) per request
     ppl_text: str | None = None  # sequential mode: text whose perplexity is tracked
 
     def validate(self, n_requests: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import DataFormatError, ModelNotFoundError
 from ..paths import cache_dir
 
+CLEANER_VERSION = 1  # bump when clean_wikitext changes: it is part of the statistics cache key
 WIKI_SAMPLE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 

@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import HparamsError
-from ..models.lm import LM
-from ..requests import EditRequest
-from ..stats import second_moments
-from .base import Editor, Hparams
-from .locate import ValueOptConfig, capture_at_subject, context_templates, optimize_values
+from ...errors import HparamsError
+from ...models.lm import LM
+from ...requests import EditRequest
+from ...stats import second_moments
+from ..base import Editor, Hparams
+from .shared import ValueOptConfig, capture_at_subject, context_templates, optimize_values
 
 
 @dataclass
@@ -82,7 +82,6 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, wei
 
 class MEMITEditor(Editor):
     name = "memit"
-    description = "MEMIT: batch edits spread over several MLP layers"
     hparams_cls = MEMITHparams
     supports_batch = True
 

@@ -17,10 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..hooks import StopForward, hooks, output_tensor, replace_output
-from ..models.lm import LM
-from ..requests import EditRequest
-from ..tokens import encode_pair, encode_prompt, subject_last_index
+from ...hooks import StopForward, hooks, output_tensor, replace_output
+from ...models.lm import LM
+from ...requests import EditRequest
 
 _TEMPLATE_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "In", "When"]
 
@@ -37,7 +36,7 @@ def context_templates(lm: LM, n: int, length: int, seed: int = 0) -> list[str]:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             ids, mask = [], []
-            enc = [encode_prompt(lm.tokenizer, s) for s in starts]
+            enc = [lm.encode_prompt(s) for s in starts]
             width = max(len(e) for e in enc)
             for e in enc:
                 ids.append([lm.pad_id] * (width - len(e)) + e)
@@ -74,8 +73,8 @@ def capture_at_subject(
     items = _templated(requests, templates)
     seqs, pos, owner = [], [], []
     for r, text in items:
-        seqs.append(encode_prompt(lm.tokenizer, text))
-        pos.append(subject_last_index(lm.tokenizer, text, requests[r].subject))
+        seqs.append(lm.encode_prompt(text))
+        pos.append(lm.subject_last_index(text, requests[r].subject))
         owner.append(r)
     sums: dict[str, torch.Tensor] = {}
     deepest = max(targets, key=lambda p: _depth(lm, p))
@@ -209,22 +208,22 @@ def optimize_values(
     row_edit_pos: list[int] = []
     row_tgt: list[tuple[list[int], list[int]]] = []  # (positions predicting target, target ids)
     for r, text in _templated(requests, templates):
-        p_ids, t_ids = encode_pair(tok, text, requests[r].target_new)
+        p_ids, t_ids = lm.encode_pair(text, requests[r].target_new)
         rows_ids.append(p_ids + t_ids[:-1] if len(t_ids) > 1 else p_ids)
         row_req.append(r)
-        row_edit_pos.append(subject_last_index(tok, text, requests[r].subject))
+        row_edit_pos.append(lm.subject_last_index(text, requests[r].subject))
         row_tgt.append((list(range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))), t_ids))
     kl_rows: list[int] = []
     kl_pos: list[int] = []
     if cfg.kl_factor > 0:
         for r, req in enumerate(requests):
             text = cfg.kl_prompt.format(req.subject)
-            ids = encode_prompt(tok, text)
+            ids = lm.encode_prompt(text)
             kl_rows.append(len(rows_ids))
             kl_pos.append(len(ids) - 1)
             rows_ids.append(ids)
             row_req.append(r)
-            row_edit_pos.append(subject_last_index(tok, text, req.subject))
+            row_edit_pos.append(lm.subject_last_index(text, req.subject))
             row_tgt.append(([], []))
 
     backbone = lm.model.get_submodule(lm.arch.backbone)

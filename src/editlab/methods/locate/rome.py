@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..models.lm import LM
-from ..requests import EditRequest
-from ..stats import second_moments
-from .base import Editor, Hparams
-from .locate import ValueOptConfig, capture_at_subject, context_templates, optimize_values
+from ...models.lm import LM
+from ...requests import EditRequest
+from ...stats import second_moments
+from ..base import Editor, Hparams
+from .shared import ValueOptConfig, capture_at_subject, context_templates, optimize_values
 
 
 @dataclass
@@ -75,7 +75,6 @@ def rank_one_update(w: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, cov
 
 class ROMEEditor(Editor):
     name = "rome"
-    description = "ROME with r-ROME keys: rank-one update of one MLP output projection"
     hparams_cls = ROMEHparams
     supports_batch = False
 
