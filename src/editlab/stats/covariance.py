@@ -26,6 +26,7 @@ from ..paths import cache_dir
 from .corpus import Corpus, get_corpus
 
 FORMAT_VERSION = 1
+DEFAULT_N_TOKENS = 100_000  # default token budget of the statistics (see docs/methods.md for convergence)
 
 
 class StatsCacheWarning(UserWarning):
