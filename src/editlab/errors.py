@@ -41,3 +41,11 @@ class StatsCacheError(EditlabError):
 
 class EditMismatchError(EditlabError):
     """A saved edit does not belong to the model it is being loaded onto."""
+
+
+class EditStackError(EditlabError):
+    """An edit was restored or extended out of stack order (only the newest active edit can be)."""
+
+
+class CheckpointError(EditlabError):
+    """A learned editor's checkpoint is missing, damaged or was trained for another model or data."""

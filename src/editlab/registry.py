@@ -100,6 +100,13 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def copy(self) -> "Registry[T]":
+        """An independent registry with the same entries (tests extend a copy, never the original)."""
+        new: Registry[T] = Registry(self.kind, self.error, self.case_sensitive)
+        new._entries = dict(self._entries)
+        new._aliases = dict(self._aliases)
+        return new
+
     def describe(self) -> dict[str, str]:
         """name -> one-line description, in registration order."""
         return {e.name: e.description for e in self._entries.values()}

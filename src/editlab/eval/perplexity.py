@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from typing import Any
 
 from ..models.lm import LM
 
@@ -15,17 +15,11 @@ def text_windows(lm: LM, text: str, n_tokens: int = 2048, window: int = 256) -> 
     return [ids[i : i + window] for i in range(0, len(ids), window) if len(ids[i : i + window]) > 1]
 
 
-@torch.no_grad()
-def perplexity(lm: LM, windows: list[list[int]]) -> float:
+def perplexity(lm: Any, windows: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over the windows, through the LM call `sequence_logprobs`, so an edited
+    system (a weight edit or an LM view) is measured by the same code."""
     total, count = 0.0, 0
-    for i in range(0, len(windows), 8):
-        chunk = windows[i : i + 8]
-        ids, mask = lm.pad_right(chunk)
-        hid = lm.hidden_states(ids, mask)
-        logp = torch.log_softmax(lm.head(hid[:, :-1]).float(), -1)
-        tgt = ids[:, 1:].to(logp.device)
-        nll = -logp.gather(2, tgt[..., None])[..., 0]
-        m = mask[:, 1:].to(nll.device).bool()
-        total += float(nll[m].sum())
-        count += int(m.sum())
+    for lp in lm.sequence_logprobs(windows):
+        total -= float(lp.sum())
+        count += int(lp.numel())
     return math.exp(total / max(1, count))

@@ -1,6 +1,8 @@
-"""Editing methods (one module each) and the registry that loads them lazily by name."""
+"""Editing methods (one module each, grouped by family) and the registry that loads them lazily by name."""
 
-from .base import Editor, Hparams, available_methods, get_editor
-from .edit import Edit
+from .base import METHODS, Editor, Hparams, available_methods, get_editor, known_model
+from .edit import Edit, restore_all
+from .patches import LowRank, ModuleSwap, Patch, ViewPatch, WeightDelta
 
-__all__ = ["Editor", "Hparams", "available_methods", "get_editor", "Edit"]
+__all__ = ["METHODS", "Editor", "Hparams", "available_methods", "get_editor", "known_model", "Edit", "restore_all",
+           "LowRank", "ModuleSwap", "Patch", "ViewPatch", "WeightDelta"]

@@ -10,11 +10,13 @@ from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 
-from ..errors import EditRequestError, HparamsError, UnknownMethodError
+from ..errors import CheckpointError, EditlabError, EditRequestError, EditStackError, HparamsError, UnknownMethodError
 from ..models.lm import LM
 from ..registry import Registry, lazy
 from ..requests import EditRequest
-from .edit import Edit, apply_weight_deltas
+from ..train.checkpoints import Checkpoint, checkpoint_key, find_checkpoint, latest_checkpoint, save_checkpoint
+from .edit import Edit
+from .patches import Patch, WeightDelta
 
 H = TypeVar("H", bound="Hparams")
 
@@ -32,11 +34,9 @@ class Hparams:
 
     @classmethod
     def preset_name(cls, lm: LM) -> str | None:
-        name = lm.name.lower().rstrip("/").split("/")[-1]
-        for preset in cls.PRESETS:
-            if preset in name:
-                return preset
-        return None
+        """The preset for `lm`, chosen by its architecture and size (`known_model`), never by its name."""
+        known = known_model(lm)
+        return known if known in cls.PRESETS else None
 
     @classmethod
     def for_model(cls: type[H], lm: LM, preset: str | None = None, **overrides: Any) -> H:
@@ -85,6 +85,58 @@ class Hparams:
             raise HparamsError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _parse_list(text: str) -> list[Any]:
+    """'3,4,5', '[3, 4, 5]', '0.5,1e-3' or nested '[[5, 10], [10, 10]]' -> a list of numbers/strings."""
+    import yaml
+
+    t = text.strip()
+    if t.startswith("["):
+        try:
+            value = yaml.safe_load(t)
+        except yaml.YAMLError:
+            raise ValueError(text) from None
+        if not isinstance(value, list):
+            raise ValueError(text)
+        return value
+
+    def number(x: str) -> Any:
+        x = x.strip()
+        for conv in (int, float):
+            try:
+                return conv(x)
+            except ValueError:
+                pass
+        return x
+
+    return [number(x) for x in t.strip("()").split(",") if x.strip()]
+
+
+# Well-known models, recognised by architecture and size (model_type, layers, hidden width, vocabulary),
+# so that presets follow the weights, not whatever the folder happens to be called.
+KNOWN_MODELS: dict[str, tuple[str, int, int, int]] = {
+    "smollm2-135m": ("llama", 30, 576, 49152),
+    "gpt2-xl": ("gpt2", 48, 1600, 50257),
+    "gpt-j-6b": ("gptj", 28, 4096, 50400),
+    "llama-2-7b": ("llama", 32, 4096, 32000),
+    "llama-3-8b": ("llama", 32, 4096, 128256),
+}
+
+
+def model_signature(lm: LM) -> tuple[str, int, int, int]:
+    cfg = lm.model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+    return (lm.arch.model_type, lm.n_layers, int(hidden), int(getattr(cfg, "vocab_size", 0) or 0))
+
+
+def known_model(lm: LM) -> str | None:
+    """Name of the well-known model `lm` is (by signature), or None."""
+    sig = model_signature(lm)
+    for name, known in KNOWN_MODELS.items():
+        if known == sig:
+            return name
+    return None
+
+
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     """Accept strings from the CLI (`--set layer=5`) for int/float/bool/list fields."""
     default = f.default if f.default is not dataclasses.MISSING else (
@@ -104,10 +156,15 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
                 raise ValueError(value)
             return int(value)
         if isinstance(default, float):
-            return float(value)
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise ValueError(value)
+            return out
         if isinstance(default, (list, tuple)):
             if isinstance(value, str):
-                value = [int(x) if x.strip().lstrip("-").isdigit() else x.strip() for x in value.strip("[]() ").split(",") if x.strip()]
+                value = _parse_list(value)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
             return list(value)
     except (TypeError, ValueError):
         raise HparamsError(f"hyper-parameter {name}: cannot use {value!r} (expected {type(default).__name__})") from None
@@ -115,25 +172,45 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
 
 
 class Editor(ABC):
-    """One editing method. Subclasses set `name`, `hparams_cls`, and implement `compute_deltas`."""
+    """One editing method. Weight-delta methods implement `compute_deltas`; methods that add modules or
+    views (or mix patch kinds) override `compute_patches`. Learned editors set `requires_training` and
+    implement `train` (see `fit`)."""
 
     name: ClassVar[str]
     hparams_cls: ClassVar[type[Hparams]]
     supports_batch: ClassVar[bool] = False
+    supports_on: ClassVar[bool] = False  # can extend the previous edit: apply(..., on=previous)
+    requires_training: ClassVar[bool] = False
 
     def hparams(self, lm: LM, **overrides: Any) -> Hparams:
         return self.hparams_cls.for_model(lm, **overrides)
+
+    def _resolve_hparams(self, lm: LM, hparams: Hparams | Mapping[str, Any] | None, overrides: dict[str, Any]) -> Hparams:
+        if hparams is None:
+            return self.hparams(lm, **overrides)
+        if isinstance(hparams, Hparams):
+            hp = hparams.replace(**overrides) if overrides else hparams
+            hp.validate(lm)
+            return hp
+        if isinstance(hparams, Mapping):
+            return self.hparams(lm, **{**dict(hparams), **overrides})
+        raise HparamsError(f"hparams must be a {self.hparams_cls.__name__}, a mapping or None; got {type(hparams).__name__}")
 
     def apply(
         self,
         lm: LM,
         requests: EditRequest | Sequence[EditRequest],
         hparams: Hparams | Mapping[str, Any] | None = None,
+        *,
+        on: Edit | None = None,
         **overrides: Any,
     ) -> Edit:
-        """Edit `lm` in place and return the reversible `Edit`. If anything fails, the model's weights
-        are left exactly as they were."""
-        reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
+        """Edit `lm` and return the reversible `Edit` (pushed on the LM's edit stack). With `on`, the new
+        edit extends `on` (which must be the LM's newest edit), for methods whose memory grows across a
+        sequence. If anything fails, the model is left exactly as it was."""
+        reqs = [requests] if isinstance(requests, EditRequest) else list(requests) if isinstance(requests, (list, tuple)) else None
+        if reqs is None:
+            raise EditRequestError(f"requests must be an EditRequest or a list of them, not {type(requests).__name__}")
         if not reqs:
             raise EditRequestError("no edit requests given")
         for i, r in enumerate(reqs):
@@ -141,36 +218,100 @@ class Editor(ABC):
                 raise EditRequestError(f"requests[{i}] is a {type(r).__name__}, not an EditRequest")
         if len(reqs) > 1 and not self.supports_batch:
             raise EditRequestError(f"method {self.name!r} edits one request at a time; got {len(reqs)}")
-        if hparams is None:
-            hp = self.hparams(lm, **overrides)
-        elif isinstance(hparams, Hparams):
-            hp = hparams.replace(**overrides) if overrides else hparams
-            hp.validate(lm)
-        else:
-            hp = self.hparams(lm, **{**dict(hparams), **overrides})
+        if on is not None:
+            self._check_on(lm, on)
+        hp = self._resolve_hparams(lm, hparams, overrides)
+        checkpoint = self.checkpoint(lm, hp) if self.requires_training else None
         grads = {n: p.requires_grad for n, p in lm.model.named_parameters()}
         try:
             for p in lm.model.parameters():
                 p.requires_grad_(False)
-            deltas, info = self.compute_deltas(lm, reqs, hp)
+            patches, info = self.compute_patches(lm, reqs, hp, on)
         finally:
             for n, p in lm.model.named_parameters():
-                p.requires_grad_(grads[n])
-        return apply_weight_deltas(lm, self.name, hp.to_dict(), reqs, deltas, info)
+                if n in grads:
+                    p.requires_grad_(grads[n])
+        stats = _stats_provenance(lm)
+        if stats:
+            info = {**info, "statistics": stats}
+        return Edit.install(lm, self.name, hp.to_dict(), reqs, patches, info,
+                            checkpoint_sha256=checkpoint.sha256 if checkpoint else None)
 
-    @abstractmethod
-    def compute_deltas(
-        self, lm: LM, requests: list[EditRequest], hp: Any
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Return (parameter name -> weight delta, info). Must not leave the model modified."""
+    def _check_on(self, lm: LM, on: Edit) -> None:
+        if not self.supports_on:
+            raise EditStackError(f"method {self.name!r} cannot extend a previous edit (on=...); apply it on its own")
+        if not isinstance(on, Edit):
+            raise EditStackError(f"on= must be an Edit, not {type(on).__name__}")
+        if on.base_lm is not lm or not on.active:
+            raise EditStackError("on= must be an active edit of this same model")
+        if lm.active_edits[-1] is not on:
+            raise EditStackError("on= must be the model's newest edit (edits extend the top of the stack)")
+        if on.method != self.name:
+            raise EditStackError(f"on= is a {on.method!r} edit; a {self.name!r} edit can only extend its own method's edits")
+
+    def compute_patches(self, lm: LM, requests: list[EditRequest], hp: Any, on: Edit | None) -> tuple[list[Patch], dict[str, Any]]:
+        """The patches that make the edit (and an info dict). Must not leave the model modified.
+        Default: one weight-delta patch per parameter from `compute_deltas`."""
+        deltas, info = self.compute_deltas(lm, requests, hp)
+        return [WeightDelta(name, d) for name, d in deltas.items()], info
+
+    def compute_deltas(self, lm: LM, requests: list[EditRequest], hp: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return (parameter name -> weight delta, dense tensor or `LowRank`, info). Must not leave the
+        model modified."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither compute_patches nor compute_deltas")
+
+    # ------------------------------------------------------------- learned editors
+    def fit(self, lm: LM, train_requests: Sequence[EditRequest], hparams: Hparams | Mapping[str, Any] | None = None,
+            *, force: bool = False, progress: bool = True) -> Checkpoint:
+        """Train this editor for `lm` on `train_requests` (or return the cached checkpoint for the same
+        base model, hyper-parameters and data). Checkpoints live in the user cache."""
+        if not self.requires_training:
+            raise EditlabError(f"method {self.name!r} has nothing to train")
+        if lm.active_edits:
+            raise EditStackError("train an editor on the unedited model: restore the active edits first")
+        reqs = list(train_requests)
+        if not reqs:
+            raise EditRequestError("no training requests given")
+        hp = self._resolve_hparams(lm, hparams, {})
+        key = checkpoint_key(lm, self.name, hp.to_dict(), reqs)
+        if not force:
+            found = find_checkpoint(key)
+            if found is not None:
+                return found
+        tensors, meta = self.train(lm, reqs, hp, progress=progress)
+        return save_checkpoint(key, tensors, meta)
+
+    def train(self, lm: LM, requests: list[EditRequest], hp: Any, *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Learn the editor's parameters: (tensors, metadata). Learned editors implement this."""
+        raise NotImplementedError
+
+    def checkpoint(self, lm: LM, hp: Any) -> Checkpoint:
+        """The checkpoint `apply` uses: the newest cached one for this base model and hyper-parameters."""
+        found = latest_checkpoint(lm, self.name, hp.to_dict())
+        if found is None:
+            raise CheckpointError(
+                f"method {self.name!r} needs a trained editor for {lm.name}; train one with: "
+                f"editlab train {self.name} --model {lm.name} --data counterfact-train"
+            )
+        return found
+
+
+def _stats_provenance(lm: LM) -> dict[str, Any]:
+    try:
+        from ..stats import stats_provenance  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    return stats_provenance(lm)
 
 
 # ---------------------------------------------------------------- registry (lazy per method)
 METHODS: Registry[type[Editor]] = Registry("method", UnknownMethodError)
 METHODS.register("ft", "FT-L: fine-tuning of one MLP layer within an L-inf ball (ROME paper's baseline)",
-                 lazy("editlab.methods.ft:FTEditor"), aliases=("ft-l",), family="fine-tuning")
+                 lazy("editlab.methods.ft:FTEditor"), aliases=("ft-l",), family="fine-tuning",
+                 tiny_hparams={"layer": 1, "steps": 40, "lr": 1e-2, "norm_constraint": 0.05})
 METHODS.register("ft-m", "FT-M: fine-tuning of one MLP layer, loss on the target tokens only (EasyEdit)",
-                 lazy("editlab.methods.ft:FTMEditor"), family="fine-tuning")
+                 lazy("editlab.methods.ft:FTMEditor"), family="fine-tuning",
+                 tiny_hparams={"layer": 1, "steps": 40, "lr": 1e-2})
 METHODS.register("rome", "ROME (r-ROME keys by default): rank-one update of one MLP output projection",
                  lazy("editlab.methods.locate.rome:ROMEEditor"), aliases=("r-rome",), family="locate-and-edit")
 METHODS.register("memit", "MEMIT: batch edits spread over several MLP layers by least squares",

@@ -41,9 +41,10 @@ class ContinuationScore:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Stable hash of a model's config and weights (shapes, a strided sample and a float64 sum per
-    tensor): equal for the same weights, different after any edit we make."""
-    h = hashlib.sha256()
+    """Exact fingerprint of a model's architecture config and weights: BLAKE2b over every tensor's name,
+    shape, dtype and raw bytes. Equal exactly when the weights are bit-identical, independent of
+    thread counts (no floating-point reduction is involved)."""
+    h = hashlib.blake2b(digest_size=16)
     cfg = getattr(model, "config", None)
     if cfg is not None:
         d = cfg.to_dict()  # only architecture fields: bookkeeping fields change on save/load
@@ -53,11 +54,10 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            flat = t.detach().reshape(-1)
-            step = max(1, flat.numel() // 512)
-            h.update(flat[::step].float().cpu().numpy().tobytes())
-            h.update(repr(float(flat.double().sum())).encode())
-    return h.hexdigest()[:32]
+            flat = t.detach().contiguous().reshape(-1)
+            if flat.numel():
+                h.update(flat.view(torch.uint8).cpu().numpy().data)
+    return h.hexdigest()
 
 
 class LM:
@@ -115,6 +115,12 @@ class LM:
     def current_fingerprint(self) -> str:
         """Fingerprint of the current weights; free while no editlab edit is active."""
         return self.base_fingerprint if not self.active_edits else self.fingerprint()
+
+    @property
+    def edited(self) -> Any:
+        """The edited system as evaluation sees it: the top active edit's `lm` (a view where an edit
+        installed one), else this LM."""
+        return self.active_edits[-1].lm if self.active_edits else self
 
     # ----------------------------------------------------------------- tokenization (one place)
     def encode_prompt(self, text: str) -> list[int]:
@@ -212,7 +218,27 @@ class LM:
                 rows[k] = row
         return [torch.stack([rows[(carriers[seq], p)] for p in pos]) for seq, pos in needs]
 
-    # ----------------------------------------------------------------- the three calls
+    # ----------------------------------------------------------------- the LM calls
+    @torch.no_grad()
+    def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
+        """For each token window w (ids without special tokens): log-probs of w[1:] given the sink
+        prefix, `prefix_ids` and the window's earlier tokens. Used for perplexity."""
+        ctx = list(self.prefix_ids) + list(prefix_ids)
+        seqs = [tuple(ctx + list(w)) for w in windows]
+        out: list[torch.Tensor] = [torch.zeros(0) for _ in windows]
+        for batch in self._batches(seqs):
+            ids, mask = self.pad_right([seqs[i] for i in batch])
+            hid = self.hidden_states(ids, mask)
+            for r, i in enumerate(batch):
+                n = len(windows[i])
+                if n < 2:
+                    continue
+                pos = torch.arange(len(ctx), len(ctx) + n - 1, device=hid.device)
+                logp = torch.log_softmax(self.head(hid[r, pos]).float(), -1)
+                tgt = torch.tensor(list(windows[i][1:]), dtype=torch.long, device=logp.device)
+                out[i] = logp.gather(1, tgt[:, None])[:, 0].cpu()
+        return out
+
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[ContinuationScore]:
         """Teacher-forced log-probs and argmax predictions of each continuation after its prompt."""
         if len(prompts) != len(continuations):

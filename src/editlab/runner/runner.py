@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from ..errors import EditlabError, EditRequestError
 from ..eval.metrics import PreEdit, evaluate_requests, pre_edit, summarize
 from ..eval.perplexity import perplexity, text_windows
-from ..methods import get_editor
+from ..methods import get_editor, restore_all
 from ..models.lm import LM
 from ..requests import EditRequest
 from .store import Row, Store
@@ -138,7 +138,7 @@ def run(
             t_edit = time.perf_counter() - t0
             try:
                 t1 = time.perf_counter()
-                rows = evaluate_requests(lm, [r for _, r in todo], pre, generation=cfg.generation)
+                rows = evaluate_requests(edit.lm, [r for _, r in todo], pre, generation=cfg.generation)
                 t_eval = (time.perf_counter() - t1) / len(todo)
             finally:
                 edit.restore()
@@ -153,23 +153,24 @@ def run(
         return run_id
     windows = text_windows(lm, cfg.ppl_text, 1024) if cfg.ppl_text else []
     base_ppl = perplexity(lm, windows) if windows else None
-    edits = []
     try:
         last = 0
+        prev = None
         for n_done in range(1, len(requests) + 1):
             r = requests[n_done - 1]
             t0 = time.perf_counter()
-            edits.append(editor.apply(lm, r, hp))
+            prev = editor.apply(lm, r, hp, on=prev if editor.supports_on else None)
             t_edit = time.perf_counter() - t0
             if n_done in cfg.checkpoints and f"ckpt:{n_done}" not in done:
                 t1 = time.perf_counter()
-                all_rows = evaluate_requests(lm, list(requests[:n_done]), pre)
+                system = prev.lm
+                all_rows = evaluate_requests(system, list(requests[:n_done]), pre)
                 s_all = summarize(all_rows)
                 s_new = summarize(all_rows[last:])
                 metrics = {f"retention_{k}": v for k, v in s_all.items()}
                 metrics.update({f"newest_{k}": v for k, v in s_new.items()})
                 if windows:
-                    metrics["perplexity"] = perplexity(lm, windows)
+                    metrics["perplexity"] = perplexity(system, windows)
                     metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]
                 store.add_row(Row(run_id, f"ckpt:{n_done}", None, "checkpoint", n_done, t_edit,
                                   time.perf_counter() - t1, metrics))
@@ -177,6 +178,5 @@ def run(
                 last = n_done
             tick(n_done, len(requests), f"{cfg.method} sequential {n_done}/{len(requests)}")
     finally:
-        for e in reversed(edits):
-            e.restore()
+        restore_all(lm)
     return run_id

@@ -1,0 +1,284 @@
+"""The three kinds of patch an `Edit` is made of. Each is reversible and savable.
+
+- `WeightDelta`: a tensor added to an existing parameter, dense or as low-rank factors (`LowRank`).
+  The LM keeps ONE copy of the original value of each touched parameter, shared by every active edit
+  (see `WeightLedger`), so a sequence of 1,000 rank-one edits costs one weight copy plus the factors.
+  Reverting the top patch on a parameter copies the original back and re-adds the deltas of the edits
+  still below it in the order they were first applied: the same float operations on the same values,
+  so the result is bit-identical to the state before the reverted edit.
+- `ModuleSwap`: a wrapper module (an `AdapterModule` that keeps the wrapped module as `base_layer`, as
+  PEFT's tuners do) put in place of a module; reverting puts the very same module object back.
+- `ViewPatch`: an `LMView` factory: the weights are untouched, `edit.lm` answers differently (prompt
+  prefixes, retrieval routers, constrained decoding).
+
+`state()` returns (tensors, JSON config); `PATCH_TYPES[kind].from_state(tensors, config, lm)` rebuilds a
+patch for `Edit.load`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..errors import EditMismatchError
+
+if TYPE_CHECKING:
+    from ..models.lm import LM
+    from ..models.view import LMView
+
+
+@dataclass
+class LowRank:
+    """A weight delta stored as factors: delta = left @ right, in the parameter's own layout
+    (left [rows, r], right [r, cols])."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.left.shape[0], self.right.shape[1]))
+
+    def dense(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        d = self.left.to(device=device) @ self.right.to(device=device)
+        return d if dtype is None else d.to(dtype)
+
+    @classmethod
+    def from_matrix_factors(cls, col: torch.Tensor, row: torch.Tensor, transposed: bool) -> "LowRank":
+        """Delta (out, in) = col ⊗ row (col [out] or [out, r], row [in] or [r, in]); `transposed`
+        for parameters stored (in, out) such as GPT-2's Conv1D."""
+        c = col[:, None] if col.dim() == 1 else col
+        r = row[None, :] if row.dim() == 1 else row
+        return cls(r.T.contiguous(), c.T.contiguous()) if transposed else cls(c.contiguous(), r.contiguous())
+
+
+Delta = "torch.Tensor | LowRank"
+
+
+class Patch(ABC):
+    """One reversible change to an LM. `apply` and `revert` are called by `Edit` only."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def apply(self, lm: "LM") -> None: ...
+
+    @abstractmethod
+    def revert(self, lm: "LM") -> None: ...
+
+    @abstractmethod
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-serialisable config) to save."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], lm: "LM") -> "Patch": ...
+
+    def check(self, lm: "LM") -> None:
+        """Raise EditMismatchError if this patch cannot be applied to `lm` (called before any change)."""
+
+
+# ------------------------------------------------------------------------------------ weight deltas
+class WeightLedger:
+    """Per-LM record of the original value of every parameter that active weight patches touch, and
+    of those patches in application order."""
+
+    def __init__(self) -> None:
+        self.originals: dict[str, torch.Tensor] = {}
+        self.params: dict[str, torch.nn.Parameter] = {}  # by identity: names change under module swaps
+        self.applied: dict[str, list["WeightDelta"]] = {}
+
+    @staticmethod
+    def of(lm: "LM") -> "WeightLedger":
+        ledger = lm.cache.get("_weight_ledger")
+        if ledger is None:
+            ledger = lm.cache["_weight_ledger"] = WeightLedger()
+        return ledger
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.originals.values())
+
+
+class WeightDelta(Patch):
+    kind = "weight_delta"
+
+    def __init__(self, name: str, delta: torch.Tensor | LowRank) -> None:
+        self.name = name
+        self.delta = delta if isinstance(delta, LowRank) else delta.detach()
+
+    def dense(self, param: torch.Tensor) -> torch.Tensor:
+        d = self.delta
+        return d.dense(param.dtype, param.device) if isinstance(d, LowRank) else d.to(device=param.device, dtype=param.dtype)
+
+    def check(self, lm: "LM") -> None:
+        try:
+            p = lm.model.get_parameter(self.name)
+        except AttributeError:
+            raise EditMismatchError(f"model has no parameter {self.name!r}") from None
+        if tuple(p.shape) != tuple(self.delta.shape):
+            raise EditMismatchError(f"delta for {self.name} has shape {tuple(self.delta.shape)}, parameter has {tuple(p.shape)}")
+        parts = [self.delta.left, self.delta.right] if isinstance(self.delta, LowRank) else [self.delta]
+        if not all(torch.isfinite(t).all() for t in parts):
+            raise EditMismatchError(f"delta for {self.name} contains non-finite values")
+
+    def apply(self, lm: "LM") -> None:
+        ledger = WeightLedger.of(lm)
+        p = lm.model.get_parameter(self.name)
+        if self.name not in ledger.originals:
+            ledger.originals[self.name] = p.detach().clone()
+            ledger.params[self.name] = p
+        with torch.no_grad():
+            p.add_(self.dense(p))
+        ledger.applied.setdefault(self.name, []).append(self)
+
+    def revert(self, lm: "LM") -> None:
+        ledger = WeightLedger.of(lm)
+        stack = ledger.applied.get(self.name, [])
+        if not stack or stack[-1] is not self:
+            raise EditMismatchError(f"internal: patch on {self.name} is not the last one applied to it")
+        stack.pop()
+        p = lm.model.get_parameter(self.name)
+        with torch.no_grad():
+            p.copy_(ledger.originals[self.name])
+            for below in stack:  # replay in the original order: bit-identical to the state before
+                p.add_(below.dense(p))
+        if not stack:
+            del ledger.applied[self.name]
+            del ledger.originals[self.name]
+            del ledger.params[self.name]
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if isinstance(self.delta, LowRank):
+            return ({"left": self.delta.left.contiguous().cpu(), "right": self.delta.right.contiguous().cpu()},
+                    {"parameter": self.name, "form": "low_rank", "rank": int(self.delta.left.shape[1])})
+        return {"delta": self.delta.contiguous().cpu()}, {"parameter": self.name, "form": "dense"}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], lm: "LM") -> "WeightDelta":
+        try:
+            if config.get("form") == "low_rank":
+                return cls(config["parameter"], LowRank(tensors["left"], tensors["right"]))
+            return cls(config["parameter"], tensors["delta"])
+        except KeyError as e:
+            raise EditMismatchError(f"saved weight patch lacks {e}") from None
+
+
+def unwind_weights(lm: "LM") -> None:
+    """Put every parameter touched by active weight patches back to its original value at once
+    (used when a whole stack is dropped, instead of replaying it patch by patch)."""
+    ledger = WeightLedger.of(lm)
+    with torch.no_grad():
+        for name, orig in ledger.originals.items():
+            ledger.params[name].copy_(orig)
+    ledger.originals.clear()
+    ledger.params.clear()
+    ledger.applied.clear()
+
+
+# ------------------------------------------------------------------------------------ module swaps
+class ModuleSwap(Patch):
+    """Put `wrapper` (an AdapterModule holding the current module as `base_layer`) at `path`."""
+
+    kind = "module_swap"
+
+    def __init__(self, path: str, wrapper: torch.nn.Module) -> None:
+        self.path = path
+        self.wrapper = wrapper
+
+    def check(self, lm: "LM") -> None:
+        from .adapters.inject import AdapterModule
+
+        try:
+            current = lm.model.get_submodule(self.path)
+        except AttributeError:
+            raise EditMismatchError(f"model has no module {self.path!r}") from None
+        if not isinstance(self.wrapper, AdapterModule):
+            raise EditMismatchError(f"module swap at {self.path}: {type(self.wrapper).__name__} is not an AdapterModule")
+        if self.wrapper.base_layer is not current:
+            raise EditMismatchError(f"module swap at {self.path}: the wrapper does not wrap the module now there")
+
+    def apply(self, lm: "LM") -> None:
+        from .adapters.inject import set_module
+
+        set_module(lm.model, self.path, self.wrapper)
+
+    def revert(self, lm: "LM") -> None:
+        from .adapters.inject import set_module
+
+        if lm.model.get_submodule(self.path) is not self.wrapper:
+            raise EditMismatchError(f"internal: {self.path} does not hold this patch's wrapper")
+        set_module(lm.model, self.path, self.wrapper.base_layer)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from .adapters.inject import WRAPPERS
+
+        return (self.wrapper.adapter_state(),
+                {"path": self.path, "wrapper": WRAPPERS.resolve(self.wrapper.registered_name),
+                 "config": self.wrapper.config()})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], lm: "LM") -> "ModuleSwap":
+        from ..errors import EditlabError
+        from .adapters.inject import WRAPPERS
+
+        try:
+            path, kind, cfg = config["path"], config["wrapper"], config.get("config", {})
+            base = lm.model.get_submodule(path)
+        except (KeyError, AttributeError) as e:
+            raise EditMismatchError(f"saved module swap cannot be placed: {e}") from None
+        try:
+            wrapper_cls = WRAPPERS.get(kind)
+        except EditlabError as e:
+            raise EditMismatchError(str(e)) from None
+        wrapper = wrapper_cls.from_config(base, cfg, tensors)
+        return cls(path, wrapper)
+
+
+# ------------------------------------------------------------------------------------ LM views
+class ViewPatch(Patch):
+    """Makes `edit.lm` a view over the system below it. Nothing in the model changes."""
+
+    kind = "lm_view"
+
+    def __init__(self, view_type: str, config: dict[str, Any] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.view_type = view_type
+        self.config = dict(config or {})
+        self.tensors = dict(tensors or {})
+
+    def check(self, lm: "LM") -> None:
+        from ..errors import EditlabError
+        from ..models.view import VIEWS
+
+        try:
+            VIEWS.resolve(self.view_type)
+        except EditlabError as e:
+            raise EditMismatchError(str(e)) from None
+
+    def build(self, inner: Any) -> "LMView":
+        from ..models.view import VIEWS
+
+        return VIEWS.get(self.view_type)(inner, self.config, self.tensors)
+
+    def apply(self, lm: "LM") -> None:
+        pass
+
+    def revert(self, lm: "LM") -> None:
+        pass
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return ({k: v.contiguous().cpu() for k, v in self.tensors.items()},
+                {"view": self.view_type, "config": self.config})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], lm: "LM") -> "ViewPatch":
+        try:
+            return cls(config["view"], config.get("config", {}), tensors)
+        except KeyError as e:
+            raise EditMismatchError(f"saved view patch lacks {e}") from None
+
+
+PATCH_TYPES: dict[str, type[Patch]] = {c.kind: c for c in (WeightDelta, ModuleSwap, ViewPatch)}

@@ -1,0 +1,129 @@
+"""Checkpoints of learned editors in the user cache, keyed by (base-model fingerprint, method,
+hyper-parameters, training-data hash).
+
+A checkpoint is a folder `weights.safetensors` + `checkpoint.json` (key, metadata, the weights'
+SHA-256), written to a temporary folder and renamed into place, so a crash never leaves one that
+loads. A folder whose checksum fails is reported as `CheckpointError`, never used. The SHA-256 goes into
+the manifest of every edit made with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import CheckpointError
+from ..paths import cache_dir
+from ..requests import EditRequest
+
+WEIGHTS = "weights.safetensors"
+META = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    sha256: str
+    key: dict[str, Any]
+    meta: dict[str, Any]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors, after verifying the checksum again."""
+        from safetensors.torch import load_file
+
+        if _sha256(self.path / WEIGHTS) != self.sha256:
+            raise CheckpointError(f"checkpoint {self.path} fails its checksum (damaged file); train again with --force")
+        return load_file(str(self.path / WEIGHTS))
+
+
+def data_hash(requests: Sequence[EditRequest]) -> str:
+    blob = json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def checkpoint_key(lm: Any, method: str, hparams: dict[str, Any], requests: Sequence[EditRequest]) -> dict[str, Any]:
+    return {"model": lm.base_fingerprint, "method": method, "hparams": hparams, "data": data_hash(requests)}
+
+
+def _folder(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir("checkpoints", key["method"], str(key["model"])[:16]) / digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read(folder: Path) -> Checkpoint:
+    try:
+        meta = json.loads((folder / META).read_text())
+        ckpt = Checkpoint(folder, meta["sha256"], meta["key"], meta.get("meta", {}))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {e}") from None
+    if not (folder / WEIGHTS).exists() or _sha256(folder / WEIGHTS) != ckpt.sha256:
+        raise CheckpointError(f"checkpoint {folder} fails its checksum (damaged file); train again with --force")
+    return ckpt
+
+
+def find_checkpoint(key: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint stored under exactly `key`, or None."""
+    folder = _folder(key)
+    if not (folder / META).exists():
+        return None
+    ckpt = _read(folder)
+    if ckpt.key != json.loads(json.dumps(key, default=str)):
+        raise CheckpointError(f"checkpoint {folder} holds another key than its folder name says")
+    return ckpt
+
+
+def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any]) -> Checkpoint | None:
+    """Newest checkpoint for this base model, method and hyper-parameters (any training data)."""
+    root = cache_dir("checkpoints", method, str(lm.base_fingerprint)[:16])
+    found = []
+    want = json.loads(json.dumps(hparams, default=str))
+    for folder in root.iterdir():
+        if not (folder / META).exists():
+            continue
+        try:
+            meta = json.loads((folder / META).read_text())
+        except (OSError, ValueError):
+            continue
+        k = meta.get("key", {})
+        if k.get("model") == lm.base_fingerprint and k.get("hparams") == want:
+            found.append((meta.get("created", 0), folder))
+    if not found:
+        return None
+    return _read(max(found)[1])
+
+
+def save_checkpoint(key: dict[str, Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
+    """Store a trained editor under `key` atomically and return it."""
+    from safetensors.torch import save_file
+
+    folder = _folder(key)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        sha = _sha256(tmp / WEIGHTS)
+        body = {"key": key, "sha256": sha, "meta": meta, "created": time.time()}
+        (tmp / META).write_text(json.dumps(body, indent=2, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _read(folder)
