@@ -40,3 +40,36 @@ def hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+def capture(
+    model: torch.nn.Module,
+    run: Callable[[], Any],
+    inputs: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
+    outputs: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
+    stop_after: str | None = None,
+) -> None:
+    """Call `run()` (a forward pass) with each named module's first input (`inputs`) or output tensor
+    (`outputs`) handed to its callback, and end the pass as soon as module `stop_after` has been seen,
+    so nothing deeper is computed. The hooks are removed whatever happens."""
+
+    def make(path: str, fn: Callable[[torch.Tensor], None], is_input: bool) -> Callable[..., None]:
+        def pre(_m: Any, args: tuple[Any, ...]) -> None:
+            fn(args[0])
+            if path == stop_after:
+                raise StopForward
+
+        def fwd(_m: Any, _args: Any, out: Any) -> None:
+            fn(output_tensor(out))
+            if path == stop_after:
+                raise StopForward
+
+        return pre if is_input else fwd
+
+    pre_hooks = {p: make(p, f, True) for p, f in (inputs or {}).items()}
+    fwd_hooks = {p: make(p, f, False) for p, f in (outputs or {}).items()}
+    with hooks(model, forward=fwd_hooks, pre=pre_hooks):
+        try:
+            run()
+        except StopForward:
+            pass

@@ -19,10 +19,8 @@ parameter name in `deltas.safetensors`) still load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import EditMismatchError, EditStackError
+from ..fileio import sha256_file, temp_path_in, write_text_atomic
 from ..models.lm import LM
 from ..requests import EditRequest
 from .patches import PATCH_TYPES, LowRank, Patch, ViewPatch, WeightDelta, unwind_weights
@@ -175,19 +174,14 @@ class Edit:
                 tensors[f"{i}/{k}"] = t.contiguous().cpu()
         manifest = self.manifest()
         manifest["patches"] = entries
-        tmp_t = _tmp_in(d, TENSORS)
+        tmp_t = temp_path_in(d, TENSORS)
         try:
             save_file(tensors, str(tmp_t))
-            manifest["tensors_sha256"] = _sha256(tmp_t)
+            manifest["tensors_sha256"] = sha256_file(tmp_t)
             os.replace(tmp_t, d / TENSORS)
         finally:
             tmp_t.unlink(missing_ok=True)
-        tmp_m = _tmp_in(d, MANIFEST)
-        try:
-            tmp_m.write_text(json.dumps(manifest, indent=2))
-            os.replace(tmp_m, d / MANIFEST)
-        finally:
-            tmp_m.unlink(missing_ok=True)
+        write_text_atomic(d / MANIFEST, json.dumps(manifest, indent=2))
         return d
 
     @classmethod
@@ -222,7 +216,7 @@ class Edit:
                 patches: list[Patch] = [WeightDelta(n, t) for n, t in sorted(load_file(str(d / TENSORS_V1)).items())]
             else:
                 tfile = d / TENSORS
-                if manifest.get("tensors_sha256") and _sha256(tfile) != manifest["tensors_sha256"]:
+                if manifest.get("tensors_sha256") and sha256_file(tfile) != manifest["tensors_sha256"]:
                     raise EditMismatchError(f"{tfile} does not match its checksum in {MANIFEST} (damaged or replaced file)")
                 flat = load_file(str(tfile))
                 patches = []
@@ -255,20 +249,6 @@ def restore_all(lm: LM) -> None:
     for e in stack:
         e.active = False
     stack.clear()
-
-
-def _tmp_in(d: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _jsonable(x: Any) -> Any:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..batching import pad_batch, teacher_forcing
 from ..tokens import encode_pair, encode_prompt, subject_last_index
 from .arch import ArchSpec
 
@@ -136,11 +137,21 @@ class LM:
         return subject_last_index(self.tokenizer, prompt, subject, self.prefix_ids)
 
     # ----------------------------------------------------------------- forward helpers
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The transformer without its LM head (its output is the final, normed hidden state)."""
+        return self.model.get_submodule(self.arch.backbone)
+
+    def backbone_forward(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states [batch, seq, d] of the backbone; `kwargs` go to its forward (position
+        ids, a KV cache, ...). The one place that unwraps the backbone's output type."""
+        kwargs.setdefault("use_cache", False)
+        out = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden states of the backbone for a right-padded batch."""
-        backbone = self.model.get_submodule(self.arch.backbone)
-        out = backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
-        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return self.backbone_forward(ids, mask)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_submodule(self.arch.lm_head)(hidden)
@@ -149,13 +160,10 @@ class LM:
         return logits
 
     def pad_right(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, : len(s)] = 1
-        return ids, mask
+        return pad_batch(seqs, self.pad_id, "right")
+
+    def pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_batch(seqs, self.pad_id, "left")
 
     def _batches(self, seqs: list[tuple[int, ...]], overhead: int = 24) -> Iterator[list[int]]:
         """Indices of `seqs` split into right-padded batches that minimize padded tokens plus a fixed
@@ -246,8 +254,8 @@ class LM:
         needs, targets = [], []
         for p, c in zip(prompts, continuations):
             p_ids, t_ids = self.encode_pair(p, c)
-            seq = tuple(p_ids + t_ids[:-1])
-            needs.append((seq, list(range(len(p_ids) - 1, len(seq)))))
+            seq, pos = teacher_forcing(p_ids, t_ids)
+            needs.append((tuple(seq), pos))
             targets.append(t_ids)
         out = []
         for t_ids, rows in zip(targets, self._score_positions(needs)):
@@ -286,11 +294,7 @@ class LM:
         for batch in self._batches([s + (0,) * max_new_tokens for s in encoded]):
             seqs = [encoded[i] for i in batch]
             n = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), n), dtype=torch.long)
-            for r, s in enumerate(seqs):  # left padding so that new tokens line up
-                ids[r, n - len(s) :] = torch.tensor(s)
-                mask[r, n - len(s) :] = 1
+            ids, mask = self.pad_left(seqs)  # left padding so that new tokens line up
             gen = self._generate_batch(ids, mask, max_new_tokens, top_k, None if seed is None else seed + batch[0])
             for r, i in enumerate(batch):
                 toks = gen[r, n:].tolist()

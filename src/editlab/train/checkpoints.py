@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import sha256_file
 from ..paths import cache_dir
 from ..requests import EditRequest
 
@@ -40,7 +41,7 @@ class Checkpoint:
         """The checkpoint's tensors, after verifying the checksum again."""
         from safetensors.torch import load_file
 
-        if _sha256(self.path / WEIGHTS) != self.sha256:
+        if sha256_file(self.path / WEIGHTS) != self.sha256:
             raise CheckpointError(f"checkpoint {self.path} fails its checksum (damaged file); train again with --force")
         return load_file(str(self.path / WEIGHTS))
 
@@ -59,21 +60,13 @@ def _folder(key: dict[str, Any]) -> Path:
     return cache_dir("checkpoints", key["method"], str(key["model"])[:16]) / digest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read(folder: Path) -> Checkpoint:
     try:
         meta = json.loads((folder / META).read_text())
         ckpt = Checkpoint(folder, meta["sha256"], meta["key"], meta.get("meta", {}))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {folder} is unreadable: {e}") from None
-    if not (folder / WEIGHTS).exists() or _sha256(folder / WEIGHTS) != ckpt.sha256:
+    if not (folder / WEIGHTS).exists() or sha256_file(folder / WEIGHTS) != ckpt.sha256:
         raise CheckpointError(f"checkpoint {folder} fails its checksum (damaged file); train again with --force")
     return ckpt
 
@@ -117,7 +110,7 @@ def save_checkpoint(key: dict[str, Any], tensors: dict[str, torch.Tensor], meta:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        sha = _sha256(tmp / WEIGHTS)
+        sha = sha256_file(tmp / WEIGHTS)
         body = {"key": key, "sha256": sha, "meta": meta, "created": time.time()}
         (tmp / META).write_text(json.dumps(body, indent=2, default=str))
         if folder.exists():
