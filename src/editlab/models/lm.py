@@ -109,6 +109,23 @@ class LM:
     def module(self, path: str) -> torch.nn.Module:
         return self.model.get_submodule(path)
 
+    def base_path(self, path: str) -> str:
+        """Path of the original module at `path`, through any adapter wrappers installed there by
+        module-swap edits (each keeps the module it wraps as `base_layer`)."""
+        module = self.model.get_submodule(path)
+        while hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Module):
+            module = module.base_layer
+            path = f"{path}.base_layer"
+        return path
+
+    def base_module(self, path: str) -> torch.nn.Module:
+        """The original module at `path` (see `base_path`)."""
+        return self.model.get_submodule(self.base_path(path))
+
+    def param_name(self, module_path: str, param: str = "weight") -> str:
+        """Parameter name of the original module's `param` at `module_path`, through any wrappers."""
+        return f"{self.base_path(module_path)}.{param}"
+
     def fingerprint(self) -> str:
         """Fingerprint of the *current* weights (recomputed on every call)."""
         return model_fingerprint(self.model)
