@@ -89,6 +89,15 @@ def shared_pre_edit(lm: LM, store: Store, requests: Sequence[EditRequest]) -> Pr
 Progress = Callable[[int, int, str], None]
 
 
+def _record_statistics(store: Store, run_id: str, edit: Any) -> None:
+    """Keep in the run's config which covariance statistics the edits used (corpus, token counts)."""
+    stats = edit.info.get("statistics")
+    if stats:
+        stats = json.loads(json.dumps(stats, default=str))
+    if stats and store.runs_config(run_id).get("statistics") != stats:
+        store.update_run_config(run_id, statistics=stats)
+
+
 def run(
     lm: LM,
     requests: Sequence[EditRequest],
@@ -136,6 +145,7 @@ def run(
             t0 = time.perf_counter()
             edit = editor.apply(lm, batch_reqs if size > 1 else batch_reqs[0], hp)
             t_edit = time.perf_counter() - t0
+            _record_statistics(store, run_id, edit)
             try:
                 t1 = time.perf_counter()
                 rows = evaluate_requests(edit.lm, [r for _, r in todo], pre, generation=cfg.generation)
@@ -161,6 +171,7 @@ def run(
             t0 = time.perf_counter()
             prev = editor.apply(lm, r, hp, on=prev if editor.supports_on else None)
             t_edit = time.perf_counter() - t0
+            _record_statistics(store, run_id, prev)
             if n_done in cfg.checkpoints and f"ckpt:{n_done}" not in done:
                 t1 = time.perf_counter()
                 system = prev.lm

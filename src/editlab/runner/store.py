@@ -84,6 +84,19 @@ class Store:
             self.db.execute(f"INSERT INTO runs ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})", vals)
         return False
 
+    def runs_config(self, run_id: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else {}
+
+    def update_run_config(self, run_id: str, **extra: Any) -> None:
+        """Merge `extra` into a run's stored config (e.g. the statistics an edit actually used)."""
+        row = self.db.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no run {run_id} in {self.path}")
+        config = {**(json.loads(row[0]) if row[0] else {}), **extra}
+        with self.db:
+            self.db.execute("UPDATE runs SET config=? WHERE run_id=?", (json.dumps(config, default=str), run_id))
+
     def runs(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM runs ORDER BY created")
         names = [d[0] for d in cur.description]
