@@ -26,6 +26,7 @@ WIKI_SAMPLE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p00000001
 class Corpus:
     name: str  # stable identifier used in cache keys
     texts: tuple[str, ...]
+    cleaner: int | None = None  # CLEANER_VERSION the texts were cleaned with (None: used as given)
 
 
 def _strip_nested(text: str, open_: str, close: str) -> str:
@@ -74,7 +75,12 @@ def clean_wikitext(text: str) -> str:
 def _wiki_sample_path() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError("the default corpus needs the gensim wheel: pip install --no-deps gensim")
+        import sys  # local: this function is the only part of the module that names the interpreter
+
+        # gensim is a declared dependency (its wheel carries the sample): absent means a broken install.
+        raise ModelNotFoundError(
+            f"the default corpus ships in the gensim wheel, which is missing; run: {sys.executable} -m pip install 'gensim>=4.4,<5'"
+        )
     path = Path(list(spec.submodule_search_locations)[0]).parent / WIKI_SAMPLE
     if not path.exists():
         raise ModelNotFoundError(f"gensim is installed but its Wikipedia sample is missing: {path}")
@@ -82,9 +88,10 @@ def _wiki_sample_path() -> Path:
 
 
 def wikipedia_sample() -> Corpus:
-    """The cleaned gensim Wikipedia sample (cached as text after the first call)."""
+    """The cleaned gensim Wikipedia sample (cached as text after the first call, per cleaner version)."""
     src = _wiki_sample_path()
-    cached = cache_dir("corpora") / "enwiki-sample.txt"
+    version = CLEANER_VERSION  # read at call time: text cleaned by another version is another corpus
+    cached = cache_dir("corpora") / f"enwiki-sample-c{version}.txt"
     if not cached.exists():
         raw = bz2.decompress(src.read_bytes()).decode("utf-8", errors="replace")
         articles = re.findall(r"<text[^>]*>(.*?)</text>", raw, flags=re.S)
@@ -96,7 +103,7 @@ def wikipedia_sample() -> Corpus:
         tmp.write_text("\n\n".join(docs), encoding="utf-8")
         tmp.replace(cached)
     text = cached.read_text(encoding="utf-8")
-    return Corpus("enwiki-sample", tuple(t for t in text.split("\n\n") if t.strip()))
+    return Corpus("enwiki-sample", tuple(t for t in text.split("\n\n") if t.strip()), cleaner=version)
 
 
 def file_corpus(path: str | Path) -> Corpus:
