@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from ..models.lm import LM
 from ..requests import EditRequest
-from .fluency import ngram_entropy
+from .fluency import generation_fluency
 
 CF_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 
@@ -121,11 +121,14 @@ def evaluate_requests(
     pre: PreEdit | None = None,
     *,
     generation: bool = False,
-    fluency_prompts: Sequence[Sequence[str]] | None = None,
-    fluency_tokens: int = 50,
+    fluency: bool = False,
+    seed: int = 0,
 ) -> list[dict[str, float]]:
-    """All metrics for each request on the (edited) `lm`, scored in one batched pass.
-    Locality needs `pre` (from `pre_edit`, computed before editing)."""
+    """All metrics for each request on the (edited) system `lm` (an LM or an edit's view), scored in one
+    batched pass. Locality needs `pre` (from `pre_edit`, computed before editing). With `fluency`,
+    ROME's generation fluency: the weighted n-gram entropy of 100-token top-k-5 samples (seeded) from
+    each request's generation prompts (CounterFact's `generation_prompts`; otherwise the edit prompt
+    and its paraphrases), averaged per request."""
     all_prompts: list[str] = []
     all_conts: list[str] = []
     spans = []
@@ -152,23 +155,30 @@ def evaluate_requests(
             row["rewrite_gen_em"] = mine[0]
             if len(mine) > 1:
                 row["rephrase_gen_em"] = sum(mine[1:]) / (len(mine) - 1)
-    if fluency_prompts:
-        flat = [(r, p) for r, ps in enumerate(fluency_prompts) for p in ps]
-        texts = lm.generate([p for _, p in flat], fluency_tokens)
+    if fluency:
+        flat = [(r, p) for r, req in enumerate(requests) for p in generation_prompts(req)]
+        scores = generation_fluency(lm, [p for _, p in flat], seed=seed)
         per: dict[int, list[float]] = {}
-        for (r, p), t in zip(flat, texts):
-            per.setdefault(r, []).append(ngram_entropy(p + t))
+        for (r, _), v in zip(flat, scores):
+            per.setdefault(r, []).append(v)
         for r, vals in per.items():
             rows[r]["fluency"] = sum(vals) / len(vals)
     return rows
 
 
+def generation_prompts(req: EditRequest) -> list[str]:
+    """Prompts whose sampled continuations measure fluency: CounterFact's `generation_prompts` when the
+    record has them, else the edit prompt and its paraphrases."""
+    given = req.extra.get("generation_prompts") if req.extra else None
+    if given:
+        return [str(p) for p in given]
+    return [req.prompt] + [p for p, _ in req.paraphrases]
+
+
 def evaluate_request(lm: LM, req: EditRequest, pre: PreEdit | None = None, *, generation: bool = False,
-                     fluency_prompts: Sequence[str] = (), fluency_tokens: int = 50) -> dict[str, float]:
+                     fluency: bool = False, seed: int = 0) -> dict[str, float]:
     """`evaluate_requests` for one request."""
-    return evaluate_requests(lm, [req], pre, generation=generation,
-                             fluency_prompts=[list(fluency_prompts)] if fluency_prompts else None,
-                             fluency_tokens=fluency_tokens)[0]
+    return evaluate_requests(lm, [req], pre, generation=generation, fluency=fluency, seed=seed)[0]
 
 
 def generation_exact_match(lm: LM, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:

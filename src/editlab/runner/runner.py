@@ -57,7 +57,7 @@ def run_id_for(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest], hparams:
     key = {
         "model": lm.base_fingerprint, "method": cfg.method, "mode": cfg.mode, "dataset": cfg.dataset,
         "batch": cfg.batch_size if cfg.mode == "batch" else None, "checkpoints": cfg.checkpoints if cfg.mode == "sequential" else None,
-        "hparams": hparams, "seed": cfg.seed, "generation": cfg.generation,
+        "hparams": hparams, "seed": cfg.seed, "generation": cfg.generation, "fluency": cfg.fluency,
         "requests": hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest(),
     }
     return f"{cfg.method}-{cfg.mode}-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -121,7 +121,8 @@ def run(
     existed = store.ensure_run(
         run_id, model=lm.name, model_fingerprint=lm.base_fingerprint, method=cfg.method, mode=cfg.mode,
         dataset=cfg.dataset, n_requests=len(requests), seed=cfg.seed, hparams=hp.to_dict(),
-        config={"batch_size": cfg.batch_size, "checkpoints": cfg.checkpoints, "generation": cfg.generation},
+        config={"batch_size": cfg.batch_size, "checkpoints": cfg.checkpoints, "generation": cfg.generation,
+                "fluency": cfg.fluency},
         versions=versions(),
     )
     done = store.done_keys(run_id)
@@ -148,7 +149,8 @@ def run(
             _record_statistics(store, run_id, edit)
             try:
                 t1 = time.perf_counter()
-                rows = evaluate_requests(edit.lm, [r for _, r in todo], pre, generation=cfg.generation)
+                rows = evaluate_requests(edit.lm, [r for _, r in todo], pre, generation=cfg.generation,
+                                         fluency=cfg.fluency, seed=cfg.seed)
                 t_eval = (time.perf_counter() - t1) / len(todo)
             finally:
                 edit.restore()
@@ -175,7 +177,7 @@ def run(
             if n_done in cfg.checkpoints and f"ckpt:{n_done}" not in done:
                 t1 = time.perf_counter()
                 system = prev.lm
-                all_rows = evaluate_requests(system, list(requests[:n_done]), pre)
+                all_rows = evaluate_requests(system, list(requests[:n_done]), pre, fluency=cfg.fluency, seed=cfg.seed)
                 s_all = summarize(all_rows)
                 s_new = summarize(all_rows[last:])
                 metrics = {f"retention_{k}": v for k, v in s_all.items()}
