@@ -82,7 +82,7 @@ def test_unknown_dataset_and_limit(tmp_path):
 EXPECTED = {"counterfact": 766, "counterfact-edit": 10000, "zsre": 1037, "knowedit-zsre": 1301, "knowedit-counterfact": 1428}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in DATASETS if n != "builtin"))
+@pytest.mark.parametrize("name", sorted(n for n in DATASETS.names() if n != "builtin"))
 def test_real_benchmark_files_load(name, data_root):
     import warnings
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from ..errors import DataFormatError, EditRequestError
 from ..paths import data_dir
+from ..registry import Registry
 from ..requests import EditRequest
 from .counterfact import counterfact_compact, counterfact_full
 from .io import read_records
@@ -22,13 +23,14 @@ from .zsre import zsre_mend
 
 Parser = Callable[[dict[str, Any], Any, int], EditRequest]
 
-FORMATS: dict[str, Parser] = {
-    "counterfact": counterfact_full,
-    "counterfact-compact": counterfact_compact,
-    "zsre": zsre_mend,
-    "knowedit": knowedit,
-    "wikibio": wikibio,
-}
+FORMATS: Registry[Parser] = Registry("dataset format", DataFormatError)
+FORMATS.register("counterfact", "CounterFact as released with ROME (requested_rewrite, paraphrase/neighbourhood prompts)",
+                 lambda: counterfact_full)
+FORMATS.register("counterfact-compact", "CounterFact in EasyEdit's compact form (prompt, rephrase_prompt, locality_prompt)",
+                 lambda: counterfact_compact)
+FORMATS.register("zsre", "zsRE in MEND's form (src, alt, rephrase, loc, loc_ans, portability)", lambda: zsre_mend)
+FORMATS.register("knowedit", "KnowEdit records (prompt, target_new, portability and locality groups)", lambda: knowedit)
+FORMATS.register("wikibio", "KnowEdit WikiBio records (text, labels, concept)", lambda: wikibio)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class DatasetEntry:
     description: str
 
 
-DATASETS: dict[str, DatasetEntry] = {e.name: e for e in [
+_ENTRIES = [
     DatasetEntry("builtin", "(inside the package)", "builtin",
                  "built-in facts SmolLM2-135M knows, 8 relations, with paraphrases, neighbours and portability"),
     DatasetEntry("counterfact", "counterfact/counterfact_portability_gpt4.json", "counterfact",
@@ -65,7 +67,11 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in [
                  "KnowEdit WikiData counterfact (train), 1,428 records"),
     DatasetEntry("knowedit-recent", "knowedit/wiki_recent_recent_train.json", "knowedit", "KnowEdit WikiData recent, 570 records"),
     DatasetEntry("knowedit-wikibio", "knowedit/WikiBio_wikibio-test-all.json", "wikibio", "KnowEdit WikiBio test, 306 records"),
-]}
+]
+
+DATASETS: Registry[DatasetEntry] = Registry("dataset", DataFormatError, case_sensitive=True)
+for _e in _ENTRIES:
+    DATASETS.register(_e.name, _e.description, (lambda e=_e: e), relpath=_e.relpath, format=_e.format)
 
 
 def detect_format(rec: dict[str, Any], path: Any = "<records>") -> str:
@@ -83,7 +89,7 @@ def detect_format(rec: dict[str, Any], path: Any = "<records>") -> str:
 def resolve(name_or_path: str | Path, root: Path | None = None) -> tuple[Path, str | None]:
     s = str(name_or_path)
     if s in DATASETS:
-        e = DATASETS[s]
+        e = DATASETS.get(s)
         p = (root or data_dir()) / e.relpath
         if not p.exists():
             raise DataFormatError(f"dataset {s!r} expects {p}, which does not exist (set EDITLAB_DATA to the data folder)")
@@ -93,7 +99,7 @@ def resolve(name_or_path: str | Path, root: Path | None = None) -> tuple[Path, s
         return p, None
     if "/" in s or p.suffix in (".json", ".jsonl"):
         raise DataFormatError(f"data file not found: {p}")
-    raise DataFormatError(f"unknown dataset {s!r}: not a dataset name ({', '.join(DATASETS)}) nor an existing file")
+    raise DataFormatError(f"unknown dataset {s!r}: not a dataset name ({', '.join(DATASETS.names())}) nor an existing file")
 
 
 def parse_records(records: list[dict[str, Any]], format: str | None = None, path: Any = "<records>",
@@ -104,9 +110,7 @@ def parse_records(records: list[dict[str, Any]], format: str | None = None, path
     if not records:
         raise DataFormatError(f"{path}: holds no records")
     fmt = format or detect_format(records[0], path)
-    if fmt not in FORMATS:
-        raise DataFormatError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    parse = FORMATS[fmt]
+    parse = FORMATS.get(fmt)
     out: list[EditRequest] = []
     skipped: list[str] = []
     for i, rec in enumerate(records):
