@@ -1,0 +1,227 @@
+"""What the command groups share: consoles, error reporting, the quiet-warnings entry, model loading
+with a spinner, the progress-bar runner, the summary table and hyper-parameter parsing."""
+
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from ..errors import EditlabError
+from .options import HparamOptions, ModelOptions
+
+if TYPE_CHECKING:
+    from ..models import LM
+    from ..runner import RunConfig, Store
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+# Categories aimed at developers of the libraries underneath (transformers and torch announce
+# renamed arguments this way); a CLI user can do nothing about them.
+LIBRARY_NOISE: tuple[type[Warning], ...] = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _control_flow_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions that carry an exit code or a usage message and must reach the command-line framework.
+    Recent typer versions vendor click with their own exception classes; older ones use click's."""
+    kinds: list[type[BaseException]] = [typer.Exit, typer.Abort]
+    try:
+        from typer.exceptions import TyperException
+
+        kinds.append(TyperException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        kinds += [click.exceptions.Exit, click.ClickException, click.Abort]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+_CONTROL_FLOW = _control_flow_exceptions()
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+def one_line(message: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", message.strip())
+
+
+def print_error(message: str) -> None:
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line(message)))
+
+
+def print_warning(message: str) -> None:
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", one_line(message)))
+
+
+def _where(exc: BaseException) -> str:
+    """`file:line in function` of the frame that raised, the path shortened to start at the package."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown location"
+    last = frames[-1]
+    path = Path(last.filename)
+    parts = path.parts
+    for anchor in ("editlab", "site-packages"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            path = Path(*parts[i + (anchor == "site-packages"):])
+            break
+    return f"{path}:{last.lineno} in {last.name}"
+
+
+def report_exception(exc: Exception, debug: bool) -> NoReturn:
+    """EditlabError: one `error:` line, exit 2. Anything else is a bug: a short note with where it
+    happened and a request to report it, exit 1. `debug` adds the full traceback first."""
+    if debug:
+        err_console.print("".join(traceback.format_exception(exc)).rstrip(), markup=False)
+    if isinstance(exc, EditlabError):
+        print_error(str(exc) or type(exc).__name__)
+        raise typer.Exit(code=2)
+    err_console.print(Text.assemble(
+        ("internal error:", "bold red"), f" {type(exc).__name__}: {one_line(str(exc))} (at {_where(exc)})"))
+    hint = "" if debug else "; add --debug (`editlab --debug ...`) for the full traceback"
+    err_console.print(f"This is a bug in editlab. Please report it with the command you ran{hint}.", markup=False)
+    raise typer.Exit(code=1)
+
+
+@contextmanager
+def library_warnings_silenced() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for category in LIBRARY_NOISE:
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+class EditlabGroup(TyperGroup):
+    """The `editlab` command group: runs every command with library deprecation warnings silenced and
+    turns exceptions into one-line messages and exit codes (see `report_exception`)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
+        with library_warnings_silenced():
+            try:
+                return super().invoke(ctx)
+            except _CONTROL_FLOW:
+                raise
+            except Exception as e:  # noqa: BLE001 - the CLI's one place that reports errors
+                report_exception(e, debug)
+
+
+@contextmanager
+def user_warnings_reported() -> Iterator[None]:
+    """Warnings raised inside (e.g. skipped data records) printed as `warning:` lines on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for category in LIBRARY_NOISE:
+            warnings.simplefilter("ignore", category)
+        yield
+    for w in caught:
+        print_warning(str(w.message))
+
+
+# --- hyper-parameters -----------------------------------------------------------------------------------
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` pairs (values stay strings; Hparams coerce and validate them)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise EditlabError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        if not k.strip():
+            raise EditlabError(f"--set expects key=value, got {item!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_hparams_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise EditlabError(f"cannot read hparams file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise EditlabError(f"hparams file {path} must hold a mapping of key: value")
+    return data
+
+
+def hparam_overrides(opts: HparamOptions) -> dict[str, Any]:
+    """`--hparams` file values, overridden by `--set` pairs."""
+    return {**load_hparams_file(opts.hparams), **parse_sets(opts.set_)}
+
+
+# --- model, progress, summary ------------------------------------------------------------------------------
+def load_model(opts: ModelOptions) -> LM:
+    from ..models import load_lm
+
+    with console.status(f"loading {opts.model}"):
+        return load_lm(opts.model, device=opts.device, dtype=opts.dtype)
+
+
+def run_with_progress(lm: LM, requests: list[Any], cfg: RunConfig, store: Store, resume: bool, label: str) -> str:
+    """`editlab.runner.run` with a progress bar; returns the run id."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .. import runner
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as prog:
+        task = prog.add_task(label, total=len(requests))
+        return runner.run(lm, requests, cfg, store, progress=lambda i, n, msg: prog.update(task, completed=i), resume=resume)
+
+
+_SUMMARY_KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "rewrite_acc", "rephrase_acc", "locality_acc",
+                 "portability_acc"]
+_SUMMARY_SHORT = ["ES", "PS", "NS", "rw", "rph", "loc", "port"]
+
+
+def summary_table(store: Store, run_ids: list[str], title: str) -> Table:
+    """One row per run: single/batch runs averaged over requests, sequential runs at their last checkpoint."""
+    from ..eval import summarize
+
+    t = Table(title=title, caption="ES/PS/NS: CounterFact efficacy/paraphrase/neighbourhood scores; rw/rph/loc/port: "
+              "rewrite/rephrase/locality/portability token accuracy; sequential rows: all edits so far")
+    for c in ["run", "n", "s/edit"] + _SUMMARY_SHORT:
+        t.add_column(c, justify="right" if c != "run" else "left", no_wrap=c == "run")
+    runs = {r["run_id"]: r for r in store.runs()}
+    for rid in run_ids:
+        rows = list(store.rows(rid))
+        run = runs[rid]
+        if run["mode"] == "sequential":
+            pts = [r for r in rows if r.kind == "checkpoint"]
+            if not pts:
+                continue
+            last = max(pts, key=lambda r: r.n_edits)
+            s = {k: last.metrics.get(f"retention_{k}") for k in _SUMMARY_KEYS}
+            label = f"{run['method']} seq"
+            times = [r.edit_s for r in pts]
+            n_shown = last.n_edits
+        else:
+            s = summarize(r.metrics for r in rows)
+            label = f"{run['method']} {run['mode']}"
+            times = sorted(r.edit_s for r in rows if r.edit_s is not None)
+            n_shown = len(rows)
+        med = f"{sorted(times)[len(times) // 2]:.1f}" if times else ""
+        t.add_row(label, str(n_shown), med, *[("" if s.get(k) is None else f"{s[k]:.2f}") for k in _SUMMARY_KEYS])
+    return t
+
+
+def write_out(text: str) -> None:
+    """Raw text to stdout (exports must not pass through rich's markup and wrapping)."""
+    sys.stdout.write(text)

@@ -1,0 +1,138 @@
+"""Every CLI option that means the same thing in several commands, declared once.
+
+Options are `Annotated` typer types; the ones that travel together form small frozen dataclasses
+(`OptionGroup`s). A command takes a group as one parameter, e.g. `run: RunOptions`, and
+`with_option_groups` expands the group's fields into the options typer sees, then rebuilds the
+dataclass before calling the command. So `eval` exposes its eighteen options while the function
+itself takes five parameters, and `compare` gets exactly the same options as `eval` by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_METHOD = "rome"
+DEFAULT_METHODS = "ft,rome,memit"
+
+_MODEL_PANEL = "Model"
+_DATA_PANEL = "Data"
+_HPARAM_PANEL = "Hyper-parameters"
+_RUN_PANEL = "Run"
+
+# --- single options, reused by every command that has them -------------------------------------------
+Model = Annotated[str, typer.Option(help="Model name (see `editlab models`) or local path", rich_help_panel=_MODEL_PANEL)]
+Device = Annotated[str, typer.Option(help="Device, e.g. cpu or cuda", rich_help_panel=_MODEL_PANEL)]
+Dtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16", rich_help_panel=_MODEL_PANEL)]
+Method = Annotated[str, typer.Option(help="Editing method (see `editlab methods`)")]
+Methods = Annotated[str, typer.Option(help="Comma-separated editing methods (see `editlab methods`)")]
+Data = Annotated[str, typer.Option(help="Dataset name (see `editlab datasets`) or file path", rich_help_panel=_DATA_PANEL)]
+Limit = Annotated[Optional[int], typer.Option(help="Use the first N requests", rich_help_panel=_DATA_PANEL)]
+Format = Annotated[Optional[str], typer.Option(help="File format if it cannot be detected", rich_help_panel=_DATA_PANEL)]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Hparam override key=value (repeatable)", rich_help_panel=_HPARAM_PANEL)]
+HparamsFile = Annotated[Optional[Path], typer.Option("--hparams", help="YAML file of hparam overrides", rich_help_panel=_HPARAM_PANEL)]
+Mode = Annotated[str, typer.Option(help="single | batch | sequential", rich_help_panel=_RUN_PANEL)]
+BatchSize = Annotated[int, typer.Option(help="Requests per edit in batch mode", rich_help_panel=_RUN_PANEL)]
+Checkpoints = Annotated[Optional[str], typer.Option(help="Sequential mode: e.g. 1,10,50", rich_help_panel=_RUN_PANEL)]
+Db = Annotated[Path, typer.Option(help="SQLite result database", rich_help_panel=_RUN_PANEL)]
+Resume = Annotated[bool, typer.Option(help="Continue an interrupted run in the same database", rich_help_panel=_RUN_PANEL)]
+Generation = Annotated[bool, typer.Option(help="Also compute generation exact match", rich_help_panel=_RUN_PANEL)]
+Fluency = Annotated[bool, typer.Option(help="Also compute generation fluency (n-gram entropy)", rich_help_panel=_RUN_PANEL)]
+PplText = Annotated[Optional[Path], typer.Option(
+    help="Sequential mode: text file for perplexity (default: the built-in corpus)", rich_help_panel=_RUN_PANEL)]
+Seed = Annotated[int, typer.Option(help="Random seed of the run", rich_help_panel=_RUN_PANEL)]
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks of errors")]
+
+
+# --- groups --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptionGroup:
+    """Base of the option groups; a subclass's fields (annotated with the types above) become options."""
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        out = []
+        for f in dataclasses.fields(cls):
+            default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+            out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hints[f.name]))
+        return out
+
+    @classmethod
+    def take(cls, values: dict[str, Any]) -> Any:
+        """Build the group from (and remove its fields from) the keyword arguments typer passed."""
+        return cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class ModelOptions(OptionGroup):
+    model: Model = DEFAULT_MODEL
+    device: Device = "cpu"
+    dtype: Dtype = "float32"
+
+
+@dataclass(frozen=True)
+class DataOptions(OptionGroup):
+    data: Data = "builtin"
+    limit: Limit = None
+    format: Format = None
+
+
+@dataclass(frozen=True)
+class HparamOptions(OptionGroup):
+    set_: Sets = None
+    hparams: HparamsFile = None
+
+
+@dataclass(frozen=True)
+class RunOptions(OptionGroup):
+    """How a run is carried out and stored (everything of `RunConfig` that is not method or data)."""
+
+    mode: Mode = "single"
+    batch_size: BatchSize = 1
+    checkpoints: Checkpoints = None
+    db: Db = Path("runs.db")
+    resume: Resume = False
+    generation: Generation = False
+    fluency: Fluency = False
+    ppl_text: PplText = None
+    seed: Seed = 0
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_option_groups(func: F) -> F:
+    """Expose each `OptionGroup` parameter of `func` to typer as its fields' options; other parameters
+    pass through unchanged. Option names must be unique across a command's groups."""
+    hints = typing.get_type_hints(func, include_extras=True)
+    groups: dict[str, type[OptionGroup]] = {}
+    params: list[inspect.Parameter] = []
+    for p in inspect.signature(func).parameters.values():
+        tp = hints.get(p.name, p.annotation)
+        if isinstance(tp, type) and issubclass(tp, OptionGroup):
+            groups[p.name] = tp
+            params += tp.parameters()
+        else:
+            params.append(p.replace(annotation=tp, kind=inspect.Parameter.KEYWORD_ONLY))
+    names = [p.name for p in params]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise TypeError(f"{func.__name__}: options declared twice: {', '.join(clashes)}")
+
+    @functools.wraps(func)
+    def command(**values: Any) -> Any:
+        built = {name: group.take(values) for name, group in groups.items()}
+        return func(**built, **values)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return typing.cast(F, command)
