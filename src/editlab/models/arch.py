@@ -76,7 +76,7 @@ class ArchSpec:
         return delta.T.contiguous() if self.transposed else delta
 
 
-def _llama_like(model_type: str) -> ArchSpec:
+def _llama_like(model_type: str, **extra: Any) -> ArchSpec:
     return ArchSpec(
         model_type=model_type,
         backbone="model",
@@ -88,6 +88,7 @@ def _llama_like(model_type: str) -> ArchSpec:
         embed="model.embed_tokens",
         final_norm="model.norm",
         lm_head="lm_head",
+        **extra,
     )
 
 
@@ -108,7 +109,8 @@ _SPECS: dict[str, ArchSpec] = {
     "llama": _llama_like("llama"),
     "mistral": _llama_like("mistral"),
     "qwen2": _llama_like("qwen2"),
-    "gemma3_text": _llama_like("gemma3_text"),
+    # Gemma 3 normalizes the MLP output (post_feedforward_layernorm) before adding it to the residual
+    "gemma3_text": _llama_like("gemma3_text", mlp_post_norm="post_feedforward_layernorm"),
     "gpt_neox": ArchSpec(
         model_type="gpt_neox",
         backbone="gpt_neox",

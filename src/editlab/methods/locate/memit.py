@@ -1,9 +1,11 @@
 """MEMIT: mass-editing memory in a transformer (Meng et al., 2023).
 
 For a batch of requests, target hidden states z_i = h_L + δ_i at the last layer L of a range of MLP
-layers are found by the shared value optimization. The change is then spread over the layers from
-first to last: at layer l, with keys K (template-averaged projection inputs at the subject's last
-token) and residual R = (z − h_L(current weights)) / (layers left), the update is
+layers are found by the shared value optimization (h_L: the unedited output of block L at the bare
+prompt's last subject token). The change is then spread over the layers from first to last: at layer l,
+with keys K (projection inputs at the subject's last token, averaged within each template group and then
+across groups, so the bare prompt weighs as much as all prefixes of one group together) and residual
+R = (z − h_L) / (layers left), h_L measured with the current weights at the bare prompt, the update is
     ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹
 where C_l = E[k kᵀ] over generic text and λ (`mom2_update_weight`) trades preserving old keys
 against fitting new ones. Keys and residuals are recomputed after each layer's update.
@@ -19,38 +21,48 @@ import torch
 from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
-from ...stats import second_moments
+from ...stats import DEFAULT_N_TOKENS, second_moments
 from ..base import Editor, Hparams
-from .shared import ValueOptConfig, capture_at_subject, context_templates, optimize_values
+from .shared import (
+    ValueOptConfig,
+    capture_at_subject,
+    context_templates,
+    group_mean,
+    optimize_values,
+    parse_template_groups,
+    refuse_post_mlp_norm,
+)
 
 
 @dataclass
 class MEMITHparams(Hparams):
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
-    n_templates: int = 4
-    template_len: int = 8
+    # context prefixes as [length in tokens, count] groups, after the bare prompt (paper: 5×10)
+    context_templates: list[Any] = field(default_factory=lambda: [[10, 5]])
     v_steps: int = 20
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75
-    stop_nll: float = 0.05
+    stop_loss: float = 0.05
     mom2_update_weight: float = 15000.0
-    mom2_n_tokens: int = 100_000
+    mom2_n_tokens: int = DEFAULT_N_TOKENS
     corpus: str = "wikipedia"
     seed: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # values from the MEMIT paper / its released configs
-        "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "mom2_update_weight": 20000.0, "clamp_norm_factor": 0.75,
-                    "n_templates": 10, "template_len": 10},
-        "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "mom2_update_weight": 15000.0, "clamp_norm_factor": 0.75,
-                     "n_templates": 10, "template_len": 10},
-        "llama-2-7b": {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 15000.0, "clamp_norm_factor": 4.0,
-                       "v_weight_decay": 1e-3, "v_steps": 25, "n_templates": 10, "template_len": 10},
-        # tuned here on CounterFact records (see docs/methods.md)
-        "smollm2-135m": {"layers": [2, 3, 4, 5, 6], "mom2_update_weight": 2000.0, "clamp_norm_factor": 10.0,
-                         "n_templates": 2, "template_len": 8, "v_lr": 1.0, "v_steps": 15, "v_weight_decay": 0.05},
+        # paper values: kmeng01/memit hparams/MEMIT/gpt2-xl.json and EleutherAI_gpt-j-6B.json
+        "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
+                    "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "mom2_update_weight": 20000.0},
+        "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 0.5,
+                     "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0},
+        # values released for Llama-3-8B with AlphaEdit (hparams/MEMIT/Llama3-8B.json)
+        "llama-3-8b": {"layers": [4, 5, 6, 7, 8], "v_steps": 25, "v_lr": 0.1, "v_weight_decay": 0.5,
+                       "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0},
+        # NOT yet tuned: paper values at the layer(s) causal tracing picks for SmolLM2 (method cards §0).
+        # Re-tune with benchmarks/tune_locate.py on counterfact-train records only (see docs/methods.md).
+        "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
+                         "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0},
     }
 
     @classmethod
@@ -66,9 +78,10 @@ class MEMITHparams(Hparams):
             self._check_layer("layers", l, lm)
         if sorted(set(self.layers)) != list(self.layers):
             raise HparamsError(f"layers must be strictly increasing, got {self.layers}")
-        for name in ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens", "template_len"):
+        parse_template_groups(self.context_templates)
+        for name in ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens"):
             self._check_positive(name, getattr(self, name))
-        for name in ("v_weight_decay", "kl_factor", "n_templates", "stop_nll", "mom2_update_weight"):
+        for name in ("v_weight_decay", "kl_factor", "stop_loss", "mom2_update_weight"):
             self._check_positive(name, getattr(self, name), allow_zero=True)
 
 
@@ -86,11 +99,14 @@ class MEMITEditor(Editor):
     supports_batch = True
 
     def compute_deltas(self, lm: LM, requests: list[EditRequest], hp: MEMITHparams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        templates = context_templates(lm, hp.n_templates, hp.template_len, hp.seed)
+        refuse_post_mlp_norm(lm, "MEMIT")
+        groups = context_templates(lm, parse_template_groups(hp.context_templates), hp.seed)
+        templates = [t for g in groups for t in g]
+        sizes = [len(g) for g in groups]
         last = lm.arch.block_path(hp.layers[-1])
-        cfg = ValueOptConfig(hp.v_steps, hp.v_lr, hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor, hp.stop_nll)
-        delta, h0, info = optimize_values(lm, requests, templates, last, cfg)
-        z = h0 + delta  # target hidden states at the last layer [n, d]
+        cfg = ValueOptConfig(hp.v_steps, hp.v_lr, hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor, hp.stop_loss)
+        delta, h_init, info = optimize_values(lm, requests, templates, last, cfg)
+        z = h_init + delta  # target hidden states at the last layer [n, d]
         covs = second_moments(lm, hp.layers, hp.corpus, hp.mom2_n_tokens)
         names = {l: f"{lm.arch.mlp_out_path(l)}.weight" for l in hp.layers}
         params = {l: lm.model.get_parameter(names[l]) for l in hp.layers}
@@ -99,8 +115,9 @@ class MEMITEditor(Editor):
         try:
             for i, l in enumerate(hp.layers):
                 kpath = lm.arch.mlp_out_path(l)
+                # one pass for both: keys over all templates, current h_L at the bare prompt (template 0)
                 got = capture_at_subject(lm, requests, templates, {kpath: "in", last: "out"})
-                keys, cur = got[kpath].double(), got[last].double()
+                keys, cur = group_mean(got[kpath], sizes).double(), got[last][:, 0].double()
                 resid = (z.double() - cur) / (len(hp.layers) - i)
                 upd = memit_update(keys, resid, covs[l], hp.mom2_update_weight)
                 d = lm.arch.from_matrix(upd.to(params[l].dtype))

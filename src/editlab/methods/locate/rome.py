@@ -1,53 +1,74 @@
-"""ROME: rank-one model editing (Meng et al., 2022) with the r-ROME key fix (Gupta et al., 2024).
+"""ROME: rank-one model editing (Meng et al., 2022), by default with the r-ROME key fix (Gupta et al., 2024).
 
-The MLP output projection W of one layer is treated as a linear associative memory. The key k* is the
-projection's input at the subject's last token, averaged over random context prefixes; the value δ is
-optimized (see `locate.optimize_values`) so that adding it to W's output there makes the model say the
-new target. The closed-form update
-    ΔW = (v* − W k*) uᵀ / (uᵀ k*),   u = C⁻¹ k*,   v* = W k* + δ,
-inserts (k*, v*) while leaving other keys, weighted by their covariance C = E[k kᵀ], least changed.
-The *same* averaged key k* is used in the optimization and in the update; the original reference code
-used a different key in the update, which is what makes sequential ROME edits collapse the model.
+The MLP output projection W of one layer is a linear associative memory. Keys are the projection's input
+at the subject's last token: k at the bare prompt, and k* averaged (flat) over the bare prompt and the
+random context prefixes (paper: 10 of 5 tokens + 10 of 10). The value δ is optimized (`optimize_values`)
+so that v* = v_bare + δ, written at the subject's last token, makes the model say the new target. The
+update is rank one, ΔW = Λ uᵀ with u = C⁻¹k* (C = E[k kᵀ] over generic text), and `key_mode` picks which
+key the new association is fitted at:
+
+- `original` (kmeng01/rome): Λ = (v* − W k)/(uᵀk), so Ŵk = v* — direction from k*, fit at k. These mixed
+  keys cause the occasional "disabling" edit and the collapse of sequential ROME;
+- `r-rome` (default, the r-ROME paper): Λ = (v* − W k*)/(uᵀk*), so Ŵk* = v*;
+- `consistent`: v* = W k* + δ, Λ = δ/(uᵀk*) (editlab's earlier variant: δ is added to the averaged value).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
-from ...stats import second_moments
+from ...stats import DEFAULT_N_TOKENS, second_moments
 from ..base import Editor, Hparams
-from .shared import ValueOptConfig, capture_at_subject, context_templates, optimize_values
+from .shared import (
+    ValueOptConfig,
+    capture_at_subject,
+    context_templates,
+    flat_mean,
+    optimize_values,
+    parse_template_groups,
+    refuse_post_mlp_norm,
+)
+
+KEY_MODES = ("r-rome", "original", "consistent")
 
 
 @dataclass
 class ROMEHparams(Hparams):
     layer: int = 5
-    n_templates: int = 4  # random context prefixes (plus the bare prompt)
-    template_len: int = 8  # tokens per prefix
+    key_mode: str = "r-rome"
+    # context prefixes as [length in tokens, count] groups, after the bare prompt (paper: 10×5 + 10×10)
+    context_templates: list[Any] = field(default_factory=lambda: [[5, 10], [10, 10]])
     v_steps: int = 20
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
-    stop_nll: float = 0.05
+    stop_loss: float = 0.05
     mom2_adjustment: bool = True
-    mom2_n_tokens: int = 100_000
+    mom2_n_tokens: int = DEFAULT_N_TOKENS
     corpus: str = "wikipedia"
     seed: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # values from the ROME paper / its released configs
-        "gpt2-xl": {"layer": 17, "n_templates": 10, "template_len": 10, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0},
-        "gpt-j-6b": {"layer": 5, "n_templates": 10, "template_len": 10, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0},
-        "llama-2-7b": {"layer": 5, "n_templates": 10, "template_len": 10, "v_steps": 25, "v_weight_decay": 1e-3},
-        # tuned here on CounterFact records (see docs/methods.md)
-        "smollm2-135m": {"layer": 4, "n_templates": 4, "template_len": 8, "v_steps": 15, "v_lr": 1.0, "v_weight_decay": 0.05,
-                         "kl_factor": 0.0625, "clamp_norm_factor": 10.0},
+        # paper values: kmeng01/rome hparams/ROME/gpt2-xl.json and EleutherAI_gpt-j-6B.json
+        "gpt2-xl": {"layer": 17, "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
+                    "clamp_norm_factor": 4.0},
+        "gpt-j-6b": {"layer": 5, "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
+                     "clamp_norm_factor": 4.0},
+        # paper values as released for Llama-3-8B (EasyEdit hparams/ROME/llama3-8b.yaml; it sets
+        # mom2_adjustment false, which we keep on, see the r-ROME card)
+        "llama-3-8b": {"layer": 5, "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "kl_factor": 0.0625,
+                       "clamp_norm_factor": 4.0},
+        # NOT yet tuned: paper values at the layer(s) causal tracing picks for SmolLM2 (method cards §0).
+        # Re-tune with benchmarks/tune_locate.py on counterfact-train records only (see docs/methods.md).
+        "smollm2-135m": {"layer": 6, "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
+                         "clamp_norm_factor": 4.0},
     }
 
     @classmethod
@@ -57,20 +78,67 @@ class ROMEHparams(Hparams):
 
     def validate(self, lm: LM) -> None:
         self._check_layer("layer", self.layer, lm)
+        if self.key_mode not in KEY_MODES:
+            raise HparamsError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
+        parse_template_groups(self.context_templates)
         for name in ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens"):
             self._check_positive(name, getattr(self, name))
-        for name in ("v_weight_decay", "kl_factor", "n_templates", "stop_nll"):
+        for name in ("v_weight_decay", "kl_factor", "stop_loss"):
             self._check_positive(name, getattr(self, name), allow_zero=True)
-        self._check_positive("template_len", self.template_len)
 
 
-def rank_one_update(w: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
-    """ΔW (out, in) that maps `key` to W key + delta, minimal under the covariance metric."""
+def rank_one_update(
+    w: torch.Tensor,
+    key: torch.Tensor,
+    delta: torch.Tensor,
+    cov: torch.Tensor | None,
+    value_key: torch.Tensor | None = None,
+    fit_key: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ΔW (out, in) = Λ uᵀ with u = C⁻¹`key`, mapping `fit_key` exactly to v* = W `value_key` + `delta`:
+    Λ = (v* − W fit_key)/(uᵀ fit_key). Both default to `key`. Keys orthogonal to u (in the C⁻¹ metric)
+    are untouched."""
     k = key.double()
+    kv = k if value_key is None else value_key.double()
+    kf = k if fit_key is None else fit_key.double()
+    wd = w.double()
     u = torch.linalg.solve(cov.double(), k) if cov is not None else k
-    target = w.double() @ k + delta.double()
-    resid = target - w.double() @ k
-    return torch.outer(resid, u) / (u @ k)
+    resid = wd @ kv + delta.double() - wd @ kf
+    return torch.outer(resid, u) / (u @ kf)
+
+
+@dataclass
+class ROMESolve:
+    """Everything the update was built from (CPU), for inspection and tests."""
+
+    key_bare: torch.Tensor  # k
+    key_star: torch.Tensor  # k*
+    v_init: torch.Tensor  # unedited projection output at the bare prompt
+    delta: torch.Tensor  # δ; v* = v_init + δ ('consistent': W k* + b + δ)
+    update: torch.Tensor  # ΔW (out, in), float64
+    info: dict[str, Any]
+
+
+def rome_solve(lm: LM, req: EditRequest, hp: ROMEHparams) -> ROMESolve:
+    refuse_post_mlp_norm(lm, "ROME")
+    groups = context_templates(lm, parse_template_groups(hp.context_templates), hp.seed)
+    templates = [t for g in groups for t in g]
+    path = lm.arch.mlp_out_path(hp.layer)
+    cov = None
+    if hp.mom2_adjustment:
+        cov = second_moments(lm, [hp.layer], hp.corpus, hp.mom2_n_tokens)[hp.layer]
+    keys = capture_at_subject(lm, [req], templates, {path: "in"})[path][0]  # [T, d_in]; row 0 is bare
+    k_bare, k_star = keys[0], flat_mean(keys[None])[0]
+    cfg = ValueOptConfig(hp.v_steps, hp.v_lr, hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor, hp.stop_loss)
+    delta, v_init, info = optimize_values(lm, [req], templates, path, cfg)
+    w = lm.arch.as_matrix(lm.module(path).weight.detach()).float().cpu()
+    if hp.key_mode == "original":
+        upd = rank_one_update(w, k_star, delta[0], cov, value_key=k_bare, fit_key=k_bare)
+    elif hp.key_mode == "r-rome":
+        upd = rank_one_update(w, k_star, delta[0], cov, value_key=k_bare, fit_key=k_star)
+    else:
+        upd = rank_one_update(w, k_star, delta[0], cov)
+    return ROMESolve(k_bare, k_star, v_init[0], delta[0], upd, {"templates": len(templates), **info})
 
 
 class ROMEEditor(Editor):
@@ -79,17 +147,7 @@ class ROMEEditor(Editor):
     supports_batch = False
 
     def compute_deltas(self, lm: LM, requests: list[EditRequest], hp: ROMEHparams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        req = requests[0]
-        templates = context_templates(lm, hp.n_templates, hp.template_len, hp.seed)
-        path = lm.arch.mlp_out_path(hp.layer)
-        module = lm.module(path)
-        cov = None
-        if hp.mom2_adjustment:
-            cov = second_moments(lm, [hp.layer], hp.corpus, hp.mom2_n_tokens)[hp.layer]
-        key = capture_at_subject(lm, [req], templates, {path: "in"})[path][0]
-        cfg = ValueOptConfig(hp.v_steps, hp.v_lr, hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor, hp.stop_nll)
-        delta, _v0, info = optimize_values(lm, [req], templates, path, cfg)
-        w = lm.arch.as_matrix(module.weight.detach()).float().cpu()
-        upd = rank_one_update(w, key, delta[0], cov)
-        d = lm.arch.from_matrix(upd.to(module.weight.dtype))
-        return {f"{path}.weight": d}, {"templates": len(templates), **info}
+        solve = rome_solve(lm, requests[0], hp)
+        module = lm.module(lm.arch.mlp_out_path(hp.layer))
+        d = lm.arch.from_matrix(solve.update.to(module.weight.dtype))
+        return {f"{lm.arch.mlp_out_path(hp.layer)}.weight": d}, solve.info

@@ -1,13 +1,16 @@
 """Machinery shared by locate-and-edit methods (ROME, MEMIT and the rest of the family):
 
-- context templates: short random prefixes generated once per model, so keys and values are averaged
-  over contexts the subject can appear in;
-- `capture_at_subject`: activations (module inputs or outputs) at each request's last subject token,
-  averaged over templates, with the forward pass stopped at the deepest module needed;
+- context templates: the bare prompt "{}" plus groups of short random prefixes sampled once per model
+  (seeded, cached), so keys can be averaged over contexts the subject appears in. ROME averages flat over
+  all templates (k*); MEMIT averages within each group, then across groups (the bare prompt is a group);
+- `capture_at_subject`: activations (module inputs or outputs) at each request's last subject token, one
+  row per template, with the forward pass stopped at the deepest module needed;
 - `optimize_values`: the vector δ per request that, added to a module's output at the last subject
-  token, makes the model predict the new target (NLL) while keeping the subject's "essence"
-  distribution (KL) and δ's size (weight decay, norm clamp) in check. All requests are optimized in
-  one batch; a request whose loss has converged leaves the batch.
+  token, makes the model predict the new target, as in ROME's `compute_v` / MEMIT's `compute_z`:
+  loss = NLL(target | templated prompts) + kl_factor·KL(P_δ ‖ P_0) at the subject's last token of
+  "{subject} is a" + weight_decay·‖δ‖/‖v_init‖², stop when that total is below `stop_loss`, and
+  ‖δ‖ ≤ clamp_norm_factor·‖v_init‖, where v_init is the unedited value at the BARE prompt. All requests
+  are optimized in one batch (their losses are independent); a converged request leaves the batch.
 """
 
 from __future__ import annotations
@@ -17,44 +20,92 @@ from typing import Any, Sequence
 
 import torch
 
+from ...errors import HparamsError, UnsupportedArchitectureError
 from ...hooks import StopForward, hooks, output_tensor, replace_output
 from ...models.lm import LM
 from ...requests import EditRequest
 
 _TEMPLATE_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "In", "When"]
 
+TemplateGroups = list[tuple[int, int]]  # (prefix length in tokens, number of prefixes) per group
 
-def context_templates(lm: LM, n: int, length: int, seed: int = 0) -> list[str]:
-    """["{}"] plus `n` prefixes of about `length` tokens sampled from the model (cached per model).
-    Sampling uses a forked RNG so the caller's random state is untouched."""
-    key = ("context_templates", n, length, seed)
+
+def parse_template_groups(value: Any, name: str = "context_templates") -> TemplateGroups:
+    """Template groups from hyper-parameters: a list of [length, count] pairs, or of "length:count"
+    strings (what the CLI gives, e.g. `--set context_templates=5:10,10:10`)."""
+    groups: TemplateGroups = []
+    for item in value or []:
+        try:
+            if isinstance(item, str):
+                length, count = (int(x) for x in item.split(":"))
+            else:
+                length, count = (int(x) for x in item)
+        except (TypeError, ValueError):
+            raise HparamsError(f"{name}: each group is [length, count] or 'length:count', got {item!r}") from None
+        if length < 1 or count < 0:
+            raise HparamsError(f"{name}: group {item!r} needs length >= 1 and count >= 0")
+        groups.append((length, count))
+    return groups
+
+
+def context_templates(lm: LM, groups: Sequence[tuple[int, int]], seed: int = 0) -> list[list[str]]:
+    """[["{}"], group 1, group 2, ...]: each group holds `count` prefixes of about `length` tokens sampled
+    from the model (top-k 5), each ending in ". {}". Cached per model; a forked RNG leaves the caller's
+    random state untouched."""
+    key = ("context_templates", tuple(tuple(g) for g in groups), seed, tuple(lm.prefix_ids))
     if key in lm.cache:
         return lm.cache[key]
-    templates = ["{}"]
-    if n > 0:
-        starts = [_TEMPLATE_STARTS[i % len(_TEMPLATE_STARTS)] for i in range(n)]
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            ids, mask = [], []
-            enc = [lm.encode_prompt(s) for s in starts]
-            width = max(len(e) for e in enc)
-            for e in enc:
-                ids.append([lm.pad_id] * (width - len(e)) + e)
-                mask.append([0] * (width - len(e)) + [1] * len(e))
-            out = lm.model.generate(
-                input_ids=torch.tensor(ids, device=lm.device),
-                attention_mask=torch.tensor(mask, device=lm.device),
-                max_new_tokens=length,
-                do_sample=True,
-                top_k=5,
-                pad_token_id=lm.pad_id,
-            )
-        for s, row in zip(starts, out[:, width:].tolist()):
-            text = s + lm.tokenizer.decode(row, skip_special_tokens=True)
-            text = " ".join(text.replace("{", " ").replace("}", " ").split())
-            templates.append(text + ". {}")
-    lm.cache[key] = templates
-    return templates
+    out_groups: list[list[str]] = [["{}"]]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for length, count in groups:
+            group: list[str] = []
+            if count > 0:
+                starts = [_TEMPLATE_STARTS[i % len(_TEMPLATE_STARTS)] for i in range(count)]
+                enc = [lm.encode_prompt(s) for s in starts]
+                width = max(len(e) for e in enc)
+                ids = [[lm.pad_id] * (width - len(e)) + e for e in enc]
+                mask = [[0] * (width - len(e)) + [1] * len(e) for e in enc]
+                # the start word is the prefix's first token (as the references count max_out_len)
+                gen = lm.model.generate(
+                    input_ids=torch.tensor(ids, device=lm.device),
+                    attention_mask=torch.tensor(mask, device=lm.device),
+                    max_new_tokens=max(1, length - 1),
+                    min_new_tokens=max(1, length - 1),
+                    do_sample=True,
+                    top_k=5,
+                    pad_token_id=lm.pad_id,
+                )
+                for s, row in zip(starts, gen[:, width:].tolist()):
+                    text = s + lm.tokenizer.decode(row, skip_special_tokens=True)
+                    text = " ".join(text.replace("{", " ").replace("}", " ").split())
+                    group.append(text + ". {}")
+            out_groups.append(group)
+    lm.cache[key] = out_groups
+    return out_groups
+
+
+def flat_mean(x: torch.Tensor) -> torch.Tensor:
+    """ROME's k*: mean over all templates. x: [n, T, d] -> [n, d]."""
+    return x.mean(1)
+
+
+def group_mean(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """MEMIT's key: mean within each template group, then across groups. x: [n, T, d] -> [n, d]."""
+    sizes = [s for s in sizes if s > 0]
+    if sum(sizes) != x.shape[1]:
+        raise ValueError(f"group sizes {sizes} do not add up to {x.shape[1]} templates")
+    return torch.stack([part.mean(1) for part in torch.split(x, sizes, dim=1)], 0).mean(0)
+
+
+def refuse_post_mlp_norm(lm: LM, method: str) -> None:
+    """ROME/MEMIT treat the MLP output projection's output as what joins the residual stream; a norm
+    after the MLP (Gemma 3) makes that map nonlinear, so the closed-form solves would miss their target."""
+    if lm.arch.mlp_post_norm:
+        raise UnsupportedArchitectureError(
+            f"{method} cannot edit {lm.arch.model_type}: its MLP output passes through "
+            f"{lm.arch.mlp_post_norm} before the residual, which breaks the key -> value algebra"
+        )
 
 
 def _templated(requests: Sequence[EditRequest], templates: Sequence[str]) -> list[tuple[int, str]]:
@@ -68,15 +119,12 @@ def capture_at_subject(
     targets: dict[str, str],
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """Average (over templates) of each module's input ("in") or output ("out") at the last subject
-    token of every request. Returns path -> tensor [n_requests, dim] (float32)."""
+    """Each module's input ("in") or output ("out") at the last subject token of every request in every
+    template. Returns path -> tensor [n_requests, n_templates, dim] (float32, CPU)."""
     items = _templated(requests, templates)
-    seqs, pos, owner = [], [], []
-    for r, text in items:
-        seqs.append(lm.encode_prompt(text))
-        pos.append(lm.subject_last_index(text, requests[r].subject))
-        owner.append(r)
-    sums: dict[str, torch.Tensor] = {}
+    seqs = [lm.encode_prompt(text) for _, text in items]
+    pos = [lm.subject_last_index(text, requests[r].subject) for r, text in items]
+    rows_out: dict[str, list[torch.Tensor]] = {}
     deepest = max(targets, key=lambda p: _depth(lm, p))
     backbone = lm.model.get_submodule(lm.arch.backbone)
     for start in range(0, len(seqs), batch_size):
@@ -107,11 +155,9 @@ def capture_at_subject(
                 backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
             except StopForward:
                 pass
-        own = torch.tensor([owner[i] for i in rows])
         for path, v in got.items():
-            acc = sums.setdefault(path, torch.zeros(len(requests), v.shape[-1]))
-            acc.index_add_(0, own, v.cpu())
-    return {path: s / len(templates) for path, s in sums.items()}
+            rows_out.setdefault(path, []).append(v.cpu())
+    return {path: torch.cat(v).reshape(len(requests), len(templates), -1) for path, v in rows_out.items()}
 
 
 class _SuffixRunner:
@@ -186,9 +232,29 @@ class ValueOptConfig:
     kl_factor: float
     weight_decay: float
     clamp_norm_factor: float
-    stop_nll: float
+    stop_loss: float  # early stop when the TOTAL loss (NLL + KL + decay) is below this (references: 5e-2)
     kl_prompt: str = "{} is a"
     prefix_cache: bool = True  # run the tokens before the edit position once (exact; faster)
+
+
+def weight_decay_term(delta: torch.Tensor, v_init: torch.Tensor, factor: float) -> torch.Tensor:
+    """factor·‖δ‖/‖v_init‖² per row, as ROME/MEMIT compute it (not the squared ratio)."""
+    return factor * delta.norm(dim=-1) / v_init.norm(dim=-1).clamp(min=1e-6) ** 2
+
+
+def kl_term(cur_logp: torch.Tensor, init_logp: torch.Tensor) -> torch.Tensor:
+    """KL(P_δ ‖ P_0) per row from log-probabilities: Σ P_δ (log P_δ − log P_0)."""
+    return (cur_logp.exp() * (cur_logp - init_logp)).sum(-1)
+
+
+def kl_rows(lm: LM, requests: Sequence[EditRequest], kl_prompt: str) -> list[tuple[list[int], int]]:
+    """(ids, subject's last index) of each request's KL prompt. δ is added at that index and the KL is
+    taken there too: it protects what the model says about the subject right at the edited token."""
+    out = []
+    for req in requests:
+        text = kl_prompt.format(req.subject)
+        out.append((lm.encode_prompt(text), lm.subject_last_index(text, req.subject)))
+    return out
 
 
 def optimize_values(
@@ -200,9 +266,12 @@ def optimize_values(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Find δ (one per request) added to `edit_path`'s output at the last subject token.
 
-    Returns (delta [n, d], original output v0 averaged over templates [n, d], info)."""
-    tok = lm.tokenizer
+    `templates[0]` must be the bare prompt "{}". Returns (delta [n, d], v_init [n, d], info) where
+    v_init is `edit_path`'s unedited output at the bare prompt (neither templates nor KL rows enter it)."""
+    if not templates or templates[0] != "{}":
+        raise ValueError("templates[0] must be the bare prompt '{}'")
     n = len(requests)
+    n_t = len(templates)
     rows_ids: list[list[int]] = []
     row_req: list[int] = []
     row_edit_pos: list[int] = []
@@ -213,17 +282,14 @@ def optimize_values(
         row_req.append(r)
         row_edit_pos.append(lm.subject_last_index(text, requests[r].subject))
         row_tgt.append((list(range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))), t_ids))
-    kl_rows: list[int] = []
-    kl_pos: list[int] = []
+    bare_row = {r * n_t: r for r in range(n)}  # row index -> request, for the bare-prompt rows
+    kl_row: dict[int, int] = {}  # row index -> request
     if cfg.kl_factor > 0:
-        for r, req in enumerate(requests):
-            text = cfg.kl_prompt.format(req.subject)
-            ids = lm.encode_prompt(text)
-            kl_rows.append(len(rows_ids))
-            kl_pos.append(len(ids) - 1)
+        for r, (ids, pos_) in enumerate(kl_rows(lm, requests, cfg.kl_prompt)):
+            kl_row[len(rows_ids)] = r
             rows_ids.append(ids)
             row_req.append(r)
-            row_edit_pos.append(lm.subject_last_index(text, req.subject))
+            row_edit_pos.append(pos_)
             row_tgt.append(([], []))
 
     backbone = lm.model.get_submodule(lm.arch.backbone)
@@ -231,11 +297,10 @@ def optimize_values(
     dim = lm.arch.as_matrix(lm.module(lm.arch.mlp_out_path(0)).weight).shape[0]
     delta = torch.zeros(n, dim, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    v0_sum = torch.zeros(n, dim)
-    v0_count = torch.zeros(n)
+    v_init = torch.zeros(n, dim, device=lm.device)
     kl_ref: torch.Tensor | None = None
     active = list(range(n))
-    final_nll = torch.full((n,), float("nan"))
+    final = {k: torch.full((n,), float("nan")) for k in ("nll", "kl", "wd", "loss")}
     steps_used = torch.zeros(n, dtype=torch.long)
     result = torch.zeros(n, dim)
     history: list[list[float]] = []
@@ -245,22 +310,21 @@ def optimize_values(
     for step in range(cfg.steps):
         rows = [i for r in active for i in req_rows[r]]
         rq = torch.tensor([row_req[i] for i in rows], device=lm.device)
-        captured: list[torch.Tensor] = []
+        b = torch.arange(len(rows), device=lm.device)
         if runner is not None:
             # only the tokens from the edit position on are recomputed; δ sits at suffix position 0
-            b = torch.arange(len(rows), device=lm.device)
             p = torch.zeros(len(rows), dtype=torch.long, device=lm.device)
             offset = [row_edit_pos[i] for i in rows]
         else:
             ids, mask = lm.pad_right([rows_ids[i] for i in rows])
-            b = torch.arange(len(rows), device=lm.device)
             p = torch.tensor([row_edit_pos[i] for i in rows], device=lm.device)
             offset = [0] * len(rows)
+        captured: list[torch.Tensor] = []
 
         def add_delta(_m: Any, _i: Any, out: Any) -> Any:
             h = output_tensor(out)
             if step == 0:
-                captured.append(h[b, p].detach().float().cpu())
+                captured.append(h[b, p].detach().float())
             add = torch.zeros_like(h)
             add[b, p] = delta[rq].to(h.dtype)
             return replace_output(out, h + add)
@@ -271,50 +335,48 @@ def optimize_values(
             else:
                 hid = backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
                 hid = hid[0] if isinstance(hid, tuple) else hid.last_hidden_state
-        if step == 0:
-            v0_sum.index_add_(0, rq.cpu(), captured[0])
-            v0_count.index_add_(0, rq.cpu(), torch.ones(len(rows)))
-        # target NLL per row, then per request (mean over its templated rows)
-        tb, tp, tt, trow = [], [], [], []
+        if step == 0:  # all requests are active at step 0
+            for j, i in enumerate(rows):
+                if i in bare_row:
+                    v_init[bare_row[i]] = captured[0][j]
+        # target NLL per row (mean over its target tokens), then per request (mean over its templates)
+        tp, tt, trow = [], [], []
         kb, kp, kreq = [], [], []
         for j, i in enumerate(rows):
-            if row_tgt[i][0]:
-                for pos_, tid in zip(*row_tgt[i]):
-                    tb.append(j)
-                    tp.append(pos_ - offset[j])
-                    tt.append(tid)
-                    trow.append(j)
-            if i in kl_rows:
+            for pos_, tid in zip(*row_tgt[i]):
+                tp.append(pos_ - offset[j])
+                tt.append(tid)
+                trow.append(j)
+            if i in kl_row:
                 kb.append(j)
-                kp.append(kl_pos[kl_rows.index(i)] - offset[j])
-                kreq.append(row_req[i])
-        logp = torch.log_softmax(lm.head(hid[torch.tensor(tb), torch.tensor(tp)]).float(), -1)
+                kp.append(row_edit_pos[i] - offset[j])
+                kreq.append(kl_row[i])
+        trow_t = torch.tensor(trow, device=lm.device)
+        logp = torch.log_softmax(lm.head(hid[trow_t, torch.tensor(tp, device=lm.device)]).float(), -1)
         tok_nll = -logp.gather(1, torch.tensor(tt, device=logp.device)[:, None])[:, 0]
-        trow_t = torch.tensor(trow, device=logp.device)
         row_nll = torch.zeros(len(rows), device=logp.device).index_add(0, trow_t, tok_nll)
         row_cnt = torch.zeros(len(rows), device=logp.device).index_add(0, trow_t, torch.ones_like(tok_nll))
         is_tgt = row_cnt > 0
         req_nll = torch.zeros(n, device=logp.device).index_add(0, rq[is_tgt], row_nll[is_tgt] / row_cnt[is_tgt])
-        req_nll = req_nll / len(templates)
-        loss_vec = req_nll.clone()
+        req_nll = req_nll / n_t
+        req_kl = torch.zeros(n, device=logp.device)
         if kb:
-            kl_logp = torch.log_softmax(lm.head(hid[torch.tensor(kb), torch.tensor(kp)]).float(), -1)
+            kl_logp = torch.log_softmax(lm.head(hid[torch.tensor(kb, device=lm.device), torch.tensor(kp, device=lm.device)]).float(), -1)
+            kreq_t = torch.tensor(kreq, device=lm.device)
             if kl_ref is None:  # δ = 0 at step 0: the unedited distribution
                 kl_ref = torch.zeros(n, kl_logp.shape[-1], device=kl_logp.device)
-                kl_ref[torch.tensor(kreq)] = kl_logp.detach()
-            ref = kl_ref[torch.tensor(kreq)]
-            kl = (ref.exp() * (ref - kl_logp)).sum(-1)
-            loss_vec = loss_vec.index_add(0, torch.tensor(kreq, device=kl.device), cfg.kl_factor * kl)
-        v0 = (v0_sum / v0_count.clamp(min=1)[:, None]).to(lm.device)
-        v0_norm = v0.norm(dim=-1).clamp(min=1e-6)
-        wd = cfg.weight_decay * (delta.norm(dim=-1) / v0_norm) ** 2
+                kl_ref[kreq_t] = kl_logp.detach()
+            req_kl = req_kl.index_add(0, kreq_t, kl_term(kl_logp, kl_ref[kreq_t]))
+        req_wd = weight_decay_term(delta, v_init, cfg.weight_decay)
+        req_loss = req_nll + cfg.kl_factor * req_kl + req_wd
         act = torch.tensor(active, device=lm.device)
-        loss = (loss_vec[act] + wd[act]).sum()
+        loss = req_loss[act].sum()
         with torch.no_grad():
-            history.append(req_nll.detach().cpu().tolist())
-            final_nll[act.cpu()] = req_nll[act].detach().cpu()
+            history.append(req_loss.detach().cpu().tolist())
+            for k, v in (("nll", req_nll), ("kl", req_kl), ("wd", req_wd), ("loss", req_loss)):
+                final[k][act.cpu()] = v[act].detach().float().cpu()
             steps_used[act.cpu()] += 1
-        done = [r for r in active if float(req_nll[r].detach()) < cfg.stop_nll]
+        done = [r for r in active if float(req_loss[r].detach()) < cfg.stop_loss]
         with torch.no_grad():
             for r in done:  # converged: keep the δ that was just evaluated
                 result[r] = delta[r].detach().float().cpu()
@@ -324,13 +386,18 @@ def optimize_values(
         loss.backward()
         opt.step()
         with torch.no_grad():
-            max_norm = cfg.clamp_norm_factor * v0_norm
+            max_norm = cfg.clamp_norm_factor * v_init.norm(dim=-1)
             scale = (max_norm / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
             delta.mul_(scale[:, None])
         active = [r for r in active if r not in done]
     with torch.no_grad():
         for r in active:
             result[r] = delta[r].detach().float().cpu()
-    v0 = v0_sum / v0_count.clamp(min=1)[:, None]
-    info = {"final_nll": final_nll.tolist(), "steps": steps_used.tolist(), "nll_history": history}
-    return result, v0, info
+    info = {
+        "final_nll": final["nll"].tolist(),
+        "final_kl": final["kl"].tolist(),
+        "final_loss": final["loss"].tolist(),
+        "steps": steps_used.tolist(),
+        "loss_history": history,
+    }
+    return result, v_init.float().cpu(), info
