@@ -4,7 +4,7 @@ class (`apply` with transactional weight updates) and the method registry."""
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ModelNotFoundError, UnsupportedArchitectureError
 from ..packages import ensure_package
+from ..fileio import atomic_dir
 from ..paths import cache_dir
 from ..registry import Registry
 from .arch import arch_for
@@ -74,18 +75,10 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
                 pass
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "editlab-source.json").write_text(json.dumps({"gguf": gguf_file, "size": (gguf_dir / gguf_file).stat().st_size, "format": CONVERSION_FORMAT}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _valid_cached(folder: Path, gguf_path: Path) -> bool:

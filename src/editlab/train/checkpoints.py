@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import CheckpointError
-from ..fileio import sha256_file
+from ..fileio import atomic_dir, sha256_file
 from ..paths import cache_dir
 from ..requests import EditRequest
 
@@ -107,16 +104,9 @@ def save_checkpoint(key: dict[str, Any], tensors: dict[str, torch.Tensor], meta:
     from safetensors.torch import save_file
 
     folder = _folder(key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         sha = sha256_file(tmp / WEIGHTS)
         body = {"key": key, "sha256": sha, "meta": meta, "created": time.time()}
         (tmp / META).write_text(json.dumps(body, indent=2, default=str))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _read(folder)
