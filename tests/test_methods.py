@@ -19,9 +19,9 @@ REQS = [
 def fast(method, corpus_file, **kw):
     base = {"corpus": str(corpus_file), "mom2_n_tokens": 300}
     if method == "rome":
-        base.update(layer=1, n_templates=2, template_len=4, v_steps=25, stop_nll=0.05)
+        base.update(layer=1, context_templates=[[4, 2]], v_steps=25, stop_loss=0.05)
     elif method == "memit":
-        base.update(layers=[1, 2], n_templates=2, template_len=4, v_steps=25, stop_nll=0.05, mom2_update_weight=10.0, clamp_norm_factor=10.0)
+        base.update(layers=[1, 2], context_templates=[[4, 2]], v_steps=25, stop_loss=0.05, mom2_update_weight=10.0, clamp_norm_factor=10.0)
     else:
         base = {"layer": 1, "steps": 40, "lr": 1e-2}
     base.update(kw)
@@ -125,7 +125,7 @@ def test_save_and_load_roundtrip(tmp_path, corpus_file):
     edited = state(lm)
     edit.save(tmp_path / "e")
     # loading onto an already-edited model is refused
-    with pytest.raises(EditMismatchError, match="fingerprint"):
+    with pytest.raises(EditMismatchError, match="carries"):
         Edit.load(tmp_path / "e", lm)
     edit.restore()
     loaded = Edit.load(tmp_path / "e", lm)
@@ -190,9 +190,9 @@ def test_string_overrides_are_coerced():
     assert hp.layer == 2 and hp.mom2_adjustment is False
 
 
-def test_presets_apply_by_model_name():
+def test_named_presets_can_be_chosen_explicitly():
     lm = load_lm("tiny-llama")
     hp = get_editor("rome").hparams_cls.for_model(lm, preset="gpt2-xl", layer=2)
-    assert hp.n_templates == 10 and hp.layer == 2
+    assert hp.context_templates == [[5, 10], [10, 10]] and hp.layer == 2 and hp.v_steps == 20
     with pytest.raises(HparamsError, match="unknown preset"):
         get_editor("rome").hparams_cls.for_model(lm, preset="nope")
