@@ -313,9 +313,14 @@ METHODS.register("ft-m", "FT-M: fine-tuning of one MLP layer, loss on the target
                  lazy("editlab.methods.ft:FTMEditor"), family="fine-tuning",
                  tiny_hparams={"layer": 1, "steps": 40, "lr": 1e-2})
 METHODS.register("rome", "ROME (r-ROME keys by default): rank-one update of one MLP output projection",
-                 lazy("editlab.methods.locate.rome:ROMEEditor"), aliases=("r-rome",), family="locate-and-edit")
+                 lazy("editlab.methods.locate.rome:ROMEEditor"), aliases=("r-rome",), family="locate-and-edit",
+                 tiny_hparams={"layer": 1, "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,
+                               "clamp_norm_factor": 10.0, "mom2_n_tokens": 300}, tiny_min_gain=None)
 METHODS.register("memit", "MEMIT: batch edits spread over several MLP layers by least squares",
-                 lazy("editlab.methods.locate.memit:MEMITEditor"), family="locate-and-edit")
+                 lazy("editlab.methods.locate.memit:MEMITEditor"), family="locate-and-edit",
+                 tiny_hparams={"layers": [1, 2], "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,
+                               "clamp_norm_factor": 10.0, "mom2_update_weight": 10.0, "mom2_n_tokens": 300},
+                 tiny_min_gain=None)
 
 
 def available_methods() -> dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import HparamsError
+from ..batching import teacher_forcing
 from ..models.lm import LM
 from ..requests import EditRequest
 from .base import Editor, Hparams
@@ -126,8 +127,8 @@ def encode_batch(lm: LM, requests: list[EditRequest], objective: str) -> _Batch:
         elif objective == "target_new":
             # teacher forcing: token j of the target is predicted at position len(prompt) - 1 + j;
             # prompt tokens are context only, never targets
-            seqs.append(p_ids + t_ids[:-1])
-            pos = list(range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids)))
+            seq, pos = teacher_forcing(p_ids, t_ids)
+            seqs.append(seq)
         else:
             raise HparamsError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         rows += [i] * len(t_ids)
@@ -155,7 +156,7 @@ def objective_loss(lm: LM, requests: list[EditRequest], objective: str) -> torch
 
 
 def _trained_params(lm: LM, hp: FTHparams) -> dict[str, torch.nn.Parameter]:
-    path = lm.arch.mlp_out_path(hp.layer)
+    path = lm.base_path(lm.arch.mlp_out_path(hp.layer))  # through adapter wrappers of other edits
     module = lm.module(path)
     params = {f"{path}.weight": module.weight}
     if hp.update_bias and getattr(module, "bias", None) is not None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..batching import pad_batch
+
 _CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
     "The Colosseum is located in the city of Rome.",
@@ -102,12 +104,7 @@ def trained_tiny_model(model_type: str = "llama", steps: int = 150, seed: int = 
         model.load_state_dict(_TRAINED[key])
         return model.eval(), tok
     enc = [tok(s)["input_ids"] for s in dict.fromkeys(_CORPUS)]
-    width = max(len(e) for e in enc)
-    ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(enc):
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
+    ids, mask = pad_batch(enc, tok.pad_token_id, "right")
     labels = ids.masked_fill(mask == 0, -100)
     state = torch.random.get_rng_state()
     try:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..errors import StatsCacheError
-from ..hooks import StopForward, hooks
+from ..hooks import capture
 from ..models.lm import LM
 from ..paths import cache_dir
 from .corpus import Corpus, get_corpus
@@ -245,8 +245,7 @@ def accumulate_moments(
     work = torch.float64 if dtype == torch.float64 else torch.float32
 
     def make_hook(layer: int):
-        def pre(_mod: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-            x = inputs[0]
+        def pre(x: torch.Tensor) -> None:
             k = x[current_mask[0].to(x.device)].to(work)  # row-major: windows in order, positions in order
             base, n = seen[layer], k.shape[0]
             for c in marks:
@@ -257,24 +256,19 @@ def accumulate_moments(
             seen[layer] = base + n
             if seen[layer] in snaps:
                 snaps[seen[layer]][layer] = acc[layer]
-            if layer == layers[-1]:
-                raise StopForward
 
         return pre
 
-    backbone = lm.model.get_submodule(lm.arch.backbone)
     bar = tqdm(total=count, desc=f"covariance L{','.join(map(str, layers))}", unit="tok", disable=not progress, leave=False)
     start = time.perf_counter()
-    with torch.no_grad(), hooks(lm.model, pre={p: make_hook(l) for l, p in paths.items()}):
+    hooks_in = {p: make_hook(l) for l, p in paths.items()}
+    with torch.no_grad():
         for i in range(0, len(seqs), batch_size):
             ids, mask = lm.pad_right(seqs[i : i + batch_size])
             counted = mask.clone()
             counted[:, :skip] = 0
             current_mask[:] = [counted.bool()]
-            try:
-                backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-            except StopForward:
-                pass
+            capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs=hooks_in, stop_after=paths[layers[-1]])
             bar.update(int(counted.sum()))
             for c in marks:
                 if on_checkpoint and c not in reported and len(snaps[c]) == len(layers):

@@ -108,7 +108,7 @@ class MEMITEditor(Editor):
         delta, h_init, info = optimize_values(lm, requests, templates, last, cfg)
         z = h_init + delta  # target hidden states at the last layer [n, d]
         covs = second_moments(lm, hp.layers, hp.corpus, hp.mom2_n_tokens)
-        names = {l: f"{lm.arch.mlp_out_path(l)}.weight" for l in hp.layers}
+        names = {l: lm.param_name(lm.arch.mlp_out_path(l)) for l in hp.layers}
         params = {l: lm.model.get_parameter(names[l]) for l in hp.layers}
         originals = {l: p.detach().clone() for l, p in params.items()}
         totals: dict[str, torch.Tensor] = {}

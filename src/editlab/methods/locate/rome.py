@@ -25,6 +25,7 @@ from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import DEFAULT_N_TOKENS, second_moments
 from ..base import Editor, Hparams
+from ..patches import LowRank
 from .shared import (
     ValueOptConfig,
     capture_at_subject,
@@ -87,24 +88,31 @@ class ROMEHparams(Hparams):
             self._check_positive(name, getattr(self, name), allow_zero=True)
 
 
-def rank_one_update(
+def rank_one_factors(
     w: torch.Tensor,
     key: torch.Tensor,
     delta: torch.Tensor,
     cov: torch.Tensor | None,
     value_key: torch.Tensor | None = None,
     fit_key: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ΔW (out, in) = Λ uᵀ with u = C⁻¹`key`, mapping `fit_key` exactly to v* = W `value_key` + `delta`:
-    Λ = (v* − W fit_key)/(uᵀ fit_key). Both default to `key`. Keys orthogonal to u (in the C⁻¹ metric)
-    are untouched."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ, u) with ΔW (out, in) = Λ uᵀ, u = C⁻¹`key`, mapping `fit_key` exactly to v* = W `value_key` +
+    `delta`: Λ = (v* − W fit_key)/(uᵀ fit_key). Both keys default to `key`. Keys orthogonal to u (in
+    the C⁻¹ metric) are untouched. Float64."""
     k = key.double()
     kv = k if value_key is None else value_key.double()
     kf = k if fit_key is None else fit_key.double()
     wd = w.double()
     u = torch.linalg.solve(cov.double(), k) if cov is not None else k
     resid = wd @ kv + delta.double() - wd @ kf
-    return torch.outer(resid, u) / (u @ kf)
+    return resid / (u @ kf), u
+
+
+def rank_one_update(w: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor | None,
+                    value_key: torch.Tensor | None = None, fit_key: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense ΔW = Λ uᵀ of `rank_one_factors`."""
+    lam, u = rank_one_factors(w, key, delta, cov, value_key, fit_key)
+    return torch.outer(lam, u)
 
 
 @dataclass
@@ -117,6 +125,8 @@ class ROMESolve:
     delta: torch.Tensor  # δ; v* = v_init + δ ('consistent': W k* + b + δ)
     update: torch.Tensor  # ΔW (out, in), float64
     info: dict[str, Any]
+    lam: torch.Tensor  # ΔW = Λ uᵀ
+    u: torch.Tensor
 
 
 def rome_solve(lm: LM, req: EditRequest, hp: ROMEHparams) -> ROMESolve:
@@ -131,14 +141,15 @@ def rome_solve(lm: LM, req: EditRequest, hp: ROMEHparams) -> ROMESolve:
     k_bare, k_star = keys[0], flat_mean(keys[None])[0]
     cfg = ValueOptConfig(hp.v_steps, hp.v_lr, hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor, hp.stop_loss)
     delta, v_init, info = optimize_values(lm, [req], templates, path, cfg)
-    w = lm.arch.as_matrix(lm.module(path).weight.detach()).float().cpu()
+    w = lm.arch.as_matrix(lm.base_module(path).weight.detach()).float().cpu()
     if hp.key_mode == "original":
-        upd = rank_one_update(w, k_star, delta[0], cov, value_key=k_bare, fit_key=k_bare)
+        lam, u = rank_one_factors(w, k_star, delta[0], cov, value_key=k_bare, fit_key=k_bare)
     elif hp.key_mode == "r-rome":
-        upd = rank_one_update(w, k_star, delta[0], cov, value_key=k_bare, fit_key=k_star)
+        lam, u = rank_one_factors(w, k_star, delta[0], cov, value_key=k_bare, fit_key=k_star)
     else:
-        upd = rank_one_update(w, k_star, delta[0], cov)
-    return ROMESolve(k_bare, k_star, v_init[0], delta[0], upd, {"templates": len(templates), **info})
+        lam, u = rank_one_factors(w, k_star, delta[0], cov)
+    return ROMESolve(k_bare, k_star, v_init[0], delta[0], torch.outer(lam, u), {"templates": len(templates), **info},
+                     lam, u)
 
 
 class ROMEEditor(Editor):
@@ -148,6 +159,8 @@ class ROMEEditor(Editor):
 
     def compute_deltas(self, lm: LM, requests: list[EditRequest], hp: ROMEHparams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         solve = rome_solve(lm, requests[0], hp)
-        module = lm.module(lm.arch.mlp_out_path(hp.layer))
-        d = lm.arch.from_matrix(solve.update.to(module.weight.dtype))
-        return {f"{lm.arch.mlp_out_path(hp.layer)}.weight": d}, solve.info
+        name = lm.param_name(lm.arch.mlp_out_path(hp.layer))
+        dtype = lm.model.get_parameter(name).dtype
+        # kept as rank-one factors: a long sequence of edits costs two vectors each, not a matrix
+        delta = LowRank.from_matrix_factors(solve.lam.to(dtype), solve.u.to(dtype), lm.arch.transposed)
+        return {name: delta}, solve.info

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import torch
 
 from ...errors import HparamsError, UnsupportedArchitectureError
-from ...hooks import StopForward, hooks, output_tensor, replace_output
+from ...batching import pad_batch, positions_from_mask, teacher_forcing
+from ...hooks import capture, hooks, output_tensor, replace_output
 from ...models.lm import LM
 from ...requests import EditRequest
 
@@ -126,7 +127,6 @@ def capture_at_subject(
     pos = [lm.subject_last_index(text, requests[r].subject) for r, text in items]
     rows_out: dict[str, list[torch.Tensor]] = {}
     deepest = max(targets, key=lambda p: _depth(lm, p))
-    backbone = lm.model.get_submodule(lm.arch.backbone)
     for start in range(0, len(seqs), batch_size):
         rows = list(range(start, min(start + batch_size, len(seqs))))
         ids, mask = lm.pad_right([seqs[i] for i in rows])
@@ -134,27 +134,16 @@ def capture_at_subject(
         p = torch.tensor([pos[i] for i in rows])
         got: dict[str, torch.Tensor] = {}
 
-        def make(path: str, kind: str):
-            if kind == "in":
-                def pre(_m: Any, inputs: tuple[Any, ...]) -> None:
-                    got[path] = inputs[0][b, p].float()
-                    if path == deepest:
-                        raise StopForward
-                return pre
+        def keep(path: str):
+            def fn(x: torch.Tensor) -> None:
+                got[path] = x[b, p].float()
+            return fn
 
-            def fwd(_m: Any, _i: Any, out: Any) -> None:
-                got[path] = output_tensor(out)[b, p].float()
-                if path == deepest:
-                    raise StopForward
-            return fwd
-
-        fwd_hooks = {path: make(path, k) for path, k in targets.items() if k == "out"}
-        pre_hooks = {path: make(path, k) for path, k in targets.items() if k == "in"}
-        with torch.no_grad(), hooks(lm.model, forward=fwd_hooks, pre=pre_hooks):
-            try:
-                backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-            except StopForward:
-                pass
+        with torch.no_grad():
+            capture(lm.model, lambda: lm.backbone_forward(ids, mask),
+                    inputs={path: keep(path) for path, k in targets.items() if k == "in"},
+                    outputs={path: keep(path) for path, k in targets.items() if k == "out"},
+                    stop_after=deepest)
         for path, v in got.items():
             rows_out.setdefault(path, []).append(v.cpu())
     return {path: torch.cat(v).reshape(len(requests), len(templates), -1) for path, v in rows_out.items()}
@@ -171,31 +160,21 @@ class _SuffixRunner:
 
         self._copy = copy.deepcopy
         self.lm = lm
-        self.backbone = lm.model.get_submodule(lm.arch.backbone)
-        n = len(seqs)
+        self.backbone = lm.backbone
         plen = [int(e) for e in edit_pos]
         P = max(plen)
         suffixes = [list(s[e:]) for s, e in zip(seqs, plen)]
-        S = max(len(x) for x in suffixes)
         self.P = P
-        pre_ids = torch.full((n, max(P, 1)), lm.pad_id, dtype=torch.long)
-        pre_mask = torch.zeros((n, max(P, 1)), dtype=torch.long)
-        for i, (s, e) in enumerate(zip(seqs, plen)):
-            if e:
-                pre_ids[i, P - e : P] = torch.tensor(list(s[:e]))
-                pre_mask[i, P - e : P] = 1
-        suf_ids = torch.full((n, S), lm.pad_id, dtype=torch.long)
-        suf_mask = torch.zeros((n, S), dtype=torch.long)
-        for i, x in enumerate(suffixes):
-            suf_ids[i, : len(x)] = torch.tensor(x)
-            suf_mask[i, : len(x)] = 1
+        pre_ids, pre_mask = pad_batch([list(s[:e]) for s, e in zip(seqs, plen)], lm.pad_id, "left", width=max(P, 1))
+        suf_ids, suf_mask = pad_batch(suffixes, lm.pad_id, "right")
+        S = suf_ids.shape[1]
         dev = lm.device
         self.suf_ids = suf_ids.to(dev)
         self.suf_pos = (torch.tensor(plen)[:, None] + torch.arange(S)[None, :]).to(dev)
         self.cache = None
         if P:
             self.full_mask = torch.cat([pre_mask, suf_mask], dim=1).to(dev)
-            pos = (pre_mask.cumsum(1) - 1).clamp(min=0)
+            pos = positions_from_mask(pre_mask)
             with torch.no_grad():
                 out = self.backbone(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
                                     position_ids=pos.to(dev), use_cache=True)
@@ -211,9 +190,7 @@ class _SuffixRunner:
             if list(rows) != list(range(self.suf_ids.shape[0])):
                 cache.batch_select_indices(idx)
             kwargs = {"past_key_values": cache, "use_cache": True}
-        out = self.backbone(input_ids=self.suf_ids[idx], attention_mask=self.full_mask[idx],
-                            position_ids=self.suf_pos[idx], **kwargs)
-        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return self.lm.backbone_forward(self.suf_ids[idx], self.full_mask[idx], position_ids=self.suf_pos[idx], **kwargs)
 
 
 def _depth(lm: LM, path: str) -> tuple[int, int]:
@@ -278,10 +255,11 @@ def optimize_values(
     row_tgt: list[tuple[list[int], list[int]]] = []  # (positions predicting target, target ids)
     for r, text in _templated(requests, templates):
         p_ids, t_ids = lm.encode_pair(text, requests[r].target_new)
-        rows_ids.append(p_ids + t_ids[:-1] if len(t_ids) > 1 else p_ids)
+        seq, positions = teacher_forcing(p_ids, t_ids)
+        rows_ids.append(seq)
         row_req.append(r)
         row_edit_pos.append(lm.subject_last_index(text, requests[r].subject))
-        row_tgt.append((list(range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))), t_ids))
+        row_tgt.append((positions, t_ids))
     bare_row = {r * n_t: r for r in range(n)}  # row index -> request, for the bare-prompt rows
     kl_row: dict[int, int] = {}  # row index -> request
     if cfg.kl_factor > 0:
@@ -292,9 +270,8 @@ def optimize_values(
             row_edit_pos.append(pos_)
             row_tgt.append(([], []))
 
-    backbone = lm.model.get_submodule(lm.arch.backbone)
     # δ lives in the residual width, which is the output width of any MLP output projection
-    dim = lm.arch.as_matrix(lm.module(lm.arch.mlp_out_path(0)).weight).shape[0]
+    dim = lm.arch.as_matrix(lm.base_module(lm.arch.mlp_out_path(0)).weight).shape[0]
     delta = torch.zeros(n, dim, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     v_init = torch.zeros(n, dim, device=lm.device)
@@ -333,8 +310,7 @@ def optimize_values(
             if runner is not None:
                 hid = runner.run(rows)
             else:
-                hid = backbone(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-                hid = hid[0] if isinstance(hid, tuple) else hid.last_hidden_state
+                hid = lm.backbone_forward(ids, mask)
         if step == 0:  # all requests are active at step 0
             for j, i in enumerate(rows):
                 if i in bare_row:
