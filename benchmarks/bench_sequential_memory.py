@@ -5,8 +5,8 @@ bit for bit against the base fingerprint.
 
     python benchmarks/bench_sequential_memory.py [--n 1000] [--steps 20] [--data counterfact-train]
 
-`--steps` caps ROME's value-optimisation steps (default: the preset's) to fit a long sequence into a
-CPU budget; memory does not depend on it.
+`--steps` and `--templates` cap ROME's value-optimisation steps and context templates (default: the
+preset's) to fit a long sequence into a CPU budget; memory does not depend on them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=None, help="cap on ROME's v_steps")
+    ap.add_argument("--templates", default=None, help="cap on ROME's context templates, e.g. [[5,2]]")
     ap.add_argument("--data", default="counterfact-train")
     ap.add_argument("--every", type=int, default=100, help="print a progress line every N edits")
     args = ap.parse_args()
@@ -33,7 +34,9 @@ def main() -> None:
     lm = load_lm("smollm2-135m")
     reqs = load_requests(args.data, limit=args.n)
     editor = get_editor("rome")
-    over = {"v_steps": args.steps} if args.steps else {}
+    over: dict = {"v_steps": args.steps} if args.steps else {}
+    if args.templates:
+        over["context_templates"] = args.templates
     hp = editor.hparams(lm, **over)
     editor.apply(lm, reqs[0], hp).restore()  # statistics and templates computed before timing
     rss0 = peak_rss_mb()
@@ -52,7 +55,9 @@ def main() -> None:
     restore_all(lm)
     t_restore = time.perf_counter() - t
     same = lm.fingerprint() == lm.base_fingerprint
-    print(f"\nsequential ROME, {len(reqs)} edits on smollm2-135m (v_steps={hp.to_dict().get('v_steps')}):")
+    hd = hp.to_dict()
+    print(f"\nsequential ROME, {len(reqs)} edits on smollm2-135m (v_steps={hd.get('v_steps')}, "
+          f"templates={hd.get('context_templates')}):")
     print(f"  peak RSS {peak_rss_mb():.0f} MB (after load and first edit: {rss0:.0f} MB)")
     print(f"  {total:.0f} s in all, median {med(times):.2f} s/edit")
     print(f"  restore_all {t_restore:.2f} s, weights bit-identical to base: {same}")
