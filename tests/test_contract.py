@@ -284,7 +284,7 @@ def test_sequential_edits_form_a_stack(method, lm):
     assert _same(top, _snapshot(lm)) and lm.active_edits == [first, second] and first.active
     second.restore()
     assert _same(mid, _snapshot(lm))
-    assert torch.allclose(_outputs(first.lm), mid_out, atol=0)
+    assert torch.equal(_outputs(first.lm), mid_out)
     first.restore()
     assert _same(before, _snapshot(lm))
 
@@ -292,13 +292,39 @@ def test_sequential_edits_form_a_stack(method, lm):
 def test_restore_all_unwinds_a_mixed_stack_at_once(lm):
     before = _snapshot(lm)
     modules_before = dict(lm.model.named_modules())
-    get_editor("ft-m").apply(lm, FACT, **{**_tiny_hp("ft-m"), "layer": 0})
+    # a weight edit, a swap of the same module, then a weight edit of the same weight through the wrapper
+    get_editor("ft-m").apply(lm, FACT, **_tiny_hp("ft-m"))
     get_editor("demo-module-swap").apply(lm, FACT2, **_tiny_hp("demo-module-swap"))
+    get_editor("ft-m").apply(lm, FACT2, **_tiny_hp("ft-m"))
+    from editlab.methods.patches import WeightLedger
+
+    assert len(WeightLedger.of(lm).originals) == 1  # one kept copy of the one weight touched
     view = get_editor("demo-lm-view").apply(lm, FACT)
     assert lm.edited is view.lm
     restore_all(lm)
     assert _same(before, _snapshot(lm)) and dict(lm.model.named_modules()) == modules_before
-    assert lm.active_edits == [] and lm.edited is lm
+    assert lm.active_edits == [] and lm.edited is lm and not WeightLedger.of(lm).originals
+
+
+def test_lifo_restore_through_a_module_swap_is_bit_exact(lm):
+    before = _snapshot(lm)
+    stack = [get_editor("ft-m").apply(lm, FACT, **_tiny_hp("ft-m")),
+             get_editor("demo-module-swap").apply(lm, FACT2, **_tiny_hp("demo-module-swap")),
+             get_editor("ft-m").apply(lm, FACT2, **_tiny_hp("ft-m"))]
+    for e in reversed(stack):
+        e.restore()
+    assert _same(before, _snapshot(lm))
+
+
+def test_view_that_fails_to_build_leaves_nothing_applied(lm):
+    from editlab.methods.patches import WeightDelta, WeightLedger
+
+    before = _snapshot(lm)
+    name = f"{lm.arch.mlp_out_path(0)}.weight"
+    patches = [WeightDelta(name, torch.ones_like(lm.model.get_parameter(name))), ViewPatch("prefix", {})]
+    with pytest.raises(EditMismatchError, match="prefix"):
+        Edit.install(lm, "x", {}, [FACT], patches)
+    assert _same(before, _snapshot(lm)) and lm.active_edits == [] and not WeightLedger.of(lm).originals
 
 
 def test_view_stacks_over_the_edits_below(lm):
@@ -360,7 +386,10 @@ def test_damaged_save_is_refused(lm, tmp_path):
 
 
 def test_format_1_folders_still_load(lm, tmp_path):
+    """Format-1 folders carry editlab 0.1's (sampled) fingerprint of the base model."""
     import json
+
+    from editlab.models.lm import model_fingerprint_v1
 
     from safetensors.torch import save_file
 
@@ -370,7 +399,7 @@ def test_format_1_folders_still_load(lm, tmp_path):
     d.mkdir()
     save_file({name: delta.contiguous()}, str(d / "deltas.safetensors"))
     (d / "edit.json").write_text(json.dumps({"format": 1, "method": "ft", "hparams": {}, "requests": [FACT.to_dict()],
-                                             "base_fingerprint": lm.base_fingerprint, "model": lm.name,
+                                             "base_fingerprint": model_fingerprint_v1(lm.model), "model": lm.name,
                                              "parameters": [name]}))
     before = lm.model.get_parameter(name).detach().clone()
     edit = Edit.load(d, lm)

@@ -208,6 +208,7 @@ class Editor(ABC):
         """Edit `lm` and return the reversible `Edit` (pushed on the LM's edit stack). With `on`, the new
         edit extends `on` (which must be the LM's newest edit), for methods whose memory grows across a
         sequence. If anything fails, the model is left exactly as it was."""
+        lm = getattr(lm, "base", lm)  # an edited system (a view) stands for its LM
         reqs = [requests] if isinstance(requests, EditRequest) else list(requests) if isinstance(requests, (list, tuple)) else None
         if reqs is None:
             raise EditRequestError(f"requests must be an EditRequest or a list of them, not {type(requests).__name__}")
@@ -222,6 +223,7 @@ class Editor(ABC):
             self._check_on(lm, on)
         hp = self._resolve_hparams(lm, hparams, overrides)
         checkpoint = self.checkpoint(lm, hp) if self.requires_training else None
+        self.current_checkpoint = checkpoint  # the one this edit is made with (compute_patches reads it)
         grads = {n: p.requires_grad for n, p in lm.model.named_parameters()}
         try:
             for p in lm.model.parameters():

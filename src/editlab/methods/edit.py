@@ -79,14 +79,17 @@ class Edit:
             for p in self.patches:
                 p.apply(lm)
                 applied.append(p)
+            system = lm.edited
+            for p in self.patches:
+                if isinstance(p, ViewPatch):
+                    system = p.build(system)
         except BaseException:
             for p in reversed(applied):
-                p.revert(lm)
+                try:
+                    p.revert(lm)
+                except Exception:  # keep undoing the rest; the original error is what the user needs
+                    pass
             raise
-        system = lm.edited
-        for p in self.patches:
-            if isinstance(p, ViewPatch):
-                system = p.build(system)
         self._system = system
         self.below = [e.id for e in lm.active_edits]
         lm.active_edits.append(self)
@@ -174,6 +177,8 @@ class Edit:
                 tensors[f"{i}/{k}"] = t.contiguous().cpu()
         manifest = self.manifest()
         manifest["patches"] = entries
+        manifest["hparams"] = _jsonable(manifest["hparams"])
+        json.dumps(manifest)  # fails here, before any file is written, if something is not serialisable
         tmp_t = temp_path_in(d, TENSORS)
         try:
             save_file(tensors, str(tmp_t))
@@ -190,6 +195,7 @@ class Edit:
         the edits that were below it when it was saved."""
         from safetensors.torch import load_file
 
+        lm = getattr(lm, "base", lm)  # an edited system (a view) stands for its LM
         d = Path(directory)
         try:
             manifest = json.loads((d / MANIFEST).read_text())
@@ -204,7 +210,12 @@ class Edit:
                 f"edit in {d} was saved on top of {len(below)} other edit(s), but the model now carries "
                 f"{len(current_below)} different edit(s); restore the model (or load the edits below first)"
             )
-        current = lm.fingerprint() if not lm.active_edits else lm.base_fingerprint
+        if manifest["format"] == 1:  # format-1 files carry the earlier (sampled) fingerprint scheme
+            from ..models.lm import model_fingerprint_v1
+
+            current = model_fingerprint_v1(lm.model) if not lm.active_edits else None
+        else:
+            current = lm.fingerprint() if not lm.active_edits else lm.base_fingerprint
         if manifest.get("base_fingerprint") != current:
             raise EditMismatchError(
                 f"edit in {d} was made on a model with fingerprint {manifest.get('base_fingerprint')}, "
@@ -216,7 +227,7 @@ class Edit:
                 patches: list[Patch] = [WeightDelta(n, t) for n, t in sorted(load_file(str(d / TENSORS_V1)).items())]
             else:
                 tfile = d / TENSORS
-                if manifest.get("tensors_sha256") and sha256_file(tfile) != manifest["tensors_sha256"]:
+                if sha256_file(tfile) != manifest["tensors_sha256"]:
                     raise EditMismatchError(f"{tfile} does not match its checksum in {MANIFEST} (damaged or replaced file)")
                 flat = load_file(str(tfile))
                 patches = []
@@ -228,7 +239,7 @@ class Edit:
                     patches.append(PATCH_TYPES[kind].from_state(ts, entry.get("config", {}), lm))
         except EditMismatchError:
             raise
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise EditMismatchError(f"saved edit in {d} is incomplete or damaged: {type(e).__name__}: {e}") from None
         return cls.install(lm, manifest["method"], manifest.get("hparams", {}), requests, patches,
                            manifest.get("info", {}), edit_id=manifest.get("id"),
@@ -241,14 +252,20 @@ def restore_all(lm: LM) -> None:
     stack = lm.active_edits
     if not stack:
         return
+    errors: list[str] = []
     for e in reversed(stack):
         for p in reversed(e.patches):
             if not isinstance(p, WeightDelta):
-                p.revert(lm)
+                try:
+                    p.revert(lm)
+                except Exception as err:  # undo everything else regardless, then report
+                    errors.append(str(err))
     unwind_weights(lm)
     for e in stack:
         e.active = False
     stack.clear()
+    if errors:
+        raise EditStackError("weights restored, but some module swaps could not be undone: " + "; ".join(errors))
 
 
 def _jsonable(x: Any) -> Any:

@@ -42,8 +42,20 @@ class LowRank:
     def shape(self) -> torch.Size:
         return torch.Size((self.left.shape[0], self.right.shape[1]))
 
+    def __post_init__(self) -> None:
+        if self.left.dim() != 2 or self.right.dim() != 2 or self.left.shape[1] != self.right.shape[0]:
+            raise EditMismatchError(f"low-rank factors must be [rows, r] and [r, cols]; got {tuple(self.left.shape)} "
+                                    f"and {tuple(self.right.shape)}")
+        self.left, self.right = self.left.detach(), self.right.detach()
+
     def dense(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        d = self.left.to(device=device) @ self.right.to(device=device)
+        """left @ right. Rank one is an elementwise product (no reduction), so it is bit-identical on
+        every replay whatever the BLAS, thread count or TF32 setting; higher ranks add their rank-one
+        terms in a fixed order."""
+        left, right = self.left.to(device=device), self.right.to(device=device)
+        d = left[:, 0:1] * right[0:1, :]
+        for i in range(1, left.shape[1]):
+            d = d + left[:, i : i + 1] * right[i : i + 1, :]
         return d if dtype is None else d.to(dtype)
 
     @classmethod
@@ -84,12 +96,13 @@ class Patch(ABC):
 # ------------------------------------------------------------------------------------ weight deltas
 class WeightLedger:
     """Per-LM record of the original value of every parameter that active weight patches touch, and
-    of those patches in application order."""
+    of those patches in application order. Keyed by the parameter object's identity: a parameter's
+    name changes when an adapter wraps its module (`x.weight` -> `x.base_layer.weight`)."""
 
     def __init__(self) -> None:
-        self.originals: dict[str, torch.Tensor] = {}
-        self.params: dict[str, torch.nn.Parameter] = {}  # by identity: names change under module swaps
-        self.applied: dict[str, list["WeightDelta"]] = {}
+        self.originals: dict[int, torch.Tensor] = {}
+        self.params: dict[int, torch.nn.Parameter] = {}
+        self.applied: dict[int, list["WeightDelta"]] = {}
 
     @staticmethod
     def of(lm: "LM") -> "WeightLedger":
@@ -127,28 +140,34 @@ class WeightDelta(Patch):
     def apply(self, lm: "LM") -> None:
         ledger = WeightLedger.of(lm)
         p = lm.model.get_parameter(self.name)
-        if self.name not in ledger.originals:
-            ledger.originals[self.name] = p.detach().clone()
-            ledger.params[self.name] = p
+        d = self.dense(p)  # before any bookkeeping: a failure here leaves nothing behind
+        key = id(p)
+        if key not in ledger.originals:
+            ledger.originals[key] = p.detach().clone()
+            ledger.params[key] = p
         with torch.no_grad():
-            p.add_(self.dense(p))
-        ledger.applied.setdefault(self.name, []).append(self)
+            p.add_(d)
+        ledger.applied.setdefault(key, []).append(self)
+        self._key = key
 
     def revert(self, lm: "LM") -> None:
         ledger = WeightLedger.of(lm)
-        stack = ledger.applied.get(self.name, [])
-        if not stack or stack[-1] is not self:
+        key = getattr(self, "_key", None)
+        stack = ledger.applied.get(key, []) if key is not None else []
+        if self not in stack:
+            return  # already reverted (idempotent)
+        if stack[-1] is not self:
             raise EditMismatchError(f"internal: patch on {self.name} is not the last one applied to it")
         stack.pop()
-        p = lm.model.get_parameter(self.name)
+        p = ledger.params[key]
         with torch.no_grad():
-            p.copy_(ledger.originals[self.name])
+            p.copy_(ledger.originals[key])
             for below in stack:  # replay in the original order: bit-identical to the state before
                 p.add_(below.dense(p))
         if not stack:
-            del ledger.applied[self.name]
-            del ledger.originals[self.name]
-            del ledger.params[self.name]
+            del ledger.applied[key]
+            del ledger.originals[key]
+            del ledger.params[key]
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if isinstance(self.delta, LowRank):
@@ -171,8 +190,8 @@ def unwind_weights(lm: "LM") -> None:
     (used when a whole stack is dropped, instead of replaying it patch by patch)."""
     ledger = WeightLedger.of(lm)
     with torch.no_grad():
-        for name, orig in ledger.originals.items():
-            ledger.params[name].copy_(orig)
+        for key, orig in ledger.originals.items():
+            ledger.params[key].copy_(orig)
     ledger.originals.clear()
     ledger.params.clear()
     ledger.applied.clear()
@@ -189,8 +208,11 @@ class ModuleSwap(Patch):
         self.wrapper = wrapper
 
     def check(self, lm: "LM") -> None:
-        from .adapters.inject import AdapterModule
+        from .adapters.inject import WRAPPERS, AdapterModule
 
+        if getattr(self.wrapper, "registered_name", None) not in WRAPPERS:
+            raise EditMismatchError(f"module swap at {self.path}: wrapper {type(self.wrapper).__name__} is not "
+                                    "registered (register_wrapper), so the edit could not be saved")
         try:
             current = lm.model.get_submodule(self.path)
         except AttributeError:
@@ -208,8 +230,12 @@ class ModuleSwap(Patch):
     def revert(self, lm: "LM") -> None:
         from .adapters.inject import set_module
 
-        if lm.model.get_submodule(self.path) is not self.wrapper:
-            raise EditMismatchError(f"internal: {self.path} does not hold this patch's wrapper")
+        current = lm.model.get_submodule(self.path)
+        if current is self.wrapper.base_layer:
+            return  # already reverted (idempotent)
+        if current is not self.wrapper:
+            raise EditMismatchError(f"{self.path} no longer holds this edit's wrapper (was the module replaced "
+                                    "outside editlab?)")
         set_module(lm.model, self.path, self.wrapper.base_layer)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -233,7 +259,14 @@ class ModuleSwap(Patch):
             wrapper_cls = WRAPPERS.get(kind)
         except EditlabError as e:
             raise EditMismatchError(str(e)) from None
-        wrapper = wrapper_cls.from_config(base, cfg, tensors)
+        try:
+            wrapper = wrapper_cls.from_config(base, cfg, tensors)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise EditMismatchError(f"saved {kind} wrapper at {path} cannot be rebuilt: {e}") from None
+        ref = next(iter(base.parameters()), None)
+        if ref is not None:  # the wrapper's own tensors go where the wrapped module lives
+            for name, t in list(wrapper.named_parameters(recurse=False)) + list(wrapper.named_buffers(recurse=False)):
+                t.data = t.data.to(ref.device)
         return cls(path, wrapper)
 
 

@@ -61,6 +61,27 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def model_fingerprint_v1(model: torch.nn.Module) -> str:
+    """The fingerprint scheme of editlab 0.1 save format 1 (config fields, a strided sample and a float64
+    sum per tensor), kept only to recognise the base model of format-1 edit folders. Its float sum can
+    depend on the thread count; `model_fingerprint` is exact."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict()
+        keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+                "intermediate_size", "n_inner", "num_attention_heads", "n_head", "num_key_value_heads")
+        h.update(json.dumps({k: d.get(k) for k in keys}, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 512)
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+            h.update(repr(float(flat.double().sum())).encode())
+    return h.hexdigest()[:32]
+
+
 class LM:
     """Model + tokenizer + ArchSpec. Create with `editlab.load_lm` (or directly from objects)."""
 

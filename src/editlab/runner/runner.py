@@ -146,8 +146,8 @@ def run(
             t0 = time.perf_counter()
             edit = editor.apply(lm, batch_reqs if size > 1 else batch_reqs[0], hp)
             t_edit = time.perf_counter() - t0
-            _record_statistics(store, run_id, edit)
             try:
+                _record_statistics(store, run_id, edit)
                 t1 = time.perf_counter()
                 rows = evaluate_requests(edit.lm, [r for _, r in todo], pre, generation=cfg.generation,
                                          fluency=cfg.fluency, seed=cfg.seed)

@@ -40,7 +40,7 @@ class AdapterModule(torch.nn.Module):
         if missing or extra:
             raise EditMismatchError(f"{type(self).__name__}: saved tensors do not match (missing {sorted(missing)}, "
                                     f"unexpected {sorted(extra)})")
-        self.load_state_dict(tensors, strict=False)
+        self.load_state_dict(tensors, strict=False, assign=True)  # keep the saved dtype
 
     @classmethod
     def from_config(cls, base_layer: torch.nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "AdapterModule":

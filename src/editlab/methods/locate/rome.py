@@ -160,7 +160,8 @@ class ROMEEditor(Editor):
     def compute_deltas(self, lm: LM, requests: list[EditRequest], hp: ROMEHparams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         solve = rome_solve(lm, requests[0], hp)
         name = lm.param_name(lm.arch.mlp_out_path(hp.layer))
-        dtype = lm.model.get_parameter(name).dtype
         # kept as rank-one factors: a long sequence of edits costs two vectors each, not a matrix
-        delta = LowRank.from_matrix_factors(solve.lam.to(dtype), solve.u.to(dtype), lm.arch.transposed)
+        # factors stay float32 (vectors: negligible memory; fp16 could overflow u = C⁻¹k*); the product
+        # is cast to the weight's dtype once when applied
+        delta = LowRank.from_matrix_factors(solve.lam.float(), solve.u.float(), lm.arch.transposed)
         return {name: delta}, solve.info
