@@ -41,17 +41,23 @@ class ContinuationScore:
         return sum(int(a == b) for a, b in zip(self.argmax_ids, self.target_ids)) / len(self.target_ids)
 
 
+def _config_summary(model: torch.nn.Module) -> bytes:
+    """The architecture fields of a model's config, serialised (bookkeeping fields change on save/load)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return b""
+    d = cfg.to_dict()
+    keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+            "intermediate_size", "n_inner", "num_attention_heads", "n_head", "num_key_value_heads")
+    return json.dumps({k: d.get(k) for k in keys}, sort_keys=True, default=str).encode()
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Exact fingerprint of a model's architecture config and weights: BLAKE2b over every tensor's name,
     shape, dtype and raw bytes. Equal exactly when the weights are bit-identical, independent of
     thread counts (no floating-point reduction is involved)."""
     h = hashlib.blake2b(digest_size=16)
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        d = cfg.to_dict()  # only architecture fields: bookkeeping fields change on save/load
-        keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
-                "intermediate_size", "n_inner", "num_attention_heads", "n_head", "num_key_value_heads")
-        h.update(json.dumps({k: d.get(k) for k in keys}, sort_keys=True, default=str).encode())
+    h.update(_config_summary(model))
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
@@ -66,12 +72,7 @@ def model_fingerprint_v1(model: torch.nn.Module) -> str:
     sum per tensor), kept only to recognise the base model of format-1 edit folders. Its float sum can
     depend on the thread count; `model_fingerprint` is exact."""
     h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        d = cfg.to_dict()
-        keys = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
-                "intermediate_size", "n_inner", "num_attention_heads", "n_head", "num_key_value_heads")
-        h.update(json.dumps({k: d.get(k) for k in keys}, sort_keys=True, default=str).encode())
+    h.update(_config_summary(model))
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
