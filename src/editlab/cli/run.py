@@ -93,8 +93,8 @@ def compare(methods: options.Methods = options.DEFAULT_METHODS, data: DataOption
 
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for runs.db and report.html")] = Path("editlab-demo"),
-    n: Annotated[int, typer.Option(help="Built-in facts per method")] = 10,
-    sequential: Annotated[int, typer.Option(help="Edits in the sequential run")] = 12,
+    n: Annotated[int, typer.Option(help="Built-in facts per method")] = 5,
+    sequential: Annotated[int, typer.Option(help="Edits in the sequential run")] = 6,
     model: options.Model = options.DEFAULT_MODEL,
 ) -> None:
     """The main job: ROME, MEMIT and FT on the built-in facts with the embedded model, single and
@@ -120,7 +120,7 @@ def demo(
             run_ids.append(run_with_progress(lm, reqs, cfg, store, True, f"{m} single"))
         text = read_ppl_text(None)
         for m in ("rome", "memit"):
-            ck = sorted({c for c in (1, 4, 8, sequential) if c <= sequential})
+            ck = sorted({c for c in (1, 3, sequential) if c <= sequential})
             cfg = RunConfig(method=m, mode="sequential", dataset="builtin", checkpoints=ck, ppl_text=text)
             run_ids.append(run_with_progress(lm, seq_reqs, cfg, store, True, f"{m} sequential"))
         with get_editor("rome").apply(lm, probe) as edit:
