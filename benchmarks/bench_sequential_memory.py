@@ -28,6 +28,7 @@ def main() -> None:
 
     from editlab import get_editor, load_lm
     from editlab.data import load_requests
+    from editlab.memory import release_freed_memory
     from editlab.methods import restore_all
     from editlab.methods.patches import WeightLedger
 
@@ -46,6 +47,7 @@ def main() -> None:
         t = time.perf_counter()
         editor.apply(lm, r, hp)
         times.append(time.perf_counter() - t)
+        release_freed_memory()  # as the sequential runner does after each edit
         if i % args.every == 0 or i == len(reqs):
             led = WeightLedger.of(lm)
             print(f"{i:5d} edits  peak RSS {peak_rss_mb():7.0f} MB  kept originals {led.nbytes() / 2**20:.1f} MB  "

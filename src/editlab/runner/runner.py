@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from ..errors import EditlabError, EditRequestError
 from ..eval.metrics import PreEdit, evaluate_requests, pre_edit, summarize
 from ..eval.perplexity import perplexity, text_windows
+from ..memory import release_freed_memory
 from ..methods import get_editor, restore_all
 from ..models.lm import LM
 from ..requests import EditRequest
@@ -173,6 +174,7 @@ def run(
             t0 = time.perf_counter()
             prev = editor.apply(lm, r, hp, on=prev if editor.supports_on else None)
             t_edit = time.perf_counter() - t0
+            release_freed_memory()  # long sequences: keep resident memory to what is alive
             _record_statistics(store, run_id, prev)
             if n_done in cfg.checkpoints and f"ckpt:{n_done}" not in done:
                 t1 = time.perf_counter()
