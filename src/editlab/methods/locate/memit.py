@@ -21,10 +21,10 @@ import torch
 from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
-from ...stats import DEFAULT_N_TOKENS, second_moments
-from ..base import Editor, Hparams
+from ...stats import second_moments
+from ..base import Editor
 from .shared import (
-    ValueOptConfig,
+    LocateHparams,
     capture_at_subject,
     context_templates,
     group_mean,
@@ -35,20 +35,12 @@ from .shared import (
 
 
 @dataclass
-class MEMITHparams(Hparams):
+class MEMITHparams(LocateHparams):
     layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
     # context prefixes as [length in tokens, count] groups, after the bare prompt (paper: 5×10)
     context_templates: list[Any] = field(default_factory=lambda: [[10, 5]])
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75
-    stop_loss: float = 0.05
     mom2_update_weight: float = 15000.0
-    mom2_n_tokens: int = DEFAULT_N_TOKENS
-    corpus: str = "wikipedia"
-    seed: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # paper values: kmeng01/memit hparams/MEMIT/gpt2-xl.json and EleutherAI_gpt-j-6B.json
@@ -107,7 +99,7 @@ class MEMITEditor(Editor):
         templates = [t for g in groups for t in g]
         sizes = [len(g) for g in groups]
         last = lm.arch.block_path(hp.layers[-1])
-        cfg = ValueOptConfig(hp.v_steps, hp.v_lr, hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor, hp.stop_loss)
+        cfg = hp.value_config()
         delta, h_init, info = optimize_values(lm, requests, templates, last, cfg)
         z = h_init + delta  # target hidden states at the last layer [n, d]
         covs = second_moments(lm, hp.layers, hp.corpus, hp.mom2_n_tokens)

@@ -23,11 +23,11 @@ import torch
 from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
-from ...stats import DEFAULT_N_TOKENS, second_moments
-from ..base import Editor, Hparams
+from ...stats import second_moments
+from ..base import Editor
 from ..patches import LowRank
 from .shared import (
-    ValueOptConfig,
+    LocateHparams,
     capture_at_subject,
     context_templates,
     flat_mean,
@@ -40,21 +40,12 @@ KEY_MODES = ("r-rome", "original", "consistent")
 
 
 @dataclass
-class ROMEHparams(Hparams):
+class ROMEHparams(LocateHparams):
     layer: int = 5
     key_mode: str = "r-rome"
     # context prefixes as [length in tokens, count] groups, after the bare prompt (paper: 10×5 + 10×10)
     context_templates: list[Any] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    stop_loss: float = 0.05
     mom2_adjustment: bool = True
-    mom2_n_tokens: int = DEFAULT_N_TOKENS
-    corpus: str = "wikipedia"
-    seed: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # paper values: kmeng01/rome hparams/ROME/gpt2-xl.json and EleutherAI_gpt-j-6B.json
@@ -139,7 +130,7 @@ def rome_solve(lm: LM, req: EditRequest, hp: ROMEHparams) -> ROMESolve:
         cov = second_moments(lm, [hp.layer], hp.corpus, hp.mom2_n_tokens)[hp.layer]
     keys = capture_at_subject(lm, [req], templates, {path: "in"})[path][0]  # [T, d_in]; row 0 is bare
     k_bare, k_star = keys[0], flat_mean(keys[None])[0]
-    cfg = ValueOptConfig(hp.v_steps, hp.v_lr, hp.kl_factor, hp.v_weight_decay, hp.clamp_norm_factor, hp.stop_loss)
+    cfg = hp.value_config()
     delta, v_init, info = optimize_values(lm, [req], templates, path, cfg)
     w = lm.arch.as_matrix(lm.base_module(path).weight.detach()).float().cpu()
     if hp.key_mode == "original":

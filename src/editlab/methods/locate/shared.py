@@ -25,6 +25,8 @@ from ...batching import pad_batch, positions_from_mask, teacher_forcing
 from ...hooks import capture, hooks, output_tensor, replace_output
 from ...models.lm import LM
 from ...requests import EditRequest
+from ...stats import DEFAULT_N_TOKENS
+from ..base import Hparams
 
 _TEMPLATE_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "In", "When"]
 
@@ -212,6 +214,25 @@ class ValueOptConfig:
     stop_loss: float  # early stop when the TOTAL loss (NLL + KL + decay) is below this (references: 5e-2)
     kl_prompt: str = "{} is a"
     prefix_cache: bool = True  # run the tokens before the edit position once (exact; faster)
+
+
+@dataclass
+class LocateHparams(Hparams):
+    """Hyper-parameters every locate-and-edit method shares: the value optimisation and the statistics."""
+
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    stop_loss: float = 0.05
+    mom2_n_tokens: int = DEFAULT_N_TOKENS
+    corpus: str = "wikipedia"
+    seed: int = 0
+
+    def value_config(self) -> ValueOptConfig:
+        return ValueOptConfig(self.v_steps, self.v_lr, self.kl_factor, self.v_weight_decay,
+                              self.clamp_norm_factor, self.stop_loss)
 
 
 def weight_decay_term(delta: torch.Tensor, v_init: torch.Tensor, factor: float) -> torch.Tensor:
