@@ -142,7 +142,7 @@ def test_save_and_load_roundtrip(tmp_path, corpus_file):
 def test_failure_mid_apply_leaves_model_unchanged(monkeypatch, corpus_file):
     lm = load_lm("tiny-llama")
     before = state(lm)
-    import editlab.methods.locate.memit as memit
+    import editlab.methods.locate.spread as memit  # the layer-spreading loop MEMIT runs
 
     calls = {"n": 0}
     real = memit.capture_at_subject

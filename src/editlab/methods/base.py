@@ -323,6 +323,17 @@ METHODS.register("memit", "MEMIT: batch edits spread over several MLP layers by 
                  tiny_hparams={"layers": [1, 2], "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,
                                "clamp_norm_factor": 10.0, "mom2_update_weight": 10.0, "mom2_n_tokens": 300},
                  tiny_min_gain=None)
+METHODS.register("emmet", "EMMET: batched equality-constrained ROME, spread over MLP layers like MEMIT",
+                 lazy("editlab.methods.locate.emmet:EMMETEditor"), family="locate-and-edit",
+                 tiny_hparams={"layers": [1, 2], "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,
+                               "clamp_norm_factor": 10.0, "mom2_update_weight": 10.0, "mom2_n_tokens": 300},
+                 tiny_min_gain=None)
+METHODS.register("alphaedit", "AlphaEdit: MEMIT-style update projected onto the preserved keys' null space",
+                 lazy("editlab.methods.locate.alphaedit:AlphaEditEditor"), family="locate-and-edit",
+                 tiny_hparams={"layers": [1, 2], "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,
+                               "clamp_norm_factor": 10.0, "null_space": "energy", "null_space_energy": 0.9,
+                               "l2": 0.1, "l2_mode": "relative", "mom2_n_tokens": 300},
+                 tiny_min_gain=None)
 
 
 def available_methods() -> dict[str, str]:

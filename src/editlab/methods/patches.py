@@ -1,4 +1,4 @@
-"""The three kinds of patch an `Edit` is made of. Each is reversible and savable.
+"""The kinds of patch an `Edit` is made of. Each is reversible and savable.
 
 - `WeightDelta`: a tensor added to an existing parameter, dense or as low-rank factors (`LowRank`).
   The LM keeps ONE copy of the original value of each touched parameter, shared by every active edit
@@ -10,6 +10,8 @@
   PEFT's tuners do) put in place of a module; reverting puts the very same module object back.
 - `ViewPatch`: an `LMView` factory: the weights are untouched, `edit.lm` answers differently (prompt
   prefixes, retrieval routers, constrained decoding).
+- `SolverState`: tensors a method carries with its edit for later edits (AlphaEdit's protected keys);
+  the model is untouched.
 
 `state()` returns (tensors, JSON config); `PATCH_TYPES[kind].from_state(tensors, config, lm)` rebuilds a
 patch for `Edit.load`.
@@ -314,4 +316,37 @@ class ViewPatch(Patch):
             raise EditMismatchError(f"saved view patch lacks {e}") from None
 
 
-PATCH_TYPES: dict[str, type[Patch]] = {c.kind: c for c in (WeightDelta, ModuleSwap, ViewPatch)}
+# ------------------------------------------------------------------------------------ solver state
+class SolverState(Patch):
+    """Tensors a method keeps beside an edit for the edits it makes later (AlphaEdit: the keys of its
+    edits, which later edits must not disturb). Nothing in the model changes; the state lives and dies
+    with its edit, so restoring an edit also forgets what it asked later edits to protect."""
+
+    kind = "solver_state"
+
+    def __init__(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.name = name
+        self.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+
+    def apply(self, lm: "LM") -> None:
+        pass
+
+    def revert(self, lm: "LM") -> None:
+        pass
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {k: v.contiguous() for k, v in self.tensors.items()}, {"name": self.name}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], lm: "LM") -> "SolverState":
+        if not isinstance(config.get("name"), str):
+            raise EditMismatchError("saved solver state lacks its name")
+        return cls(config["name"], tensors)
+
+
+def solver_states(edits: Any, name: str) -> list[SolverState]:
+    """The `SolverState` patches called `name` in `edits` (oldest edit first)."""
+    return [p for e in edits for p in e.patches if isinstance(p, SolverState) and p.name == name]
+
+
+PATCH_TYPES: dict[str, type[Patch]] = {c.kind: c for c in (WeightDelta, ModuleSwap, ViewPatch, SolverState)}

@@ -1,0 +1,124 @@
+"""Writing a batch of target hidden states into several MLP layers: the scheme MEMIT introduced and that
+EMMET and AlphaEdit reuse. The three methods differ only in the solve at each layer.
+
+For requests i with target hidden states z_i at the output of the last edited block L (found by the
+shared value optimisation), the layers l₁ < … < l_R are edited in order. At layer l_j:
+
+- keys K [n, in] are the inputs of the MLP output projection at the subject's last token, averaged
+  within each template group and then across groups (the bare prompt is its own group);
+- the residual is R = (z − h_L) / (R − j), with h_L the output of block L at the bare prompt measured
+  with the weights as updated so far: each layer writes its share of what is still missing;
+- a method-specific `LayerSolver` returns ΔW_l (out, in) from (K, R), which is added before the next
+  layer's keys are measured.
+
+The model is left exactly as it was: the updates are undone at the end and returned as deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ...errors import HparamsError
+from ...models.lm import LM
+from ...requests import EditRequest
+from .shared import (
+    LocateHparams,
+    capture_at_subject,
+    context_templates,
+    group_mean,
+    optimize_values,
+    parse_template_groups,
+    refuse_post_mlp_norm,
+)
+
+# (layer, keys [n, in] float64, residuals [n, out] float64) -> ΔW [out, in] float64
+LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MultiLayerHparams(LocateHparams):
+    """Hyper-parameters of every method that spreads its update over a range of MLP layers."""
+
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    # context prefixes as [length in tokens, count] groups, after the bare prompt (MEMIT paper: 5×10)
+    context_templates: list[Any] = field(default_factory=lambda: [[10, 5]])
+    clamp_norm_factor: float = 0.75
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("v_weight_decay", "kl_factor", "stop_loss")
+
+    @classmethod
+    def defaults_for(cls, lm: LM) -> dict[str, Any]:
+        n = lm.n_layers
+        first = max(0, round(n * 0.1))
+        return {"layers": list(range(first, min(n, first + 5)))}
+
+    def validate(self, lm: LM) -> None:
+        if not self.layers:
+            raise HparamsError("layers must name at least one layer")
+        for l in self.layers:
+            self._check_layer("layers", l, lm)
+        if sorted(set(self.layers)) != list(self.layers):
+            raise HparamsError(f"layers must be strictly increasing, got {self.layers}")
+        parse_template_groups(self.context_templates)
+        for name in self.POSITIVE:
+            self._check_positive(name, getattr(self, name))
+        for name in self.NON_NEGATIVE:
+            self._check_positive(name, getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class SpreadResult:
+    deltas: dict[str, torch.Tensor]  # parameter name -> ΔW in the parameter's layout (CPU)
+    info: dict[str, Any]
+    final_keys: dict[int, torch.Tensor] | None  # layer -> keys [n, in] measured with every update in place
+
+
+def spread_over_layers(lm: LM, requests: list[EditRequest], hp: MultiLayerHparams, solve: LayerSolver,
+                       method: str, *, final_keys: bool = False) -> SpreadResult:
+    """Optimise the targets at the last layer, then write them into `hp.layers` with `solve` (see the
+    module docstring). With `final_keys`, also measure each layer's keys once every layer is updated
+    (AlphaEdit adds those to the keys it protects in later edits)."""
+    refuse_post_mlp_norm(lm, method)
+    groups = context_templates(lm, parse_template_groups(hp.context_templates), hp.seed)
+    templates = [t for g in groups for t in g]
+    sizes = [len(g) for g in groups]
+    last = lm.arch.block_path(hp.layers[-1])
+    delta, h_init, info = optimize_values(lm, requests, templates, last, hp.value_config())
+    z = (h_init + delta).double()  # target hidden states at the last layer [n, d]
+    names = {l: lm.param_name(lm.arch.mlp_out_path(l)) for l in hp.layers}
+    params = {l: lm.model.get_parameter(names[l]) for l in hp.layers}
+    originals = {l: p.detach().clone() for l, p in params.items()}
+    totals: dict[str, torch.Tensor] = {}
+    after: dict[int, torch.Tensor] | None = None
+    try:
+        for i, l in enumerate(hp.layers):
+            kpath = lm.arch.mlp_out_path(l)
+            # one pass for both: keys over all templates, current h_L at the bare prompt (template 0)
+            got = capture_at_subject(lm, requests, templates, {kpath: "in", last: "out"})
+            keys, cur = group_mean(got[kpath], sizes).double(), got[last][:, 0].double()
+            resid = (z - cur) / (len(hp.layers) - i)
+            upd = solve(l, keys, resid)
+            if not torch.isfinite(upd).all():
+                raise HparamsError(f"{method}: the update at layer {l} is not finite; the solve is ill-conditioned "
+                                   "for these hyper-parameters (raise the regularisation)")
+            d = lm.arch.from_matrix(upd.to(params[l].dtype))
+            with torch.no_grad():
+                params[l].add_(d.to(params[l].device))
+            totals[names[l]] = d.cpu()
+        if final_keys:
+            paths = {lm.arch.mlp_out_path(l): "in" for l in hp.layers}
+            got = capture_at_subject(lm, requests, templates, paths)
+            after = {l: group_mean(got[lm.arch.mlp_out_path(l)], sizes).double().cpu() for l in hp.layers}
+        with torch.no_grad():
+            cur = capture_at_subject(lm, requests, templates[:1], {last: "out"})[last][:, 0].double()
+        info = {**info, "templates": len(templates),
+                "target_error": float(((z - cur).norm(dim=-1) / z.norm(dim=-1).clamp(min=1e-9)).mean())}
+    finally:
+        with torch.no_grad():
+            for l, p in params.items():
+                p.copy_(originals[l])
+    return SpreadResult(totals, info, after)
