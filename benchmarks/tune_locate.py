@@ -1,12 +1,15 @@
-"""Tune the SmolLM2-135M presets of ROME and MEMIT on counterfact-train records only (never on records
-any reported figure uses), with and without the attention-sink prefix.
+"""Tune the SmolLM2-135M presets of the locate-and-edit methods on counterfact-train records only (never
+on records any reported figure uses), with and without the attention-sink prefix.
 
     python benchmarks/tune_locate.py --method rome --n 20 --sink on --set layer=6 --set v_weight_decay=0.5
     python benchmarks/tune_locate.py --method memit --n 30 --sink off --set layers=4,5,6,7,8
+    python benchmarks/tune_locate.py --method alphaedit --mode sequential --n 20 --set null_space_energy=0.99
 
-ROME: each record edited alone, evaluated, restored. MEMIT: all records in one batch. One JSON line per
-setting (hyper-parameters, sink, records used, summary metrics, unedited summary, seconds) is printed
-and appended to --out.
+Modes: `single` (each record edited alone, evaluated, restored; the default for one-request methods),
+`batch` (all records in one edit; the default for batch methods), `sequential` (one edit after the other,
+each extending the previous with on= where the method supports it; everything evaluated at the end).
+One JSON line per setting (hyper-parameters, sink, records used, summary metrics, unedited summary,
+seconds) is printed and appended to --out.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "rewrite_acc
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", choices=["rome", "memit"], required=True)
+    ap.add_argument("--method", choices=["rome", "memit", "emmet", "alphaedit"], required=True)
+    ap.add_argument("--mode", choices=["single", "batch", "sequential"], default=None)
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--offset", type=int, default=0, help="first counterfact-train record used")
     ap.add_argument("--sink", choices=["on", "off", "arch"], default="arch",
@@ -46,11 +50,22 @@ def main() -> None:
     pre = pre_edit(lm, reqs)
     unedited = summarize(evaluate_requests(lm, reqs, pre))
     t0 = time.perf_counter()
-    if args.method == "memit":
+    mode = args.mode or ("batch" if ed.supports_batch else "single")
+    if mode == "batch":
         e, t = timed(ed.apply, lm, reqs, hp)
         rows = evaluate_requests(lm, reqs, pre)
         e.restore()
         timing = {"batch_s": round(t, 1)}
+    elif mode == "sequential":
+        from editlab.methods import restore_all
+
+        prev, times = None, []
+        for r in reqs:
+            prev, t = timed(ed.apply, lm, r, hp, on=prev if ed.supports_on else None)
+            times.append(t)
+        rows = evaluate_requests(lm, reqs, pre)
+        restore_all(lm)
+        timing = {"median_s_per_edit": round(med(times), 2)}
     else:
         rows, times = [], []
         for r in reqs:
@@ -61,6 +76,7 @@ def main() -> None:
         timing = {"median_s_per_edit": round(med(times), 2)}
     res = {
         "method": args.method,
+        "mode": mode,
         "sink": lm.prefix_ids,
         "records": f"counterfact-train[{args.offset}:{args.offset + args.n}]",
         "hparams": {k: v for k, v in hp.to_dict().items() if k not in ("corpus",)},

@@ -185,3 +185,72 @@ def test_memit_update_unchanged_by_the_refactor():
     upd = memit_update(k, r, cov, 5.0)
     assert torch.allclose(upd, r.T @ k @ torch.linalg.inv(5.0 * cov + k.T @ k), atol=1e-10)
 
+
+
+# --------------------------------------------------------------------------------------------- PMET
+def test_joint_value_optimisation_over_two_paths(corpus_file):
+    from editlab.methods.locate.pmet import mlp_module_path
+    from editlab.methods.locate.shared import ValueOptConfig, optimize_values
+
+    lm = load_lm("tiny-llama")
+    cfg = ValueOptConfig(steps=4, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=0.5, stop_loss=0.0)
+    attn, mlp = f"{lm.arch.block_path(1)}.{lm.arch.attn_out}", mlp_module_path(lm, 1)
+    one, init_one, _ = optimize_values(lm, [REQ, REQ2], ["{}"], mlp, cfg)
+    listed, init_listed, _ = optimize_values(lm, [REQ, REQ2], ["{}"], [mlp], cfg)
+    assert torch.equal(one, listed[:, 0]) and torch.equal(init_one, init_listed[:, 0])
+    both, init, info = optimize_values(lm, [REQ, REQ2], ["{}"], [attn, mlp], cfg)
+    assert both.shape == (2, 2, one.shape[-1]) and init.shape == both.shape
+    assert (both.norm(dim=-1) > 0).all()
+    # each path's δ is clamped against its own unedited output
+    assert (both.norm(dim=-1) <= 0.5 * init.norm(dim=-1) * (1 + 1e-5)).all()
+
+
+def test_pmet_nll_drop_stops_once_target_is_argmax_and_kl_small():
+    from editlab.methods.locate.shared import ValueOptConfig, optimize_values
+
+    lm = load_lm("tiny-llama")
+    # a target the model already predicts: the all-argmax condition holds from the first step
+    greedy = lm.generate([REQ.prompt], 1)[0]
+    req = EditRequest.create(REQ.prompt, REQ.subject, greedy.strip() if greedy.startswith(" ") else greedy)
+    if lm.encode_pair(req.prompt, req.target_new)[1] != lm.tokenizer(greedy, add_special_tokens=False)["input_ids"]:
+        pytest.skip("the greedy token does not round-trip as a target on this tokenizer")
+    base = dict(steps=10, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=100.0, stop_loss=0.0)
+    path = lm.arch.block_path(2)
+    _, _, plain = optimize_values(lm, [req], ["{}"], path, ValueOptConfig(**base))
+    _, _, drop = optimize_values(lm, [req], ["{}"], path, ValueOptConfig(**base, nll_drop=True))
+    assert plain["steps"][0] == 10  # stop_loss 0 never triggers
+    assert drop["steps"][0] == 1  # all-argmax and (KL weight 0) KL ≤ 0.01 at the first step
+    with_kl = optimize_values(lm, [req], ["{}"], path, ValueOptConfig(**{**base, "kl_factor": 1e-9}, nll_drop=True))[2]
+    assert with_kl["steps"][0] == 1
+
+
+def test_pmet_one_layer_moves_mlp_output_onto_its_target(corpus_file):
+    from editlab.methods.locate.pmet import PMETHparams, mlp_module_path
+    from editlab.methods.locate.shared import capture_at_subject, optimize_values
+
+    lm = load_lm("tiny-llama")
+    hp = PMETHparams.for_model(lm, layers=[1], context_templates=[], v_steps=5, mom2_update_weight=1e-6,
+                               clamp_norm_factor=4.0, corpus=str(corpus_file), mom2_n_tokens=300)
+    attn, mlp = f"{lm.arch.block_path(1)}.{lm.arch.attn_out}", mlp_module_path(lm, 1)
+    delta, init, _ = optimize_values(lm, [REQ, REQ2], ["{}"], [attn, mlp], hp.value_config())
+    with get_editor("pmet").apply(lm, [REQ, REQ2], hp) as edit:
+        out = capture_at_subject(lm, [REQ, REQ2], ["{}"], {mlp: "out"})[mlp][:, 0]
+        assert edit.info["target_error"] < 1e-3
+    assert torch.allclose(out, init[:, 1] + delta[:, 1], atol=1e-3)
+    assert set(p.name for p in edit.patches) == {lm.param_name(lm.arch.mlp_out_path(1))}  # MLP weights only
+
+
+def test_sqrt_spreading_divides_by_root_of_layers_left(corpus_file, monkeypatch):
+    import editlab.methods.locate.pmet as pmet
+
+    lm = load_lm("tiny-llama")
+    seen: list[torch.Tensor] = []
+    real = pmet.memit_update
+
+    def spy(keys, resid, cov, weight):
+        seen.append(resid.clone())
+        return real(keys, resid, cov, weight) * 0  # write nothing, so both layers see the same residual
+    monkeypatch.setattr(pmet, "memit_update", spy)
+    get_editor("pmet").apply(lm, REQ, layers=[1, 2], context_templates=[], v_steps=3, corpus=str(corpus_file),
+                             mom2_n_tokens=300).restore()
+    assert torch.allclose(seen[0] * 2 ** 0.5, seen[1], atol=1e-9)

@@ -328,6 +328,11 @@ METHODS.register("emmet", "EMMET: batched equality-constrained ROME, spread over
                  tiny_hparams={"layers": [1, 2], "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,
                                "clamp_norm_factor": 10.0, "mom2_update_weight": 10.0, "mom2_n_tokens": 300},
                  tiny_min_gain=None)
+METHODS.register("pmet", "PMET: attention and MLP targets optimised jointly; only the MLP part is written",
+                 lazy("editlab.methods.locate.pmet:PMETEditor"), family="locate-and-edit",
+                 tiny_hparams={"layers": [1, 2], "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,
+                               "clamp_norm_factor": 10.0, "mom2_update_weight": 10.0, "mom2_n_tokens": 300},
+                 tiny_min_gain=None)
 METHODS.register("alphaedit", "AlphaEdit: MEMIT-style update projected onto the preserved keys' null space",
                  lazy("editlab.methods.locate.alphaedit:AlphaEditEditor"), family="locate-and-edit",
                  tiny_hparams={"layers": [1, 2], "context_templates": [[4, 2]], "v_steps": 25, "v_lr": 0.5,

@@ -128,7 +128,11 @@ def capture_at_subject(
     seqs = [lm.encode_prompt(text) for _, text in items]
     pos = [lm.subject_last_index(text, requests[r].subject) for r, text in items]
     rows_out: dict[str, list[torch.Tensor]] = {}
-    deepest = max(targets, key=lambda p: _depth(lm, p))
+    depths = {p: _depth(lm, p) for p in targets}
+    top = max(depths.values())
+    # end the pass after the last module needed; when that is ambiguous (two submodules of one block,
+    # e.g. the MLP and its own output projection) run the whole forward instead
+    deepest = next(p for p, d in depths.items() if d == top) if list(depths.values()).count(top) == 1 else None
     for start in range(0, len(seqs), batch_size):
         rows = list(range(start, min(start + batch_size, len(seqs))))
         ids, mask = lm.pad_right([seqs[i] for i in rows])
@@ -214,6 +218,9 @@ class ValueOptConfig:
     stop_loss: float  # early stop when the TOTAL loss (NLL + KL + decay) is below this (references: 5e-2)
     kl_prompt: str = "{} is a"
     prefix_cache: bool = True  # run the tokens before the edit position once (exact; faster)
+    # PMET's schedule: once every target token is the argmax, the NLL weight drops to 0.1× and the
+    # request stops as soon as its weighted KL is ≤ 0.01. Off for ROME/MEMIT (their references lack it).
+    nll_drop: bool = False
 
 
 @dataclass
@@ -259,15 +266,19 @@ def optimize_values(
     lm: LM,
     requests: Sequence[EditRequest],
     templates: Sequence[str],
-    edit_path: str,
+    edit_path: str | Sequence[str],
     cfg: ValueOptConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Find δ (one per request) added to `edit_path`'s output at the last subject token.
 
     `templates[0]` must be the bare prompt "{}". Returns (delta [n, d], v_init [n, d], info) where
-    v_init is `edit_path`'s unedited output at the bare prompt (neither templates nor KL rows enter it)."""
+    v_init is `edit_path`'s unedited output at the bare prompt (neither templates nor KL rows enter it).
+    With a list of paths (PMET: attention and MLP outputs), one δ per request and path is optimised
+    jointly, each with its own decay term and clamp: delta and v_init are then [n, paths, d]."""
     if not templates or templates[0] != "{}":
         raise ValueError("templates[0] must be the bare prompt '{}'")
+    paths = [edit_path] if isinstance(edit_path, str) else list(edit_path)
+    n_p = len(paths)
     n = len(requests)
     n_t = len(templates)
     rows_ids: list[list[int]] = []
@@ -293,14 +304,15 @@ def optimize_values(
 
     # δ lives in the residual width, which is the output width of any MLP output projection
     dim = lm.arch.as_matrix(lm.base_module(lm.arch.mlp_out_path(0)).weight).shape[0]
-    delta = torch.zeros(n, dim, device=lm.device, requires_grad=True)
+    delta = torch.zeros(n, n_p, dim, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    v_init = torch.zeros(n, dim, device=lm.device)
+    v_init = torch.zeros(n, n_p, dim, device=lm.device)
+    nll_weight = torch.ones(n, device=lm.device)
     kl_ref: torch.Tensor | None = None
     active = list(range(n))
     final = {k: torch.full((n,), float("nan")) for k in ("nll", "kl", "wd", "loss")}
     steps_used = torch.zeros(n, dtype=torch.long)
-    result = torch.zeros(n, dim)
+    result = torch.zeros(n, n_p, dim)
     history: list[list[float]] = []
     req_rows = {r: [i for i, q in enumerate(row_req) if q == r] for r in range(n)}
     runner = _SuffixRunner(lm, rows_ids, row_edit_pos) if cfg.prefix_cache else None
@@ -317,17 +329,19 @@ def optimize_values(
             ids, mask = lm.pad_right([rows_ids[i] for i in rows])
             p = torch.tensor([row_edit_pos[i] for i in rows], device=lm.device)
             offset = [0] * len(rows)
-        captured: list[torch.Tensor] = []
+        captured: dict[int, torch.Tensor] = {}
 
-        def add_delta(_m: Any, _i: Any, out: Any) -> Any:
-            h = output_tensor(out)
-            if step == 0:
-                captured.append(h[b, p].detach().float())
-            add = torch.zeros_like(h)
-            add[b, p] = delta[rq].to(h.dtype)
-            return replace_output(out, h + add)
+        def add_delta(k: int) -> Any:
+            def fn(_m: Any, _i: Any, out: Any) -> Any:
+                h = output_tensor(out)
+                if step == 0:
+                    captured[k] = h[b, p].detach().float()
+                add = torch.zeros_like(h)
+                add[b, p] = delta[rq, k].to(h.dtype)
+                return replace_output(out, h + add)
+            return fn
 
-        with hooks(lm.model, forward={edit_path: add_delta}):
+        with hooks(lm.model, forward={path: add_delta(k) for k, path in enumerate(paths)}):
             if runner is not None:
                 hid = runner.run(rows)
             else:
@@ -335,7 +349,8 @@ def optimize_values(
         if step == 0:  # all requests are active at step 0
             for j, i in enumerate(rows):
                 if i in bare_row:
-                    v_init[bare_row[i]] = captured[0][j]
+                    for k in range(n_p):
+                        v_init[bare_row[i], k] = captured[k][j]
         # target NLL per row (mean over its target tokens), then per request (mean over its templates)
         tp, tt, trow = [], [], []
         kb, kp, kreq = [], [], []
@@ -364,8 +379,8 @@ def optimize_values(
                 kl_ref = torch.zeros(n, kl_logp.shape[-1], device=kl_logp.device)
                 kl_ref[kreq_t] = kl_logp.detach()
             req_kl = req_kl.index_add(0, kreq_t, kl_term(kl_logp, kl_ref[kreq_t]))
-        req_wd = weight_decay_term(delta, v_init, cfg.weight_decay)
-        req_loss = req_nll + cfg.kl_factor * req_kl + req_wd
+        req_wd = sum(weight_decay_term(delta[:, k], v_init[:, k], cfg.weight_decay) for k in range(n_p))
+        req_loss = nll_weight.clone() * req_nll + cfg.kl_factor * req_kl + req_wd  # weights change below
         act = torch.tensor(active, device=lm.device)
         loss = req_loss[act].sum()
         with torch.no_grad():
@@ -374,6 +389,19 @@ def optimize_values(
                 final[k][act.cpu()] = v[act].detach().float().cpu()
             steps_used[act.cpu()] += 1
         done = [r for r in active if float(req_loss[r].detach()) < cfg.stop_loss]
+        if cfg.nll_drop:
+            with torch.no_grad():  # every target token of every template row predicted as the argmax?
+                hit = (logp.argmax(-1) == torch.tensor(tt, device=logp.device)).float()
+                miss = torch.zeros(n, device=logp.device).index_add(0, rq[trow_t], 1 - hit)
+            for r in active:
+                if r in done:
+                    continue
+                if float(miss[r]) == 0:
+                    nll_weight[r] = 0.1
+                    if cfg.kl_factor * float(req_kl[r].detach()) <= 0.01:
+                        done.append(r)
+                else:
+                    nll_weight[r] = 1.0
         with torch.no_grad():
             for r in done:  # converged: keep the δ that was just evaluated
                 result[r] = delta[r].detach().float().cpu()
@@ -385,7 +413,7 @@ def optimize_values(
         with torch.no_grad():
             max_norm = cfg.clamp_norm_factor * v_init.norm(dim=-1)
             scale = (max_norm / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
-            delta.mul_(scale[:, None])
+            delta.mul_(scale[..., None])
         active = [r for r in active if r not in done]
     with torch.no_grad():
         for r in active:
@@ -397,4 +425,6 @@ def optimize_values(
         "steps": steps_used.tolist(),
         "loss_history": history,
     }
+    if isinstance(edit_path, str):
+        return result[:, 0], v_init[:, 0].float().cpu(), info
     return result, v_init.float().cpu(), info

@@ -1,5 +1,6 @@
 """Writing a batch of target hidden states into several MLP layers: the scheme MEMIT introduced and that
-EMMET and AlphaEdit reuse. The three methods differ only in the solve at each layer.
+EMMET, AlphaEdit and PMET reuse. MEMIT, EMMET and AlphaEdit differ only in the solve at each layer; PMET
+targets the last layer's MLP output instead of its block output and spreads by √(layers left).
 
 For requests i with target hidden states z_i at the output of the last edited block L (found by the
 shared value optimisation), the layers l₁ < … < l_R are edited in order. At layer l_j:
@@ -79,16 +80,31 @@ class SpreadResult:
 
 def spread_over_layers(lm: LM, requests: list[EditRequest], hp: MultiLayerHparams, solve: LayerSolver,
                        method: str, *, final_keys: bool = False) -> SpreadResult:
-    """Optimise the targets at the last layer, then write them into `hp.layers` with `solve` (see the
-    module docstring). With `final_keys`, also measure each layer's keys once every layer is updated
-    (AlphaEdit adds those to the keys it protects in later edits)."""
+    """Optimise the targets at the last layer's block output, then write them into `hp.layers` with
+    `solve` (see the module docstring). With `final_keys`, also measure each layer's keys once every
+    layer is updated (AlphaEdit adds those to the keys it protects in later edits)."""
     refuse_post_mlp_norm(lm, method)
-    groups = context_templates(lm, parse_template_groups(hp.context_templates), hp.seed)
-    templates = [t for g in groups for t in g]
-    sizes = [len(g) for g in groups]
+    templates, sizes = template_set(lm, hp)
     last = lm.arch.block_path(hp.layers[-1])
     delta, h_init, info = optimize_values(lm, requests, templates, last, hp.value_config())
-    z = (h_init + delta).double()  # target hidden states at the last layer [n, d]
+    return write_targets(lm, requests, hp, templates, sizes, h_init + delta, last, solve, method, info,
+                         final_keys=final_keys)
+
+
+def template_set(lm: LM, hp: MultiLayerHparams) -> tuple[list[str], list[int]]:
+    """The context templates (bare prompt first) and their group sizes, for keys' group averaging."""
+    groups = context_templates(lm, parse_template_groups(hp.context_templates), hp.seed)
+    return [t for g in groups for t in g], [len(g) for g in groups]
+
+
+def write_targets(lm: LM, requests: list[EditRequest], hp: MultiLayerHparams, templates: list[str],
+                  sizes: list[int], target: torch.Tensor, target_path: str, solve: LayerSolver, method: str,
+                  info: dict[str, Any], *, final_keys: bool = False, spread: str = "linear") -> SpreadResult:
+    """Write `target` [n, d] (wanted output of `target_path` at the bare prompts' last subject token)
+    into the MLP output projections of `hp.layers`, first to last. At the i-th layer the residual is
+    (target − current output) / (layers left), or / √(layers left) with `spread="sqrt"` (PMET)."""
+    z = target.double()
+    last = target_path
     names = {l: lm.param_name(lm.arch.mlp_out_path(l)) for l in hp.layers}
     params = {l: lm.model.get_parameter(names[l]) for l in hp.layers}
     originals = {l: p.detach().clone() for l, p in params.items()}
@@ -100,7 +116,8 @@ def spread_over_layers(lm: LM, requests: list[EditRequest], hp: MultiLayerHparam
             # one pass for both: keys over all templates, current h_L at the bare prompt (template 0)
             got = capture_at_subject(lm, requests, templates, {kpath: "in", last: "out"})
             keys, cur = group_mean(got[kpath], sizes).double(), got[last][:, 0].double()
-            resid = (z - cur) / (len(hp.layers) - i)
+            left = len(hp.layers) - i
+            resid = (z - cur) / (left ** 0.5 if spread == "sqrt" else left)
             upd = solve(l, keys, resid)
             if not torch.isfinite(upd).all():
                 raise HparamsError(f"{method}: the update at layer {l} is not finite; the solve is ill-conditioned "

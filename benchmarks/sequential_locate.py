@@ -1,0 +1,98 @@
+"""Sequential editing: how ROME, MEMIT and AlphaEdit hold up as edits accumulate (issue "Locate-and-edit
+family complete"; the survey's point that ROME collapses within tens of edits and MEMIT later).
+
+    python benchmarks/sequential_locate.py --methods alphaedit,memit,rome --n 200 --checkpoints 10,50,100,200
+
+Records: the first --n records of the shipped counterfact_portability_gpt4.json (never used for tuning).
+Each method edits them one after the other (AlphaEdit extends the previous edit with on=, so it protects
+the earlier edits' keys). At every checkpoint it prints, for ALL edits made so far:
+- ES: efficacy (fraction with p(target_new) > p(target_true) on the edit prompt),
+- perplexity on the first --ppl-tokens tokens of WikiText-2 test (shipped file), through edit.lm,
+and the unedited model's values on the same records. A PNG of both curves goes to --plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import ROOT, med, timed  # noqa: F401  (common puts src/ on the path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="alphaedit,memit,rome")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--checkpoints", default="10,50,100,200")
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--set", action="append", default=[], help="method:key=value override")
+    ap.add_argument("--out", default=None, help="JSON-lines file to append results to")
+    ap.add_argument("--plot", default=None, help="PNG path for the ES / perplexity curves")
+    args = ap.parse_args()
+
+    from editlab import get_editor, load_lm
+    from editlab.data import load_requests
+    from editlab.eval import evaluate_requests, pre_edit
+    from editlab.eval.perplexity import perplexity, text_windows
+    from editlab.methods import restore_all
+
+    lm = load_lm("smollm2-135m")
+    reqs = load_requests("counterfact", limit=args.n)
+    checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= len(reqs)} | {len(reqs)})
+    wiki = (ROOT / ".." / "shared" / "data" / "wikitext" / "wikitext-2-raw-test.txt").read_text()
+    windows = text_windows(lm, wiki, n_tokens=args.ppl_tokens)
+    pre = pre_edit(lm, reqs)
+
+    def es(system, upto: int) -> float:
+        rows = evaluate_requests(system, reqs[:upto], pre)
+        return sum(r["efficacy_score"] for r in rows) / len(rows)
+
+    base = {"ppl": perplexity(lm, windows), "es": {c: es(lm, c) for c in checkpoints}}
+    print(json.dumps({"method": "unedited", **base}), flush=True)
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for method in args.methods.split(","):
+        ed = get_editor(method)
+        overrides = dict(s.split(":", 1)[1].split("=", 1) for s in args.set if s.startswith(method + ":"))
+        hp = ed.hparams(lm, **overrides)
+        prev, times, curve = None, [], []
+        t0 = time.perf_counter()
+        for i, r in enumerate(reqs, 1):
+            prev, t = timed(ed.apply, lm, r, hp, on=prev if ed.supports_on else None)
+            times.append(t)
+            if i in checkpoints:
+                system = prev.lm
+                point = (i, es(system, i), perplexity(system, windows))
+                curve.append(point)
+                line = {"method": method, "edits": i, "es_all": round(point[1], 3),
+                        "es_unedited": round(base["es"][i], 3), "ppl": round(point[2], 2),
+                        "ppl_unedited": round(base["ppl"], 2), "median_s_per_edit": round(med(times), 2),
+                        "elapsed_s": round(time.perf_counter() - t0, 1)}
+                print(json.dumps(line), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps({**line, "hparams": {k: v for k, v in hp.to_dict().items() if k != "corpus"}}) + "\n")
+        restore_all(lm)
+        curves[method] = curve
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        for m, c in curves.items():
+            a.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=m)
+            b.plot([p[0] for p in c], [p[2] for p in c], marker="o", label=m)
+        a.plot(checkpoints, [base["es"][c] for c in checkpoints], "k--", label="unedited")
+        b.axhline(base["ppl"], color="k", linestyle="--", label="unedited")
+        a.set(xlabel="edits so far", ylabel="efficacy of all edits so far", title="Efficacy (ES)")
+        b.set(xlabel="edits so far", ylabel="WikiText-2 perplexity", title="General ability", yscale="log")
+        a.legend(), b.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
