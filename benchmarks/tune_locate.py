@@ -25,7 +25,7 @@ KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "rewrite_acc
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", choices=["rome", "memit", "emmet", "alphaedit"], required=True)
+    ap.add_argument("--method", choices=["rome", "memit", "emmet", "pmet", "alphaedit"], required=True)
     ap.add_argument("--mode", choices=["single", "batch", "sequential"], default=None)
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--offset", type=int, default=0, help="first counterfact-train record used")

@@ -18,9 +18,15 @@ The null space:
   the trace, which means the same on every model. The dimension is reported in the edit's info.
 `l2_mode="relative"` scales α by tr(P K Kᵀ)/n (α is absolute in the paper, hence scale-dependent).
 
-Sequential editing: with `apply(..., on=previous)` the keys of `previous` and of the AlphaEdit edits
-directly below it are K_p. Each edit stores the keys of its requests, measured with its own update in
-place (as the reference accumulates them), as a `SolverState`; restoring an edit forgets them too.
+`l2_mode="relative"` keeps the ratio between fit and regularisation fixed, but then ‖ΔW‖ grows as the
+keys' reach into the null space ‖P k‖/‖k‖ shrinks; that reach is reported per layer and request in
+`info["solve"][layer]["key_reach"]` (the paper's absolute α bounds ‖ΔW‖ instead).
+
+Sequential editing: with `apply(..., on=previous)` the keys of `previous` and of the chain of edits it
+extends (each records the edit it was applied on, `info["extends"]`) are K_p; an AlphaEdit edit applied
+without `on=` starts a new chain. Each edit stores the keys of its requests, measured with its own update
+in place (as the reference accumulates them), as a `SolverState`; restoring an edit forgets them too.
+The running Σ K_pᵀK_p of the newest chain is kept with the LM, so each edit adds one Gram update.
 """
 
 from __future__ import annotations
@@ -52,8 +58,9 @@ class AlphaEditHparams(MultiLayerHparams):
     l2: float = 10.0  # α
     l2_mode: str = "absolute"  # 'relative': α × tr(P K Kᵀ)/n
 
-    POSITIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.POSITIVE + ("null_space_energy",)
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.NON_NEGATIVE + ("nullspace_threshold", "l2")
+    # α = 0 leaves P·KKᵀ rank-deficient: the solve returns finite garbage, so it is refused
+    POSITIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.POSITIVE + ("null_space_energy", "l2")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.NON_NEGATIVE + ("nullspace_threshold",)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # paper values: jianghoucheng/AlphaEdit hparams/AlphaEdit/*.json
@@ -65,7 +72,7 @@ class AlphaEditHparams(MultiLayerHparams):
                        "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "nullspace_threshold": 2e-2, "l2": 10.0},
         # SmolLM2-135M: MEMIT's tuned layers and value settings; the null space by energy and α relative
         # to the batch (the paper's absolute threshold and α do not transfer, see the module docstring).
-        # Values from counterfact-train only (docs/methods.md).
+        # Checked on counterfact-train only (docs/methods.md, "Presets for SmolLM2-135M").
         "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
                          "kl_factor": 0.0625, "clamp_norm_factor": 4.0, "null_space": "energy",
                          "null_space_energy": 0.99, "l2": 0.1, "l2_mode": "relative"},
@@ -97,12 +104,20 @@ def null_space_projector(cov: torch.Tensor, mode: str, threshold: float, energy:
 
 
 def projector(lm: LM, layer: int, cov: torch.Tensor, hp: AlphaEditHparams) -> torch.Tensor:
-    """The layer's projector, computed once per (statistics, null-space setting) for this LM."""
+    """The layer's projector, computed once per (statistics, null-space setting) for this LM (the
+    statistics are always the base model's). A null space of dimension 0 would make every edit a no-op
+    (absolute α) or a singular solve (relative α), so it is refused."""
     value = hp.nullspace_threshold if hp.null_space == "threshold" else hp.null_space_energy
-    key = (layer, cov.data_ptr(), tuple(cov.shape), hp.null_space, value)
+    key = (layer, hp.corpus, hp.mom2_n_tokens, hp.null_space, value)
     memo = lm.cache.setdefault("alphaedit_projectors", {})
     if key not in memo:
-        memo[key] = null_space_projector(cov, hp.null_space, hp.nullspace_threshold, hp.null_space_energy)
+        p = null_space_projector(cov, hp.null_space, hp.nullspace_threshold, hp.null_space_energy)
+        if float(torch.trace(p)) < 0.5:
+            setting = (f"nullspace_threshold={hp.nullspace_threshold}" if hp.null_space == "threshold"
+                       else f"null_space_energy={hp.null_space_energy}")
+            raise HparamsError(f"AlphaEdit: {setting} leaves no null space at layer {layer} (every direction "
+                               "carries preserved keys); raise the threshold or lower the energy")
+        memo[key] = p
     return memo[key]
 
 
@@ -114,30 +129,50 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor
     kk = k.T @ k
     if prev_kk is not None:
         kk = kk + prev_kk.double()
-    a = alpha * (float(torch.trace(p @ (k.T @ k))) / k.shape[0] if alpha_mode == "relative" else 1.0)
+    a = alpha * (float(((k @ p) * k).sum()) / k.shape[0] if alpha_mode == "relative" else 1.0)  # tr(P KᵀK)/n
     lhs = p @ kk + a * torch.eye(kk.shape[0], dtype=kk.dtype)
     return torch.linalg.solve(lhs, p @ (k.T @ r)).T, a
 
 
-def _previous_keys(on: Edit | None) -> tuple[dict[int, torch.Tensor], int]:
-    """(layer -> Σ Kᵀ K, number of edits) over `on` and the AlphaEdit edits directly below it."""
+def _chain(on: Edit) -> list[Edit]:
+    """`on` and the edits it extends, newest first: each AlphaEdit edit records the id of the edit it
+    was applied `on` (`info["extends"]`), so an edit stacked without `on=` starts a new chain."""
+    stack = on.base_lm.active_edits
+    chain, i = [on], stack.index(on)
+    while i > 0 and chain[-1].info.get("extends") == stack[i - 1].id and stack[i - 1].method == on.method:
+        i -= 1
+        chain.append(stack[i])
+    return chain
+
+
+def _keys_of(edit: Edit) -> SolverState | None:
+    return next((p for p in edit.patches if isinstance(p, SolverState) and p.name == STATE), None)
+
+
+def _gram(state: SolverState) -> dict[int, torch.Tensor]:
+    return {int(name.split(".")[1]): k.double().T @ k.double() for name, k in state.tensors.items()}
+
+
+def _add(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    return {l: a[l] + b[l] if l in a and l in b else a.get(l, b.get(l)) for l in set(a) | set(b)}
+
+
+def _previous_keys(lm: LM, on: Edit | None) -> tuple[dict[int, torch.Tensor], int]:
+    """(layer -> Σ Kᵀ K, number of edits) over `on` and the chain of edits it extends. The running sum
+    of the newest chain is kept with the LM, so a long sequence costs one Gram update per edit."""
     if on is None:
         return {}, 0
-    stack = on.base_lm.active_edits
-    run = []
-    for e in reversed(stack[: stack.index(on) + 1]):
-        if e.method != on.method:
-            break
-        run.append(e)
-    out: dict[int, torch.Tensor] = {}
-    for e in run:
-        for p in e.patches:
-            if isinstance(p, SolverState) and p.name == STATE:
-                for name, k in p.tensors.items():
-                    layer = int(name.split(".")[1])
-                    kk = k.double().T @ k.double()
-                    out[layer] = out[layer] + kk if layer in out else kk
-    return out, len(run)
+    chain = _chain(on)
+    memo = lm.cache.get("alphaedit_chain")
+    top = _keys_of(on)
+    if memo is not None and memo[0] is top and memo[2] == len(chain):
+        return memo[1], len(chain)
+    total: dict[int, torch.Tensor] = {}
+    for e in chain:
+        state = _keys_of(e)
+        if state is not None:
+            total = _add(total, _gram(state))
+    return total, len(chain)
 
 
 class AlphaEditEditor(Editor):
@@ -149,17 +184,23 @@ class AlphaEditEditor(Editor):
     def compute_patches(self, lm: LM, requests: list[EditRequest], hp: AlphaEditHparams,
                         on: Edit | None) -> tuple[list[Patch], dict[str, Any]]:
         covs = second_moments(lm, hp.layers, hp.corpus, hp.mom2_n_tokens)
-        prev, n_prev = _previous_keys(on)
+        prev, n_prev = _previous_keys(lm, on)
         diag: dict[str, Any] = {}
 
         def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
             p = projector(lm, layer, covs[layer], hp)
             upd, alpha = alphaedit_update(keys, resid, p, prev.get(layer), hp.l2, hp.l2_mode)
-            diag[str(layer)] = {"null_dim": int(round(float(torch.trace(p)))), "alpha": alpha}
+            k = keys.double()
+            # how much of the keys the null space can reach: small values mean large updates
+            reach = ((k @ p.double()).norm(dim=-1) / k.norm(dim=-1).clamp(min=1e-12)).tolist()
+            diag[str(layer)] = {"null_dim": int(round(float(torch.trace(p)))), "alpha": alpha, "key_reach": reach}
             return upd
 
         out = spread_over_layers(lm, requests, hp, solve, "AlphaEdit", final_keys=True)
         assert out.final_keys is not None
         patches: list[Patch] = [WeightDelta(name, d) for name, d in out.deltas.items()]
-        patches.append(SolverState(STATE, {f"layer.{l}": k.float() for l, k in out.final_keys.items()}))
-        return patches, {**out.info, "solve": diag, "earlier_edits_protected": n_prev}
+        state = SolverState(STATE, {f"layer.{l}": k.float() for l, k in out.final_keys.items()})
+        patches.append(state)
+        lm.cache["alphaedit_chain"] = (state, _add(prev, _gram(state)), n_prev + 1)
+        return patches, {**out.info, "solve": diag, "earlier_edits_protected": n_prev,
+                         "extends": on.id if on is not None else None}

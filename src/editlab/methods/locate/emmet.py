@@ -37,22 +37,28 @@ LAMBDA_MODES = ("absolute", "relative")
 class EMMETHparams(MultiLayerHparams):
     mom2_update_weight: float = 10000.0  # μ in C = μ·E[kkᵀ]
     emmet_lambda: float = 0.1  # λ_e on D's diagonal (batches of more than one edit)
-    emmet_lambda_mode: str = "absolute"  # "relative": λ_e × median(diag D)
+    emmet_lambda_mode: str = "relative"  # "relative": λ_e × median(diag D); "absolute" in the paper presets
+    max_cond: float = 1e12  # D worse conditioned than this is inverted with a pseudo-inverse
 
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.NON_NEGATIVE + ("emmet_lambda",)
-    POSITIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.POSITIVE + ("mom2_update_weight",)
+    POSITIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.POSITIVE + ("mom2_update_weight", "max_cond")
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # paper values: scalable-model-editing/unified-model-editing hparams/EMMET/*.json
         "gpt2-xl": {"layers": [17], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-                    "clamp_norm_factor": 0.75, "mom2_update_weight": 1000.0, "emmet_lambda": 0.1},
+                    "clamp_norm_factor": 0.75, "mom2_update_weight": 1000.0, "emmet_lambda": 0.1,
+                    "emmet_lambda_mode": "absolute"},
+        # μ 10000 as in the authors' "corrected algo hyperparameters" commit (dabbb96, Dec 2024); the
+        # repository's main branch still reads 1
         "gpt-j-6b": {"layers": [5], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-                     "clamp_norm_factor": 0.75, "mom2_update_weight": 10000.0, "emmet_lambda": 0.1},
+                     "clamp_norm_factor": 0.75, "mom2_update_weight": 10000.0, "emmet_lambda": 0.1,
+                     "emmet_lambda_mode": "absolute"},
         "llama-2-7b": {"layers": [5], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "kl_factor": 0.0625,
-                       "clamp_norm_factor": 4.0, "mom2_update_weight": 1.0, "emmet_lambda": 0.1},
-        # SmolLM2-135M: MEMIT's tuned layers and value settings (counterfact-train only, see
-        # docs/methods.md); λ_e relative to D, as the method card suggests for a model whose keys are
-        # small (‖k‖ ≈ 4–8): an absolute 0.1 would be a different regulariser on every model.
+                       "clamp_norm_factor": 4.0, "mom2_update_weight": 1.0, "emmet_lambda": 0.1,
+                       "emmet_lambda_mode": "absolute"},
+        # SmolLM2-135M: MEMIT's tuned layers and value settings; λ_e relative to D, as the method card
+        # suggests for a model whose keys are small (‖k‖ ≈ 4–8). Checked on counterfact-train only
+        # (docs/methods.md, "Presets for SmolLM2-135M").
         "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
                          "kl_factor": 0.0625, "clamp_norm_factor": 4.0, "mom2_update_weight": 10000.0,
                          "emmet_lambda": 0.1, "emmet_lambda_mode": "relative"},
@@ -65,11 +71,16 @@ class EMMETHparams(MultiLayerHparams):
 
 
 def emmet_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mu: float, lam: float,
-                 lam_mode: str = "absolute") -> tuple[torch.Tensor, dict[str, Any]]:
+                 lam_mode: str = "absolute", max_cond: float = 1e12) -> tuple[torch.Tensor, dict[str, Any]]:
     """ΔW (out, in) = Rᵀ D⁻¹ K C⁻¹ for keys K [n, in], residuals R [n, out] (rows = requests),
-    C = μ·cov, D = K C⁻¹ Kᵀ (+ λ_e I when n > 1). Float64. Returns (ΔW, diagnostics)."""
+    C = μ·cov, D = K C⁻¹ Kᵀ (+ λ_e I when n > 1). Float64. Returns (ΔW, diagnostics). D worse
+    conditioned than `max_cond` (near-duplicate keys) is inverted with a pseudo-inverse."""
     k, r = keys.double(), resid.double()
-    ckt = torch.linalg.solve(mu * cov.double(), k.T)  # C⁻¹ Kᵀ [in, n]
+    try:
+        ckt = torch.linalg.solve(mu * cov.double(), k.T)  # C⁻¹ Kᵀ [in, n]
+    except RuntimeError:
+        raise HparamsError("EMMET: the key statistics are singular; compute them over more tokens "
+                           "(mom2_n_tokens)") from None
     d = k @ ckt
     d = (d + d.T) / 2  # symmetric in exact arithmetic
     n = d.shape[0]
@@ -77,13 +88,10 @@ def emmet_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mu:
     if n > 1 and lam > 0:
         reg = lam * (float(d.diagonal().median()) if lam_mode == "relative" else 1.0)
         d = d + reg * torch.eye(n, dtype=d.dtype)
-    pinv = False
-    try:
-        x = torch.linalg.solve(d, ckt.T)  # D⁻¹ K C⁻¹ [n, in]
-    except RuntimeError:  # singular D (e.g. the same subject twice with λ_e = 0)
-        pinv = True
-        x = torch.linalg.pinv(d) @ ckt.T
-    return r.T @ x, {"lambda": reg, "pseudo_inverse": pinv, "cond_D": float(torch.linalg.cond(d))}
+    cond = float(torch.linalg.cond(d))
+    pinv = not cond < max_cond  # (near-)singular D, e.g. the same subject twice with λ_e = 0
+    x = torch.linalg.pinv(d, hermitian=True) @ ckt.T if pinv else torch.linalg.solve(d, ckt.T)  # D⁻¹ K C⁻¹ [n, in]
+    return r.T @ x, {"lambda": reg, "pseudo_inverse": pinv, "cond_D": cond}
 
 
 class EMMETEditor(Editor):
@@ -97,7 +105,7 @@ class EMMETEditor(Editor):
 
         def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
             upd, diag[str(layer)] = emmet_update(keys, resid, covs[layer], hp.mom2_update_weight, hp.emmet_lambda,
-                                                 hp.emmet_lambda_mode)
+                                                 hp.emmet_lambda_mode, hp.max_cond)
             return upd
 
         out = spread_over_layers(lm, requests, hp, solve, "EMMET")
