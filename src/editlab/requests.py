@@ -1,19 +1,31 @@
-"""`EditRequest`: one fact to edit plus optional evaluation probes. Built only through validation."""
+"""`EditRequest`: one fact to edit plus optional evaluation probes. Built only through validation.
+
+`EditRequest.create` checks everything that does not need a model (types, empty strings, NUL
+characters, a hard length cap, the subject inside the prompt, target_new != target_true). Whether a
+prompt fits a model's context can only be checked where the model is known: `check_fits(requests, lm)`
+does that (the CLI calls it before editing) and raises `PromptTooLongError`; prompts over
+`LONG_PROMPT_TOKENS` tokens pass with a warning, since each one slows every edit and evaluation.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
-from .errors import EditRequestError
+from .errors import EditRequestError, PromptTooLongError
 
 Probe = tuple[str, str]  # (prompt, expected answer)
 
 _PROBE_FIELDS = ("paraphrases", "neighborhood", "portability", "locality")
 _MAX_LEN = 10_000
+LONG_PROMPT_TOKENS = 256  # above this a prompt is accepted with a warning (slow to edit and score)
 
 
 def _clean(name: str, value: Any, *, allow_empty: bool = False) -> str:
+    if isinstance(value, float) and math.isnan(value):  # pandas' missing value in a data file
+        raise EditRequestError(f"{name} is missing (NaN)")
     if not isinstance(value, str):
         raise EditRequestError(f"{name} must be a string, got {type(value).__name__}")
     if "\x00" in value:
@@ -100,6 +112,12 @@ class EditRequest:
             extra=dict(extra or {}),
         )
 
+    def __post_init__(self) -> None:
+        # The dataclass constructor is public; refuse what `create` would refuse if it is bypassed.
+        for name in ("prompt", "subject", "target_new"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise EditRequestError(f"{name} must be a non-empty string; build requests with EditRequest.create")
+
     def with_probes(self, **probes: Sequence[Any]) -> "EditRequest":
         unknown = set(probes) - set(_PROBE_FIELDS)
         if unknown:
@@ -134,3 +152,33 @@ class EditRequest:
 
 
 make_request = EditRequest.create
+
+
+def _context_limit(lm: Any) -> int | None:
+    cfg = getattr(lm, "config", None) or getattr(getattr(lm, "model", None), "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits(requests: "EditRequest | Sequence[EditRequest]", lm: Any, reserve: int = 0) -> None:
+    """Refuse (`PromptTooLongError`) a request whose prompt plus target does not fit `lm`'s context
+    window (with `reserve` tokens left over, e.g. for generation); warn about prompts longer than
+    `LONG_PROMPT_TOKENS`. Needs the model's tokenizer, hence not part of `EditRequest.create`."""
+    reqs = [requests] if isinstance(requests, EditRequest) else list(requests)
+    base = getattr(lm, "base", lm)  # an edited system (a view) stands for its LM
+    limit = _context_limit(base)
+    for i, r in enumerate(reqs):
+        prompt_ids, target_ids = base.encode_pair(r.prompt, r.target_new)
+        n_prompt, n_target = len(prompt_ids), len(target_ids)
+        where = f"request {i}" + (f" (case {r.case_id})" if r.case_id is not None else "")
+        if limit is not None and n_prompt + n_target + reserve > limit:
+            raise PromptTooLongError(
+                f"{where}: prompt ({n_prompt} tokens) plus target ({n_target}){f' plus {reserve} to generate' if reserve else ''} "
+                f"exceeds the model's context of {limit} tokens; shorten the prompt"
+            )
+        if n_prompt > LONG_PROMPT_TOKENS:
+            warnings.warn(f"{where}: the prompt is {n_prompt} tokens long (over {LONG_PROMPT_TOKENS}); editing and "
+                          "evaluating it will be slow", stacklevel=2)

@@ -1,8 +1,15 @@
 """What the command groups share: consoles, error reporting, the quiet-warnings entry, model loading
-with a spinner, the progress-bar runner, the summary table and hyper-parameter parsing."""
+with a spinner, the progress-bar runner, the summary table, hyper-parameter parsing, and the early
+checks every command runs before anything expensive (model options, hyper-parameters, output paths).
+
+Early checks exist so that a mistake costs well under a second instead of a 20-60 s model load (or a
+whole edit): each raises a named `EditlabError`, which the CLI prints as one line with exit status 2.
+Checks that need the model itself (layer indices against the model's depth, prompt length against its
+context) run right after it is loaded, still before any edit."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import traceback
@@ -17,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from ..errors import EditlabError
+from ..errors import EditlabError, HparamsError, OptionError, OutputPathError
 from .options import HparamOptions, ModelOptions
 
 if TYPE_CHECKING:
@@ -139,10 +146,10 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise EditlabError(f"--set expects key=value, got {item!r}")
+            raise OptionError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         if not k.strip():
-            raise EditlabError(f"--set expects key=value, got {item!r}")
+            raise OptionError(f"--set expects key=value, got {item!r}")
         out[k.strip()] = v.strip()
     return out
 
@@ -153,11 +160,13 @@ def load_hparams_file(path: Path | None) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise EditlabError(f"cannot read hparams file {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise EditlabError(f"hparams file {path} must hold a mapping of key: value")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise HparamsError(f"cannot read hparams file {path}: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        raise HparamsError(f"hparams file {path} is not valid YAML: {one_line(str(e))}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise HparamsError(f"hparams file {path} must hold a mapping of name: value")
     return data
 
 
@@ -166,12 +175,82 @@ def hparam_overrides(opts: HparamOptions) -> dict[str, Any]:
     return {**load_hparams_file(opts.hparams), **parse_sets(opts.set_)}
 
 
+# Model-free bounds on hyper-parameters, by name: what no method could mean, whatever the model. The
+# model-dependent ranges (a layer index against the model's depth, ...) are each method's own
+# `Hparams.validate(lm)`, which runs once the model is loaded.
+_COUNT_BOUNDS: tuple[tuple[str, int], ...] = (
+    ("steps", 100_000), ("batch_size", 1_000_000), ("n_tokens", 10_000_000_000), ("layer", 10_000), ("rank", 100_000),
+)
+
+
+def check_hparams_early(method: str, overrides: dict[str, Any]) -> None:
+    """Names, types and model-free ranges of `overrides` for `method`, without the model: unknown
+    names and values that cannot be coerced raise `HparamsError` (from `Hparams.from_dict`); counts
+    (steps, sizes, layer indices, token counts) must be whole numbers in 0..a generous bound; list
+    fields whose default holds integers must hold integers."""
+    from ..methods import get_editor
+
+    editor = get_editor(method)
+    hp = editor.hparams_cls.from_dict(overrides)
+    defaults = type(hp)()
+    for name in overrides:
+        value, default = getattr(hp, name), getattr(defaults, name)
+        if isinstance(default, bool):
+            continue
+        if isinstance(default, (list, tuple)) and default and all(type(x) is int for x in default):
+            if not all(type(x) is int for x in value):
+                raise HparamsError(f"hyper-parameter {name}: expected a list of integers, got {value!r:.80}")
+            items = list(value)
+        elif isinstance(default, int):
+            items = [value]
+        else:
+            continue
+        for suffix, bound in _COUNT_BOUNDS:
+            if name == suffix or name.endswith("_" + suffix) or name.endswith(suffix + "s"):
+                bad = [v for v in items if not 0 <= v <= bound]
+                if bad:
+                    raise HparamsError(f"hyper-parameter {name}={bad[0]} is out of range (0..{bound:,})")
+
+
+def check_model_options(opts: ModelOptions) -> None:
+    """dtype, device (present on this machine and torch build) and model source (a registered name, a
+    local folder, a cached or allowed hub id), all without loading anything."""
+    from ..models.loading import check_model_source, resolve_device, resolve_dtype
+
+    resolve_dtype(opts.dtype)
+    resolve_device(opts.device)
+    check_model_source(opts.model, True if opts.allow_hub else None)
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """`path` can be created or overwritten as a file: not a folder, its folder exists (or can be made
+    by us) and is writable, an existing file is writable. Nothing is created here."""
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; give a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise OutputPathError(f"{option} {path} exists and is not writable")
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: cannot write in {parent}")
+
+
+def check_positive(option: str, value: int, upper: int | None = None) -> None:
+    if value < 1 or (upper is not None and value > upper):
+        raise OptionError(f"{option} must be between 1 and {upper:,}, got {value}" if upper else f"{option} must be >= 1, got {value}")
+
+
 # --- model, progress, summary ------------------------------------------------------------------------------
 def load_model(opts: ModelOptions) -> LM:
     from ..models import load_lm
 
     with console.status(f"loading {opts.model}"):
-        return load_lm(opts.model, device=opts.device, dtype=opts.dtype)
+        return load_lm(opts.model, device=opts.device, dtype=opts.dtype, allow_hub=True if opts.allow_hub else None)
 
 
 def run_with_progress(lm: LM, requests: list[Any], cfg: RunConfig, store: Store, resume: bool, label: str) -> str:

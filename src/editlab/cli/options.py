@@ -32,6 +32,9 @@ _RUN_PANEL = "Run"
 Model = Annotated[str, typer.Option(help="Model name (see `editlab models`) or local path", rich_help_panel=_MODEL_PANEL)]
 Device = Annotated[str, typer.Option(help="Device, e.g. cpu or cuda", rich_help_panel=_MODEL_PANEL)]
 Dtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16", rich_help_panel=_MODEL_PANEL)]
+AllowHub = Annotated[bool, typer.Option(
+    "--allow-hub", help="Allow downloading a model from the Hugging Face hub (also: EDITLAB_ALLOW_HUB=1)",
+    rich_help_panel=_MODEL_PANEL)]
 Method = Annotated[str, typer.Option(help="Editing method (see `editlab methods`)")]
 Methods = Annotated[str, typer.Option(help="Comma-separated editing methods (see `editlab methods`)")]
 Data = Annotated[str, typer.Option(help="Dataset name (see `editlab datasets`) or file path", rich_help_panel=_DATA_PANEL)]
@@ -77,6 +80,7 @@ class ModelOptions(OptionGroup):
     model: Model = DEFAULT_MODEL
     device: Device = "cpu"
     dtype: Dtype = "float32"
+    allow_hub: AllowHub = False
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""`editlab export | report`: what a result database holds, as CSV/JSON rows or one HTML report."""
+"""`editlab export | report`: what a result database holds, as CSV/JSON rows or one HTML report.
+
+Both only read: the database is opened read-only (`Store.open_readonly`), so a missing, empty or
+foreign file is refused and never turned into a store, and a damaged one gives the recovery step. The
+output file is checked writable before the database is read."""
 
 from __future__ import annotations
 
@@ -7,16 +11,26 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import EditlabError
-from .common import console, write_out
+from ..errors import EditlabError, OptionError, OutputPathError
+from .common import check_output_file, console, write_out
 
 DbArg = Annotated[Path, typer.Argument(help="Result database")]
 
 
 def _existing(db: Path) -> Path:
-    if not db.exists():
-        raise EditlabError(f"database {db} does not exist")
+    """`db` if it is a readable editlab store (checked by opening it read-only), else the named error."""
+    from ..runner import Store
+
+    Store.open_readonly(db).close()
     return db
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def records_as_text(records: list[dict[str, Any]], format: str) -> str:
@@ -35,7 +49,7 @@ def records_as_text(records: list[dict[str, Any]], format: str) -> str:
         w.writeheader()
         w.writerows(records)
         return buf.getvalue()
-    raise EditlabError(f"unknown export format {format!r}; use csv or json")
+    raise OptionError(f"unknown export format {format!r}; use csv or json")
 
 
 def export(
@@ -46,10 +60,15 @@ def export(
     """Write every row with its metrics as CSV or JSON."""
     from ..runner import Store
 
-    records = Store(_existing(db)).export_records()
+    if format not in ("csv", "json"):
+        raise OptionError(f"unknown export format {format!r}; use csv or json")
+    if out:
+        check_output_file(out, "-o")
+    with Store.open_readonly(db) as store:
+        records = store.export_records()
     text = records_as_text(records, format)
     if out:
-        out.write_text(text)
+        _write(out, text)
         console.print(f"wrote {len(records)} rows to {out}")
     else:
         write_out(text)
@@ -63,5 +82,11 @@ def report(
     """Write one self-contained HTML report (tables and embedded plots)."""
     from ..report import write_report
 
-    path = write_report(_existing(db), out, title)
+    check_output_file(out, "-o")
+    try:
+        path = write_report(_existing(db), out, title)
+    except EditlabError:
+        raise
+    except OSError as e:  # the output could still fail (disk full, a race); name it
+        raise OutputPathError(f"cannot write report {out}: {e.strerror or e}") from None
     console.print(f"wrote {path}")

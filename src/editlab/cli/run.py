@@ -1,4 +1,8 @@
-"""`editlab eval | compare | demo`: runs of one or several methods over a dataset, stored in SQLite."""
+"""`editlab eval | compare | demo`: runs of one or several methods over a dataset, stored in SQLite.
+
+Order of work, cheapest first, so that any user mistake is reported before the model is loaded:
+options and hyper-parameters, the data file, the run plan against the number of requests, the
+database; then the model, then (with the model) the prompts' length against its context."""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..errors import EditlabError
+from ..errors import EditlabError, OptionError
 from . import options
-from .common import console, err_console, hparam_overrides, load_model, run_with_progress, summary_table, user_warnings_reported
+from .common import (check_hparams_early, check_model_options, check_output_file, check_positive, console, err_console,
+                     hparam_overrides, load_model, run_with_progress, summary_table, user_warnings_reported)
 from .options import DataOptions, HparamOptions, ModelOptions, RunOptions, with_option_groups
 
 if TYPE_CHECKING:
@@ -20,35 +25,53 @@ def parse_checkpoints(text: str | None) -> list[int]:
     if not text:
         return []
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        points = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise EditlabError(f"--checkpoints expects comma-separated integers, got {text!r}") from None
+        raise OptionError(f"--checkpoints expects comma-separated integers, got {text!r}") from None
+    bad = [c for c in points if c < 1]
+    if bad:
+        raise OptionError(f"--checkpoints must be numbers of edits >= 1, got {bad[0]}")
+    return points
 
 
 def read_ppl_text(path: Path | None) -> str:
     """The text whose perplexity a sequential run tracks: the file given, else the built-in corpus."""
     if path is not None:
         try:
-            return path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise EditlabError(f"cannot read {path}: {e}") from None
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EditlabError(f"cannot read --ppl-text {path}: {getattr(e, 'strerror', None) or e}") from None
+        if not text.strip():
+            raise EditlabError(f"--ppl-text {path} is empty")
+        return text
     from ..stats import get_corpus
 
     return "\n\n".join(get_corpus().texts[:5])
+
+
+MAX_BATCH_SIZE = 100_000
 
 
 def run_configs(methods: list[str], data: DataOptions, hp: HparamOptions, run: RunOptions) -> list[RunConfig]:
     """One `RunConfig` per method from the shared options; every user mistake here raises before any
     model is loaded (the built-in corpus for perplexity is read only when no --ppl-text is given)."""
     from ..methods import get_editor
-    from ..runner import RunConfig
+    from ..runner import MODES, RunConfig
 
     if not methods:
         raise EditlabError("no method given; name at least one (see `editlab methods`)")
-    for m in methods:
-        get_editor(m)
+    if run.mode not in MODES:
+        raise OptionError(f"unknown --mode {run.mode!r}; use one of {', '.join(MODES)}")
+    check_positive("--batch-size", run.batch_size, MAX_BATCH_SIZE)
     overrides = hparam_overrides(hp)
+    for m in methods:
+        editor = get_editor(m)
+        if run.mode == "batch" and run.batch_size > 1 and not editor.supports_batch:
+            raise OptionError(f"method {m!r} edits one request at a time; use --mode single or a batch method")
+        check_hparams_early(m, overrides)
     checkpoints = parse_checkpoints(run.checkpoints)
+    if checkpoints and run.mode != "sequential":
+        raise OptionError("--checkpoints applies to --mode sequential only")
     text = read_ppl_text(run.ppl_text) if run.mode == "sequential" else None
     return [RunConfig(method=m, mode=run.mode, dataset=data.data, batch_size=run.batch_size, checkpoints=list(checkpoints),
                       hparams=dict(overrides), seed=run.seed, generation=run.generation, fluency=run.fluency, ppl_text=text)
@@ -60,13 +83,22 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
     from ..data import load_requests
     from ..runner import Store
 
+    from ..requests import check_fits
+
+    check_model_options(model)
     configs = run_configs(methods, data, hp, run)
+    if data.limit is not None:
+        check_positive("--limit", data.limit)
     with user_warnings_reported():
         requests = load_requests(data.data, limit=data.limit, format=data.format)
+    for cfg in configs:  # mode, batch size and checkpoints against the number of requests
+        cfg.validate(len(requests))
     store = Store(run.db)
     run_ids: list[str] = []
     try:
         lm = load_model(model)
+        with user_warnings_reported():
+            check_fits(requests, lm)
         for cfg in configs:
             run_ids.append(run_with_progress(lm, requests, cfg, store, run.resume, f"{cfg.method} ({cfg.mode})"))
     except KeyboardInterrupt:
@@ -104,7 +136,16 @@ def demo(
     from ..report import write_report
     from ..runner import RunConfig, Store
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_positive("--n", n, 10_000)
+    check_positive("--sequential", sequential, 10_000)
+    check_model_options(ModelOptions(model=model))
+    if out.exists() and not out.is_dir():
+        raise EditlabError(f"--out {out} is a file; give a folder for runs.db and report.html")
+    check_output_file(out / "report.html", "--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EditlabError(f"cannot create --out folder {out}: {e.strerror or e}") from None
     db = out / "runs.db"
     try:
         store = Store(db)

@@ -53,6 +53,14 @@ def field(rec: dict[str, Any], *keys: str, path: Path | str, index: int) -> Any:
     return cur
 
 
+def text_field(rec: dict[str, Any], key: str, *, path: Path | str, index: int) -> str:
+    """rec[key] as a string, or a DataFormatError naming the file, record and field."""
+    value = field(rec, key, path=path, index=index)
+    if not isinstance(value, str):
+        raise DataFormatError(f"{path}: record {index} field {key!r} is a {type(value).__name__}, not a string")
+    return value
+
+
 def first_str(value: Any) -> str | None:
     """First string in a value that may be a string, a list of strings or nested lists."""
     while isinstance(value, list):

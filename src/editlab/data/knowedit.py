@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..requests import EditRequest
-from .io import field, first_str
+from .io import field, first_str, text_field
 
 
 def _probe_list(block: Any) -> list[tuple[str, str]]:
@@ -38,8 +38,8 @@ def knowedit(rec: dict[str, Any], path: Path | str, i: int) -> EditRequest:
 
 
 def wikibio(rec: dict[str, Any], path: Path | str, i: int) -> EditRequest:
-    text = field(rec, "text", path=path, index=i)
-    labels = field(rec, "labels", path=path, index=i)
-    concept = field(rec, "concept", path=path, index=i)
+    text = text_field(rec, "text", path=path, index=i)
+    labels = text_field(rec, "labels", path=path, index=i)
+    concept = text_field(rec, "concept", path=path, index=i)
     subject = concept if concept in text else next((w for w in [concept.title()] if w in text), concept)
     return EditRequest.create(text, subject, labels, None, rec.get("case_id", i), locality=_probe_list(rec.get("locality")))

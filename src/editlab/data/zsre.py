@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import EditRequestError
 from ..requests import EditRequest
-from .io import field, first_str
+from .io import field, first_str, text_field
 
 
 def _locate_subject(prompt: str, subject: str, path: Path | str, i: int) -> str:
@@ -22,12 +22,12 @@ def _locate_subject(prompt: str, subject: str, path: Path | str, i: int) -> str:
 
 
 def zsre_mend(rec: dict[str, Any], path: Path | str, i: int) -> EditRequest:
-    src = field(rec, "src", path=path, index=i)
-    subject = _locate_subject(src, field(rec, "subject", path=path, index=i), path, i)
-    new = field(rec, "alt", path=path, index=i)
+    src = text_field(rec, "src", path=path, index=i)
+    subject = _locate_subject(src, text_field(rec, "subject", path=path, index=i), path, i)
+    new = text_field(rec, "alt", path=path, index=i)
     true = first_str(rec.get("answers"))
     loc = []
-    if rec.get("loc") and rec.get("loc_ans"):
+    if isinstance(rec.get("loc"), str) and rec.get("loc_ans"):
         q = rec["loc"]
         q = q[len("nq question: "):] if q.startswith("nq question: ") else q
         loc.append((q, rec["loc_ans"]))

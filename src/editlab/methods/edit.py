@@ -10,26 +10,36 @@ form a stack (`lm.active_edits`, oldest first):
 - `edit.lm` is the edited system that evaluation scores: the view of the top view patch, built over the
   system of the edit below, or the LM itself when no edit installed a view.
 
-`save(dir)` writes `patches.safetensors` and the JSON manifest `edit.json` (format 2: method, hparams,
-requests, the exact base fingerprint, the edits below it, each patch's kind and config, the tensor file's
-SHA-256, the learned editor's checkpoint hash). `Edit.load(dir, lm)` re-applies it and refuses another
-base model, another stack of edits below, or a damaged file. Format-1 folders (dense deltas keyed by
-parameter name in `deltas.safetensors`) still load.
+`save(dir)` writes `patches.safetensors` and the JSON manifest `edit.json` (format 3: method, hparams,
+requests, the exact base fingerprint, the edits below it, each patch's kind and config, the learned
+editor's checkpoint hash, and for integrity the tensor file's size and SHA-256 plus, per tensor, the
+parameter/module it belongs to, its shape, dtype and the SHA-256 of its bytes; the tensor file's own
+header repeats which parameter each tensor belongs to). The folder is written beside its final place
+and renamed into it, so a crash leaves the old save or none, never half of one.
+
+`Edit.load(dir, lm)` verifies all of that before anything touches the weights and refuses, with
+`EditIntegrityError`, a missing or truncated file, a changed byte, scaled values, a tensor moved to
+another parameter, or a manifest that contradicts the file; with `EditMismatchError`, another base model
+or another stack of edits below. Format-2 folders (whole-file hash only) load after that check;
+format-1 folders (dense deltas keyed by parameter name in `deltas.safetensors`, no hashes) load with a
+warning that they cannot be verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..errors import EditMismatchError, EditStackError
-from ..fileio import sha256_file, temp_path_in, write_text_atomic
+from ..errors import EditIntegrityError, EditMismatchError, EditStackError, OutputPathError
+from ..fileio import atomic_dir, sha256_file
 from ..models.lm import LM
 from ..requests import EditRequest
 from .patches import PATCH_TYPES, LowRank, Patch, ViewPatch, WeightDelta, unwind_weights
@@ -37,7 +47,10 @@ from .patches import PATCH_TYPES, LowRank, Patch, ViewPatch, WeightDelta, unwind
 MANIFEST = "edit.json"
 TENSORS = "patches.safetensors"
 TENSORS_V1 = "deltas.safetensors"
-FORMAT = 2
+FORMAT = 3
+LOADABLE_FORMATS = (1, 2, 3)
+# Files an edit folder may hold; a folder with anything else is not overwritten by `save`.
+EDIT_FILES = {MANIFEST, TENSORS, TENSORS_V1}
 
 
 class Edit:
@@ -162,55 +175,61 @@ class Edit:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the patches and the manifest into `directory` (created if needed). Each file is written
-        to a temporary name and renamed, the manifest last, so a crash never leaves a folder that loads."""
+        """Write the patches and the manifest into `directory`, atomically: everything is written into a
+        temporary folder beside it, then renamed into place. An existing edit folder is replaced; any
+        other non-empty folder (or a file) is refused with `OutputPathError` before anything is written."""
         from safetensors.torch import save_file
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        check_save_target(d)
         tensors: dict[str, torch.Tensor] = {}
+        table: dict[str, dict[str, Any]] = {}
         entries = []
         for i, p in enumerate(self.patches):
             ts, cfg = p.state()
             entries.append({"kind": p.kind, "config": cfg, "tensors": sorted(ts)})
             for k, t in ts.items():
-                tensors[f"{i}/{k}"] = t.contiguous().cpu()
+                key = f"{i}/{k}"
+                tensors[key] = t.contiguous().cpu()
+                table[key] = {"target": _patch_target(p.kind, cfg), **tensor_record(tensors[key])}
         manifest = self.manifest()
         manifest["patches"] = entries
         manifest["hparams"] = _jsonable(manifest["hparams"])
+        manifest["tensors"] = table
         json.dumps(manifest)  # fails here, before any file is written, if something is not serialisable
-        tmp_t = temp_path_in(d, TENSORS)
+        header = {"editlab_format": str(FORMAT), "editlab_targets": json.dumps({k: v["target"] for k, v in table.items()},
+                                                                                sort_keys=True)}
         try:
-            save_file(tensors, str(tmp_t))
-            manifest["tensors_sha256"] = sha256_file(tmp_t)
-            os.replace(tmp_t, d / TENSORS)
-        finally:
-            tmp_t.unlink(missing_ok=True)
-        write_text_atomic(d / MANIFEST, json.dumps(manifest, indent=2))
+            with atomic_dir(d) as tmp:
+                save_file(tensors, str(tmp / TENSORS), metadata=header)
+                manifest["tensors_sha256"] = sha256_file(tmp / TENSORS)
+                manifest["tensors_bytes"] = (tmp / TENSORS).stat().st_size
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        except OSError as e:
+            raise OutputPathError(f"cannot save the edit to {d}: {e.strerror or e}") from None
         return d
 
     @classmethod
     def load(cls, directory: str | Path, lm: LM) -> "Edit":
         """Re-apply a saved edit to `lm`, which must be the base model it was made on, carrying exactly
-        the edits that were below it when it was saved."""
+        the edits that were below it when it was saved. Every file is verified first (see the module
+        docstring); nothing is applied unless all checks pass."""
         from safetensors.torch import load_file
 
         lm = getattr(lm, "base", lm)  # an edited system (a view) stands for its LM
         d = Path(directory)
-        try:
-            manifest = json.loads((d / MANIFEST).read_text())
-        except (OSError, ValueError) as e:
-            raise EditMismatchError(f"{d / MANIFEST} is missing or not valid JSON: {e}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") not in (1, FORMAT):
-            raise EditMismatchError(f"{d / MANIFEST}: unknown edit format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
-        below = list(manifest.get("below", []))
+        manifest = read_manifest(d)
+        fmt = manifest["format"]
+        below = manifest.get("below", [])
+        if not isinstance(below, list):
+            raise EditIntegrityError(f"{d / MANIFEST}: 'below' must be a list of edit ids")
         current_below = [e.id for e in lm.active_edits]
         if below != current_below:
             raise EditMismatchError(
                 f"edit in {d} was saved on top of {len(below)} other edit(s), but the model now carries "
                 f"{len(current_below)} different edit(s); restore the model (or load the edits below first)"
             )
-        if manifest["format"] == 1:  # format-1 files carry the earlier (sampled) fingerprint scheme
+        if fmt == 1:  # format-1 files carry the earlier (sampled) fingerprint scheme
             from ..models.lm import model_fingerprint_v1
 
             current = model_fingerprint_v1(lm.model) if not lm.active_edits else None
@@ -223,27 +242,145 @@ class Edit:
             )
         try:
             requests = [EditRequest.from_dict(r) for r in manifest.get("requests", [])]
-            if manifest["format"] == 1:
-                patches: list[Patch] = [WeightDelta(n, t) for n, t in sorted(load_file(str(d / TENSORS_V1)).items())]
+            if fmt == 1:
+                warnings.warn(f"{d} is a format-1 edit without checksums: its tensors cannot be verified; save it "
+                              "again to upgrade it", stacklevel=2)
+                tfile = d / TENSORS_V1
+                if not tfile.is_file():
+                    raise EditIntegrityError(f"{tfile} is missing; the saved edit is incomplete")
+                patches: list[Patch] = [WeightDelta(n, t) for n, t in sorted(load_file(str(tfile)).items())]
             else:
-                tfile = d / TENSORS
-                if sha256_file(tfile) != manifest["tensors_sha256"]:
-                    raise EditMismatchError(f"{tfile} does not match its checksum in {MANIFEST} (damaged or replaced file)")
-                flat = load_file(str(tfile))
+                flat = verify_tensors(d, manifest)
                 patches = []
                 for i, entry in enumerate(manifest["patches"]):
-                    kind = entry["kind"]
+                    if not isinstance(entry, dict):
+                        raise EditIntegrityError(f"{d / MANIFEST}: patch {i} is not an object")
+                    kind = entry.get("kind")
                     if kind not in PATCH_TYPES:
-                        raise EditMismatchError(f"{d / MANIFEST}: unknown patch kind {kind!r}")
+                        raise EditIntegrityError(f"{d / MANIFEST}: unknown patch kind {kind!r}")
                     ts = {k: flat[f"{i}/{k}"] for k in entry.get("tensors", [])}
                     patches.append(PATCH_TYPES[kind].from_state(ts, entry.get("config", {}), lm))
         except EditMismatchError:
             raise
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise EditMismatchError(f"saved edit in {d} is incomplete or damaged: {type(e).__name__}: {e}") from None
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+            raise EditIntegrityError(f"saved edit in {d} is incomplete or damaged: {type(e).__name__}: {e}") from None
+        if not isinstance(manifest.get("method"), str) or not isinstance(manifest.get("hparams", {}), dict):
+            raise EditIntegrityError(f"{d / MANIFEST}: 'method' must be a name and 'hparams' a mapping")
         return cls.install(lm, manifest["method"], manifest.get("hparams", {}), requests, patches,
-                           manifest.get("info", {}), edit_id=manifest.get("id"),
-                           checkpoint_sha256=manifest.get("checkpoint_sha256"))
+                           manifest.get("info", {}) if isinstance(manifest.get("info"), dict) else {},
+                           edit_id=manifest.get("id"), checkpoint_sha256=manifest.get("checkpoint_sha256"))
+
+
+# ------------------------------------------------------------------------- integrity of saved edits
+def check_save_target(d: Path) -> None:
+    """Raise `OutputPathError` unless `save` may write an edit folder at `d`: absent, an empty folder
+    or an earlier edit folder (replaced), with a writable parent. Cheap; the CLI calls it before
+    editing so that `--save` fails before the work, not after."""
+    if d.exists() and not d.is_dir():
+        raise OutputPathError(f"cannot save the edit to {d}: it is a file, not a folder")
+    if d.is_dir():
+        # Our own leftovers (temporary files of an interrupted format-2 save) may go; nothing else.
+        ours = tuple(f".{name}." for name in EDIT_FILES)
+        foreign = sorted(p.name for p in d.iterdir() if p.name not in EDIT_FILES and not p.name.startswith(ours))
+        if foreign:
+            raise OutputPathError(f"cannot save the edit to {d}: the folder holds other files ({', '.join(foreign[:3])}); "
+                                  "give a new or empty folder")
+    parent = d.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot save the edit to {d}: {parent} is not a writable folder")
+
+
+def tensor_record(t: torch.Tensor) -> dict[str, Any]:
+    """Shape, dtype and SHA-256 of a tensor's bytes (as stored: contiguous, little-endian)."""
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _patch_target(kind: str, config: Any) -> str:
+    """What a patch changes (a parameter name, a module path, a view type), as recorded per tensor."""
+    if isinstance(config, dict):
+        for key in ("parameter", "path", "view"):
+            if isinstance(config.get(key), str):
+                return config[key]
+    return str(kind)
+
+
+def read_manifest(d: Path) -> dict[str, Any]:
+    """The parsed `edit.json` of a saved edit, with a known format; `EditIntegrityError` otherwise."""
+    if not d.is_dir():
+        raise EditIntegrityError(f"saved edit {d} does not exist or is not a folder")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EditIntegrityError(f"{d / MANIFEST} is missing: {d} is not a saved edit (or its save did not finish)") from None
+    except (OSError, ValueError) as e:
+        raise EditIntegrityError(f"{d / MANIFEST} is not valid JSON (damaged or truncated): {e}") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if isinstance(fmt, bool) or fmt not in LOADABLE_FORMATS:
+        raise EditIntegrityError(f"{d / MANIFEST}: unknown edit format {fmt!r} (this editlab reads formats "
+                                 f"{', '.join(map(str, LOADABLE_FORMATS))})")
+    return manifest
+
+
+def verify_tensors(d: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Load `patches.safetensors` after checking it against the manifest: presence, size, whole-file
+    SHA-256, then (format 3) the same tensor names, and for each its target parameter (in the manifest,
+    the patch config and the file's own header), shape, dtype and the SHA-256 of its bytes."""
+    from safetensors import safe_open
+
+    tfile = d / TENSORS
+    if not tfile.is_file():
+        raise EditIntegrityError(f"{tfile} is missing; the saved edit is incomplete")
+    size = tfile.stat().st_size
+    expected_size = manifest.get("tensors_bytes")
+    if expected_size is not None and size != expected_size:
+        raise EditIntegrityError(f"{tfile} is {size} bytes but {MANIFEST} records {expected_size} "
+                                 f"({'truncated' if isinstance(expected_size, int) and size < expected_size else 'altered'} file)")
+    if sha256_file(tfile) != manifest.get("tensors_sha256"):
+        raise EditIntegrityError(f"{tfile} does not match its checksum in {MANIFEST} (damaged or replaced file)")
+    try:
+        with safe_open(str(tfile), framework="pt") as f:
+            header = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise EditIntegrityError(f"{tfile} cannot be read as safetensors: {type(e).__name__}: {e}") from None
+    if manifest["format"] == 2:
+        return flat
+    table = manifest.get("tensors")
+    patches = manifest.get("patches")
+    if not isinstance(table, dict) or not isinstance(patches, list):
+        raise EditIntegrityError(f"{d / MANIFEST} lacks the per-tensor records of format 3")
+    if set(table) != set(flat):
+        raise EditIntegrityError(f"{MANIFEST} and {TENSORS} list different tensors: only in the manifest "
+                                 f"{sorted(set(table) - set(flat))[:3]}, only in the file {sorted(set(flat) - set(table))[:3]}")
+    try:
+        header_targets = json.loads(header.get("editlab_targets", "{}"))
+    except ValueError:
+        raise EditIntegrityError(f"{tfile}: its header's target list is not valid JSON") from None
+    for i, entry in enumerate(patches):
+        if not isinstance(entry, dict) or not isinstance(entry.get("tensors", []), list):
+            raise EditIntegrityError(f"{d / MANIFEST}: patch {i} is malformed")
+        target = _patch_target(str(entry.get("kind")), entry.get("config"))
+        for k in entry.get("tensors", []):
+            key = f"{i}/{k}"
+            rec = table.get(key)
+            if not isinstance(rec, dict):
+                raise EditIntegrityError(f"{d / MANIFEST}: patch {i} names tensor {k!r}, which has no record")
+            if rec.get("target") != target or header_targets.get(key) != target:
+                raise EditIntegrityError(
+                    f"{d}: tensor {key} belongs to {header_targets.get(key)!r} in the file and to {rec.get('target')!r} in "
+                    f"the manifest's record, but patch {i} applies it to {target!r} (tensor moved to another parameter)")
+    for key, rec in table.items():
+        actual = tensor_record(flat[key])
+        for field in ("shape", "dtype", "sha256"):
+            if not isinstance(rec, dict) or rec.get(field) != actual[field]:
+                raise EditIntegrityError(
+                    f"{d}: tensor {key} ({rec.get('target') if isinstance(rec, dict) else '?'}) has {field} {actual[field]!r:.80} "
+                    f"but {MANIFEST} records {rec.get(field) if isinstance(rec, dict) else None!r:.80} (altered tensor or manifest)")
+    return flat
 
 
 def restore_all(lm: LM) -> None:

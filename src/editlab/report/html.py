@@ -131,7 +131,7 @@ th{background:#fafbfc;font-weight:600;color:#57606a}td.best{font-weight:700;colo
 
 
 def write_report(db: str | Path, out: str | Path, title: str = "editlab report") -> Path:
-    store = Store(db)
+    store = Store.open_readonly(db)
     summaries, sequences = aggregate(store)
     runs = store.runs()
     esc = html.escape
