@@ -339,6 +339,9 @@ METHODS.register("alphaedit", "AlphaEdit: MEMIT-style update projected onto the 
                                "clamp_norm_factor": 10.0, "null_space": "energy", "null_space_energy": 0.9,
                                "l2": 0.1, "l2_mode": "relative", "mom2_n_tokens": 300},
                  tiny_min_gain=None)
+METHODS.register("kn", "KN: knowledge neurons by integrated gradients; shifts their value vectors",
+                 lazy("editlab.methods.locate.kn:KNEditor"), family="locate-and-edit",
+                 tiny_hparams={"layers": [0, 1, 2, 3], "ig_steps": 20, "batch_size": 160}, tiny_min_gain=None)
 
 
 def available_methods() -> dict[str, str]:

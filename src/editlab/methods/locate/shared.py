@@ -155,7 +155,7 @@ def capture_at_subject(
     return {path: torch.cat(v).reshape(len(requests), len(templates), -1) for path, v in rows_out.items()}
 
 
-class _SuffixRunner:
+class SuffixRunner:
     """Runs many sequences whose tokens before `edit_pos` never change: the prefixes are computed
     once (left-padded, no grad) into a KV cache; each call runs only the suffixes from the edit
     position on, attending to a copy of that cache. Exact: causal attention means prefix states do
@@ -315,7 +315,7 @@ def optimize_values(
     result = torch.zeros(n, n_p, dim)
     history: list[list[float]] = []
     req_rows = {r: [i for i, q in enumerate(row_req) if q == r] for r in range(n)}
-    runner = _SuffixRunner(lm, rows_ids, row_edit_pos) if cfg.prefix_cache else None
+    runner = SuffixRunner(lm, rows_ids, row_edit_pos) if cfg.prefix_cache else None
 
     for step in range(cfg.steps):
         rows = [i for r in active for i in req_rows[r]]
