@@ -1,5 +1,6 @@
 """Quality on the first N records of counterfact_portability_gpt4.json with SmolLM2-135M:
-single edits (edit, evaluate, restore) for ROME / FT-L / FT-M, and MEMIT with all N edits in one batch.
+single edits (edit, evaluate, restore) for ROME / FT-L / FT-M / KN, and MEMIT / EMMET / PMET / AlphaEdit with
+all N edits in one batch.
 Every metric is printed beside the unedited model's value on the same records. The presets were tuned
 on `counterfact-train` records, disjoint from these.
 
@@ -22,6 +23,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--n-ft", type=int, default=50, help="records for the (slow) fine-tuning baselines")
     ap.add_argument("--methods", default="rome,memit,ft,ft-m")
+    ap.add_argument("--batch-methods", default="memit,emmet,pmet,alphaedit",
+                    help="methods that edit all records in one batch (the others edit one record at a time)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", action="append", default=[], help="method.key=value hparam override")
     args = ap.parse_args()
@@ -47,7 +50,7 @@ def main() -> None:
         ed = get_editor(method)
         hp = ed.hparams(lm, **overrides.get(method, {}))
         subset = reqs[: args.n_ft] if method.startswith("ft") else reqs
-        if method == "memit":
+        if method in args.batch_methods.split(","):
             e, t = timed(ed.apply, lm, subset, hp)
             rows = evaluate_requests(e.lm, subset, pre)
             e.restore()

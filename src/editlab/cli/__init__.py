@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import typer
 
-from . import edit, listing, results, run
+from . import edit, listing, results, run, trace
 from .common import EditlabGroup
 from .options import Debug
 
@@ -40,6 +40,7 @@ app.command("demo")(run.demo)
 app.command("methods")(listing.methods)
 app.command("models")(listing.models)
 app.command("datasets")(listing.datasets)
+app.command("trace")(trace.trace)
 
 
 def main() -> None:
