@@ -79,6 +79,16 @@ class Hparams:
         if not 0 <= layer < lm.n_layers:
             raise HparamsError(f"{name}={layer} is out of range: {lm.name} has layers 0..{lm.n_layers - 1}")
 
+    @classmethod
+    def _check_layers(cls, name: str, layers: list[int], lm: LM) -> None:
+        """A non-empty, strictly increasing list of layers of `lm`."""
+        if not layers:
+            raise HparamsError(f"{name} must name at least one layer")
+        for l in layers:
+            cls._check_layer(name, l, lm)
+        if sorted(set(layers)) != list(layers):
+            raise HparamsError(f"{name} must be strictly increasing, got {layers}")
+
     @staticmethod
     def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         if value < 0 or (value == 0 and not allow_zero):

@@ -83,12 +83,7 @@ class KNHparams(Hparams):
         return {"layers": list(range(lm.n_layers))}
 
     def validate(self, lm: LM) -> None:
-        if not self.layers:
-            raise HparamsError("layers must name at least one layer")
-        for l in self.layers:
-            self._check_layer("layers", l, lm)
-        if sorted(set(self.layers)) != list(self.layers):
-            raise HparamsError(f"layers must be strictly increasing, got {self.layers}")
+        self._check_layers("layers", self.layers, lm)
         if self.ig_steps < PAPER_MIN_IG_STEPS:
             raise HparamsError(
                 f"ig_steps must be >= {PAPER_MIN_IG_STEPS} (the paper's M), got {self.ig_steps}: fewer steps "

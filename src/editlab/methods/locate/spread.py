@@ -58,12 +58,7 @@ class MultiLayerHparams(LocateHparams):
         return {"layers": list(range(first, min(n, first + 5)))}
 
     def validate(self, lm: LM) -> None:
-        if not self.layers:
-            raise HparamsError("layers must name at least one layer")
-        for l in self.layers:
-            self._check_layer("layers", l, lm)
-        if sorted(set(self.layers)) != list(self.layers):
-            raise HparamsError(f"layers must be strictly increasing, got {self.layers}")
+        self._check_layers("layers", self.layers, lm)
         parse_template_groups(self.context_templates)
         for name in self.POSITIVE:
             self._check_positive(name, getattr(self, name))
