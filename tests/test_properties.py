@@ -310,3 +310,17 @@ def test_saving_over_an_earlier_save_replaces_it_and_a_failed_save_keeps_it(save
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the old save, untouched
     assert not [p for p in d.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     assert _load_or_refuse(lm, d, edited_fp) == "loaded"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m: m.__setitem__("patches", []),  # found by the property test above: loaded as an empty edit
+    lambda m: m["patches"].pop(),
+    lambda m: m["patches"][0]["config"].__setitem__("extra", 1),
+])
+def test_a_manifest_whose_patch_list_changed_is_refused(saved, tmp_path, mutate):
+    lm, folder, edited_fp = saved
+    d = _copy(folder, tmp_path)
+    manifest = json.loads((d / "edit.json").read_text())
+    mutate(manifest)
+    (d / "edit.json").write_text(json.dumps(manifest))
+    assert _load_or_refuse(lm, d, edited_fp) == "refused"

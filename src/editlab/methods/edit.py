@@ -198,7 +198,10 @@ class Edit:
         manifest["tensors"] = table
         json.dumps(manifest)  # fails here, before any file is written, if something is not serialisable
         header = {"editlab_format": str(FORMAT), "editlab_targets": json.dumps({k: v["target"] for k, v in table.items()},
-                                                                                sort_keys=True)}
+                                                                                sort_keys=True),
+                  # the patch list (kinds and configs) lives in the manifest; its digest in the tensor file,
+                  # whose own checksum is in the manifest, ties the two together
+                  "editlab_patches_sha256": _patches_digest(manifest["patches"])}
         try:
             with atomic_dir(d) as tmp:
                 save_file(tensors, str(tmp / TENSORS), metadata=header)
@@ -325,6 +328,10 @@ def read_manifest(d: Path) -> dict[str, Any]:
     return manifest
 
 
+def _patches_digest(patches: Any) -> str:
+    return hashlib.sha256(json.dumps(patches, sort_keys=True).encode()).hexdigest()
+
+
 def verify_tensors(d: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Load `patches.safetensors` after checking it against the manifest: presence, size, whole-file
     SHA-256, then (format 3) the same tensor names, and for each its target parameter (in the manifest,
@@ -356,6 +363,15 @@ def verify_tensors(d: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]
     if set(table) != set(flat):
         raise EditIntegrityError(f"{MANIFEST} and {TENSORS} list different tensors: only in the manifest "
                                  f"{sorted(set(table) - set(flat))[:3]}, only in the file {sorted(set(flat) - set(table))[:3]}")
+    digest = header.get("editlab_patches_sha256")
+    if digest is not None and digest != _patches_digest(patches):
+        raise EditIntegrityError(f"{d / MANIFEST}: its patch list (kinds, configs, tensor names) is not the one saved "
+                                 f"with {TENSORS} (altered manifest)")
+    named = {f"{i}/{k}" for i, e in enumerate(patches) if isinstance(e, dict) and isinstance(e.get("tensors"), list)
+             for k in e["tensors"]}
+    if named != set(table):
+        raise EditIntegrityError(f"{d / MANIFEST}: its patches use tensors {sorted(named)[:3]} but the file holds "
+                                 f"{sorted(table)[:3]} (a patch was removed or renamed)")
     try:
         header_targets = json.loads(header.get("editlab_targets", "{}"))
     except ValueError:
