@@ -21,6 +21,17 @@ def timed(fn, *args, **kw):
     return out, time.perf_counter() - t
 
 
+def emit_json_line(record: dict, out: str | None = None) -> None:
+    """Print one result as a JSON line and append it to `out` (a JSON-lines file) when given."""
+    import json
+
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 

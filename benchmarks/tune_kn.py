@@ -17,10 +17,9 @@ per record sees little of that. One JSON line per setting is printed and appende
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from common import med, timed
+from common import emit_json_line, med, timed
 
 KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_magnitude", "rewrite_acc",
         "rephrase_acc", "locality_acc"]
@@ -128,11 +127,7 @@ def main() -> None:
             "total_s": round(time.perf_counter() - t0, 1),
             "median_s_per_edit_uncached": round(med(uncached), 2) if uncached else None,
         }
-        line = json.dumps(res)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit_json_line(res, args.out)
 
 
 if __name__ == "__main__":

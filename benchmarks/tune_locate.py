@@ -15,10 +15,9 @@ seconds) is printed and appended to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from common import med, timed
+from common import emit_json_line, med, timed
 
 KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "rewrite_acc", "rephrase_acc", "locality_acc"]
 
@@ -85,11 +84,7 @@ def main() -> None:
         "total_s": round(time.perf_counter() - t0, 1),
         **timing,
     }
-    line = json.dumps(res)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit_json_line(res, args.out)
 
 
 if __name__ == "__main__":
