@@ -245,6 +245,9 @@ def _api_cases() -> list[tuple[str, Callable[[Any, dict[str, Path]], Any], type[
         ("apply-no-requests", lambda lm, f: get_editor("rome").apply(lm, []), E.EditRequestError, ValueError),
         ("prompt-over-context", lambda lm, f: check_fits(EditRequest.create("Eiffel " + "is big " * 400, "Eiffel", "Rome"), lm),
          E.PromptTooLongError, ValueError),
+        ("apply-prompt-over-context", lambda lm, f: get_editor("ft").apply(
+            lm, EditRequest.create("Eiffel " + "is big " * 400, "Eiffel", "Rome"), layer=0),
+         E.PromptTooLongError, ValueError),
         ("load-edit-missing-folder", lambda lm, f: Edit.load(f["dir"] / "no-edit", lm), E.EditIntegrityError, ValueError),
         ("load-edit-folder-without-manifest", lambda lm, f: Edit.load(f["full"], lm), E.EditIntegrityError, ValueError),
         ("data-unknown", lambda lm, f: load_requests("nosuchset"), E.DataFormatError, ValueError),

@@ -208,3 +208,31 @@ def test_post_mlp_norm_architecture_is_refused(method, corpus_file):
     with pytest.raises(UnsupportedArchitectureError, match="post_feedforward_layernorm"):
         get_editor(method).apply(lm, REQ if method == "rome" else [REQ], **kw, **stats_kw(corpus_file))
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("extra", [{}, {"nll_drop": True, "stop_loss": 0.5}, {"prefix_cache": False}])
+def test_value_optimisation_does_not_depend_on_chunking(extra):
+    """Gradients are accumulated over chunks of requests: one request per chunk, or a chunk smaller
+    than one request's rows, gives the deltas, losses and step counts of the whole batch at once."""
+    lm = load_lm("tiny-llama")
+    path = lm.arch.mlp_out_path(1)
+    req3 = EditRequest.create("Danielle Darrieux speaks", "Danielle Darrieux", "English")
+    templates = ["{}", "One two three. {}", "Four five. {}"]
+    kw = dict(steps=6, lr=1.0, **extra)
+    whole, init_w, info_w = optimize_values(lm, [REQ, REQ2, req3], templates, path, cfg(**kw))
+    assert info_w["chunks"] == 1
+    for rows in (4, 5, 1):
+        part, init_p, info_p = optimize_values(lm, [REQ, REQ2, req3], templates, path, cfg(chunk_rows=rows, **kw))
+        assert info_p["chunks"] == 3
+        assert info_p["steps"] == info_w["steps"]
+        assert torch.allclose(init_p, init_w, atol=1e-6)
+        assert torch.allclose(part, whole, atol=1e-5, rtol=1e-4)
+        assert info_p["final_loss"] == pytest.approx(info_w["final_loss"], rel=1e-4, abs=1e-6)
+    assert whole.norm() > 0
+
+
+def test_chunk_rows_must_be_positive():
+    with pytest.raises(HparamsError):
+        optimize_values(load_lm("tiny-llama"), [REQ], ["{}"], "model.layers.1.mlp.down_proj", cfg(chunk_rows=0))
+    with pytest.raises(HparamsError):
+        get_editor("rome").hparams(load_lm("tiny-llama"), v_chunk_rows=0)

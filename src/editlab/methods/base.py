@@ -13,7 +13,7 @@ import torch
 from ..errors import CheckpointError, EditlabError, EditRequestError, EditStackError, HparamsError, UnknownMethodError
 from ..models.lm import LM
 from ..registry import Registry, lazy
-from ..requests import EditRequest
+from ..requests import EditRequest, check_fits
 from ..train.checkpoints import Checkpoint, checkpoint_key, find_checkpoint, latest_checkpoint, save_checkpoint
 from .edit import Edit
 from .patches import Patch, WeightDelta
@@ -229,6 +229,7 @@ class Editor(ABC):
                 raise EditRequestError(f"requests[{i}] is a {type(r).__name__}, not an EditRequest")
         if len(reqs) > 1 and not self.supports_batch:
             raise EditRequestError(f"method {self.name!r} edits one request at a time; got {len(reqs)}")
+        check_fits(reqs, lm)  # a prompt past the context window fails here, not deep inside a solve
         if on is not None:
             self._check_on(lm, on)
         hp = self._resolve_hparams(lm, hparams, overrides)

@@ -73,7 +73,7 @@ class ROMEHparams(LocateHparams):
         if self.key_mode not in KEY_MODES:
             raise HparamsError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
         parse_template_groups(self.context_templates)
-        for name in ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens"):
+        for name in ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens", "v_chunk_rows"):
             self._check_positive(name, getattr(self, name))
         for name in ("v_weight_decay", "kl_factor", "stop_loss"):
             self._check_positive(name, getattr(self, name), allow_zero=True)

@@ -221,6 +221,9 @@ class ValueOptConfig:
     # PMET's schedule: once every target token is the argmax, the NLL weight drops to 0.1× and the
     # request stops as soon as its weighted KL is ≤ 0.01. Off for ROME/MEMIT (their references lack it).
     nll_drop: bool = False
+    # rows per forward/backward pass; gradients are accumulated over the chunks of a step, so this
+    # bounds memory without changing the result
+    chunk_rows: int = 64
 
 
 @dataclass
@@ -236,10 +239,12 @@ class LocateHparams(Hparams):
     mom2_n_tokens: int = DEFAULT_N_TOKENS
     corpus: str = "wikipedia"
     seed: int = 0
+    # memory only: rows per forward/backward pass of the value optimisation (the result is the same)
+    v_chunk_rows: int = 64
 
     def value_config(self) -> ValueOptConfig:
         return ValueOptConfig(self.v_steps, self.v_lr, self.kl_factor, self.v_weight_decay,
-                              self.clamp_norm_factor, self.stop_loss)
+                              self.clamp_norm_factor, self.stop_loss, chunk_rows=int(self.v_chunk_rows))
 
 
 def weight_decay_term(delta: torch.Tensor, v_init: torch.Tensor, factor: float) -> torch.Tensor:
@@ -262,6 +267,21 @@ def kl_rows(lm: LM, requests: Sequence[EditRequest], kl_prompt: str) -> list[tup
     return out
 
 
+def _chunks(req_rows: dict[int, list[int]], max_rows: int) -> list[list[int]]:
+    """Requests grouped in order so that each group has at most `max_rows` rows (a request is never
+    split; one larger than the limit is a group of its own)."""
+    out: list[list[int]] = []
+    size = 0
+    for r, rows in req_rows.items():
+        if out and size + len(rows) <= max_rows:
+            out[-1].append(r)
+            size += len(rows)
+        else:
+            out.append([r])
+            size = len(rows)
+    return out
+
+
 def optimize_values(
     lm: LM,
     requests: Sequence[EditRequest],
@@ -274,9 +294,15 @@ def optimize_values(
     `templates[0]` must be the bare prompt "{}". Returns (delta [n, d], v_init [n, d], info) where
     v_init is `edit_path`'s unedited output at the bare prompt (neither templates nor KL rows enter it).
     With a list of paths (PMET: attention and MLP outputs), one δ per request and path is optimised
-    jointly, each with its own decay term and clamp: delta and v_init are then [n, paths, d]."""
+    jointly, each with its own decay term and clamp: delta and v_init are then [n, paths, d].
+
+    Each step runs the requests in chunks of at most `cfg.chunk_rows` rows and accumulates their
+    gradients before one optimiser step. The requests' losses are independent, so the result does not
+    depend on the chunking; memory grows with the chunk, not with the batch."""
     if not templates or templates[0] != "{}":
         raise ValueError("templates[0] must be the bare prompt '{}'")
+    if cfg.chunk_rows < 1:
+        raise HparamsError(f"chunk_rows must be >= 1, got {cfg.chunk_rows}")
     paths = [edit_path] if isinstance(edit_path, str) else list(edit_path)
     n_p = len(paths)
     n = len(requests)
@@ -308,20 +334,29 @@ def optimize_values(
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     v_init = torch.zeros(n, n_p, dim, device=lm.device)
     nll_weight = torch.ones(n, device=lm.device)
-    kl_ref: torch.Tensor | None = None
+    kl_ref: dict[int, torch.Tensor] = {}  # request -> unedited log-probabilities at its KL row
     active = list(range(n))
     final = {k: torch.full((n,), float("nan")) for k in ("nll", "kl", "wd", "loss")}
     steps_used = torch.zeros(n, dtype=torch.long)
     result = torch.zeros(n, n_p, dim)
     history: list[list[float]] = []
     req_rows = {r: [i for i, q in enumerate(row_req) if q == r] for r in range(n)}
-    runner = SuffixRunner(lm, rows_ids, row_edit_pos) if cfg.prefix_cache else None
+    chunks = _chunks(req_rows, cfg.chunk_rows)
+    runners: dict[int, tuple[SuffixRunner, list[int]]] = {}  # chunk -> (runner, its rows), built lazily
 
-    for step in range(cfg.steps):
-        rows = [i for r in active for i in req_rows[r]]
+    def chunk_losses(c: int, reqs_c: list[int], first: bool) -> tuple[torch.Tensor, ...]:
+        """Forward the chunk's active rows; per-request NLL, KL (both [n], zero elsewhere) and the
+        number of target tokens not predicted as the argmax."""
+        rows = [i for r in reqs_c for i in req_rows[r]]
         rq = torch.tensor([row_req[i] for i in rows], device=lm.device)
         b = torch.arange(len(rows), device=lm.device)
-        if runner is not None:
+        if cfg.prefix_cache:
+            if c not in runners:
+                all_rows = [i for r in chunks[c] for i in req_rows[r]]
+                runners[c] = (SuffixRunner(lm, [rows_ids[i] for i in all_rows], [row_edit_pos[i] for i in all_rows]),
+                              all_rows)
+            runner, all_rows = runners[c]
+            local = {i: j for j, i in enumerate(all_rows)}
             # only the tokens from the edit position on are recomputed; δ sits at suffix position 0
             p = torch.zeros(len(rows), dtype=torch.long, device=lm.device)
             offset = [row_edit_pos[i] for i in rows]
@@ -334,7 +369,7 @@ def optimize_values(
         def add_delta(k: int) -> Any:
             def fn(_m: Any, _i: Any, out: Any) -> Any:
                 h = output_tensor(out)
-                if step == 0:
+                if first:
                     captured[k] = h[b, p].detach().float()
                 add = torch.zeros_like(h)
                 add[b, p] = delta[rq, k].to(h.dtype)
@@ -342,11 +377,11 @@ def optimize_values(
             return fn
 
         with hooks(lm.model, forward={path: add_delta(k) for k, path in enumerate(paths)}):
-            if runner is not None:
-                hid = runner.run(rows)
+            if cfg.prefix_cache:
+                hid = runner.run([local[i] for i in rows])
             else:
                 hid = lm.backbone_forward(ids, mask)
-        if step == 0:  # all requests are active at step 0
+        if first:  # every request is active at step 0: its bare row gives v_init
             for j, i in enumerate(rows):
                 if i in bare_row:
                     for k in range(n_p):
@@ -364,8 +399,9 @@ def optimize_values(
                 kp.append(row_edit_pos[i] - offset[j])
                 kreq.append(kl_row[i])
         trow_t = torch.tensor(trow, device=lm.device)
+        tt_t = torch.tensor(tt, device=lm.device)
         logp = torch.log_softmax(lm.head(hid[trow_t, torch.tensor(tp, device=lm.device)]).float(), -1)
-        tok_nll = -logp.gather(1, torch.tensor(tt, device=logp.device)[:, None])[:, 0]
+        tok_nll = -logp.gather(1, tt_t[:, None])[:, 0]
         row_nll = torch.zeros(len(rows), device=logp.device).index_add(0, trow_t, tok_nll)
         row_cnt = torch.zeros(len(rows), device=logp.device).index_add(0, trow_t, torch.ones_like(tok_nll))
         is_tgt = row_cnt > 0
@@ -374,31 +410,50 @@ def optimize_values(
         req_kl = torch.zeros(n, device=logp.device)
         if kb:
             kl_logp = torch.log_softmax(lm.head(hid[torch.tensor(kb, device=lm.device), torch.tensor(kp, device=lm.device)]).float(), -1)
-            kreq_t = torch.tensor(kreq, device=lm.device)
-            if kl_ref is None:  # δ = 0 at step 0: the unedited distribution
-                kl_ref = torch.zeros(n, kl_logp.shape[-1], device=kl_logp.device)
-                kl_ref[kreq_t] = kl_logp.detach()
-            req_kl = req_kl.index_add(0, kreq_t, kl_term(kl_logp, kl_ref[kreq_t]))
-        req_wd = sum(weight_decay_term(delta[:, k], v_init[:, k], cfg.weight_decay) for k in range(n_p))
-        req_loss = nll_weight.clone() * req_nll + cfg.kl_factor * req_kl + req_wd  # weights change below
-        act = torch.tensor(active, device=lm.device)
-        loss = req_loss[act].sum()
+            if first:  # δ = 0 at step 0: the unedited distribution
+                for j, r in enumerate(kreq):
+                    kl_ref[r] = kl_logp[j].detach()
+            ref = torch.stack([kl_ref[r] for r in kreq])
+            req_kl = req_kl.index_add(0, torch.tensor(kreq, device=lm.device), kl_term(kl_logp, ref))
+        with torch.no_grad():  # target tokens of the chunk's rows not predicted as the argmax, per request
+            hit = (logp.argmax(-1) == tt_t).float()
+            miss = torch.zeros(n, device=logp.device).index_add(0, rq[trow_t], 1 - hit)
+        return req_nll, req_kl, miss
+
+    for step in range(cfg.steps):
+        opt.zero_grad()
+        req_nll = torch.zeros(n, device=lm.device)
+        req_kl = torch.zeros(n, device=lm.device)
+        miss = torch.zeros(n, device=lm.device)
+        for c, chunk in enumerate(chunks):
+            reqs_c = [r for r in chunk if r in active]
+            if not reqs_c:
+                continue
+            nll_c, kl_c, miss_c = chunk_losses(c, reqs_c, step == 0)
+            act_c = torch.tensor(reqs_c, device=lm.device)
+            wd_c = sum(weight_decay_term(delta[act_c, k], v_init[act_c, k], cfg.weight_decay) for k in range(n_p))
+            loss_c = (nll_weight[act_c] * nll_c[act_c] + cfg.kl_factor * kl_c[act_c] + wd_c).sum()
+            if step < cfg.steps - 1:  # the last step's gradient is never used
+                loss_c.backward()  # frees this chunk's activations before the next chunk runs
+            req_nll += nll_c.detach()
+            req_kl += kl_c.detach()
+            miss += miss_c
         with torch.no_grad():
-            history.append(req_loss.detach().cpu().tolist())
+            req_wd = sum(weight_decay_term(delta[:, k], v_init[:, k], cfg.weight_decay) for k in range(n_p))
+            req_loss = nll_weight * req_nll + cfg.kl_factor * req_kl + req_wd  # weights change below
+            act = torch.tensor(active, device=lm.device)
+            history.append(req_loss.cpu().tolist())
             for k, v in (("nll", req_nll), ("kl", req_kl), ("wd", req_wd), ("loss", req_loss)):
-                final[k][act.cpu()] = v[act].detach().float().cpu()
+                final[k][act.cpu()] = v[act].float().cpu()
             steps_used[act.cpu()] += 1
-        done = [r for r in active if float(req_loss[r].detach()) < cfg.stop_loss]
-        if cfg.nll_drop:
-            with torch.no_grad():  # every target token of every template row predicted as the argmax?
-                hit = (logp.argmax(-1) == torch.tensor(tt, device=logp.device)).float()
-                miss = torch.zeros(n, device=logp.device).index_add(0, rq[trow_t], 1 - hit)
+        done = [r for r in active if float(req_loss[r]) < cfg.stop_loss]
+        if cfg.nll_drop:  # every target token of every template row predicted as the argmax?
             for r in active:
                 if r in done:
                     continue
                 if float(miss[r]) == 0:
                     nll_weight[r] = 0.1
-                    if cfg.kl_factor * float(req_kl[r].detach()) <= 0.01:
+                    if cfg.kl_factor * float(req_kl[r]) <= 0.01:
                         done.append(r)
                 else:
                     nll_weight[r] = 1.0
@@ -407,8 +462,6 @@ def optimize_values(
                 result[r] = delta[r].detach().float().cpu()
         if len(done) == len(active) or step == cfg.steps - 1:
             break
-        opt.zero_grad()
-        loss.backward()
         opt.step()
         with torch.no_grad():
             max_norm = cfg.clamp_norm_factor * v_init.norm(dim=-1)
@@ -424,6 +477,7 @@ def optimize_values(
         "final_loss": final["loss"].tolist(),
         "steps": steps_used.tolist(),
         "loss_history": history,
+        "chunks": len(chunks),
     }
     if isinstance(edit_path, str):
         return result[:, 0], v_init[:, 0].float().cpu(), info

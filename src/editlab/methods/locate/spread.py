@@ -48,7 +48,7 @@ class MultiLayerHparams(LocateHparams):
     context_templates: list[Any] = field(default_factory=lambda: [[10, 5]])
     clamp_norm_factor: float = 0.75
 
-    POSITIVE: ClassVar[tuple[str, ...]] = ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens", "v_chunk_rows")
     NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("v_weight_decay", "kl_factor", "stop_loss")
 
     @classmethod
