@@ -3,7 +3,8 @@
 - single: for each request, edit -> evaluate -> restore (one row per request).
 - batch: k requests per edit (one row per request; the edit time is the batch's, shared).
 - sequential: edits accumulate without restore; at each checkpoint (number of edits so far) one row
-  evaluates the newest edits, retention of all earlier edits, locality probes and perplexity.
+  evaluates the newest edits, retention of all earlier edits, locality probes and perplexity. The edit
+  stack is saved at each checkpoint (`stacks.py`), so a resumed run continues after the newest one.
 Pre-edit values are computed once per model fingerprint and kept in the store for every method/mode.
 """
 
@@ -22,6 +23,7 @@ from ..memory import release_freed_memory
 from ..methods import get_editor, restore_all
 from ..models.lm import LM
 from ..requests import EditRequest
+from .stacks import RunStacks
 from .store import Row, Store
 
 MODES = ("single", "batch", "sequential")
@@ -160,38 +162,55 @@ def run(
             tick(start + len(chunk), len(requests), f"{cfg.method} {start + len(chunk)}/{len(requests)}")
         return run_id
 
-    # sequential: a resumed run re-applies the (deterministic) edits and evaluates only missing checkpoints
+    # sequential: a resumed run loads the edit stack saved at its newest finished checkpoint (see
+    # stacks.py) and continues after it; without a usable one it re-applies the (deterministic) edits
+    # from the first. Either way it evaluates only the missing checkpoints.
+    stacks = RunStacks(store.path, run_id)
     if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+        stacks.discard()  # a kill after the last row may have left one
         tick(len(requests), len(requests), "skipped (done)")
         return run_id
     windows = text_windows(lm, cfg.ppl_text, 1024) if cfg.ppl_text else []
-    base_ppl = perplexity(lm, windows) if windows else None
+    base_ppl = perplexity(lm, windows) if windows else None  # before any edit is loaded or applied
+    final_ckpt = max(cfg.checkpoints)
     try:
-        last = 0
-        prev = None
-        for n_done in range(1, len(requests) + 1):
+        start = stacks.resume(lm, cfg.method, requests, cfg.checkpoints, done)
+        prev = lm.active_edits[-1] if start else None
+        last = start  # a resumed stack ends at a checkpoint
+        if start:
+            tick(start, len(requests), f"{cfg.method} sequential: resumed from the edits saved at {start}")
+        for n_done in range(start + 1, len(requests) + 1):
             r = requests[n_done - 1]
             t0 = time.perf_counter()
             prev = editor.apply(lm, r, hp, on=prev if editor.supports_on else None)
             t_edit = time.perf_counter() - t0
             release_freed_memory()  # long sequences: keep resident memory to what is alive
             _record_statistics(store, run_id, prev)
-            if n_done in cfg.checkpoints and f"ckpt:{n_done}" not in done:
-                t1 = time.perf_counter()
-                system = prev.lm
-                all_rows = evaluate_requests(system, list(requests[:n_done]), pre, fluency=cfg.fluency, seed=cfg.seed)
-                s_all = summarize(all_rows)
-                s_new = summarize(all_rows[last:])
-                metrics = {f"retention_{k}": v for k, v in s_all.items()}
-                metrics.update({f"newest_{k}": v for k, v in s_new.items()})
-                if windows:
-                    metrics["perplexity"] = perplexity(system, windows)
-                    metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]
-                store.add_row(Row(run_id, f"ckpt:{n_done}", None, "checkpoint", n_done, t_edit,
-                                  time.perf_counter() - t1, metrics))
             if n_done in cfg.checkpoints:
+                row = None
+                if f"ckpt:{n_done}" not in done:
+                    t1 = time.perf_counter()
+                    system = prev.lm
+                    all_rows = evaluate_requests(system, list(requests[:n_done]), pre, fluency=cfg.fluency, seed=cfg.seed)
+                    s_all = summarize(all_rows)
+                    s_new = summarize(all_rows[last:])
+                    metrics = {f"retention_{k}": v for k, v in s_all.items()}
+                    metrics.update({f"newest_{k}": v for k, v in s_new.items()})
+                    if windows:
+                        metrics["perplexity"] = perplexity(system, windows)
+                        metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]
+                    row = Row(run_id, f"ckpt:{n_done}", None, "checkpoint", n_done, t_edit, time.perf_counter() - t1, metrics)
+                # save the stack BEFORE writing the row: a kill in between leaves a stack whose row is
+                # missing, which resume ignores (stacks.py). The last checkpoint needs no stack: once
+                # its row exists the run is done.
+                saved = stacks.save(lm, n_done) if n_done < final_ckpt else None
+                if row is not None:
+                    store.add_row(row)
+                if saved is not None:
+                    stacks.prune(saved)
                 last = n_done
             tick(n_done, len(requests), f"{cfg.method} sequential {n_done}/{len(requests)}")
+        stacks.discard()  # finished: the stacks only serve to resume
     finally:
         restore_all(lm)
     return run_id
