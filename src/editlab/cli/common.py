@@ -175,41 +175,13 @@ def hparam_overrides(opts: HparamOptions) -> dict[str, Any]:
     return {**load_hparams_file(opts.hparams), **parse_sets(opts.set_)}
 
 
-# Model-free bounds on hyper-parameters, by name: what no method could mean, whatever the model. The
-# model-dependent ranges (a layer index against the model's depth, ...) are each method's own
-# `Hparams.validate(lm)`, which runs once the model is loaded.
-_COUNT_BOUNDS: tuple[tuple[str, int], ...] = (
-    ("steps", 100_000), ("batch_size", 1_000_000), ("n_tokens", 10_000_000_000), ("layer", 10_000), ("rank", 100_000),
-)
-
-
 def check_hparams_early(method: str, overrides: dict[str, Any]) -> None:
     """Names, types and model-free ranges of `overrides` for `method`, without the model: unknown
-    names and values that cannot be coerced raise `HparamsError` (from `Hparams.from_dict`); counts
-    (steps, sizes, layer indices, token counts) must be whole numbers in 0..a generous bound; list
-    fields whose default holds integers must hold integers."""
+    names, values that cannot be coerced and counts out of their bounds raise `HparamsError`
+    (`Hparams.from_dict` / `Hparams.check_counts`)."""
     from ..methods import get_editor
 
-    editor = get_editor(method)
-    hp = editor.hparams_cls.from_dict(overrides)
-    defaults = type(hp)()
-    for name in overrides:
-        value, default = getattr(hp, name), getattr(defaults, name)
-        if isinstance(default, bool):
-            continue
-        if isinstance(default, (list, tuple)) and default and all(type(x) is int for x in default):
-            if not all(type(x) is int for x in value):
-                raise HparamsError(f"hyper-parameter {name}: expected a list of integers, got {value!r:.80}")
-            items = list(value)
-        elif isinstance(default, int):
-            items = [value]
-        else:
-            continue
-        for suffix, bound in _COUNT_BOUNDS:
-            if name == suffix or name.endswith("_" + suffix) or name.endswith(suffix + "s"):
-                bad = [v for v in items if not 0 <= v <= bound]
-                if bad:
-                    raise HparamsError(f"hyper-parameter {name}={bad[0]} is out of range (0..{bound:,})")
+    get_editor(method).hparams_cls.from_dict(overrides)
 
 
 def check_model_options(opts: ModelOptions) -> None:

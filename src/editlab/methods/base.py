@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -62,7 +62,40 @@ class Hparams:
         coerced = {}
         for k, v in values.items():
             coerced[k] = _coerce(k, v, known[k])
-        return cls(**coerced)
+        hp = cls(**coerced)
+        hp.check_counts(coerced)
+        return hp
+
+    # Model-free bounds on counts, by name suffix: what no method could mean, whatever the model
+    # (`validate(lm)` checks the model-dependent ranges, e.g. a layer against the model's depth).
+    # Subclasses may extend it.
+    COUNT_BOUNDS: ClassVar[tuple[tuple[str, int], ...]] = (
+        ("steps", 100_000), ("batch_size", 1_000_000), ("n_tokens", 10_000_000_000), ("layer", 10_000),
+        ("rank", 100_000), ("rows", 10_000_000),
+    )
+
+    def check_counts(self, names: Iterable[str] | None = None) -> None:
+        """Counts (steps, sizes, layer indices, token counts) among `names` (default: every field) must be
+        whole numbers in 0..`COUNT_BOUNDS`; list fields whose default holds integers must hold integers.
+        Needs no model, so the CLI runs it before loading one."""
+        defaults = {f.name: _field_default(f) for f in fields(self)}
+        for name in (defaults if names is None else names):
+            value, default = getattr(self, name), defaults[name]
+            if isinstance(default, bool):
+                continue
+            if isinstance(default, (list, tuple)) and default and all(type(x) is int for x in default):
+                if not all(type(x) is int for x in value):
+                    raise HparamsError(f"hyper-parameter {name}: expected a list of integers, got {value!r:.80}")
+                items = list(value)
+            elif isinstance(default, int):
+                items = [value]
+            else:
+                continue
+            for suffix, bound in self.COUNT_BOUNDS:
+                if name == suffix or name.endswith("_" + suffix) or name.endswith(suffix + "s"):
+                    bad = [v for v in items if not 0 <= v <= bound]
+                    if bad:
+                        raise HparamsError(f"hyper-parameter {name}={bad[0]} is out of range (0..{bound:,})")
 
     def replace(self: H, **changes: Any) -> H:
         return type(self).from_dict({**self.to_dict(), **changes})
@@ -147,11 +180,15 @@ def known_model(lm: LM) -> str | None:
     return None
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+
+
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
     """Accept strings from the CLI (`--set layer=5`) for int/float/bool/list fields."""
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-    )
+    default = _field_default(f)
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
