@@ -29,6 +29,39 @@ def rome_peak_memory(n: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def matmul_peak_gflops(n: int = 1536, reps: int = 20) -> float:
+    """Best float32 GEMM throughput of this machine (torch's threads), as a ceiling for the model."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+class TokenCounter:
+    """Counts the tokens (attention-mask ones) the LM runs through the whole model."""
+
+    def __init__(self, lm) -> None:
+        self.lm, self.n = lm, 0
+        self._orig = lm.hidden_states
+
+        def counted(ids, mask):
+            self.n += int(mask.sum())
+            return self._orig(ids, mask)
+
+        lm.hidden_states = counted
+
+    def close(self) -> None:
+        del self.lm.hidden_states
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rome-edits", type=int, default=10)
@@ -43,6 +76,7 @@ def main() -> None:
     from editlab.stats import get_corpus, second_moments
 
     figures: dict[str, float] = {}
+    figures["matmul_peak_gflops"] = matmul_peak_gflops()
     lm, t_load = timed(load_lm, "smollm2-135m")
     figures["load_s"] = t_load
 
@@ -80,10 +114,17 @@ def main() -> None:
     figures["eval_records_per_s_batched"] = len(ev) / t_batch
     pre = pre_edit(lm, ev)
     one = []
+    counter = TokenCounter(lm)
     for r in ev[:10]:
         _, t = timed(evaluate_requests, lm, [r], pre)
         one.append(t)
+    counter.close()
     figures["eval_records_per_s_one_at_a_time"] = 1 / med(one)
+    # the distance to the limit: tokens/s through the model against what the GEMM peak would allow
+    # (2 FLOPs per weight per token, embeddings excluded: they are a lookup)
+    weights = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
+    figures["eval_tokens_per_s_one_at_a_time"] = counter.n / sum(one)
+    figures["tokens_per_s_at_matmul_peak"] = figures["matmul_peak_gflops"] * 1e9 / (2 * weights)
 
     if not args.skip_memit:
         memit = get_editor("memit")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import med, timed
+from common import med, peak_rss_mb, timed
 
 KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "cf_score", "efficacy_magnitude",
         "paraphrase_magnitude", "neighborhood_magnitude", "rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc"]
@@ -44,7 +44,9 @@ def main() -> None:
     lm = load_lm("smollm2-135m")
     reqs = load_requests("counterfact", limit=args.n)
     pre = pre_edit(lm, reqs)
-    results = {"unedited": summarize(evaluate_requests(lm, reqs, pre))}
+    unedited_rows = evaluate_requests(lm, reqs, pre)
+    results = {"unedited": summarize(unedited_rows)}
+    per_record = {"unedited": unedited_rows}  # kept so any subset (e.g. the first 30) can be summarised later
     timing = {}
     for method in args.methods.split(","):
         ed = get_editor(method)
@@ -66,6 +68,8 @@ def main() -> None:
         if len(subset) != len(reqs):
             results[f"unedited (first {len(subset)})"] = summarize(evaluate_requests(lm, subset, pre))
         results[method] = summarize(rows)
+        per_record[method] = rows
+        timing[method]["peak_rss_mb"] = round(peak_rss_mb())
         print(method, {k: round(results[method].get(k, float("nan")), 3) for k in KEYS}, timing[method], flush=True)
     print()
     print("| method | " + " | ".join(KEYS) + " |")
@@ -74,7 +78,9 @@ def main() -> None:
         print(f"| {m} | " + " | ".join(f"{s.get(k, float('nan')):.3f}" for k in KEYS) + " |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"n": args.n, "results": results, "timing": timing}, f, indent=2)
+            json.dump({"n": args.n, "results": results, "timing": timing, "rows": per_record,
+                       "hparams": {m: get_editor(m).hparams(lm, **overrides.get(m, {})).to_dict()
+                                   for m in args.methods.split(",")}}, f, indent=2)
 
 
 if __name__ == "__main__":
