@@ -299,6 +299,30 @@ def test_cli_traces_one_prompt(tmp_path):
     assert set(data) == {"hidden", "mlp:2", "attn:2"} and data["mlp:2"]["window"] == 2
 
 
+def test_trace_heatmaps_go_into_the_html_report(tmp_path):
+    from editlab.runner import Store
+
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["trace", "--model", "tiny-llama", "--prompt", PROMPT, "--subject", SUBJECT,
+                                 "--kinds", "hidden,mlp:2", "--samples", "2", "--min-prob", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    db = tmp_path / "r.db"
+    Store(db).close()
+    page_file = tmp_path / "rep.html"
+    result = runner.invoke(app, ["report", str(db), "-o", str(page_file), "--traces", str(out)])
+    assert result.exit_code == 0, result.output
+    page = page_file.read_text()
+    assert "Causal traces" in page and PROMPT in page
+    assert page.count("<img alt='hidden'") == 1 and page.count("<img alt='mlp_w2'") == 1
+    # a folder without trace output is refused before anything is written
+    (tmp_path / "empty").mkdir()
+    page_file.unlink()
+    for bad in (tmp_path / "empty", tmp_path / "missing"):
+        result = runner.invoke(app, ["report", str(db), "-o", str(page_file), "--traces", str(bad)])
+        assert result.exit_code == 2 and "--traces" in result.output and "Traceback" not in result.output
+        assert not page_file.exists()
+
+
 def test_cli_averages_known_facts(tmp_path):
     lm = load_lm("tiny-trained-llama")
     greedy = lm.tokenizer.decode([int(lm.next_token_logprobs([PROMPT])[0].argmax())]).strip() or "x"

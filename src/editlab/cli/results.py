@@ -78,13 +78,16 @@ def report(
     db: DbArg,
     out: Annotated[Path, typer.Option("-o", "--out", help="HTML file to write")] = Path("report.html"),
     title: Annotated[str, typer.Option(help="Title of the report")] = "editlab report",
+    traces: Annotated[Optional[list[Path]], typer.Option(
+        "--traces", help="An 'editlab trace' output folder whose heatmaps go into the report (repeatable)")] = None,
 ) -> None:
-    """Write one self-contained HTML report (tables and embedded plots)."""
-    from ..report import write_report
+    """Write one self-contained HTML report (tables, embedded plots and causal-trace heatmaps)."""
+    from ..report.html import trace_folders, write_report
 
     check_output_file(out, "-o")
+    trace_folders(traces or [])
     try:
-        path = write_report(_existing(db), out, title)
+        path = write_report(_existing(db), out, title, traces or [])
     except EditlabError:
         raise
     except OSError as e:  # the output could still fail (disk full, a race); name it

@@ -1,6 +1,7 @@
 """One self-contained HTML file from a result store: method × metric table, a bar chart per metric
-family, a line plot per metric against the number of edits for sequential runs, and run metadata.
-Plots are rendered with matplotlib (Agg) and embedded as base64 PNGs."""
+family, a line plot per metric against the number of edits for sequential runs, run metadata, and the
+heatmaps of `editlab trace` output folders given with `traces`. Plots are rendered with matplotlib (Agg)
+and embedded as base64 PNGs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import html
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from ..errors import OptionError
 from ..eval.metrics import summarize
 from ..runner.store import Store
 
@@ -130,7 +132,55 @@ th{background:#fafbfc;font-weight:600;color:#57606a}td.best{font-weight:700;colo
 """
 
 
-def write_report(db: str | Path, out: str | Path, title: str = "editlab report") -> Path:
+def trace_folders(folders: Sequence[str | Path]) -> list[Path]:
+    """`editlab trace` output folders to put in a report: each must exist and hold a PNG heatmap with
+    its `trace.json` or `average.json` (`OptionError` otherwise; checked before anything is written)."""
+    out = []
+    for f in folders:
+        d = Path(f)
+        if not d.is_dir():
+            raise OptionError(f"--traces {d}: not a folder (give the --out folder of an 'editlab trace' run)")
+        if not list(d.glob("*.png")) or not ((d / "trace.json").is_file() or (d / "average.json").is_file()):
+            raise OptionError(f"--traces {d}: no heatmaps with trace.json or average.json; run 'editlab trace --out {d}' first")
+        out.append(d)
+    return out
+
+
+def _trace_section(folders: Sequence[Path]) -> list[str]:
+    """One block per trace folder: what was traced (from its JSON) and its heatmaps."""
+    import json
+
+    esc = html.escape
+    parts = ["<section><h2>Causal traces</h2>"]
+    for d in folders:
+        meta_file = d / "trace.json" if (d / "trace.json").is_file() else d / "average.json"
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        first = next(iter(meta.values()), {}) if isinstance(meta, dict) else {}
+        if meta_file.name == "trace.json" and isinstance(first, dict) and "prompt" in first:
+            what = (f"{esc(str(first['prompt']))} → {esc(str(first.get('answer', '')).strip())} "
+                    f"(subject {esc(str(first.get('subject', '')))})")
+        elif isinstance(first, dict) and "n_facts" in first:
+            what = f"average over {first['n_facts']} known facts"
+        else:
+            what = ""
+        parts.append(f"<p><b>{esc(d.name)}</b> {what}</p><div class='grid'>")
+        for png in sorted(d.glob("*.png")):
+            src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+            parts.append(f"<figure><img alt='{esc(png.stem)}' src='{src}'><figcaption class='note'>{esc(png.stem)}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("<p class='note'>Colour: probability of the answer with that state restored in the corrupted run "
+                 "(one prompt), or the average indirect effect (averages); see docs/tracing.md.</p></section>")
+    return parts
+
+
+def write_report(db: str | Path, out: str | Path, title: str = "editlab report",
+                 traces: Sequence[str | Path] = ()) -> Path:
+    """Write the report of store `db` (opened read-only) to `out`, with the heatmaps of the given
+    `editlab trace` output folders."""
+    trace_dirs = trace_folders(traces)
     store = Store.open_readonly(db)
     summaries, sequences = aggregate(store)
     runs = store.runs()
@@ -162,6 +212,8 @@ def write_report(db: str | Path, out: str | Path, title: str = "editlab report")
         parts.append("<section><h2>Sequential editing: metrics as edits accumulate</h2><div class='grid'>")
         parts += [f"<figure><img alt='{esc(n)}' src='{src}'></figure>" for n, src in _seq_plots(sequences)]
         parts.append("</div><p class='note'>retention_*: all edits made so far; newest_*: edits since the previous checkpoint; perplexity on a fixed text sample.</p></section>")
+    if trace_dirs:
+        parts += _trace_section(trace_dirs)
     parts.append("<section><h2>Runs</h2><table class='meta'><tr><th>run</th><th>method</th><th>mode</th><th>dataset</th><th>requests</th><th>versions</th><th>hparams</th></tr>")
     for r in runs:
         hp = ", ".join(f"{k}={v}" for k, v in (r["hparams"] or {}).items())
