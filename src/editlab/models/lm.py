@@ -188,6 +188,22 @@ class LM:
         out = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
+    @property
+    def cache_kwarg(self) -> str:
+        """The backbone's name for a KV-cache argument: `cache` (transformers ≥ 5.2x, which deprecates the
+        old name and removes it in 5.40) or `past_key_values` (earlier 5.x and other model classes)."""
+        import inspect
+
+        params = inspect.signature(self.backbone.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def prefix_cache(self, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """The KV cache of the backbone run over `ids` (no grad is kept by the caller's context)."""
+        out = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=position_ids.to(self.device), use_cache=True)
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden states of the backbone for a right-padded batch."""
         return self.backbone_forward(ids, mask)

@@ -166,7 +166,7 @@ class SuffixRunner:
 
         self._copy = copy.deepcopy
         self.lm = lm
-        self.backbone = lm.backbone
+        self._cache_kw = lm.cache_kwarg
         plen = [int(e) for e in edit_pos]
         P = max(plen)
         suffixes = [list(s[e:]) for s, e in zip(seqs, plen)]
@@ -182,9 +182,7 @@ class SuffixRunner:
             self.full_mask = torch.cat([pre_mask, suf_mask], dim=1).to(dev)
             pos = positions_from_mask(pre_mask)
             with torch.no_grad():
-                out = self.backbone(input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
-                                    position_ids=pos.to(dev), use_cache=True)
-            self.cache = out.past_key_values
+                self.cache = lm.prefix_cache(pre_ids, pre_mask, pos)
         else:
             self.full_mask = suf_mask.to(dev)
 
@@ -195,7 +193,7 @@ class SuffixRunner:
             cache = self._copy(self.cache)
             if list(rows) != list(range(self.suf_ids.shape[0])):
                 cache.batch_select_indices(idx)
-            kwargs = {"past_key_values": cache, "use_cache": True}
+            kwargs = {self._cache_kw: cache, "use_cache": True}
         return self.lm.backbone_forward(self.suf_ids[idx], self.full_mask[idx], position_ids=self.suf_pos[idx], **kwargs)
 
 
