@@ -210,23 +210,47 @@ def test_post_mlp_norm_architecture_is_refused(method, corpus_file):
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
 
 
-@pytest.mark.parametrize("extra", [{}, {"nll_drop": True, "stop_loss": 0.5}, {"prefix_cache": False}])
-def test_value_optimisation_does_not_depend_on_chunking(extra):
-    """Gradients are accumulated over chunks of requests: one request per chunk, or a chunk smaller
-    than one request's rows, gives the deltas, losses and step counts of the whole batch at once."""
+def _four_requests(lm):
+    """Three counterfactual requests and one whose target is the model's argmax at the bare prompt."""
+    prompt = "Danielle Darrieux speaks"
+    greedy = lm.tokenizer.decode([int(lm.next_token_logprobs([prompt])[0].argmax())])
+    known = EditRequest.create(prompt, "Danielle Darrieux", greedy.strip() or "x")
+    return [REQ, REQ2, EditRequest.create("Toyota is a", "Toyota", "bakery"), known]
+
+
+@pytest.mark.parametrize("extra", [{}, {"nll_drop": True}, {"prefix_cache": False}, {"paths": 2}])
+def test_value_optimisation_does_not_depend_on_chunking_or_cache_budget(extra):
+    """Gradients are accumulated over chunks of requests: one request per chunk, two per chunk, a chunk
+    smaller than one request's rows, and prefix caches rebuilt at every step (no cache budget) all give
+    the deltas, losses and step counts of the whole batch at once, with requests stopping early."""
     lm = load_lm("tiny-llama")
-    path = lm.arch.mlp_out_path(1)
-    req3 = EditRequest.create("Danielle Darrieux speaks", "Danielle Darrieux", "English")
+    extra = dict(extra)
+    paths = lm.arch.mlp_out_path(1)
+    if extra.pop("paths", 1) == 2:  # PMET: attention and MLP outputs optimised jointly
+        from editlab.methods.locate.pmet import mlp_module_path
+
+        paths = [f"{lm.arch.block_path(1)}.{lm.arch.attn_out}", mlp_module_path(lm, 1)]
+    reqs = _four_requests(lm)
     templates = ["{}", "One two three. {}", "Four five. {}"]
-    kw = dict(steps=6, lr=1.0, **extra)
-    whole, init_w, info_w = optimize_values(lm, [REQ, REQ2, req3], templates, path, cfg(**kw))
+    kw = dict(steps=8, lr=0.5, kl_factor=0.0625, weight_decay=0.0, clamp_norm_factor=10.0, **extra)
+    _, _, info0 = optimize_values(lm, reqs, templates, paths, cfg(**kw))
+    hist = info0["loss_history"]
+
+    def steps_for(t):  # steps each request would run with stop_loss t (losses are independent per request)
+        return [next((s + 1 for s, h in enumerate(hist) if h[r] < t), len(hist)) for r in range(len(reqs))]
+
+    # a threshold at which one request stops part-way, another runs all 8 steps
+    kw["stop_loss"] = next(v + 1e-6 for h in hist[1:] for v in sorted(h)
+                           if any(1 < n < 8 for n in steps_for(v + 1e-6)) and 8 in steps_for(v + 1e-6))
+    whole, init_w, info_w = optimize_values(lm, reqs, templates, paths, cfg(**kw))
     assert info_w["chunks"] == 1
-    for rows in (4, 5, 1):
-        part, init_p, info_p = optimize_values(lm, [REQ, REQ2, req3], templates, path, cfg(chunk_rows=rows, **kw))
-        assert info_p["chunks"] == 3
+    assert any(1 < n < 8 for n in info_w["steps"]) and 8 in info_w["steps"]  # the cases this test is about
+    for rows, budget in ((4, 1024), (8, 1024), (1, 1024), (8, 0)):
+        part, init_p, info_p = optimize_values(lm, reqs, templates, paths, cfg(chunk_rows=rows, cache_mb=budget, **kw))
+        assert info_p["chunks"] == (2 if rows == 8 else 4)
         assert info_p["steps"] == info_w["steps"]
         assert torch.allclose(init_p, init_w, atol=1e-6)
-        assert torch.allclose(part, whole, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(part, whole, atol=1e-4, rtol=1e-4)
         assert info_p["final_loss"] == pytest.approx(info_w["final_loss"], rel=1e-4, abs=1e-6)
     assert whole.norm() > 0
 

@@ -314,6 +314,15 @@ def test_trace_heatmaps_go_into_the_html_report(tmp_path):
     page = page_file.read_text()
     assert "Causal traces" in page and PROMPT in page
     assert page.count("<img alt='hidden'") == 1 and page.count("<img alt='mlp_w2'") == 1
+    # what comes from the trace files is escaped
+    avg = tmp_path / "avg"
+    avg.mkdir()
+    (avg / "average_mlp.png").write_bytes((out / "hidden.png").read_bytes())
+    (avg / "average.json").write_text(json.dumps({"mlp": {"n_facts": "<script>alert(1)</script>"}}))
+    result = runner.invoke(app, ["report", str(db), "-o", str(page_file), "--traces", str(avg)])
+    assert result.exit_code == 0, result.output
+    page = page_file.read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page and "data:image/png;base64,iVBOR" in page
     # a folder without trace output is refused before anything is written
     (tmp_path / "empty").mkdir()
     page_file.unlink()

@@ -71,23 +71,29 @@ class Hparams:
     # Subclasses may extend it.
     COUNT_BOUNDS: ClassVar[tuple[tuple[str, int], ...]] = (
         ("steps", 100_000), ("batch_size", 1_000_000), ("n_tokens", 10_000_000_000), ("layer", 10_000),
-        ("rank", 100_000), ("rows", 10_000_000),
+        ("rank", 100_000), ("rows", 10_000_000), ("mb", 10_000_000), ("neurons", 1_000_000), ("seed", 2**63 - 1),
     )
 
     def check_counts(self, names: Iterable[str] | None = None) -> None:
         """Counts (steps, sizes, layer indices, token counts) among `names` (default: every field) must be
         whole numbers in 0..`COUNT_BOUNDS`; list fields whose default holds integers must hold integers.
         Needs no model, so the CLI runs it before loading one."""
-        defaults = {f.name: _field_default(f) for f in fields(self)}
-        for name in (defaults if names is None else names):
-            value, default = getattr(self, name), defaults[name]
-            if isinstance(default, bool):
+        by_name = {f.name: f for f in fields(self)}
+        for name in (by_name if names is None else names):
+            f = by_name[name]
+            value, default = getattr(self, name), _field_default(f)
+            kind = str(f.type).replace(" ", "")  # annotations are strings (from __future__ import annotations)
+            if isinstance(default, bool) or kind == "bool":
                 continue
-            if isinstance(default, (list, tuple)) and default and all(type(x) is int for x in default):
-                if not all(type(x) is int for x in value):
+            int_list = kind in ("list[int]", "tuple[int,...]") or (
+                isinstance(default, (list, tuple)) and bool(default) and all(type(x) is int for x in default))
+            if int_list:
+                if not isinstance(value, (list, tuple)) or not all(type(x) is int for x in value):
                     raise HparamsError(f"hyper-parameter {name}: expected a list of integers, got {value!r:.80}")
                 items = list(value)
-            elif isinstance(default, int):
+            elif kind == "int" or (isinstance(default, int) and kind != "float"):
+                if type(value) is not int:
+                    raise HparamsError(f"hyper-parameter {name}: expected an integer, got {value!r:.80}")
                 items = [value]
             else:
                 continue
@@ -237,6 +243,7 @@ class Editor(ABC):
             return self.hparams(lm, **overrides)
         if isinstance(hparams, Hparams):
             hp = hparams.replace(**overrides) if overrides else hparams
+            hp.check_counts()
             hp.validate(lm)
             return hp
         if isinstance(hparams, Mapping):

@@ -163,7 +163,7 @@ def _trace_section(folders: Sequence[Path]) -> list[str]:
             what = (f"{esc(str(first['prompt']))} → {esc(str(first.get('answer', '')).strip())} "
                     f"(subject {esc(str(first.get('subject', '')))})")
         elif isinstance(first, dict) and "n_facts" in first:
-            what = f"average over {first['n_facts']} known facts"
+            what = f"average over {esc(str(first['n_facts']))} known facts"
         else:
             what = ""
         parts.append(f"<p><b>{esc(d.name)}</b> {what}</p><div class='grid'>")
@@ -219,7 +219,7 @@ def write_report(db: str | Path, out: str | Path, title: str = "editlab report",
         hp = ", ".join(f"{k}={v}" for k, v in (r["hparams"] or {}).items())
         ver = ", ".join(f"{k} {v}" for k, v in (r["versions"] or {}).items())
         parts.append(f"<tr><td>{esc(r['run_id'])}</td><td>{esc(r['method'])}</td><td>{esc(r['mode'])}</td><td>{esc(str(r['dataset']))}</td>"
-                     f"<td>{r['n_requests']}</td><td>{esc(ver)}</td><td>{esc(hp)}</td></tr>")
+                     f"<td>{esc(str(r['n_requests']))}</td><td>{esc(ver)}</td><td>{esc(hp)}</td></tr>")
     parts.append("</table></section></main></body></html>")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,8 @@ def run(
                     stacks.prune(saved)
                 last = n_done
             tick(n_done, len(requests), f"{cfg.method} sequential {n_done}/{len(requests)}")
+            if n_done >= final_ckpt:  # edits after the last checkpoint would never be evaluated
+                break
         stacks.discard()  # finished: the stacks only serve to resume
     finally:
         restore_all(lm)

@@ -103,7 +103,9 @@ class RunStacks:
             m = _ckpt_number(child)
             if m is not None and n is not None and m < n:
                 _remove(child)
-        for child in self.dir.glob(".deleting-*"):  # left by a kill during an earlier prune
+        # left by a kill during an earlier prune, or inside a save (atomic_dir's ".ckpt-<n>.*" folders;
+        # none of this process's saves is in progress here)
+        for child in [*self.dir.glob(".deleting-*"), *self.dir.glob(".ckpt-*")]:
             shutil.rmtree(child, ignore_errors=True)
 
     def discard(self) -> None:
@@ -136,10 +138,13 @@ class RunStacks:
         for n in sorted(found, reverse=True):
             try:
                 self._load(lm, found[n], n, method, requests)
-            except (EditlabError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure to load means: do not use this stack
                 restore_all(lm)
-                problems.append(str(e))
+                problems.append(f"{found[n].name}: {e}")
                 continue
+            if problems:  # a newer stack was unusable; say so, the older one is still correct
+                warnings.warn(f"the newest saved edit stack is unusable ({problems[0]}); resuming from the one "
+                              f"saved at checkpoint {n}", StackResumeWarning, stacklevel=3)
             self.latest = found[n]
             return n
         why = problems[0] if problems else f"no saved stack for checkpoint {finished[-1]} in {self.dir}"

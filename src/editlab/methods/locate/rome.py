@@ -76,7 +76,7 @@ class ROMEHparams(LocateHparams):
         parse_template_groups(self.context_templates)
         for name in ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens", "v_chunk_rows"):
             self._check_positive(name, getattr(self, name))
-        for name in ("v_weight_decay", "kl_factor", "stop_loss"):
+        for name in ("v_weight_decay", "kl_factor", "stop_loss", "v_cache_mb"):
             self._check_positive(name, getattr(self, name), allow_zero=True)
 
 

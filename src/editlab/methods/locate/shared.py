@@ -45,8 +45,8 @@ def parse_template_groups(value: Any, name: str = "context_templates") -> Templa
                 length, count = (int(x) for x in item)
         except (TypeError, ValueError):
             raise HparamsError(f"{name}: each group is [length, count] or 'length:count', got {item!r}") from None
-        if length < 1 or count < 0:
-            raise HparamsError(f"{name}: group {item!r} needs length >= 1 and count >= 0")
+        if not (1 <= length <= 1_000 and 0 <= count <= 10_000):
+            raise HparamsError(f"{name}: group {item!r} needs 1 <= length <= 1000 tokens and 0 <= count <= 10000")
         groups.append((length, count))
     return groups
 
@@ -186,6 +186,17 @@ class SuffixRunner:
         else:
             self.full_mask = suf_mask.to(dev)
 
+    def nbytes(self) -> int:
+        """Bytes held by the prefixes' KV cache."""
+        if self.cache is None:
+            return 0
+        layers = getattr(self.cache, "layers", None)
+        if layers is not None:
+            return sum(t.numel() * t.element_size() for layer in layers
+                       for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+        return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(self.cache)
+                   if isinstance(t, torch.Tensor))
+
     def run(self, rows: Sequence[int]) -> torch.Tensor:
         idx = torch.tensor(list(rows), device=self.lm.device)
         kwargs: dict[str, Any] = {}
@@ -222,6 +233,8 @@ class ValueOptConfig:
     # rows per forward/backward pass; gradients are accumulated over the chunks of a step, so this
     # bounds memory without changing the result
     chunk_rows: int = 64
+    # memory for the prefixes' KV caches kept across steps (MB); beyond it they are recomputed per step
+    cache_mb: int = 1024
 
 
 @dataclass
@@ -237,12 +250,15 @@ class LocateHparams(Hparams):
     mom2_n_tokens: int = DEFAULT_N_TOKENS
     corpus: str = "wikipedia"
     seed: int = 0
-    # memory only: rows per forward/backward pass of the value optimisation (the result is the same)
+    # memory only (the result is the same): rows per forward/backward pass of the value optimisation,
+    # and MB of prefix KV caches kept across its steps (beyond that they are recomputed each step)
     v_chunk_rows: int = 64
+    v_cache_mb: int = 1024
 
     def value_config(self) -> ValueOptConfig:
         return ValueOptConfig(self.v_steps, self.v_lr, self.kl_factor, self.v_weight_decay,
-                              self.clamp_norm_factor, self.stop_loss, chunk_rows=int(self.v_chunk_rows))
+                              self.clamp_norm_factor, self.stop_loss, chunk_rows=int(self.v_chunk_rows),
+                              cache_mb=int(self.v_cache_mb))
 
 
 def weight_decay_term(delta: torch.Tensor, v_init: torch.Tensor, factor: float) -> torch.Tensor:
@@ -301,6 +317,8 @@ def optimize_values(
         raise ValueError("templates[0] must be the bare prompt '{}'")
     if cfg.chunk_rows < 1:
         raise HparamsError(f"chunk_rows must be >= 1, got {cfg.chunk_rows}")
+    if cfg.cache_mb < 0:
+        raise HparamsError(f"cache_mb must be >= 0, got {cfg.cache_mb}")
     paths = [edit_path] if isinstance(edit_path, str) else list(edit_path)
     n_p = len(paths)
     n = len(requests)
@@ -331,7 +349,8 @@ def optimize_values(
     delta = torch.zeros(n, n_p, dim, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     v_init = torch.zeros(n, n_p, dim, device=lm.device)
-    nll_weight = torch.ones(n, device=lm.device)
+    nll_weight = torch.ones(n, device=lm.device)  # the NLL weight of the next step (PMET's schedule)
+    loss_weight = nll_weight.clone()  # the weight the current step's loss was computed with
     kl_ref: dict[int, torch.Tensor] = {}  # request -> unedited log-probabilities at its KL row
     active = list(range(n))
     final = {k: torch.full((n,), float("nan")) for k in ("nll", "kl", "wd", "loss")}
@@ -340,7 +359,12 @@ def optimize_values(
     history: list[list[float]] = []
     req_rows = {r: [i for i, q in enumerate(row_req) if q == r] for r in range(n)}
     chunks = _chunks(req_rows, cfg.chunk_rows)
-    runners: dict[int, tuple[SuffixRunner, list[int]]] = {}  # chunk -> (runner, its rows), built lazily
+    # chunk -> (runner, its rows): the prefixes' KV caches are kept across steps while they fit in
+    # `cfg.cache_mb`; chunks beyond that rebuild theirs at each step (one no-grad prefix pass), so memory
+    # stays bounded for any batch size
+    runners: dict[int, tuple[SuffixRunner, list[int]]] = {}
+    budget = cfg.cache_mb * 2**20
+    cached_bytes = [0]
 
     def chunk_losses(c: int, reqs_c: list[int], first: bool) -> tuple[torch.Tensor, ...]:
         """Forward the chunk's active rows; per-request NLL, KL (both [n], zero elsewhere) and the
@@ -349,11 +373,18 @@ def optimize_values(
         rq = torch.tensor([row_req[i] for i in rows], device=lm.device)
         b = torch.arange(len(rows), device=lm.device)
         if cfg.prefix_cache:
-            if c not in runners:
-                all_rows = [i for r in chunks[c] for i in req_rows[r]]
-                runners[c] = (SuffixRunner(lm, [rows_ids[i] for i in all_rows], [row_edit_pos[i] for i in all_rows]),
-                              all_rows)
-            runner, all_rows = runners[c]
+            if c in runners:
+                runner, all_rows = runners[c]
+            else:
+                # only the chunk's active rows: a rebuilt runner never holds finished requests
+                all_rows = rows if cached_bytes[0] >= budget else [i for r in chunks[c] for i in req_rows[r]]
+                runner = SuffixRunner(lm, [rows_ids[i] for i in all_rows], [row_edit_pos[i] for i in all_rows])
+                size = runner.nbytes()
+                if cached_bytes[0] + size <= budget:  # kept for the next steps while within the budget
+                    runners[c] = (runner, all_rows)
+                    cached_bytes[0] += size
+                else:
+                    cached_bytes[0] = budget  # from now on every runner that is not kept is rebuilt per step
             local = {i: j for j, i in enumerate(all_rows)}
             # only the tokens from the edit position on are recomputed; δ sits at suffix position 0
             p = torch.zeros(len(rows), dtype=torch.long, device=lm.device)
@@ -418,47 +449,63 @@ def optimize_values(
             miss = torch.zeros(n, device=logp.device).index_add(0, rq[trow_t], 1 - hit)
         return req_nll, req_kl, miss
 
+    def finished(r: int, loss: float, kl: float, missed: float) -> bool:
+        """Whether request r stops at this step (its δ as just evaluated is kept). PMET's schedule also
+        sets the NLL weight of its next step."""
+        if loss < cfg.stop_loss:
+            return True
+        if cfg.nll_drop:  # every target token of every template row predicted as the argmax?
+            if missed == 0:
+                nll_weight[r] = 0.1
+                return cfg.kl_factor * kl <= 0.01
+            nll_weight[r] = 1.0
+        return False
+
     for step in range(cfg.steps):
         opt.zero_grad()
+        last_step = step == cfg.steps - 1
         req_nll = torch.zeros(n, device=lm.device)
         req_kl = torch.zeros(n, device=lm.device)
-        miss = torch.zeros(n, device=lm.device)
+        done: list[int] = []
         for c, chunk in enumerate(chunks):
             reqs_c = [r for r in chunk if r in active]
             if not reqs_c:
                 continue
-            nll_c, kl_c, miss_c = chunk_losses(c, reqs_c, step == 0)
-            act_c = torch.tensor(reqs_c, device=lm.device)
-            wd_c = sum(weight_decay_term(delta[act_c, k], v_init[act_c, k], cfg.weight_decay) for k in range(n_p))
-            loss_c = (nll_weight[act_c] * nll_c[act_c] + cfg.kl_factor * kl_c[act_c] + wd_c).sum()
-            if step < cfg.steps - 1:  # the last step's gradient is never used
-                loss_c.backward()  # frees this chunk's activations before the next chunk runs
+            with torch.set_grad_enabled(not last_step):  # the last step's gradient is never used
+                nll_c, kl_c, miss_c = chunk_losses(c, reqs_c, step == 0)
+                act_c = torch.tensor(reqs_c, device=lm.device)
+                wd_c = sum(weight_decay_term(delta[act_c, k], v_init[act_c, k], cfg.weight_decay) for k in range(n_p))
+                loss_r = nll_weight[act_c] * nll_c[act_c] + cfg.kl_factor * kl_c[act_c] + wd_c  # weights change below
+            # each request's stop depends only on its own terms, so it is decided here, and only the
+            # requests that go on are back-propagated (their gradients are all an Adam step uses)
+            vals = loss_r.detach().cpu().tolist()
+            kls = kl_c[act_c].detach().cpu().tolist()
+            missed = miss_c[act_c].cpu().tolist()
+            keep = []
+            for j, r in enumerate(reqs_c):
+                if finished(r, vals[j], kls[j], missed[j]):
+                    done.append(r)
+                else:
+                    keep.append(j)
+            if keep and not last_step:
+                loss_r[torch.tensor(keep, device=lm.device)].sum().backward()  # frees this chunk's activations
             req_nll += nll_c.detach()
             req_kl += kl_c.detach()
-            miss += miss_c
+            del nll_c, kl_c, loss_r, wd_c
         with torch.no_grad():
             req_wd = sum(weight_decay_term(delta[:, k], v_init[:, k], cfg.weight_decay) for k in range(n_p))
-            req_loss = nll_weight * req_nll + cfg.kl_factor * req_kl + req_wd  # weights change below
             act = torch.tensor(active, device=lm.device)
+            # the loss as evaluated at this step (NLL weights as they were before `finished` changed them)
+            req_loss = torch.zeros(n, device=lm.device)
+            req_loss[act] = loss_weight[act] * req_nll[act] + cfg.kl_factor * req_kl[act] + req_wd[act]
             history.append(req_loss.cpu().tolist())
             for k, v in (("nll", req_nll), ("kl", req_kl), ("wd", req_wd), ("loss", req_loss)):
                 final[k][act.cpu()] = v[act].float().cpu()
             steps_used[act.cpu()] += 1
-        done = [r for r in active if float(req_loss[r]) < cfg.stop_loss]
-        if cfg.nll_drop:  # every target token of every template row predicted as the argmax?
-            for r in active:
-                if r in done:
-                    continue
-                if float(miss[r]) == 0:
-                    nll_weight[r] = 0.1
-                    if cfg.kl_factor * float(req_kl[r]) <= 0.01:
-                        done.append(r)
-                else:
-                    nll_weight[r] = 1.0
-        with torch.no_grad():
+            loss_weight.copy_(nll_weight)
             for r in done:  # converged: keep the δ that was just evaluated
                 result[r] = delta[r].detach().float().cpu()
-        if len(done) == len(active) or step == cfg.steps - 1:
+        if len(done) == len(active) or last_step:
             break
         opt.step()
         with torch.no_grad():

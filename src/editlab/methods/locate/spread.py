@@ -49,7 +49,7 @@ class MultiLayerHparams(LocateHparams):
     clamp_norm_factor: float = 0.75
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens", "v_chunk_rows")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("v_weight_decay", "kl_factor", "stop_loss")
+    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("v_weight_decay", "kl_factor", "stop_loss", "v_cache_mb")
 
     @classmethod
     def defaults_for(cls, lm: LM) -> dict[str, Any]:
