@@ -23,6 +23,21 @@ def test_batched_scoring_equals_one_at_a_time(tiny_lm):
         assert torch.allclose(ref, single.logprobs, atol=1e-5)
 
 
+def test_continuations_sharing_a_prompt_are_each_scored_exactly(tiny_lm):
+    """One-token continuations of one prompt share a sequence (and a position): each gets its own
+    log-prob, and argmax, as a plain forward pass gives them."""
+    prompt = PROMPTS[0]
+    conts = ["Paris", "Rome", "Paris", "the city"]
+    scores = tiny_lm.score([prompt] * len(conts), conts)
+    for c, s in zip(conts, scores):
+        ids = tiny_lm.tokenizer(prompt + " " + c, return_tensors="pt").input_ids
+        logits = tiny_lm.model(ids).logits[0].log_softmax(-1)
+        n = len(s.target_ids)
+        assert torch.allclose(logits[-n - 1 : -1].gather(1, ids[0, -n:, None])[:, 0], s.logprobs, atol=1e-5)
+        assert s.argmax_ids == logits[-n - 1 : -1].argmax(-1).tolist()
+    assert scores[0].logprobs[0] != scores[1].logprobs[0]
+
+
 def test_next_token_logprobs_agree_with_score(tiny_lm):
     nt = tiny_lm.next_token_logprobs(PROMPTS)
     assert nt.shape == (3, len(tiny_lm.tokenizer))

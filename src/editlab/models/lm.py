@@ -281,6 +281,60 @@ class LM:
                 rows[k] = row
         return [torch.stack([rows[(carriers[seq], p)] for p in pos]) for seq, pos in needs]
 
+    @torch.no_grad()
+    def _score_targets(self, needs: list[tuple[tuple[int, ...], list[int]]],
+                       targets: list[list[int]]) -> list[tuple[torch.Tensor, list[int]]]:
+        """For each (sequence, positions) and the token ids wanted at those positions: (log-probs of those
+        ids [len(positions)], argmax ids). Like `_score_positions`, but each batch is reduced to what was
+        asked (a log-sum-exp, an argmax and the wanted logits per position) instead of keeping full
+        vocabulary rows, so memory does not grow with the number of probes."""
+        carriers: dict[tuple[int, ...], int] = {}
+        unique: list[tuple[int, ...]] = []
+        for seq in sorted({s for s, _ in needs}, key=len, reverse=True):
+            if seq in carriers:
+                continue
+            idx = len(unique)
+            unique.append(seq)
+            for k in range(1, len(seq) + 1):
+                carriers.setdefault(seq[:k], idx)
+        wanted: dict[int, dict[int, set[int]]] = {}  # carrier -> position -> token ids wanted there
+        for (seq, pos), tgt in zip(needs, targets):
+            at = wanted.setdefault(carriers[seq], {})
+            for p, t in zip(pos, tgt):
+                at.setdefault(p, set()).add(int(t))
+        lse: dict[tuple[int, int], float] = {}
+        top: dict[tuple[int, int], int] = {}
+        picked: dict[tuple[int, int, int], float] = {}
+        for batch in self._batches(unique):
+            ids, mask = self.pad_right([unique[i] for i in batch])
+            hid = self.hidden_states(ids, mask)
+            b_idx, p_idx, keys = [], [], []
+            for r, ci in enumerate(batch):
+                for p in sorted(wanted.get(ci, ())):
+                    b_idx.append(r)
+                    p_idx.append(p)
+                    keys.append((ci, p))
+            if not keys:
+                continue
+            logits = self.head(hid[torch.tensor(b_idx), torch.tensor(p_idx)]).float()
+            norm = torch.logsumexp(logits, dim=-1).cpu().tolist()
+            best = logits.argmax(-1).cpu().tolist()
+            rows, cols, owners = [], [], []
+            for j, key in enumerate(keys):
+                lse[key], top[key] = norm[j], best[j]
+                for t in wanted[key[0]][key[1]]:
+                    rows.append(j)
+                    cols.append(t)
+                    owners.append((key[0], key[1], t))
+            vals = logits[torch.tensor(rows), torch.tensor(cols)].cpu().tolist()
+            picked.update(zip(owners, vals))
+        out = []
+        for (seq, pos), tgt in zip(needs, targets):
+            ci = carriers[seq]
+            lp = [picked[(ci, p, int(t))] - lse[(ci, p)] for p, t in zip(pos, tgt)]
+            out.append((torch.tensor(lp, dtype=torch.float32), [top[(ci, p)] for p in pos]))
+        return out
+
     # ----------------------------------------------------------------- the LM calls
     @torch.no_grad()
     def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
@@ -312,17 +366,8 @@ class LM:
             seq, pos = teacher_forcing(p_ids, t_ids)
             needs.append((tuple(seq), pos))
             targets.append(t_ids)
-        out = []
-        for t_ids, rows in zip(targets, self._score_positions(needs)):
-            tgt = torch.tensor(t_ids, dtype=torch.long)
-            out.append(
-                ContinuationScore(
-                    target_ids=list(t_ids),
-                    logprobs=rows.gather(1, tgt[:, None])[:, 0],
-                    argmax_ids=rows.argmax(-1).tolist(),
-                )
-            )
-        return out
+        return [ContinuationScore(target_ids=list(t_ids), logprobs=lp, argmax_ids=am)
+                for t_ids, (lp, am) in zip(targets, self._score_targets(needs, targets))]
 
     def logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[torch.Tensor]:
         """Per-token log-probabilities of each continuation given its prompt (list of 1-D tensors)."""
