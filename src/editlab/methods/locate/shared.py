@@ -23,6 +23,7 @@ import torch
 from ...errors import HparamsError, UnsupportedArchitectureError
 from ...batching import pad_batch, positions_from_mask, teacher_forcing
 from ...hooks import capture, hooks, output_tensor, replace_output
+from ...memory import release_freed_memory
 from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import DEFAULT_N_TOKENS
@@ -234,7 +235,7 @@ class ValueOptConfig:
     # bounds memory without changing the result
     chunk_rows: int = 64
     # memory for the prefixes' KV caches kept across steps (MB); beyond it they are recomputed per step
-    cache_mb: int = 1024
+    cache_mb: int = 256
 
 
 @dataclass
@@ -253,7 +254,7 @@ class LocateHparams(Hparams):
     # memory only (the result is the same): rows per forward/backward pass of the value optimisation,
     # and MB of prefix KV caches kept across its steps (beyond that they are recomputed each step)
     v_chunk_rows: int = 64
-    v_cache_mb: int = 1024
+    v_cache_mb: int = 256
 
     def value_config(self) -> ValueOptConfig:
         return ValueOptConfig(self.v_steps, self.v_lr, self.kl_factor, self.v_weight_decay,
@@ -505,6 +506,7 @@ def optimize_values(
             loss_weight.copy_(nll_weight)
             for r in done:  # converged: keep the δ that was just evaluated
                 result[r] = delta[r].detach().float().cpu()
+        release_freed_memory()  # the chunks' activations are freed; hand the heap back (peak RSS)
         if len(done) == len(active) or last_step:
             break
         opt.step()
