@@ -123,16 +123,21 @@ def test_killed_run_resumes_after_the_last_saved_checkpoint(method, lm, reqs, co
     assert all(torch.equal(base[k], v) for k, v in lm.model.state_dict().items())
 
 
+def killed_at_edit_5(lm, reqs, args, db, monkeypatch):
+    """A run of `args` that dies while making edit 5 (after checkpoint 4's row): (the apply counter, run id)."""
+    applies = Applies(monkeypatch)
+    applies.reset(fail_at=5)
+    with pytest.raises(RuntimeError):
+        run(lm, reqs, RunConfig(**args), Store(db))
+    return applies, next(iter(Store(db).runs()))["run_id"]
+
+
 def test_damaged_stack_falls_back_to_reapplying_every_edit(lm, reqs, corpus_file, tmp_path, monkeypatch):
     args = dict(method="alphaedit", mode="sequential", checkpoints=CHECKPOINTS,
                 hparams=method_hparams("alphaedit", corpus_file), ppl_text=PPL_TEXT)
     want = reference_rows(lm, reqs, args, tmp_path)
-    applies = Applies(monkeypatch)
     db = tmp_path / "r.db"
-    applies.reset(fail_at=5)
-    with pytest.raises(RuntimeError):
-        run(lm, reqs, RunConfig(**args), Store(db))
-    rid = next(iter(Store(db).runs()))["run_id"]
+    applies, rid = killed_at_edit_5(lm, reqs, args, db, monkeypatch)
     victim = next((stack_dir(db, rid) / "ckpt-4").glob("2-*")) / TENSORS
     raw = bytearray(victim.read_bytes())
     raw[-3] ^= 0x01  # one bit of one tensor value
@@ -151,12 +156,8 @@ def test_damaged_stack_falls_back_to_reapplying_every_edit(lm, reqs, corpus_file
 def test_missing_stack_warns_and_reapplies(lm, reqs, corpus_file, tmp_path, monkeypatch):
     args = dict(method="rome", mode="sequential", checkpoints=CHECKPOINTS, hparams=method_hparams("rome", corpus_file))
     want = reference_rows(lm, reqs, args, tmp_path)
-    applies = Applies(monkeypatch)
     db = tmp_path / "r.db"
-    applies.reset(fail_at=5)
-    with pytest.raises(RuntimeError):
-        run(lm, reqs, RunConfig(**args), Store(db))
-    rid = next(iter(Store(db).runs()))["run_id"]
+    applies, rid = killed_at_edit_5(lm, reqs, args, db, monkeypatch)
     shutil.rmtree(stack_dir(db, rid))
     applies.reset()
     with pytest.warns(StackResumeWarning, match="no saved stack for checkpoint 4"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -246,24 +246,25 @@ class LM:
         for i, j in reversed(spans):
             yield order[i:j]
 
-    @torch.no_grad()
-    def _score_positions(self, needs: list[tuple[tuple[int, ...], list[int]]]) -> list[torch.Tensor]:
-        """For each (sequence, positions) return log-softmax rows [len(positions), V] at those positions.
-        Sequences that are prefixes of other sequences are computed inside the longer one."""
+    @staticmethod
+    def _carriers(seqs: Iterable[tuple[int, ...]]) -> tuple[dict[tuple[int, ...], int], list[tuple[int, ...]]]:
+        """(sequence -> index of the unique sequence that contains it as a prefix, the unique sequences):
+        a sequence that is a prefix of a longer one is computed inside the longer one."""
         carriers: dict[tuple[int, ...], int] = {}
         unique: list[tuple[int, ...]] = []
-        for seq in sorted({s for s, _ in needs}, key=len, reverse=True):
+        for seq in sorted(set(seqs), key=len, reverse=True):
             if seq in carriers:
                 continue
             idx = len(unique)
             unique.append(seq)
             for k in range(1, len(seq) + 1):
                 carriers.setdefault(seq[:k], idx)
-        # group the positions wanted per carrier
-        wanted: dict[int, set[int]] = {}
-        for seq, pos in needs:
-            wanted.setdefault(carriers[seq], set()).update(pos)
-        rows: dict[tuple[int, int], torch.Tensor] = {}
+        return carriers, unique
+
+    def _logits_at(self, unique: list[tuple[int, ...]], wanted: Mapping[int, Iterable[int]]
+                   ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+        """Per batch of `unique` sequences: the (sequence index, position) keys wanted there and the
+        float32 logits [len(keys), V] at those positions."""
         for batch in self._batches(unique):
             ids, mask = self.pad_right([unique[i] for i in batch])
             hid = self.hidden_states(ids, mask)
@@ -273,11 +274,19 @@ class LM:
                     b_idx.append(r)
                     p_idx.append(p)
                     keys.append((ci, p))
-            if not keys:
-                continue
-            logits = self.head(hid[torch.tensor(b_idx), torch.tensor(p_idx)]).float()
-            lsm = torch.log_softmax(logits, dim=-1).cpu()
-            for k, row in zip(keys, lsm):
+            if keys:
+                yield keys, self.head(hid[torch.tensor(b_idx), torch.tensor(p_idx)]).float()
+
+    @torch.no_grad()
+    def _score_positions(self, needs: list[tuple[tuple[int, ...], list[int]]]) -> list[torch.Tensor]:
+        """For each (sequence, positions) return log-softmax rows [len(positions), V] at those positions."""
+        carriers, unique = self._carriers(s for s, _ in needs)
+        wanted: dict[int, set[int]] = {}  # the positions wanted per carrier
+        for seq, pos in needs:
+            wanted.setdefault(carriers[seq], set()).update(pos)
+        rows: dict[tuple[int, int], torch.Tensor] = {}
+        for keys, logits in self._logits_at(unique, wanted):
+            for k, row in zip(keys, torch.log_softmax(logits, dim=-1).cpu()):
                 rows[k] = row
         return [torch.stack([rows[(carriers[seq], p)] for p in pos]) for seq, pos in needs]
 
@@ -288,15 +297,7 @@ class LM:
         ids [len(positions)], argmax ids). Like `_score_positions`, but each batch is reduced to what was
         asked (a log-sum-exp, an argmax and the wanted logits per position) instead of keeping full
         vocabulary rows, so memory does not grow with the number of probes."""
-        carriers: dict[tuple[int, ...], int] = {}
-        unique: list[tuple[int, ...]] = []
-        for seq in sorted({s for s, _ in needs}, key=len, reverse=True):
-            if seq in carriers:
-                continue
-            idx = len(unique)
-            unique.append(seq)
-            for k in range(1, len(seq) + 1):
-                carriers.setdefault(seq[:k], idx)
+        carriers, unique = self._carriers(s for s, _ in needs)
         wanted: dict[int, dict[int, set[int]]] = {}  # carrier -> position -> token ids wanted there
         for (seq, pos), tgt in zip(needs, targets):
             at = wanted.setdefault(carriers[seq], {})
@@ -305,18 +306,7 @@ class LM:
         lse: dict[tuple[int, int], float] = {}
         top: dict[tuple[int, int], int] = {}
         picked: dict[tuple[int, int, int], float] = {}
-        for batch in self._batches(unique):
-            ids, mask = self.pad_right([unique[i] for i in batch])
-            hid = self.hidden_states(ids, mask)
-            b_idx, p_idx, keys = [], [], []
-            for r, ci in enumerate(batch):
-                for p in sorted(wanted.get(ci, ())):
-                    b_idx.append(r)
-                    p_idx.append(p)
-                    keys.append((ci, p))
-            if not keys:
-                continue
-            logits = self.head(hid[torch.tensor(b_idx), torch.tensor(p_idx)]).float()
+        for keys, logits in self._logits_at(unique, wanted):
             norm = torch.logsumexp(logits, dim=-1).cpu().tolist()
             best = logits.argmax(-1).cpu().tolist()
             rows, cols, owners = [], [], []
