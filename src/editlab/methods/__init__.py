@@ -2,7 +2,7 @@
 
 from .base import METHODS, Editor, Hparams, available_methods, get_editor, known_model
 from .edit import Edit, restore_all
-from .patches import LowRank, ModuleSwap, Patch, SolverState, ViewPatch, WeightDelta
+from .patches import LowRank, ModuleSwap, Patch, SolverState, TableUpdate, ViewPatch, WeightDelta
 
 __all__ = ["METHODS", "Editor", "Hparams", "available_methods", "get_editor", "known_model", "Edit", "restore_all",
-           "LowRank", "ModuleSwap", "Patch", "SolverState", "ViewPatch", "WeightDelta"]
+           "LowRank", "ModuleSwap", "Patch", "SolverState", "TableUpdate", "ViewPatch", "WeightDelta"]

@@ -398,6 +398,12 @@ METHODS.register("kn", "KN: knowledge neurons by integrated gradients; shifts th
                  lazy("editlab.methods.locate.kn:KNEditor"), family="locate-and-edit",
                  tiny_hparams={"layers": [0, 1, 2, 3], "ig_steps": 20, "batch_size": 160}, tiny_min_gain=None)
 
+# Added parameters around a kept base layer (methods/adapters/): one shared wrapper per module path,
+# extended edit by edit (`on=`) through table updates.
+METHODS.register("grace", "GRACE: codebook of (key, value, radius) at one layer; inputs within a radius get the value",
+                 lazy("editlab.methods.adapters.grace:GRACEEditor"), family="adapter",
+                 tiny_hparams={"layer": 2, "steps": 40, "lr": 1.0})
+
 
 def available_methods() -> dict[str, str]:
     """Registered method names and their one-line descriptions."""

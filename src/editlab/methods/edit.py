@@ -42,7 +42,7 @@ from ..errors import EditIntegrityError, EditMismatchError, EditStackError, Outp
 from ..fileio import atomic_dir, sha256_file
 from ..models.lm import LM
 from ..requests import EditRequest
-from .patches import PATCH_TYPES, LowRank, Patch, ViewPatch, WeightDelta, unwind_weights
+from .patches import PATCH_TYPES, LowRank, ModuleSwap, Patch, TableUpdate, ViewPatch, WeightDelta, unwind_weights
 
 MANIFEST = "edit.json"
 TENSORS = "patches.safetensors"
@@ -85,8 +85,14 @@ class Edit:
     def _install(self) -> "Edit":
         """Check every patch, then apply them in order; undo the applied ones if one fails."""
         lm = self.base_lm
+        staged: dict[str, torch.nn.Module] = {}  # wrappers this edit puts in place, by path
         for p in self.patches:
-            p.check(lm)
+            if isinstance(p, TableUpdate) and p.path in staged:
+                p.check_wrapper(staged[p.path])  # fills the wrapper an earlier patch of this edit installs
+            else:
+                p.check(lm)
+            if isinstance(p, ModuleSwap):
+                staged[p.path] = p.wrapper
         applied: list[Patch] = []
         try:
             for p in self.patches:

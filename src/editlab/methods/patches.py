@@ -8,6 +8,8 @@
   so the result is bit-identical to the state before the reverted edit.
 - `ModuleSwap`: a wrapper module (an `AdapterModule` that keeps the wrapped module as `base_layer`, as
   PEFT's tuners do) put in place of a module; reverting puts the very same module object back.
+- `TableUpdate`: rows added to (or changed in) the tables of a `TableAdapter` wrapper (GRACE's codebook,
+  T-Patcher's units), so a sequence of edits shares one wrapper; reverting drops them exactly.
 - `ViewPatch`: an `LMView` factory: the weights are untouched, `edit.lm` answers differently (prompt
   prefixes, retrieval routers, constrained decoding).
 - `SolverState`: tensors a method carries with its edit for later edits (AlphaEdit's protected keys);
@@ -272,6 +274,69 @@ class ModuleSwap(Patch):
         return cls(path, wrapper)
 
 
+class TableUpdate(Patch):
+    """Rows added to (and rows changed in) the tables of the `TableAdapter` at `path`, which an edit at
+    or below this one installed. Reverting drops the added rows and puts the changed rows back, so the
+    wrapper is bit-identical to its state before; only the top update of a wrapper can be reverted,
+    which the edit stack guarantees."""
+
+    kind = "table_update"
+
+    def __init__(self, path: str, append: dict[str, torch.Tensor], index: torch.Tensor | None = None,
+                 changed: dict[str, torch.Tensor] | None = None) -> None:
+        self.path = path
+        self.append = {k: v.detach() for k, v in append.items()}
+        self.index = (index if index is not None else torch.zeros(0, dtype=torch.long)).detach().long()
+        self.changed = {k: v.detach() for k, v in (changed or {}).items()}
+        self._undo: Any = None
+
+    def _wrapper(self, lm: "LM") -> Any:
+        from .adapters.inject import TableAdapter
+
+        try:
+            w = lm.model.get_submodule(self.path)
+        except AttributeError:
+            raise EditMismatchError(f"model has no module {self.path!r}") from None
+        if not isinstance(w, TableAdapter):
+            raise EditMismatchError(f"{self.path} holds a {type(w).__name__}, not the table adapter this update "
+                                    "extends (load or apply the edit below it first)")
+        return w
+
+    def check(self, lm: "LM") -> None:
+        self.check_wrapper(self._wrapper(lm))
+
+    def check_wrapper(self, wrapper: Any) -> None:
+        from .adapters.inject import TableAdapter
+
+        if not isinstance(wrapper, TableAdapter):
+            raise EditMismatchError(f"{self.path}: a table update needs a table adapter, not {type(wrapper).__name__}")
+        wrapper.check_rows(self.append, self.index, self.changed)
+
+    def apply(self, lm: "LM") -> None:
+        self._undo = self._wrapper(lm).update_rows(self.append, self.index, self.changed)
+
+    def revert(self, lm: "LM") -> None:
+        if self._undo is None:
+            return  # already reverted (idempotent)
+        w = lm.model.get_submodule(self.path)
+        w.undo_rows(self.index, self._undo)
+        self._undo = None
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"append.{k}": v.contiguous().cpu() for k, v in self.append.items()}
+        tensors.update({f"changed.{k}": v.contiguous().cpu() for k, v in self.changed.items()})
+        tensors["index"] = self.index.contiguous().cpu()
+        return tensors, {"path": self.path}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], lm: "LM") -> "TableUpdate":
+        if not isinstance(config.get("path"), str) or "index" not in tensors:
+            raise EditMismatchError("saved table update lacks its path or row index")
+        append = {k.removeprefix("append."): v for k, v in tensors.items() if k.startswith("append.")}
+        changed = {k.removeprefix("changed."): v for k, v in tensors.items() if k.startswith("changed.")}
+        return cls(config["path"], append, tensors["index"], changed)
+
+
 # ------------------------------------------------------------------------------------ LM views
 class ViewPatch(Patch):
     """Makes `edit.lm` a view over the system below it. Nothing in the model changes."""
@@ -349,4 +414,4 @@ def solver_states(edits: Any, name: str) -> list[SolverState]:
     return [p for e in edits for p in e.patches if isinstance(p, SolverState) and p.name == name]
 
 
-PATCH_TYPES: dict[str, type[Patch]] = {c.kind: c for c in (WeightDelta, ModuleSwap, ViewPatch, SolverState)}
+PATCH_TYPES: dict[str, type[Patch]] = {c.kind: c for c in (WeightDelta, ModuleSwap, TableUpdate, ViewPatch, SolverState)}

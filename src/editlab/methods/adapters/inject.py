@@ -47,6 +47,82 @@ class AdapterModule(torch.nn.Module):
         raise NotImplementedError
 
 
+class TableAdapter(AdapterModule):
+    """A wrapper whose edit-specific state is rows of named tables: buffers whose first dimension counts
+    entries (GRACE's keys, values and radii; T-Patcher's and CaliNET's units). A table wrapper is
+    installed empty by a `ModuleSwap`, and rows reach it only through `TableUpdate` patches, each owned by
+    one edit: so a sequence of edits shares ONE wrapper (one lookup, one codebook) while every edit can
+    still be saved on its own and restored exactly (its rows removed, the rows it changed put back).
+
+    Subclasses list their tables in `tables` and register them with `add_table(name, row_shape, dtype)`.
+    `adapter_state` leaves the tables out: they belong to the edits' updates, not to the swap."""
+
+    tables: ClassVar[tuple[str, ...]] = ()
+
+    def add_table(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype, device: Any = None) -> None:
+        self.register_buffer(name, torch.zeros((0, *row_shape), dtype=dtype, device=device))
+
+    @property
+    def n_rows(self) -> int:
+        return int(getattr(self, self.tables[0]).shape[0]) if self.tables else 0
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in super().adapter_state().items() if k not in self.tables}
+
+    def load_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = {k for k in self.state_dict() if not k.startswith("base_layer.") and k not in self.tables}
+        if set(tensors) != own:
+            raise EditMismatchError(f"{type(self).__name__}: saved tensors {sorted(tensors)} do not match {sorted(own)}")
+        if tensors:
+            self.load_state_dict(tensors, strict=False, assign=True)
+
+    def check_rows(self, append: dict[str, torch.Tensor], index: torch.Tensor, changed: dict[str, torch.Tensor]) -> None:
+        """Raise EditMismatchError unless the update fits this wrapper's tables (called before any change)."""
+        n_new = None
+        for name in self.tables:
+            table = getattr(self, name)
+            rows = append.get(name)
+            if rows is None or tuple(rows.shape[1:]) != tuple(table.shape[1:]):
+                raise EditMismatchError(f"{type(self).__name__}: rows for table {name!r} have shape "
+                                        f"{None if rows is None else tuple(rows.shape)}, the table {tuple(table.shape)}")
+            if n_new is None:
+                n_new = rows.shape[0]
+            elif rows.shape[0] != n_new:
+                raise EditMismatchError(f"{type(self).__name__}: tables get different numbers of new rows")
+            if name in changed and (tuple(changed[name].shape[1:]) != tuple(table.shape[1:])
+                                    or changed[name].shape[0] != index.numel()):
+                raise EditMismatchError(f"{type(self).__name__}: changed rows of {name!r} do not match the table")
+        if set(append) - set(self.tables) or set(changed) - set(self.tables):
+            raise EditMismatchError(f"{type(self).__name__}: update names tables it does not have")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n_rows):
+            raise EditMismatchError(f"{type(self).__name__}: update changes row {int(index.max())} of {self.n_rows}")
+
+    def update_rows(self, append: dict[str, torch.Tensor], index: torch.Tensor,
+                    changed: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+        """Set rows `index` of the tables in `changed`, then append `append`'s rows. Returns the undo
+        record (row count before, the changed rows' previous values)."""
+        n0 = self.n_rows
+        with torch.no_grad():
+            old = {}
+            for name, rows in changed.items():
+                table = getattr(self, name)
+                old[name] = table[index.to(table.device)].clone()
+                table[index.to(table.device)] = rows.to(table.device, table.dtype)
+            for name in self.tables:
+                table = getattr(self, name)
+                setattr(self, name, torch.cat([table, append[name].to(table.device, table.dtype)]))
+        return n0, old
+
+    def undo_rows(self, index: torch.Tensor, undo: tuple[int, dict[str, torch.Tensor]]) -> None:
+        n0, old = undo
+        with torch.no_grad():
+            for name in self.tables:
+                setattr(self, name, getattr(self, name)[:n0].clone())
+            for name, rows in old.items():
+                table = getattr(self, name)
+                table[index.to(table.device)] = rows
+
+
 WRAPPERS: Registry[type[AdapterModule]] = Registry("adapter wrapper", EditMismatchError)
 
 

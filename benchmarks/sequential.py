@@ -1,23 +1,31 @@
-"""Sequential editing: how ROME, MEMIT and AlphaEdit hold up as edits accumulate (issue "Locate-and-edit
-family complete"; the survey's point that ROME collapses within tens of edits and MEMIT later).
+"""Sequential editing: how methods hold up as edits accumulate (the survey's point that ROME collapses
+within tens of edits and MEMIT later, while methods that add parameters keep general ability flat).
 
-    python benchmarks/sequential_locate.py --methods alphaedit,memit,rome --n 200 --checkpoints 10,50,100,200
+    python benchmarks/sequential.py --methods grace,rome,memit --n 200 --checkpoints 10,50,100,200
 
 Records: the first --n records of the shipped counterfact_portability_gpt4.json (never used for tuning).
-Each method edits them one after the other (AlphaEdit extends the previous edit with on=, so it protects
-the earlier edits' keys). At every checkpoint it prints, for ALL edits made so far:
+Each method edits them one after the other; methods that can extend their previous edit (AlphaEdit's
+protected keys, GRACE's codebook, the other adapters' tables) do so with on=. At every checkpoint it
+prints, over ALL edits made so far:
 - ES: efficacy (fraction with p(target_new) > p(target_true) on the edit prompt),
+- retention: rewrite accuracy (teacher-forced token accuracy of target_new on the edit prompt),
+- rephrase accuracy (paraphrase prompts) and locality accuracy (neighbourhood prompts keep their answer),
 - perplexity on the first --ppl-tokens tokens of WikiText-2 test (shipped file), through edit.lm,
-and the unedited model's values on the same records. A PNG of both curves goes to --plot.
+beside the unedited model's values on the same records, with the median seconds per edit and the
+process's peak RSS. A PNG of retention, locality and perplexity against the edit count goes to --plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
-from common import ROOT, med, timed  # noqa: F401  (common puts src/ on the path)
+from common import ROOT, med, peak_rss_mb, timed  # noqa: F401  (common puts src/ on the path)
+
+METRICS = {"es": "efficacy_score", "retention": "rewrite_acc", "rephrase": "rephrase_acc", "locality": "locality_acc"}
 
 
 def main() -> None:
@@ -40,17 +48,22 @@ def main() -> None:
     lm = load_lm("smollm2-135m")
     reqs = load_requests("counterfact", limit=args.n)
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= len(reqs)} | {len(reqs)})
-    wiki = (ROOT / ".." / "shared" / "data" / "wikitext" / "wikitext-2-raw-test.txt").read_text()
+    wiki = (Path(os.environ["EDITLAB_DATA"]) / "wikitext" / "wikitext-2-raw-test.txt").read_text()
     windows = text_windows(lm, wiki, n_tokens=args.ppl_tokens)
     pre = pre_edit(lm, reqs)
 
-    def es(system, upto: int) -> float:
+    def scores(system, upto: int) -> dict[str, float]:
         rows = evaluate_requests(system, reqs[:upto], pre)
-        return sum(r["efficacy_score"] for r in rows) / len(rows)
+        out = {}
+        for name, key in METRICS.items():
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            out[name] = round(sum(vals) / len(vals), 3) if vals else None
+        return out
 
-    base = {"ppl": perplexity(lm, windows), "es": {c: es(lm, c) for c in checkpoints}}
+    base_scores = {c: scores(lm, c) for c in checkpoints}
+    base = {"ppl": perplexity(lm, windows), "scores": base_scores}
     print(json.dumps({"method": "unedited", **base}), flush=True)
-    curves: dict[str, list[tuple[int, float, float]]] = {}
+    curves: dict[str, list[tuple[int, dict[str, float], float]]] = {}
     for method in args.methods.split(","):
         ed = get_editor(method)
         overrides = dict(s.split(":", 1)[1].split("=", 1) for s in args.set if s.startswith(method + ":"))
@@ -62,12 +75,12 @@ def main() -> None:
             times.append(t)
             if i in checkpoints:
                 system = prev.lm
-                point = (i, es(system, i), perplexity(system, windows))
+                point = (i, scores(system, i), perplexity(system, windows))
                 curve.append(point)
-                line = {"method": method, "edits": i, "es_all": round(point[1], 3),
-                        "es_unedited": round(base["es"][i], 3), "ppl": round(point[2], 2),
+                line = {"method": method, "edits": i, **point[1],
+                        "unedited": base_scores[i], "ppl": round(point[2], 2),
                         "ppl_unedited": round(base["ppl"], 2), "median_s_per_edit": round(med(times), 2),
-                        "elapsed_s": round(time.perf_counter() - t0, 1)}
+                        "elapsed_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb())}
                 print(json.dumps(line), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
@@ -80,15 +93,18 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (a, l, b) = plt.subplots(1, 3, figsize=(15, 4))
         for m, c in curves.items():
-            a.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=m)
+            a.plot([p[0] for p in c], [p[1]["retention"] for p in c], marker="o", label=m)
+            l.plot([p[0] for p in c], [p[1]["locality"] for p in c], marker="o", label=m)
             b.plot([p[0] for p in c], [p[2] for p in c], marker="o", label=m)
-        a.plot(checkpoints, [base["es"][c] for c in checkpoints], "k--", label="unedited")
+        a.plot(checkpoints, [base_scores[c]["retention"] for c in checkpoints], "k--", label="unedited")
+        l.plot(checkpoints, [base_scores[c]["locality"] for c in checkpoints], "k--", label="unedited")
         b.axhline(base["ppl"], color="k", linestyle="--", label="unedited")
-        a.set(xlabel="edits so far", ylabel="efficacy of all edits so far", title="Efficacy (ES)")
+        a.set(xlabel="edits so far", ylabel="rewrite accuracy of all edits so far", title="Retention")
+        l.set(xlabel="edits so far", ylabel="neighbourhood token accuracy", title="Locality")
         b.set(xlabel="edits so far", ylabel="WikiText-2 perplexity", title="General ability", yscale="log")
-        a.legend(), b.legend()
+        a.legend(), l.legend(), b.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"plot: {args.plot}")
