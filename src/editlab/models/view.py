@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import EditMismatchError
-from ..registry import Registry
+from ..registry import Registry, lazy
 
 
 class LMView:
@@ -95,3 +95,5 @@ class PrefixView(LMView):
 
 VIEWS: Registry[type[LMView]] = Registry("LM view", EditMismatchError)
 VIEWS.register("prefix", "a fixed text put before every prompt (in-context editing's base)", lambda: PrefixView)
+VIEWS.register("ike", "IKE: retrieved demonstrations and the new fact(s) put before each prompt",
+               lazy("editlab.methods.memory.ike:IKEView"))
