@@ -148,3 +148,17 @@ def test_independent_codebooks_stack_around_each_other(lm):
     b.restore()
     a.restore()
     assert isinstance(lm.model.get_submodule(lm.arch.mlp_out_path(2)), torch.nn.Linear)
+
+
+def test_saved_codebook_refuses_another_model(lm, tmp_path):
+    from editlab.errors import EditMismatchError
+
+    with get_editor("grace").apply(lm, FACTS[0], **HP) as edit:
+        edit.save(tmp_path / "g")
+    other = load_lm("tiny-trained-gpt2")
+    before = _snapshot(other)
+    modules = dict(other.model.named_modules())
+    with pytest.raises(EditMismatchError):
+        Edit.load(tmp_path / "g", other)
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(other).items())
+    assert dict(other.model.named_modules()) == modules and other.active_edits == []
