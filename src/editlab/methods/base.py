@@ -404,6 +404,9 @@ METHODS.register("grace", "GRACE: codebook of (key, value, radius) at one layer;
                  lazy("editlab.methods.adapters.grace:GRACEEditor"), family="adapter",
                  tiny_hparams={"layer": 2, "steps": 40, "lr": 1.0})
 
+METHODS.register("wise", "WISE: side copy of one MLP output projection, edited in random shards, routed by activation",
+                 lazy("editlab.methods.adapters.wise:WISEEditor"), family="adapter",
+                 tiny_hparams={"layer": 2, "n_iter": 50})
 METHODS.register("melo", "MELO: LoRA blocks chosen per input by a vector database of edit clusters",
                  lazy("editlab.methods.adapters.melo:MELOEditor"), family="adapter",
                  tiny_hparams={"layers": [2], "steps": 30, "lr": 1e-2, "lora_scale": 4.0})

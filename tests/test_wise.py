@@ -1,0 +1,273 @@
+"""WISE: side memories beside one MLP output projection, routed per token (methods/adapters/wise.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editlab.errors import HparamsError
+from editlab.hooks import capture
+from editlab.methods import Edit, get_editor, restore_all
+from editlab.methods.adapters.wise import WISEWrapper, pack_bits, shard_mask, unpack_bits
+from editlab.models import load_lm
+from editlab.requests import EditRequest
+
+HP = {"layer": 2, "n_iter": 50}
+FACTS = [
+    EditRequest.create("Michael Jordan plays", "Michael Jordan", "football", "basketball"),
+    EditRequest.create("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    EditRequest.create("Albert Einstein was born in", "Albert Einstein", "Warsaw", "Ulm"),
+    EditRequest.create("The capital of Japan is", "Japan", "Rome", "Tokyo"),
+    EditRequest.create("Danielle Darrieux speaks", "Danielle Darrieux", "German", "French"),
+]
+UNRELATED = ["Python is a programming language.", "London is the capital of England.",
+             "Apple was founded by Steve Jobs in California.", "The Colosseum is located in the city of"]
+
+
+@pytest.fixture
+def lm():
+    return load_lm("tiny-trained-llama")
+
+
+def _snapshot(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _lp(system, req):
+    return float(system.score([req.prompt], [req.target_new])[0].logprobs.sum())
+
+
+def _path(lm):
+    return lm.arch.mlp_out_path(HP["layer"])
+
+
+# ------------------------------------------------------------------ the wrapper on a hand-made case
+def _table_rows(shard, mask_idx, values, threshold, n=6):
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[mask_idx] = True
+    return {"shard": torch.tensor([shard]), "mask": pack_bits(mask)[None],
+            "values": torch.tensor([values], dtype=torch.float32),
+            "act_min": torch.tensor([threshold]), "threshold": torch.tensor([threshold])}
+
+
+def test_wrapper_forward_by_hand():
+    base = torch.nn.Linear(3, 2, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+        base.bias.copy_(torch.tensor([0.5, -0.5]))
+    w = WISEWrapper(base, 2, 3, k=2)
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert torch.equal(w(x), base(x))  # no memory yet: the base layer itself
+    # shard 0: D = [[1, 0, 0], [0, 0, 2]] (flat entries 0 and 5), ε = 1.5
+    w.update_rows(_table_rows(0, [0, 5], [1.0, 2.0], 1.5), torch.zeros(0, dtype=torch.long), {})
+    out = w(x)
+    # x0: D x = [1, 0], Δ = 1 <= 1.5 -> base; x1: D x = [0, 2], Δ = 2 > 1.5 -> base + [0, 2]; x2: Δ = 0 -> base
+    assert torch.equal(out[0], base(x[0])) and torch.equal(out[2], base(x[2]))
+    assert torch.allclose(out[1], torch.tensor([3.5, 5.5]) + torch.tensor([0.0, 2.0]))
+    # shard 1: D = [[0, 3, 0], [0, 0, 0]] (flat entries 1 and 3, the second 0), ε = 0.5: x2 now routes to it
+    w.update_rows(_table_rows(1, [1, 3], [3.0, 0.0], 0.5), torch.zeros(0, dtype=torch.long), {})
+    out = w(x)
+    assert torch.allclose(out[2], base(x[2]) + torch.tensor([3.0, 0.0]))
+    # x0 fires nowhere (shard 0: 1 <= 1.5, shard 1: 0), x1 only in shard 0
+    assert torch.equal(out[0], base(x[0]))
+    assert torch.allclose(out[1], base(x[1]) + torch.tensor([0.0, 2.0]))
+    # both fire on x = [1, 1, 1] (Δ0 = ‖[1, 2]‖ = 2.24 > 1.5, Δ1 = 3 > 0.5): the larger score wins
+    both = torch.ones(1, 3)
+    assert torch.allclose(w(both), base(both) + torch.tensor([3.0, 0.0]))
+    # a shard's newest row is its memory: a second row for shard 0 replaces D there
+    w.update_rows(_table_rows(0, [0, 5], [5.0, 0.0], 1.5), torch.zeros(0, dtype=torch.long), {})
+    assert torch.allclose(w(x)[0], base(x[0]) + torch.tensor([5.0, 0.0]))
+
+
+def test_pack_bits_round_trip_and_seeded_masks():
+    m = torch.rand(1003) < 0.3
+    assert torch.equal(unpack_bits(pack_bits(m), 1003), m)
+    a, b = shard_mask(1000, 200, 7), shard_mask(1000, 200, 7)
+    assert torch.equal(a, b) and int(a.sum()) == 200 and not torch.equal(a, shard_mask(1000, 200, 8))
+
+
+# ------------------------------------------------------------------ editing the tiny trained model
+def test_edit_makes_target_the_prediction(lm):
+    fact = FACTS[0]
+    lp0 = _lp(lm, fact)
+    with get_editor("wise").apply(lm, fact, **HP) as edit:
+        assert _lp(edit.lm, fact) > lp0 + 3.0
+        first = lm.encode_pair(fact.prompt, fact.target_new)[1][0]
+        assert int(edit.lm.next_token_logprobs([fact.prompt])[0].argmax()) == first
+        info = edit.info
+        assert info["edit_act_min"] > info["threshold"] > 0 and info["margins"][1] > info["margins"][0]
+
+
+def test_unrouted_tokens_get_the_base_output_bit_for_bit(lm):
+    base_logits = lm.next_token_logprobs(UNRELATED)
+    edit = get_editor("wise").apply(lm, FACTS[0], **HP)
+    wrapper = lm.module(_path(lm))
+    assert isinstance(wrapper, WISEWrapper)
+    ids, mask = lm.pad_right([lm.encode_prompt(p) for p in UNRELATED + [FACTS[0].prompt]])
+    got_in, got_out, got_base = [], [], []
+    capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs={_path(lm): got_in.append},
+            outputs={_path(lm): got_out.append, f"{_path(lm)}.base_layer": got_base.append})
+    routed, _, _ = wrapper.route(got_in[0])
+    assert routed[-1, len(lm.encode_prompt(FACTS[0].prompt)) - 1]  # the edit's own last prompt token routes
+    quiet = ~routed
+    assert quiet.any()
+    assert torch.equal(got_out[0][quiet], got_base[0][quiet])  # exactly the base layer's output there
+    assert not torch.equal(got_out[0][routed], got_base[0][routed])
+    # prompts none of whose tokens route give bit-identical next-token distributions
+    lengths = mask.sum(1)
+    clean = [i for i in range(len(UNRELATED)) if not routed[i, : int(lengths[i])].any()]
+    assert clean, "no unrelated prompt stayed below the threshold"
+    after = edit.lm.next_token_logprobs(UNRELATED)
+    for i in clean:
+        assert torch.equal(after[i], base_logits[i])
+    edit.restore()
+
+
+def test_sequential_edits_are_retained_and_restore_lifo_bit_exact(lm):
+    editor = get_editor("wise")
+    before = [_lp(lm, f) for f in FACTS]
+    states, outs, edits = [_snapshot(lm)], [lm.next_token_logprobs(UNRELATED)], []
+    for fact in FACTS:
+        edits.append(editor.apply(lm, fact, on=edits[-1] if edits else None, **HP))
+        states.append(_snapshot(lm))
+        outs.append(edits[-1].lm.next_token_logprobs(UNRELATED))
+    wrapper = lm.module(_path(lm))
+    assert isinstance(wrapper, WISEWrapper) and wrapper.n_rows == len(FACTS)  # one wrapper, one row per edit
+    # the first edit installs the wrapper; later ones only add their table rows
+    assert [p.kind for p in edits[0].patches] == ["module_swap", "table_update"]
+    assert all([p.kind for p in e.patches] == ["table_update"] for e in edits[1:])
+    after = [_lp(edits[-1].lm, f) for f in FACTS]
+    retained = sum(a > b + 2.0 for a, b in zip(after, before))
+    assert retained >= 4, (before, after)
+    for i in range(len(FACTS) - 1, -1, -1):
+        edits[i].restore()
+        assert _same(states[i], _snapshot(lm))
+        system = edits[i - 1].lm if i else lm
+        assert torch.equal(system.next_token_logprobs(UNRELATED), outs[i])
+    assert lm.active_edits == [] and not isinstance(lm.module(_path(lm)), WISEWrapper)
+
+
+def test_edit_stores_only_masked_entries(lm):
+    edit = get_editor("wise").apply(lm, FACTS[0], **HP)
+    update = edit.patches[-1]
+    d_out, d_in = lm.arch.as_matrix(lm.base_module(_path(lm)).weight).shape
+    k = round(0.2 * d_out * d_in)
+    assert tuple(update.append["values"].shape) == (1, k)
+    assert tuple(update.append["mask"].shape) == (1, (d_out * d_in + 7) // 8)
+    wrapper = lm.module(_path(lm))
+    delta = wrapper.dense_delta(0)
+    assert int((delta != 0).sum()) <= k and float(delta.abs().max()) <= 1.0  # masked, clipped to ±c
+    edit.restore()
+
+
+def test_save_and_load_a_sequence(lm, tmp_path):
+    editor = get_editor("wise")
+    edits = []
+    for fact in FACTS[:3]:
+        edits.append(editor.apply(lm, fact, on=edits[-1] if edits else None, **HP))
+    want = edits[-1].lm.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS[:3]])
+    for i, e in enumerate(edits):
+        e.save(tmp_path / f"e{i}")
+    restore_all(lm)
+    before = _snapshot(lm)
+    loaded = [Edit.load(tmp_path / f"e{i}", lm) for i in range(3)]
+    got = loaded[-1].lm.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS[:3]])
+    assert torch.equal(got, want)
+    for e in reversed(loaded):
+        e.restore()
+    assert _same(before, _snapshot(lm))
+
+
+def test_shards_roll_over_every_save_freq_edits(lm):
+    editor = get_editor("wise")
+    hp = {**HP, "save_freq": 2}
+    edits = []
+    for fact in FACTS[:3]:
+        edits.append(editor.apply(lm, fact, on=edits[-1] if edits else None, **hp))
+    wrapper = lm.module(_path(lm))
+    assert wrapper.shard.tolist() == [0, 0, 1]
+    deltas, eps = wrapper.memories(torch.device("cpu"))
+    assert deltas.shape[0] == 2 and eps.shape == (2,)
+    masks = [wrapper.shard_state(r)[0] for r in range(3)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])  # a new mask per shard
+    assert float(wrapper.values[2].abs().sum()) > 0  # the new shard was trained from D = 0
+    # without retrieval a third shard would need merging: refused, model unchanged
+    state = _snapshot(lm)
+    edits.append(editor.apply(lm, FACTS[3], on=edits[-1], **hp))
+    with pytest.raises(HparamsError, match="TIES"):
+        editor.apply(lm, FACTS[4], on=edits[-1], **{**hp, "retrieve": False})
+    assert lm.active_edits == edits and wrapper.n_rows == 4
+    edits[-1].restore()
+    assert _same(state, _snapshot(lm)) and wrapper.n_rows == 3
+    restore_all(lm)
+
+
+@pytest.mark.parametrize("bad", [
+    {"layer": 4}, {"act_margin": [0.1, -0.2, 0.1]}, {"act_margin": [0.1, 0.2]}, {"mask_ratio": 0.0},
+    {"mask_ratio": 1.5}, {"act_ratio": 0.0}, {"norm_constraint": -1.0}, {"merge_freq": 1000}, {"n_iter": 0},
+    {"margin_scale": "log"}, {"save_freq": 0},
+])
+def test_bad_hparams_raise_and_change_nothing(lm, bad):
+    before = _snapshot(lm)
+    modules = dict(lm.model.named_modules())
+    with pytest.raises(HparamsError):
+        get_editor("wise").apply(lm, FACTS[0], **{**HP, **bad})
+    assert _same(before, _snapshot(lm)) and dict(lm.model.named_modules()) == modules and lm.active_edits == []
+
+
+def test_mask_ratio_must_stay_fixed_within_a_sequence(lm):
+    first = get_editor("wise").apply(lm, FACTS[0], **HP)
+    state = _snapshot(lm)
+    with pytest.raises(HparamsError, match="mask_ratio"):
+        get_editor("wise").apply(lm, FACTS[1], on=first, **{**HP, "mask_ratio": 0.5})
+    assert _same(state, _snapshot(lm)) and lm.active_edits == [first]
+    first.restore()
+
+
+def test_stacks_over_other_edits_of_the_same_module(lm):
+    """Over a weight edit of the same projection and over another WISE memory (no on=): the new wrapper
+    wraps what is there; restoring in LIFO order is bit-exact."""
+    before = _snapshot(lm)
+    modules = dict(lm.model.named_modules())
+    ft = get_editor("ft-m").apply(lm, FACTS[2], layer=2, steps=20, lr=1e-2)
+    one = get_editor("wise").apply(lm, FACTS[0], **HP)
+    two = get_editor("wise").apply(lm, FACTS[1], **HP)  # not on=: a second wrapper around the first
+    outer = lm.module(_path(lm))
+    assert isinstance(outer, WISEWrapper) and isinstance(outer.base_layer, WISEWrapper)
+    assert _lp(two.lm, FACTS[0]) > -3 and _lp(two.lm, FACTS[1]) > -3
+    for e in (two, one, ft):
+        e.restore()
+    assert _same(before, _snapshot(lm)) and dict(lm.model.named_modules()) == modules
+
+
+def test_context_templates_train_the_edit_under_sampled_prefixes(lm):
+    from editlab.methods.adapters.wise import WISEHparams, templated
+
+    hp = WISEHparams.for_model(lm, **HP, context_templates=[[3, 2]])
+    reqs = templated(lm, [FACTS[0]], hp)
+    assert len(reqs) == 3 and reqs[0] == FACTS[0]
+    assert all(r.prompt.endswith(". " + FACTS[0].prompt) and r.target_new == "football" for r in reqs[1:])
+    assert [r.prompt for r in templated(lm, [FACTS[0]], hp)] == [r.prompt for r in reqs]  # seeded
+    lp0, lp_prefixed = _lp(lm, FACTS[0]), _lp(lm, reqs[1])
+    with get_editor("wise").apply(lm, FACTS[0], hp) as edit:
+        assert _lp(edit.lm, FACTS[0]) > lp0 + 3.0
+        assert _lp(edit.lm, reqs[1]) > lp_prefixed
+
+
+@pytest.mark.slow
+def test_real_model_edit_routes_only_its_own_tokens(smollm2):
+    lm = smollm2
+    fact = EditRequest.create("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    unrelated = ["The capital of Japan is", "Water boils at a temperature of", "The author of Hamlet is"]
+    base = lm.next_token_logprobs(unrelated)
+    with get_editor("wise").apply(lm, fact) as edit:
+        assert edit.hparams["save_freq"] == 5 and edit.info["path"] == lm.arch.mlp_out_path(25)  # the tuned preset
+        first = lm.encode_pair(fact.prompt, fact.target_new)[1][0]
+        assert int(edit.lm.next_token_logprobs([fact.prompt])[0].argmax()) == first
+        assert edit.info["irr_act_max"] < edit.info["threshold"] < edit.info["edit_act_min"]
+        after = edit.lm.next_token_logprobs(unrelated)
+        assert sum(torch.equal(a, b) for a, b in zip(after, base)) >= 2  # untouched where nothing routes
