@@ -96,31 +96,72 @@ def test_sequential_edits_share_one_codebook_and_restore_lifo(lm, tmp_path):
     # saved edit by edit, loaded back in order: the same system
     for i in range(len(stack)):
         Edit.load(tmp_path / f"e{i}", lm)
-    assert torch.allclose(lm.edited.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS]), final, atol=1e-6)
+        assert lm.model.get_submodule(lm.arch.mlp_out_path(2)).n_rows == i + 1  # only that edit's rows
+    assert torch.equal(lm.edited.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS]), final)
     restore_all(lm)
 
 
-def test_codebook_rules_expand_and_split(lm):
+def test_same_prompt_new_answer_replaces_the_entry(lm):
     ed = get_editor("grace")
     first = ed.apply(lm, FACTS[0], **HP)
-    q = first.patches[-1].append["keys"][0]
-    # the same prompt, another answer: the two entries split the distance between them
-    conflict = EditRequest.create(FACTS[0].prompt, FACTS[0].subject, "tennis", "basketball")
+    conflict = EditRequest.create(FACTS[0].prompt, FACTS[0].subject, "Rome", "basketball")
     second = ed.apply(lm, conflict, on=first, **HP)
-    assert second.info["action"] == "split"
     book = lm.model.get_submodule(lm.arch.mlp_out_path(2))
-    d = float((book.keys[1] - q).norm())
-    assert torch.allclose(book.radii, torch.tensor([d / 2, d / 2]))
+    assert second.info["action"] == "replace" and book.n_rows == 1
+    assert _argmax_first(second.lm, conflict) and not _argmax_first(second.lm, FACTS[0])
+    # scoring and generation give the same (newest) answer
+    first_tok = lm.generate_ids([conflict.prompt], max_new_tokens=1)[0]
+    assert first_tok == second.lm.score([conflict.prompt], [conflict.target_new])[0].argmax_ids[:1]
     second.restore()
-    assert float(book.radii[0]) == float(first.patches[-1].append["radii"][0])  # the halved radius came back
-    # a paraphrase with the same answer, just beyond the radius but within reach: the entry grows to it
-    same = EditRequest.create("Michael Jordan plays the game of", "Michael Jordan", "football", "basketball")
-    third = ed.apply(lm, same, on=first, **{**HP, "eps": 10.0})
-    assert third.info["action"] in ("expand", "retrain", "add")
-    if third.info["action"] == "expand":
-        assert book.n_rows == 1 and float(book.radii[0]) == pytest.approx(third.info["distance"])
+    assert _argmax_first(first.lm, FACTS[0]) and int(book.labels[0]) == first.patches[-1].append["labels"][0]
+    restore_all(lm)
+
+
+def test_codebook_rules_split_and_expand(lm):
+    ed = get_editor("grace")
+    first = ed.apply(lm, FACTS[0], **HP)  # eps 0.1 of the key norm
+    book = lm.model.get_submodule(lm.arch.mlp_out_path(2))
+    r0 = float(book.radii[0])
+    q0 = book.keys[0].clone()
+    # another prompt with another answer, within reach of a wide new radius: the entries split the distance,
+    # and the older radius never grows
+    other = EditRequest.create("Michael Jordan plays the game of", "Michael Jordan", "Rome", "basketball")
+    second = ed.apply(lm, other, on=first, **{**HP, "eps": 10.0})
+    assert second.info["action"] == "split" and book.n_rows == 2
+    d = float((book.keys[1] - q0).norm())
+    assert float(book.radii[1]) == pytest.approx(max(d / 2, 1e-2 * float(book.keys[1].norm())))
+    assert float(book.radii[0]) == pytest.approx(min(r0, d / 2))
+    assert _argmax_first(second.lm, other) and _argmax_first(second.lm, FACTS[0])
+    second.restore()
+    assert float(book.radii[0]) == r0 and book.n_rows == 1  # the older radius came back exactly
+    restore_all(lm)
+    # the same answer for another prompt within reach: the entry grows to cover it and retrains on it
+    rome = EditRequest.create("Michael Jordan plays", "Michael Jordan", "Rome", "basketball")
+    base_edit = ed.apply(lm, rome, **HP)
+    book = lm.model.get_submodule(lm.arch.mlp_out_path(2))
+    r0 = float(book.radii[0])
+    same = EditRequest.create("Michael Jordan plays the game of", "Michael Jordan", "Rome", "basketball")
+    third = ed.apply(lm, same, on=base_edit, **{**HP, "eps": 10.0})
+    assert third.info["action"] == "expand" and book.n_rows == 1
+    assert float(book.radii[0]) == pytest.approx(third.info["distance"]) and third.info["distance"] > r0
+    assert _argmax_first(third.lm, same)
+    third.restore()
+    assert float(book.radii[0]) == r0
     restore_all(lm)
     assert label_id([1, 2]) == label_id([1, 2]) != label_id([2, 1])
+
+
+def test_lookup_does_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 8)
+    book = GraceCodebook(base, 64, 8)
+    keys = torch.randn(40, 64) * 20
+    book.update_rows({"keys": keys, "values": torch.randn(40, 8), "radii": torch.full((40,), 1e-3),
+                      "labels": torch.arange(40)}, torch.zeros(0, dtype=torch.long), {})
+    x = keys[:3] + 1e-5  # inside the tiny radius
+    alone = book(x[:1, None, :])[0, 0]
+    crowd = book(torch.cat([x, torch.randn(60, 64)])[:, None, :])[0, 0]
+    assert torch.equal(alone, book.values[0]) and torch.equal(crowd, alone)
 
 
 def test_bad_input_changes_nothing(lm):

@@ -362,3 +362,19 @@ def test_route_screen_agrees_with_direct_distances():
     want = (dmin <= radii[c]).nonzero()[:, 0]
     tok, blk = w.route(h)
     assert torch.equal(tok, want) and torch.equal(blk, c[want])
+
+
+def test_same_prompt_with_another_answer_is_refused_and_changes_nothing():
+    from editlab.errors import EditRequestError
+
+    lm = load_lm("tiny-trained-llama")
+    ed = get_editor("melo")
+    hp = {"layers": [2], "steps": 30, "lr": 1e-2, "lora_scale": 4.0}
+    first = ed.apply(lm, EditRequest.create("Michael Jordan plays", "Michael Jordan", "Rome", "basketball"), **hp)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with pytest.raises(EditRequestError, match="already edited"):
+        ed.apply(lm, EditRequest.create("Michael Jordan plays", "Michael Jordan", "Paris", "basketball"), on=first, **hp)
+    after = lm.model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert lm.active_edits == [first]
+    first.restore()

@@ -403,13 +403,23 @@ METHODS.register("kn", "KN: knowledge neurons by integrated gradients; shifts th
 METHODS.register("grace", "GRACE: codebook of (key, value, radius) at one layer; inputs within a radius get the value",
                  lazy("editlab.methods.adapters.grace:GRACEEditor"), family="adapter",
                  tiny_hparams={"layer": 2, "steps": 40, "lr": 1.0})
-
+METHODS.register("t-patcher", "T-Patcher: one trained ReLU patch unit per edit beside the last MLP",
+                 lazy("editlab.methods.adapters.t_patcher:TPatcherEditor"), aliases=("tpatcher",), family="adapter",
+                 tiny_hparams={"steps": 40, "memory_size": 2000, "memory_top_k": 100})
+METHODS.register("calinet", "CaliNET: calibration memory slots (a small parallel FFN) trained on the facts",
+                 lazy("editlab.methods.adapters.calinet:CaliNETEditor"), family="adapter",
+                 tiny_hparams={"slots": 16, "steps": 40, "kl_texts": 4})
 METHODS.register("wise", "WISE: side copy of one MLP output projection, edited in random shards, routed by activation",
                  lazy("editlab.methods.adapters.wise:WISEEditor"), family="adapter",
                  tiny_hparams={"layer": 2, "n_iter": 50})
 METHODS.register("melo", "MELO: LoRA blocks chosen per input by a vector database of edit clusters",
                  lazy("editlab.methods.adapters.melo:MELOEditor"), family="adapter",
                  tiny_hparams={"layers": [2], "steps": 30, "lr": 1e-2, "lora_scale": 4.0})
+
+
+# In-context editing (methods/memory/): an LM view puts retrieved demonstrations and the new fact(s) before
+# each prompt; weights untouched. The toy model copies a stated fact only sometimes, so the contract asks
+# it to move the prediction (fact-level behaviour: tests/test_ike.py, SmolLM2 test marked slow there).
 METHODS.register("ike", "IKE: in-context editing with demonstrations retrieved from a training pool (LM view)",
                  lazy("editlab.methods.memory.ike:IKEEditor"), family="in-context",
                  tiny_hparams={"pool": "builtin", "n_demos": 2}, tiny_min_gain=None)

@@ -57,7 +57,10 @@ from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
 from ...batching import teacher_forcing
 from .inject import TableAdapter, register_wrapper
-from .queries import last_prompt_inputs
+from .queries import prompt_inputs
+
+SAME_INPUT = 1e-3  # inputs closer than this fraction of the key norm are one input (float rounding apart)
+MIN_RADIUS = 1e-2  # radii never shrink below this fraction of the key norm
 
 
 def label_id(token_ids: list[int]) -> int:
@@ -94,9 +97,13 @@ class GraceCodebook(TableAdapter):
         return w
 
     def nearest(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(distance to the nearest key, its row) for each row of h [T, d_in]."""
-        d = torch.cdist(h.float(), self.keys)
-        return d.min(dim=1)
+        """(distance to the nearest key, its row) for each row of h [T, d_in]. The nearest key is found
+        with the fast matrix-product distance; the distance that decides is then computed directly on
+        the (row, key) pair, so a decision does not depend on how many tokens share the call (the
+        matrix-product form's rounding does, by up to 1e-2 near distance 0)."""
+        h = h.float()
+        row = torch.cdist(h, self.keys).argmin(dim=1)
+        return (h - self.keys[row]).norm(dim=1), row
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -191,9 +198,13 @@ class GRACEEditor(Editor):
             swap = ModuleSwap(path, book)
 
         p_ids, t_ids = lm.encode_pair(req.prompt, req.target_new)
-        q = last_prompt_inputs(lm, path, [req.prompt])[0].to(book.keys.device)
+        inputs = prompt_inputs(lm, path, req.prompt).to(book.keys.device)  # [len(prompt), d_in]
+        q = inputs[-1]
         label = label_id(t_ids)
-        eps = hp.eps * float(q.norm()) if hp.eps_unit == "key_norm" else hp.eps
+        qn = float(q.norm())
+        eps = hp.eps * qn if hp.eps_unit == "key_norm" else hp.eps
+        same = SAME_INPUT * qn  # closer than this, two inputs are the same input up to float rounding
+        floor = MIN_RADIUS * qn  # no radius shrinks below this (an entry that matches nothing is lost)
         n = book.n_rows
         action, near, dist = "add", -1, float("inf")
         if n:
@@ -202,6 +213,8 @@ class GRACEEditor(Editor):
             if dist <= eps + float(book.radii[near]):
                 if int(book.labels[near]) == label:
                     action = "expand" if dist > float(book.radii[near]) else "retrain"
+                elif dist <= same:
+                    action = "replace"  # the same input edited to another answer: the newest answer wins
                 else:
                     action = "split"
 
@@ -214,19 +227,28 @@ class GRACEEditor(Editor):
             g = torch.Generator().manual_seed(hp.seed)
             init = torch.rand(book.d_out, generator=g).to(base_out)
 
+        empty = {"keys": torch.zeros(0, book.d_in), "values": torch.zeros(0, book.d_out),
+                 "radii": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
         if action in ("add", "split"):
-            radius = eps if action == "add" else dist / 2
+            # a split shares the distance between the two entries, and never widens the older one
+            radius = eps if action == "add" else max(dist / 2, floor)
             append = {"keys": q[None], "values": init[None], "radii": torch.tensor([radius]),
                       "labels": torch.tensor([label], dtype=torch.long)}
             index = torch.tensor([near] if action == "split" else [], dtype=torch.long)
-            changed = {"radii": torch.tensor([dist / 2])} if action == "split" else {}
-            row = n
+            changed = ({"radii": torch.tensor([max(min(float(book.radii[near]), dist / 2), floor)])}
+                       if action == "split" else {})
+            row, trained_key, trained_radius = n, q, radius
+        elif action == "replace":  # the entry keeps its key and radius; its answer changes
+            append, index = empty, torch.tensor([near], dtype=torch.long)
+            changed = {"values": init[None], "labels": torch.tensor([label], dtype=torch.long)}
+            row, trained_key, trained_radius = near, book.keys[near], float(book.radii[near])
         else:  # the nearest entry absorbs this request: its radius grows to reach it, its value retrains
-            append = {"keys": torch.zeros(0, book.d_in), "values": torch.zeros(0, book.d_out),
-                      "radii": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-            index = torch.tensor([near], dtype=torch.long)
+            append, index = empty, torch.tensor([near], dtype=torch.long)
             changed = {"radii": torch.tensor([max(dist, float(book.radii[near]))]), "values": init[None]}
-            row = near
+            row, trained_key, trained_radius = near, book.keys[near], float(changed["radii"][0])
+        # the first prompt position the trained entry can reach: everything before it is fixed
+        reach = ((inputs - trained_key).norm(dim=1) <= trained_radius).nonzero()[:, 0]
+        start = min(int(reach[0]) if reach.numel() else len(p_ids) - 1, len(p_ids) - 1)
 
         # train the value with the codebook in place (applied for the duration, reverted after)
         trial_update = TableUpdate(path, append, index, changed)
@@ -237,7 +259,7 @@ class GRACEEditor(Editor):
                 p.apply(lm)
                 applied.append(p)
             book._trial = {"row": row, "value": value}
-            steps, loss = _train_value(lm, p_ids, t_ids, value, hp)
+            steps, loss = _train_value(lm, p_ids, t_ids, start, value, hp)
         finally:
             book._trial = {}
             for p in reversed(applied):
@@ -248,10 +270,9 @@ class GRACEEditor(Editor):
         else:
             changed = {**changed, "values": trained[None]}
         patches: list[Patch] = ([swap] if swap is not None else []) + [TableUpdate(path, append, index, changed)]
-        info = {"action": action, "distance": None if near < 0 else dist, "radius": float(
-            (append["radii"] if action in ("add", "split") else changed["radii"])[0]),
+        info = {"action": action, "distance": None if near < 0 else dist, "radius": trained_radius,
                 "codebook_size": n + (1 if action in ("add", "split") else 0), "steps": steps, "loss": loss,
-                "path": path}
+                "path": path, "first_reached_position": start}
         return patches, info
 
 
@@ -262,11 +283,12 @@ def _base_output(book: GraceCodebook, q: torch.Tensor) -> torch.Tensor:
         return book.base_layer(x)[0, 0].float()
 
 
-def _train_value(lm: LM, p_ids: list[int], t_ids: list[int], value: torch.Tensor, hp: GRACEHparams) -> tuple[int, float]:
-    """Adam on `value` (the trial row of the codebook) against the target's mean NLL. The tokens before the
-    last prompt token cannot see the replaced output, so they run once into a KV cache (SuffixRunner)."""
+def _train_value(lm: LM, p_ids: list[int], t_ids: list[int], start: int, value: torch.Tensor,
+                 hp: GRACEHparams) -> tuple[int, float]:
+    """Adam on `value` (the trial row of the codebook) against the target's mean NLL. The tokens before
+    `start` (the first prompt position within the trained entry's reach: usually the last prompt token)
+    cannot see the value, so they run once into a KV cache (SuffixRunner)."""
     seq, pos = teacher_forcing(p_ids, t_ids)
-    start = len(p_ids) - 1
     runner = SuffixRunner(lm, [seq], [start])
     rel = torch.tensor([p - start for p in pos])
     tgt = torch.tensor(t_ids)

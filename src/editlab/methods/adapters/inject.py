@@ -103,14 +103,18 @@ class TableAdapter(AdapterModule):
         record (row count before, the changed rows' previous values)."""
         n0 = self.n_rows
         with torch.no_grad():
-            old = {}
-            for name, rows in changed.items():
-                table = getattr(self, name)
-                old[name] = table[index.to(table.device)].clone()
-                table[index.to(table.device)] = rows.to(table.device, table.dtype)
+            # everything is computed before any table changes, so a failure leaves the wrapper as it was
+            old, new = {}, {}
             for name in self.tables:
                 table = getattr(self, name)
-                setattr(self, name, torch.cat([table, append[name].to(table.device, table.dtype)]))
+                if name in changed:
+                    idx = index.to(table.device)
+                    old[name] = table[idx].clone()
+                    table = table.clone()
+                    table[idx] = changed[name].to(table.device, table.dtype)
+                new[name] = torch.cat([table, append[name].to(table.device, table.dtype)])
+            for name, table in new.items():
+                setattr(self, name, table)
         return n0, old
 
     def undo_rows(self, index: torch.Tensor, undo: tuple[int, dict[str, torch.Tensor]]) -> None:

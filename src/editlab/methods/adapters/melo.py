@@ -80,7 +80,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...batching import teacher_forcing
-from ...errors import EditMismatchError, EditStackError, HparamsError
+from ...errors import EditMismatchError, EditRequestError, EditStackError, HparamsError
 from ...hooks import capture
 from ...models.lm import LM
 from ...requests import EditRequest
@@ -88,7 +88,7 @@ from ..base import Editor, Hparams
 from ..edit import Edit
 from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
-from .grace import label_id
+from .grace import SAME_INPUT, label_id
 from .inject import TableAdapter, register_wrapper
 from .queries import last_prompt_inputs
 
@@ -439,11 +439,18 @@ class _Database:
             t["radii"][c] = max(float(spread.max()), self.init(q))
             self.actions.append("join")
         else:
+            if d <= SAME_INPUT * float(q.norm()):
+                # the very input of an earlier edit, now with another answer: both clusters would get
+                # radius 0 and the new block would never be reached
+                raise EditRequestError(
+                    "MELO: this prompt was already edited to another answer in this sequence; restore that "
+                    "edit first (or start a new sequence without on=)")
             self._add_cluster(q, d / 2, label, block)
-            t["radii"][c] = d / 2
+            shrunk = min(float(t["radii"][c]), d / 2)  # a split shares the distance; it never widens the older one
+            t["radii"][c] = shrunk
             members = (t["point_cluster"] == c).nonzero()[:, 0]
             far = torch.cdist(t["points"][members], t["centres"][c][None],
-                              compute_mode="donot_use_mm_for_euclid_dist")[:, 0] > d / 2
+                              compute_mode="donot_use_mm_for_euclid_dist")[:, 0] > shrunk
             t["point_cluster"][members[far]] = DROPPED
             if bool(far.all()):  # nothing left: the centre stays, routing to no block
                 self._add_point(t["centres"][c].clone(), c, NO_BLOCK)

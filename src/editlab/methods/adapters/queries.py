@@ -38,6 +38,16 @@ def last_prompt_inputs(lm: LM, path: str, prompts: Sequence[str], batch_size: in
 
 
 @torch.no_grad()
+def prompt_inputs(lm: LM, path: str, prompt: str) -> torch.Tensor:
+    """Input of module `path` at every position of `prompt` (sink prefix included): [len, d_in] (float32).
+    The last row is `last_prompt_inputs(lm, path, [prompt])[0]`."""
+    ids, mask = lm.pad_right([lm.encode_prompt(prompt)])
+    got: list[torch.Tensor] = []
+    capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs={path: got.append}, stop_after=path)
+    return got[0][0].float().cpu()
+
+
+@torch.no_grad()
 def token_inputs(lm: LM, path: str, texts: Sequence[str], max_tokens: int, skip_prefix: bool = True,
                  batch_size: int = 16) -> torch.Tensor:
     """Inputs of module `path` at every real token of `texts` (padding excluded; the sink prefix

@@ -402,7 +402,9 @@ class WISEEditor(Editor):
                hp: WISEHparams) -> tuple[torch.Tensor, list[tuple[float, float]]]:
         """SGD on the shard's masked entries: CE + the three activation margins, clipped to ±c."""
         alpha, beta, gamma = margins
-        device = lm.device
+        # the wrapped layer's device (with device_map a layer may sit on another device than the embeddings)
+        ref = next(iter(wrapper.base_layer.parameters()), None)
+        device = ref.device if ref is not None else lm.device
         index = mask.nonzero()[:, 0].to(device)
         n = wrapper.d_out * wrapper.d_in
         v = values.to(device).clone().requires_grad_(True)
