@@ -203,6 +203,13 @@ def test_sequential_edits_extend_one_memory_and_restore_step_by_step(lm):
 
 
 # ------------------------------------------------------------------ hyper-parameters
+def test_perplexity_window_that_fills_the_context_is_read_without_context(lm):
+    window = lm.encode_prompt("The Eiffel Tower is located in the city of Paris. " * 40)[: 250]
+    with _editor().apply(lm, JORDAN, n_demos=0) as edit:
+        got = edit.lm.sequence_logprobs([window])
+    assert torch.equal(got[0], lm.sequence_logprobs([window])[0])
+
+
 def test_n_demos_default_scales_with_the_context(lm):
     assert IKEHparams.for_model(lm).n_demos == 4  # 256-token toy model
     assert IKEHparams().n_demos == 32  # the paper's k for long contexts

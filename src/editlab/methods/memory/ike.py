@@ -249,13 +249,18 @@ class IKEView(LMView):
 
     def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
         """Raw token windows (perplexity) are read after the context of the fact(s) nearest to each
-        window's text, as if the window were the query."""
+        window's text, as if the window were the query. A window that leaves no room for even the stated
+        fact (it nearly fills the model's context) is read without context: perplexity probes must not
+        fail for an in-context method, and no context is what such a window could get."""
         tok = self.base.tokenizer
         heads = [tok.decode(list(w)[:64]) for w in windows]
         facts = self.facts_for(heads)
         groups: dict[str, list[int]] = {}
         for i, (w, f) in enumerate(zip(windows, facts)):
-            ctx = self.context("", f, len(w) + len(prefix_ids))
+            try:
+                ctx = self.context("", f, len(w) + len(prefix_ids))
+            except PromptTooLongError:
+                ctx = ""
             groups.setdefault(ctx, []).append(i)
         out: list[torch.Tensor] = [torch.zeros(0)] * len(windows)
         for ctx, idx in groups.items():
