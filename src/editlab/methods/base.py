@@ -129,6 +129,11 @@ class Hparams:
             raise HparamsError(f"{name} must be strictly increasing, got {layers}")
 
     @staticmethod
+    def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+        if value not in choices:
+            raise HparamsError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+    @staticmethod
     def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         if value < 0 or (value == 0 and not allow_zero):
             raise HparamsError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")

@@ -150,18 +150,15 @@ class GRACEHparams(Hparams):
 
     def validate(self, lm: LM) -> None:
         self._check_layer("layer", self.layer, lm)
-        if self.module not in ("mlp_out", "mlp_in"):
-            raise HparamsError(f"module must be 'mlp_out' or 'mlp_in', got {self.module!r}")
-        if self.eps_unit not in ("key_norm", "absolute"):
-            raise HparamsError(f"eps_unit must be 'key_norm' or 'absolute', got {self.eps_unit!r}")
+        self._check_choice("module", self.module, ("mlp_out", "mlp_in"))
+        self._check_choice("eps_unit", self.eps_unit, ("key_norm", "absolute"))
         if not self.eps > 0:
             raise HparamsError(f"eps (the deferral radius) must be > 0, got {self.eps}")
         if self.steps < 1:
             raise HparamsError("steps must be at least 1")
         self._check_positive("lr", self.lr)
         self._check_positive("stop_loss", self.stop_loss, allow_zero=True)
-        if self.val_init not in ("warm", "cold"):
-            raise HparamsError(f"val_init must be 'warm' or 'cold', got {self.val_init!r}")
+        self._check_choice("val_init", self.val_init, ("warm", "cold"))
 
     def path(self, lm: LM) -> str:
         return lm.arch.mlp_out_path(self.layer) if self.module == "mlp_out" else lm.arch.mlp_in_path(self.layer)

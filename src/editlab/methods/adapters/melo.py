@@ -293,10 +293,8 @@ class MELOHparams(Hparams):
 
     def validate(self, lm: LM) -> None:
         self._check_layers("layers", list(self.layers), lm)
-        if self.module not in ("mlp_in", "mlp_out"):
-            raise HparamsError(f"module must be 'mlp_in' or 'mlp_out', got {self.module!r}")
-        if self.radius_unit not in ("key_norm", "absolute"):
-            raise HparamsError(f"radius_unit must be 'key_norm' or 'absolute', got {self.radius_unit!r}")
+        self._check_choice("module", self.module, ("mlp_in", "mlp_out"))
+        self._check_choice("radius_unit", self.radius_unit, ("key_norm", "absolute"))
         if not self.init_radius > 0:
             raise HparamsError(f"init_radius (a cluster's initial radius) must be > 0, got {self.init_radius}")
         if self.block_rank < 1:
