@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from editlab.errors import HparamsError, PromptTooLongError
-from editlab.methods import Edit
+from editlab.errors import EditMismatchError, HparamsError, PromptTooLongError
+from editlab.methods import Edit, restore_all
 from editlab.methods.memory.ike import IKEEditor, IKEHparams, IKEView, demo_text, load_pool, split_types
 from editlab.methods.memory.retriever import Retriever
 from editlab.models import load_lm
@@ -200,6 +200,29 @@ def test_sequential_edits_extend_one_memory_and_restore_step_by_step(lm):
         second.restore()
     assert lm.edited is first.lm and _context(first, "Where is the Eiffel Tower") == ctx1
     first.restore()
+
+
+@needs_minilm
+def test_each_extension_stores_only_its_own_fact_and_reloads_in_order(lm, tmp_path):
+    ed = _editor()
+    stack, prev = [], None
+    for r in (JORDAN, EIFFEL, JAPAN, CURIE):
+        prev = ed.apply(lm, r, n_demos=0, on=prev)
+        stack.append(prev)
+    assert [len(e.patches[0].config["memory"]["records"]) for e in stack] == [1, 1, 1, 1]
+    assert [r.request for r in prev.lm.memory.records] == [JORDAN, EIFFEL, JAPAN, CURIE]
+    prompts = [JORDAN.prompt, EIFFEL.prompt, "Where is the Eiffel Tower", CURIE.prompt]
+    want = prev.lm.next_token_logprobs(prompts)
+    for i, e in enumerate(stack):
+        e.save(tmp_path / f"e{i}")
+    restore_all(lm)
+    with pytest.raises(EditMismatchError):
+        Edit.load(tmp_path / "e1", lm)  # an extension without the edit it extends
+    assert lm.active_edits == []
+    for i in range(len(stack)):
+        Edit.load(tmp_path / f"e{i}", lm)
+    assert torch.equal(lm.edited.next_token_logprobs(prompts), want)
+    restore_all(lm)
 
 
 # ------------------------------------------------------------------ hyper-parameters

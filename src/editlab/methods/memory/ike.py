@@ -137,7 +137,8 @@ def load_pool(pool: str, pool_size: int, retriever: Retriever) -> DemoPool:
 class IKEView(LMView):
     """Puts, before each prompt, the IKE context of the edited fact(s) relevant to it (see the module
     docstring). Config: {"format", "facts_per_query", "scope_threshold", "max_context_tokens",
-    "memory": EditMemory config, "demos": [[demo text, ...] per fact], "extends": bool}; tensors: the
+    "memory": EditMemory config of this edit's own facts, "demos": [[demo text, ...] per fact], "extends": bool,
+    "below_facts": facts of the IKE edit it extends}; tensors: the
     memory's embeddings when they were computed."""
 
     def __init__(self, inner: Any, config: dict[str, Any] | None = None,
@@ -156,10 +157,24 @@ class IKEView(LMView):
             raise EditMismatchError(f"IKE view config is malformed: {e}") from None
         if len(self.demos) != len(self.memory) or not len(self.memory):
             raise EditMismatchError(f"IKE view: {len(self.memory)} facts but {len(self.demos)} demonstration lists")
-        # An edit that extends the IKE edit below it (`on=`) holds all of that edit's facts as well:
-        # it takes the place of that view instead of adding a second context in front of it.
-        below = self.inner
-        if cfg.get("extends") and isinstance(below, IKEView) and below.memory.texts == self.memory.texts[: len(below.memory)]:
+        # An edit that extends the IKE edit below it (`on=`) holds only its own facts: its view joins them
+        # to the facts of the view below and takes that view's place (one context per prompt, not one per
+        # edit), so each edit stores and saves what it added, whatever the length of the sequence.
+        if cfg.get("extends"):
+            below = self.inner
+            n_below = cfg.get("below_facts")
+            if not isinstance(below, IKEView) or len(below.memory) != n_below:
+                raise EditMismatchError(
+                    f"this IKE edit extends an IKE edit of {n_below} fact(s), which is not the edit below it; "
+                    "apply or load that edit first")
+            if below.memory.embedder != self.memory.embedder:
+                raise EditMismatchError(f"IKE view: embedder {self.memory.embedder!r} differs from the edit below "
+                                        f"({below.memory.embedder!r})")
+            own = self.memory
+            both = (torch.cat([below.memory.embeddings, own.embeddings.to(below.memory.embeddings.dtype)])
+                    if below.memory.embeddings is not None and own.embeddings is not None else None)
+            self.memory = EditMemory(own.embedder, below.memory.records + own.records, both)
+            self.demos = below.demos + self.demos
             self.inner = below.inner
         self._retriever: Retriever | None = None
         self._ntok: dict[str, int] = {}
@@ -323,15 +338,15 @@ class IKEEditor(Editor):
 
     def compute_patches(self, lm: LM, requests: list[EditRequest], hp: IKEHparams, on: Edit | None
                         ) -> tuple[list[Patch], dict[str, Any]]:
-        memory, demos = EditMemory(hp.embedder), []
+        memory, demos = EditMemory(hp.embedder), []  # this edit's own facts (an extension holds no others)
+        below_facts = 0
         if on is not None:
-            prev = [p for p in on.patches if isinstance(p, ViewPatch) and p.view_type == "ike"]
-            if len(prev) != 1:
+            below = on.lm
+            if not isinstance(below, IKEView):
                 raise EditStackError("on= must be an IKE edit (it holds no IKE view)")
-            below = IKEView(None, prev[0].config, prev[0].tensors)
             if below.memory.embedder != hp.embedder:
                 raise HparamsError(f"embedder {hp.embedder!r} differs from the extended edit's {below.memory.embedder!r}")
-            memory, demos = below.memory.copy(), [list(d) for d in below.demos]
+            below_facts = len(below.memory)
         retriever = Retriever(hp.embedder)
         new_records = [record_for(r) for r in requests]
         info: dict[str, Any] = {"demo_types": {t: 0 for t in DEMO_TYPES}}
@@ -344,7 +359,7 @@ class IKEEditor(Editor):
                 for d in ds:
                     info["demo_types"][d["type"]] += 1
                 demos.append([d["text"] for d in ds])
-            memory.add(new_records, vecs if memory.embeddings is not None or not len(memory) else None)
+            memory.add(new_records, vecs)
             info["pool_records"] = len(pool.requests)
         else:
             demos.extend([] for _ in requests)
@@ -352,8 +367,8 @@ class IKEEditor(Editor):
         tensors, mem_cfg = memory.state()
         config = {"format": FORMAT, "memory": mem_cfg, "demos": demos, "facts_per_query": hp.facts_per_query,
                   "scope_threshold": hp.scope_threshold, "max_context_tokens": hp.max_context_tokens,
-                  "extends": on is not None}
+                  "extends": on is not None, "below_facts": below_facts}
         patch = ViewPatch("ike", config, tensors)
-        IKEView(lm, config, tensors)  # a malformed config fails here, before anything is installed
-        info["facts"] = len(memory)
+        view = IKEView(lm.edited, config, tensors)  # a malformed config fails here, before anything is installed
+        info["facts"] = len(view.memory)
         return [patch], info
