@@ -22,6 +22,15 @@ from ...hooks import capture
 from ...models.lm import LM
 
 
+def _inputs(lm: LM, path: str, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of module `path` [len(seqs), width, d_in], attention mask) for right-padded `seqs`; the
+    forward pass stops at the module."""
+    ids, mask = lm.pad_right(seqs)
+    got: list[torch.Tensor] = []
+    capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs={path: got.append}, stop_after=path)
+    return got[0], mask
+
+
 @torch.no_grad()
 def last_prompt_inputs(lm: LM, path: str, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """Input of module `path` at the last token of each prompt: [len(prompts), d_in] (float32)."""
@@ -29,11 +38,9 @@ def last_prompt_inputs(lm: LM, path: str, prompts: Sequence[str], batch_size: in
     encoded = [lm.encode_prompt(p) for p in prompts]
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        ids, mask = lm.pad_right(chunk)
-        got: list[torch.Tensor] = []
-        capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs={path: got.append}, stop_after=path)
-        last = torch.tensor([len(s) - 1 for s in chunk], device=got[0].device)
-        out.append(got[0][torch.arange(len(chunk), device=last.device), last].float().cpu())
+        h, _ = _inputs(lm, path, chunk)
+        last = torch.tensor([len(s) - 1 for s in chunk], device=h.device)
+        out.append(h[torch.arange(len(chunk), device=last.device), last].float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -41,10 +48,8 @@ def last_prompt_inputs(lm: LM, path: str, prompts: Sequence[str], batch_size: in
 def prompt_inputs(lm: LM, path: str, prompt: str) -> torch.Tensor:
     """Input of module `path` at every position of `prompt` (sink prefix included): [len, d_in] (float32).
     The last row is `last_prompt_inputs(lm, path, [prompt])[0]`."""
-    ids, mask = lm.pad_right([lm.encode_prompt(prompt)])
-    got: list[torch.Tensor] = []
-    capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs={path: got.append}, stop_after=path)
-    return got[0][0].float().cpu()
+    h, _ = _inputs(lm, path, [lm.encode_prompt(prompt)])
+    return h[0].float().cpu()
 
 
 @torch.no_grad()
@@ -59,12 +64,10 @@ def token_inputs(lm: LM, path: str, texts: Sequence[str], max_tokens: int, skip_
     encoded = [lm.encode_prompt(t) for t in texts]
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        ids, mask = lm.pad_right(chunk)
-        got: list[torch.Tensor] = []
-        capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs={path: got.append}, stop_after=path)
+        h, mask = _inputs(lm, path, chunk)
         keep = mask.bool().clone()
         keep[:, :skip] = False
-        sel = got[0][keep.to(got[0].device)].float().cpu()
+        sel = h[keep.to(h.device)].float().cpu()
         rows.append(sel[: max_tokens - n])
         n += rows[-1].shape[0]
         if n >= max_tokens:
