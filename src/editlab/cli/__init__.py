@@ -3,6 +3,7 @@ layer over the library.
 
     edit.py     edit                     run.py      eval, compare, demo
     results.py  export, report           listing.py  methods, models, datasets
+    suites.py   suites, eval/compare --suite
     options.py  options declared once    common.py   errors, model loading, progress, summary table
 
 Errors: an `EditlabError` prints one `error: ...` line and exits with 2; any other exception is a bug
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import typer
 
-from . import edit, listing, results, run, trace
+from . import edit, listing, results, run, suites, trace
 from .common import EditlabGroup
 from .options import Debug
 
@@ -40,6 +41,7 @@ app.command("demo")(run.demo)
 app.command("methods")(listing.methods)
 app.command("models")(listing.models)
 app.command("datasets")(listing.datasets)
+app.command("suites")(suites.suites)
 app.command("trace")(trace.trace)
 
 

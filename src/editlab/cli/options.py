@@ -40,6 +40,11 @@ Methods = Annotated[str, typer.Option(help="Comma-separated editing methods (see
 Data = Annotated[str, typer.Option(help="Dataset name (see `editlab datasets`) or file path", rich_help_panel=_DATA_PANEL)]
 Limit = Annotated[Optional[int], typer.Option(help="Use the first N requests", rich_help_panel=_DATA_PANEL)]
 Format = Annotated[Optional[str], typer.Option(help="File format if it cannot be detected", rich_help_panel=_DATA_PANEL)]
+Suite = Annotated[Optional[str], typer.Option(
+    help="Run a pitfall suite (see `editlab suites`) with its own data and protocol instead of --data",
+    rich_help_panel=_DATA_PANEL)]
+OnBad = Annotated[str, typer.Option(
+    help="Suite records lacking a field a metric needs: stop (default) or skip them", rich_help_panel=_DATA_PANEL)]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Hparam override key=value (repeatable)", rich_help_panel=_HPARAM_PANEL)]
 HparamsFile = Annotated[Optional[Path], typer.Option("--hparams", help="YAML file of hparam overrides", rich_help_panel=_HPARAM_PANEL)]
 Mode = Annotated[str, typer.Option(help="single | batch | sequential", rich_help_panel=_RUN_PANEL)]
@@ -88,6 +93,8 @@ class DataOptions(OptionGroup):
     data: Data = "builtin"
     limit: Limit = None
     format: Format = None
+    suite: Suite = None
+    on_bad: OnBad = "stop"
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,14 @@ def run_configs(methods: list[str], data: DataOptions, hp: HparamOptions, run: R
 
 
 def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: HparamOptions, run: RunOptions) -> None:
-    """What `eval` and `compare` do: the same requests and options for each method, then a summary."""
+    """What `eval` and `compare` do: the same requests and options for each method, then a summary
+    (with `--suite`, the suite's own data and protocol: `cli/suites.py`)."""
+    if data.suite is not None:
+        from .suites import run_suite_methods
+
+        return run_suite_methods(methods, data, model, hp, run)
+    if data.on_bad != "stop":
+        raise OptionError("--on-bad applies to --suite runs only")
     from ..data import load_requests
     from ..runner import Store
 

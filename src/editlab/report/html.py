@@ -36,6 +36,8 @@ def aggregate(store: Store) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         rows = list(store.rows(run["run_id"]))
         if not rows:
             continue
+        if run["mode"] == "suite":  # pitfall suites: their own section (_suite_sections)
+            continue
         if run["mode"] == "sequential":
             pts = sorted((r for r in rows if r.kind == "checkpoint"), key=lambda r: r.n_edits)
             sequences.append({"run": run, "points": [(r.n_edits, r.metrics) for r in pts]})
@@ -132,6 +134,47 @@ th{background:#fafbfc;font-weight:600;color:#57606a}td.best{font-weight:700;colo
 """
 
 
+def _suite_sections(store: Store, runs: list[dict[str, Any]]) -> list[str]:
+    """One table per pitfall suite (per model): a row per metric with its direction, a column per run,
+    the unedited model first; the best edited value per row in green."""
+    from ..errors import EditlabError
+    from ..suites import metric_info
+    from ..suites.runner import UNEDITED, suite_summary
+
+    esc = html.escape
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["mode"] == "suite" and store.count_rows(r["run_id"]):
+            groups.setdefault((str(r["dataset"]), str(r["model"])), []).append(r)
+    parts = []
+    for (suite, model), rs in groups.items():
+        rs.sort(key=lambda r: (r["method"] != UNEDITED, r["created"] or 0))
+        sums = [suite_summary(store, r["run_id"]) for r in rs]
+        names = [k for k in dict.fromkeys(k for s in sums for k in s) if k not in ("n", "s_per_edit")]
+        parts.append(f"<section><h2>Suite {esc(suite)} · {esc(model)}</h2><table><tr><th>metric</th>"
+                     + "".join(f"<th>{esc(r['method'])}</th>" for r in rs) + "</tr>")
+        for name in names:
+            try:
+                hib = metric_info(name).higher_is_better
+            except EditlabError:
+                hib = None
+            edited = [s[name] for r, s in zip(rs, sums) if r["method"] != UNEDITED and name in s]
+            best = (max(edited) if hib else min(edited)) if edited and hib is not None and len(edited) > 1 else None
+            cells = []
+            for r, s in zip(rs, sums):
+                v = s.get(name)
+                cls = " class='best'" if v is not None and v == best and r["method"] != UNEDITED else ""
+                cells.append(f"<td{cls}>{'' if v is None else f'{v:.4g}'}</td>")
+            arrow = {True: " ↑", False: " ↓", None: ""}[hib]
+            parts.append(f"<tr><td>{esc(name)}{arrow}</td>{''.join(cells)}</tr>")
+        parts.append("<tr><td>records</td>" + "".join(f"<td>{int(s['n'])}</td>" for s in sums) + "</tr>")
+        parts.append("<tr><td>median s/edit</td>" + "".join(
+            f"<td>{'' if 's_per_edit' not in s else format(s['s_per_edit'], '.2f')}</td>" for s in sums) + "</tr>")
+        parts.append("</table><p class='note'>Definitions: docs/pitfalls.md. The unedited column is the same records "
+                     "on the unedited model: the ceiling or floor each edited value is read against.</p></section>")
+    return parts
+
+
 def trace_folders(folders: Sequence[str | Path]) -> list[Path]:
     """`editlab trace` output folders to put in a report: each must exist and hold a PNG heatmap with
     its `trace.json` or `average.json` (`OptionError` otherwise; checked before anything is written)."""
@@ -212,6 +255,7 @@ def write_report(db: str | Path, out: str | Path, title: str = "editlab report",
         parts.append("<section><h2>Sequential editing: metrics as edits accumulate</h2><div class='grid'>")
         parts += [f"<figure><img alt='{esc(n)}' src='{src}'></figure>" for n, src in _seq_plots(sequences)]
         parts.append("</div><p class='note'>retention_*: all edits made so far; newest_*: edits since the previous checkpoint; perplexity on a fixed text sample.</p></section>")
+    parts += _suite_sections(store, runs)
     if trace_dirs:
         parts += _trace_section(trace_dirs)
     parts.append("<section><h2>Runs</h2><table class='meta'><tr><th>run</th><th>method</th><th>mode</th><th>dataset</th><th>requests</th><th>versions</th><th>hparams</th></tr>")

@@ -1,0 +1,112 @@
+"""`editlab suites` and the `--suite` path of `eval` / `compare`: pitfall suites run with their own
+protocol (`editlab.suites`), every metric printed beside the unedited model's value on the same records.
+
+Everything a user can get wrong (unknown suite or method, a method the protocol cannot use, options that
+do not apply to a suite, a missing data file, a record lacking a field) is reported before the model loads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import EditlabError, OptionError
+from .common import check_hparams_early, check_model_options, check_positive, console, err_console, hparam_overrides, \
+    load_model, user_warnings_reported
+from .listing import _table, registry_entries
+
+if TYPE_CHECKING:
+    from .options import DataOptions, HparamOptions, ModelOptions, RunOptions
+
+
+def suites() -> None:
+    """List pitfall suites and their metrics (direction, range, unit, source)."""
+    from ..suites import METRICS, SUITES
+
+    rows = [(e.name, ", ".join(e.aliases), ", ".join(e.meta.get("metrics", ())), e.description) for e in registry_entries(SUITES)]
+    console.print(_table("suites (editlab eval --suite NAME --method M)", ["name", "aliases", "metrics", "description"], rows))
+    arrow = {True: "↑", False: "↓", None: ""}
+
+    def bound(x: Any) -> str:
+        return "" if x is None else f"{x:g}"
+
+    mrows = [(e.name, arrow[e.meta["higher_is_better"]], f"{bound(e.meta['lo'])}…{bound(e.meta['hi'])}", e.meta["unit"],
+              e.description, e.meta["source"]) for e in registry_entries(METRICS)]
+    console.print(_table("metrics", ["metric", "better", "range", "unit", "description", "source"], mrows))
+
+
+def _check_suite_options(data: DataOptions, run: RunOptions) -> None:
+    """Options of plain runs that a suite (which fixes its own data and protocol) cannot honour."""
+    from .options import DataOptions as D, RunOptions as R
+
+    clashes = [("--data", data.data != D.data), ("--format", data.format is not None), ("--mode", run.mode != R.mode),
+               ("--batch-size", run.batch_size != R.batch_size), ("--checkpoints", run.checkpoints is not None),
+               ("--generation", run.generation), ("--fluency", run.fluency), ("--ppl-text", run.ppl_text is not None)]
+    bad = [name for name, clash in clashes if clash]
+    if bad:
+        raise OptionError(f"{', '.join(bad)} cannot be combined with --suite (a suite fixes its own data and protocol); "
+                          "drop them, or run without --suite")
+
+
+def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: HparamOptions, run: RunOptions) -> None:
+    """`eval --suite` / `compare --suite`: plan (all checks), then the model, then the suite, then a table."""
+    from ..runner import Store
+    from ..suites.runner import plan_suite, run_suite
+
+    assert data.suite is not None
+    _check_suite_options(data, run)
+    check_model_options(model)
+    if data.limit is not None:
+        check_positive("--limit", data.limit)
+    if data.on_bad not in ("stop", "skip"):
+        raise OptionError(f"--on-bad must be stop or skip, got {data.on_bad!r}")
+    overrides = hparam_overrides(hp)
+    for m in methods:
+        check_hparams_early(m, overrides)
+    with user_warnings_reported():
+        plan = plan_suite(data.suite, methods, limit=data.limit, on_bad=data.on_bad)
+    store = Store(run.db)
+    try:
+        lm = load_model(model)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as prog:
+            task = prog.add_task(f"{plan.suite.name}: {', '.join(methods)}", total=len(plan.units))
+            run_ids = run_suite(lm, plan, store, hparams={m: overrides for m in methods}, seed=run.seed, resume=run.resume,
+                                progress=lambda i, n, msg: prog.update(task, completed=i))
+    except KeyboardInterrupt:
+        err_console.print(f"[bold yellow]interrupted.[/] Finished rows are kept in {run.db}; continue with the same "
+                          "command plus --resume.")
+        raise typer.Exit(code=130) from None
+    console.print(suite_table(store, run_ids, f"suite {plan.suite.name} on {model.model}"))
+    console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
+
+
+def suite_table(store: Any, run_ids: dict[str, str], title: str) -> Table:
+    """One row per metric, one column per run (the unedited model first), with each metric's direction."""
+    from ..suites import get_suite, metric_info
+    from ..suites.runner import suite_summary
+
+    runs = {r["run_id"]: r for r in store.runs()}
+    suite = get_suite(next(iter(runs[rid]["dataset"] for rid in run_ids.values())))
+    summaries = {m: suite_summary(store, rid, suite) for m, rid in run_ids.items()}
+    names = [k for k in dict.fromkeys(k for s in summaries.values() for k in s) if k not in ("n", "s_per_edit")]
+    t = Table(title=title, caption="↑ higher is better, ↓ lower; 'unedited' is the same records on the unedited model")
+    t.add_column("metric", no_wrap=True)
+    for m in summaries:
+        t.add_column(m, justify="right")
+    for name in names:
+        try:
+            better = {True: " ↑", False: " ↓", None: ""}[metric_info(name).higher_is_better]
+        except EditlabError:  # a metric without metadata still prints
+            better = ""
+        t.add_row(name + better, *[("" if name not in s else f"{s[name]:.4g}") for s in summaries.values()])
+    t.add_row("records", *[f"{int(s['n'])}" for s in summaries.values()])
+    t.add_row("s/edit (median)", *[("" if "s_per_edit" not in s else f"{s['s_per_edit']:.2f}") for s in summaries.values()])
+    return t
+
+
+__all__ = ["run_suite_methods", "suite_table", "suites"]

@@ -1,0 +1,31 @@
+"""Pitfall suites: the survey's failure modes as benchmark suites (data + editing protocol + metrics),
+registered by name. `editlab suites` lists them; `editlab eval --suite NAME --method M` runs one.
+
+    base.py       Suite, Unit, Editing (applies and undoes a protocol's edits), record-field errors
+    scoring.py    g(o|x), fact probability over prompt sets, JS/KL, answer matching
+    metrics.py    every metric's metadata (direction, range, unit, source)
+    runner.py     plan (checked before the model loads) and run, rows in the result store
+    one module per suite
+
+Definitions and protocols: docs/pitfalls.md.
+"""
+
+from __future__ import annotations
+
+from ..errors import EditlabError
+from ..registry import Registry, lazy
+from .base import Suite, SuiteError, Unit
+from .metrics import METRICS, MetricInfo, metric_info
+
+SUITES: Registry[type[Suite]] = Registry("suite", SuiteError)
+SUITES.register("specificity-plus", "CounterFact+: neighbourhood score with the edit statement prefixed (NS+), "
+                "neighbourhood KL of the next-token distribution", lazy("editlab.suites.specificity_plus:SpecificityPlus"),
+                aliases=("cfplus",), metrics=("ES", "PS", "NS", "NS+", "NM", "NM+", "NKL", "NKL+", "Score", "Score+"))
+
+
+def get_suite(name: str) -> Suite:
+    """An instance of the suite registered under `name` (or an alias)."""
+    return SUITES.get(name)()
+
+
+__all__ = ["EditlabError", "METRICS", "MetricInfo", "SUITES", "Suite", "SuiteError", "Unit", "get_suite", "metric_info"]

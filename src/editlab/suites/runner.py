@@ -1,0 +1,176 @@
+"""Runs a suite for one or several methods, writing one row per (method, unit) to the result store.
+
+Order of work: units outer, methods inner. For each unit the unedited model is scored once
+(`suite.unedited`), stored as a row of the suite's `unedited` run and reused by every method; each
+method's protocol then runs on the same unit and the model is restored (every edit undone, newest
+first) before the next method. So pre-edit values are computed once per unit, whatever the number of
+methods, and a resumed run (`resume=True`) skips the (method, unit) rows already stored.
+
+Rows: `kind="suite"`, `row_key` = the unit's key, `n_edits` = edit calls the protocol made, `edit_s` =
+seconds spent inside them, `eval_s` = the rest of the protocol's time (scoring). Runs: `mode="suite"`,
+`dataset` = the suite name; the run's config records the suite's files with their SHA-256, the limit
+and `on_bad`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import EditlabError
+from ..paths import data_dir
+from ..runner.store import Row, Store
+from .base import Editing, Suite, SuiteError, Unit
+
+UNEDITED = "unedited"
+Progress = Callable[[int, int, str], None]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _TimedEditing(Editing):
+    """`Editing` that adds up the seconds spent inside edit calls."""
+
+    edit_s = 0.0
+
+    def _apply(self, reqs: list[Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            super()._apply(reqs)
+        finally:
+            self.edit_s += time.perf_counter() - t0
+
+
+@dataclass
+class SuitePlan:
+    """Everything checked before the model loads: the suite, its data (read and parsed), the methods."""
+
+    suite: Suite
+    units: list[Unit]
+    methods: list[str]
+    data: dict[str, dict[str, str]]  # split -> {"path": ..., "sha256": ...}
+    limit: int | None
+    on_bad: str
+
+
+def plan_suite(name: str, methods: Sequence[str], *, limit: int | None = None, root: Path | None = None,
+               on_bad: str = "stop") -> SuitePlan:
+    """Resolve the suite and methods, check the protocol against each method and read the data. Raises
+    the named errors (unknown suite or method, missing file, record lacking a field) without a model."""
+    from ..methods import get_editor
+    from . import get_suite
+
+    suite = get_suite(name)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise SuiteError(f"limit must be a positive integer, got {limit!r}")
+    if not methods:
+        raise SuiteError("no method given; name at least one (see `editlab methods`)")
+    if UNEDITED in methods:
+        raise SuiteError(f"{UNEDITED!r} is the suite's own baseline row and always computed; it is not a method")
+    for m in methods:
+        suite.check_method(get_editor(m))
+    root = root or data_dir()
+    paths = suite.data_paths(root)
+    units = suite.load(root, limit, on_bad=on_bad)
+    if not units:
+        raise SuiteError(f"suite {suite.name!r}: no usable records in {', '.join(str(p) for p in paths.values())}")
+    keys = [u.key for u in units]
+    if len(set(keys)) != len(keys):
+        raise SuiteError(f"suite {suite.name!r} produced duplicate unit keys (a bug in the suite)")
+    data = {s: {"path": str(p), "sha256": file_sha256(p)} for s, p in paths.items()}
+    return SuitePlan(suite, units, list(methods), data, limit, on_bad)
+
+
+def _run_id(lm: Any, plan: SuitePlan, method: str, hparams: Mapping[str, Any], seed: int) -> str:
+    key = {"model": lm.base_fingerprint, "suite": plan.suite.name, "method": method, "hparams": dict(hparams),
+           "data": {s: d["sha256"] for s, d in plan.data.items()}, "limit": plan.limit, "on_bad": plan.on_bad, "seed": seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{method}-suite-{plan.suite.name}-{digest}"
+
+
+def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, Mapping[str, Any]] | None = None,
+              seed: int = 0, resume: bool = True, progress: Progress | None = None) -> dict[str, str]:
+    """Run `plan` on `lm`; returns {method or "unedited": run id}. `hparams` maps a method to its
+    overrides. The model is restored after every unit; it must carry no edits when called."""
+    from ..methods import get_editor, restore_all
+    from ..runner.runner import versions
+
+    if lm.active_edits:
+        raise EditlabError("the model carries active edits; restore them before running a suite")
+    suite, units = plan.suite, plan.units
+    hparams = hparams or {}
+    hps = {m: get_editor(m).hparams(lm, **dict(hparams.get(m, {}))) for m in plan.methods}
+    config = {"suite": suite.name, "data": plan.data, "limit": plan.limit, "on_bad": plan.on_bad,
+              "protocol": suite.protocol}
+    run_ids: dict[str, str] = {}
+    vers = versions()
+    for m in [UNEDITED, *plan.methods]:
+        hp = hps[m].to_dict() if m in hps else {}
+        rid = _run_id(lm, plan, m, hp, seed)
+        existed = store.ensure_run(rid, model=lm.name, model_fingerprint=lm.base_fingerprint, method=m, mode="suite",
+                                   dataset=suite.name, n_requests=len(units), seed=seed, hparams=hp, config=config,
+                                   versions=vers)
+        if existed and not resume and m != UNEDITED and store.done_keys(rid):
+            raise EditlabError(f"run {rid} already has rows in {store.path}; pass --resume to continue it")
+        run_ids[m] = rid
+    done = {m: store.done_keys(rid) for m, rid in run_ids.items()}
+    tick = progress or (lambda i, n, msg: None)
+    try:
+        for n, unit in enumerate(units, 1):
+            todo = [m for m in plan.methods if unit.key not in done[m]]
+            if not todo and unit.key in done[UNEDITED]:
+                tick(n, len(units), "skipped (done)")
+                continue
+            t0 = time.perf_counter()
+            pre_metrics, state = suite.unedited(lm, unit)
+            if unit.key not in done[UNEDITED]:
+                store.add_row(Row(run_ids[UNEDITED], unit.key, unit.key, "suite", 0, None, time.perf_counter() - t0,
+                                  pre_metrics))
+            for m in todo:
+                editing = _TimedEditing(lm, m, hps[m])
+                t1 = time.perf_counter()
+                try:
+                    metrics = suite.edited(editing, unit, state)
+                finally:
+                    editing.undo(0)
+                total = time.perf_counter() - t1
+                if lm.active_edits:
+                    raise EditlabError(f"suite {suite.name!r} left edits on the model after unit {unit.key} (a bug)")
+                per_edit = editing.edit_s / editing.n_edits if editing.n_edits else None
+                store.add_row(Row(run_ids[m], unit.key, unit.key, "suite", editing.n_edits, per_edit,
+                                  total - editing.edit_s, metrics))
+            tick(n, len(units), f"{suite.name} {n}/{len(units)}")
+    finally:
+        restore_all(lm)
+    return run_ids
+
+
+def suite_summary(store: Store, run_id: str, suite: Suite | None = None) -> dict[str, float]:
+    """Dataset values of one suite run (the suite's own aggregation), plus `n` (units) and, for edited
+    runs, the median seconds per edit call."""
+    from . import get_suite
+
+    run = next((r for r in store.runs() if r["run_id"] == run_id), None)
+    if run is None:
+        raise EditlabError(f"no run {run_id!r} in {store.path}")
+    suite = suite or get_suite(run["dataset"])
+    rows = list(store.rows(run_id))
+    out = suite.summarize([r.metrics for r in rows])
+    out["n"] = float(len(rows))
+    times = sorted(r.edit_s for r in rows if r.edit_s is not None)
+    if times:
+        out["s_per_edit"] = times[len(times) // 2]
+    return out
+
+
+__all__ = ["SuitePlan", "UNEDITED", "plan_suite", "run_suite", "suite_summary"]

@@ -1,0 +1,236 @@
+"""The suite framework (plan, run, store, CLI) and the specificity-plus suite, on the tiny model."""
+
+import json
+import math
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+from editlab.cli import app
+from editlab.errors import DataFormatError
+from editlab.models import load_lm
+from editlab.runner.store import Store
+from editlab.suites import SUITES, SuiteError, get_suite, metric_info
+from editlab.suites.base import Editing, RecordFieldError
+from editlab.suites.runner import UNEDITED, plan_suite, run_suite, suite_summary
+from editlab.suites.scoring import (answer_match, fact_probs, harmonic_mean, js_divergence, kl_divergence, mean_token_probs,
+                                    normalize_answer, normalize_dist)
+from editlab.suites.specificity_plus import SpecificityPlus, neighbourhood_scores, next_token_kl
+
+FT_M = {"layer": 0, "steps": 30, "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_lm("tiny-trained-llama")
+
+
+# --- scoring: the spec's worked examples ------------------------------------------------------------------
+def test_js_divergence_matches_the_roundedit_worked_example():
+    p = normalize_dist([0.020, 0.010, 0.005])
+    q = normalize_dist([0.060, 0.004, 0.006])
+    assert p == pytest.approx([0.5714, 0.2857, 0.1429], abs=1e-4)
+    assert js_divergence(p, q) == pytest.approx(0.05958, abs=1e-5)
+    assert js_divergence(p, q) / 3 == pytest.approx(0.01986, abs=1e-5)  # the reference code's D (divided by N)
+    assert js_divergence(p, p) == 0.0
+    assert js_divergence([1.0, 0.0], [0.0, 1.0]) == pytest.approx(math.log(2))
+
+
+def test_kl_and_next_token_kl_match_the_cfplus_toy_vocabulary():
+    import torch
+
+    pre, post = [0.5, 0.3, 0.2], [0.4, 0.4, 0.2]
+    assert kl_divergence(post, pre) == pytest.approx(0.02582, abs=1e-5)
+    assert kl_divergence(pre, post) == pytest.approx(0.02527, abs=1e-5)
+    kl = next_token_kl(torch.tensor([post]).log(), torch.tensor([pre]).log())
+    assert float(kl[0]) == pytest.approx(0.02582, abs=1e-5)
+
+
+def test_neighbourhood_score_and_margin_by_hand():
+    ns, nm = neighbourhood_scores([0.5, 0.1, 0.3], [0.2, 0.4, 0.3])
+    assert ns == pytest.approx(1 / 3)  # a tie is not a success
+    assert nm == pytest.approx((0.3 - 0.3 + 0.0) / 3)
+
+
+def test_answer_matching_normalises_like_squad():
+    assert normalize_answer("The  Arabic language.") == "arabic language"
+    assert answer_match("Arabic language.", ["Arabic", "Arabic language"])
+    assert not answer_match("Arabic language.", ["Arabic language"], strict=True)
+    assert answer_match(" Arabic language", ["Arabic language"], strict=True)
+    assert not answer_match("", ["a"])  # an empty answer never matches (even a gold that normalises to nothing)
+    assert harmonic_mean([0.5, 1.0]) == pytest.approx(2 / 3)
+    assert harmonic_mean([0.0, 1.0]) == 0.0
+
+
+def test_fact_probs_average_mean_token_probabilities(lm):
+    prompts = ["The Eiffel Tower is located in", "The capital of Japan is"]
+    g = mean_token_probs(lm, prompts, ["Paris", "Paris"])
+    assert fact_probs(lm, [(prompts, "Paris"), (prompts[:1], "Paris")]) == pytest.approx([sum(g) / 2, g[0]])
+    nll = lm.score(prompts[:1], ["Paris"])[0].mean_nll
+    assert g[0] == pytest.approx(math.exp(-nll))
+
+
+def test_metric_metadata_is_found_through_split_prefixes():
+    assert metric_info("reverse.CS_imp").higher_is_better is True
+    assert metric_info("easy.D").higher_is_better is False
+    assert metric_info("NKL+").unit == "nats"
+    for entry in SUITES:  # every metric a suite announces has metadata
+        for m in entry.meta.get("metrics", ()):
+            metric_info(m)
+
+
+# --- specificity-plus on three real records ----------------------------------------------------------------
+def test_cfplus_protocol_on_three_records_restores_the_model(lm, data_root, tmp_path):
+    plan = plan_suite("cfplus", ["ft-m"], limit=3)
+    assert [u.key for u in plan.units] == ["cfplus:4482", "cfplus:17", "cfplus:15"] or len(plan.units) == 3
+    before = lm.fingerprint()
+    store = Store(tmp_path / "r.db")
+    ids = run_suite(lm, plan, store, hparams={"ft-m": FT_M})
+    assert lm.fingerprint() == before and not lm.active_edits
+    assert set(ids) == {UNEDITED, "ft-m"}
+    pre = suite_summary(store, ids[UNEDITED])
+    post = suite_summary(store, ids["ft-m"])
+    assert pre["n"] == post["n"] == 3
+    for name in SpecificityPlus.metrics:
+        assert name in post
+        info = metric_info(name)
+        assert (info.lo is None or post[name] >= info.lo) and (info.hi is None or post[name] <= info.hi)
+    assert "NKL" not in pre and "NS+" in pre  # NKL compares with the unedited model; NS+ has its own unedited value
+    assert post["NKL"] > 0 and post["NKL_repo"] == pytest.approx(post["NKL"] / lm.model.config.vocab_size, rel=1e-6)
+    assert post["ES"] > pre["ES"]  # FT-M moves the rewrite prompt to the new object
+    assert post["Score"] == pytest.approx(harmonic_mean([post["ES"], post["PS"], post["NS"]]))
+
+
+def test_unedited_pass_runs_once_per_unit_and_resume_skips_done_rows(lm, data_root, tmp_path, monkeypatch):
+    suite = SpecificityPlus()
+    calls = []
+    real = SpecificityPlus.unedited
+    monkeypatch.setattr(SpecificityPlus, "unedited", lambda self, lm, unit: calls.append(unit.key) or real(self, lm, unit))
+    plan = plan_suite("cfplus", ["ft-m", "ft"], limit=2)
+    plan.suite = suite
+    store = Store(tmp_path / "r.db")
+    hp = {"ft-m": FT_M, "ft": FT_M}
+    ids = run_suite(lm, plan, store, hparams=hp)
+    assert len(calls) == 2  # one unedited pass per unit, shared by both methods
+    assert all(store.count_rows(rid) == 2 for rid in ids.values())
+    again = run_suite(lm, plan, store, hparams=hp)
+    assert again == ids and len(calls) == 2  # everything done: nothing recomputed, nothing duplicated
+    assert all(store.count_rows(rid) == 2 for rid in ids.values())
+
+
+def test_a_failing_protocol_leaves_the_model_unedited(lm, data_root, tmp_path):
+    class Boom(SpecificityPlus):
+        def edited(self, editing, unit, state):
+            editing.push([unit.data["request"]])
+            assert lm.active_edits
+            raise RuntimeError("boom")
+
+    plan = plan_suite("cfplus", ["ft-m"], limit=1)
+    plan.suite = Boom()
+    before = lm.fingerprint()
+    with pytest.raises(RuntimeError, match="boom"):
+        run_suite(lm, plan, Store(tmp_path / "r.db"), hparams={"ft-m": FT_M})
+    assert lm.fingerprint() == before and not lm.active_edits
+
+
+def test_editing_undo_to_a_mark_scores_the_intermediate_model(lm):
+    from editlab.requests import EditRequest
+
+    r1 = EditRequest.create("The Eiffel Tower is located in", "The Eiffel Tower", "Rome", "Paris")
+    r2 = EditRequest.create("The capital of Japan is", "Japan", "Rome", "Tokyo")
+    ed = Editing(lm, "ft-m", get_editor_hp(lm))
+    base = lm.fingerprint()
+    ed.push([r1])
+    after_one = lm.fingerprint()
+    mark = ed.push([r2])
+    assert mark == 1 and len(ed.stack) == 2 and lm.fingerprint() != after_one
+    ed.undo(mark)
+    assert lm.fingerprint() == after_one
+    ed.undo()
+    assert lm.fingerprint() == base and ed.system is lm
+
+
+def get_editor_hp(lm):
+    from editlab.methods import get_editor
+
+    return get_editor("ft-m").hparams(lm, **FT_M)
+
+
+# --- bad input: named errors before any model work ------------------------------------------------------------
+def _write_cfplus(root, records):
+    (root / "counterfact").mkdir(parents=True)
+    (root / "counterfact" / "counterfact_distracting_neighbor.json").write_text(json.dumps(records))
+
+
+def _record(case_id, **drop):
+    rec = {"case_id": case_id, "requested_rewrite": {"prompt": "{} is located in", "subject": "Eiffel",
+                                                     "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+           "paraphrase_prompts": ["Eiffel sits in"], "neighborhood_prompts": ["Colosseum is located in"],
+           "distracting_neighborhood_prompts": ["Eiffel is located in Rome. Colosseum is located in"]}
+    for k in drop:
+        rec.pop(k)
+    return rec
+
+
+def test_missing_data_file_names_what_and_where(tmp_path):
+    with pytest.raises(DataFormatError, match="counterfact_distracting_neighbor.json.*EDITLAB_DATA"):
+        plan_suite("cfplus", ["ft"], root=tmp_path)
+
+
+def test_record_lacking_a_field_stops_or_is_skipped(tmp_path):
+    _write_cfplus(tmp_path, [_record(1), _record(2, distracting_neighborhood_prompts=None), _record(3)])
+    with pytest.raises(RecordFieldError, match="record 1: missing field 'distracting_neighborhood_prompts'"):
+        plan_suite("cfplus", ["ft"], root=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_suite("cfplus", ["ft"], root=tmp_path, on_bad="skip")
+    assert [u.key for u in plan.units] == ["cfplus:1", "cfplus:3"]
+    assert any("skipped 1 record" in str(w.message) for w in caught)
+
+
+def test_unknown_suite_method_and_options_are_named_errors(tmp_path):
+    from editlab.errors import UnknownMethodError
+
+    with pytest.raises(SuiteError, match="unknown suite 'nope'"):
+        get_suite("nope")
+    _write_cfplus(tmp_path, [_record(1)])
+    with pytest.raises(UnknownMethodError):
+        plan_suite("cfplus", ["nope"], root=tmp_path)
+    with pytest.raises(SuiteError, match="baseline"):
+        plan_suite("cfplus", [UNEDITED], root=tmp_path)
+    with pytest.raises(SuiteError, match="limit"):
+        plan_suite("cfplus", ["ft"], root=tmp_path, limit=0)
+    with pytest.raises(SuiteError, match="on_bad"):
+        plan_suite("cfplus", ["ft"], root=tmp_path, on_bad="maybe")
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+runner = CliRunner()
+
+
+def test_cli_suite_run_prints_unedited_beside_edited(data_root, tmp_path):
+    args = ["eval", "--suite", "cfplus", "--method", "ft-m", "--limit", "2", "--model", "tiny-trained-llama",
+            "--db", str(tmp_path / "r.db")] + [x for k, v in FT_M.items() for x in ("--set", f"{k}={v}")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "unedited" in result.output and "NKL" in result.output and "NS+" in result.output
+    report = runner.invoke(app, ["report", str(tmp_path / "r.db"), "-o", str(tmp_path / "r.html")])
+    assert report.exit_code == 0, report.output
+    assert "Suite specificity-plus" in (tmp_path / "r.html").read_text()
+
+
+def test_cli_suite_rejects_plain_run_options_in_one_line(tmp_path):
+    result = runner.invoke(app, ["eval", "--suite", "cfplus", "--mode", "batch", "--db", str(tmp_path / "r.db")])
+    assert result.exit_code == 2 and "cannot be combined with --suite" in result.output
+    assert not (tmp_path / "r.db").exists()
+    result = runner.invoke(app, ["eval", "--suite", "nope", "--db", str(tmp_path / "r.db")])
+    assert result.exit_code == 2 and "unknown suite" in result.output
+    result = runner.invoke(app, ["eval", "--on-bad", "skip", "--db", str(tmp_path / "r.db")])
+    assert result.exit_code == 2 and "--suite runs only" in result.output
+
+
+def test_cli_lists_suites_and_metrics():
+    result = runner.invoke(app, ["suites"])
+    assert result.exit_code == 0
+    assert "specificity-plus" in result.output and "NKL" in result.output
