@@ -22,6 +22,17 @@ SUITES.register("specificity-plus", "CounterFact+: neighbourhood score with the 
                 "neighbourhood KL of the next-token distribution", lazy("editlab.suites.specificity_plus:SpecificityPlus"),
                 aliases=("cfplus",), metrics=("ES", "PS", "NS", "NS+", "NM", "NM+", "NKL", "NKL+", "Score", "Score+"))
 
+SUITES.register("conflict", "ConflictEdit: two logically tied edits in a row (coverage, reverse, composite); does the later "
+                "fact win, and what does it cost the earlier and the tied fact", lazy("editlab.suites.conflict:Conflict"),
+                metrics=("coverage.CS", "coverage.CM", "coverage.Succ_single", "reverse.CS_exp", "reverse.CS_imp",
+                         "reverse.CM", "composite.CS_exp", "composite.CS_imp", "composite.CM", "composite.TFD"))
+SUITES.register("distortion", "RoundEdit: edit a->b then back b->a; JS divergence over the subject's true objects, "
+                "ignore and failure rates", lazy("editlab.suites.distortion:Distortion"), aliases=("roundedit",),
+                metrics=tuple(f"{s}.{m}" for s in ("easy", "hard") for m in ("Succ", "D", "D_repo", "IR", "FR")))
+SUITES.register("distortion-mle", "RoundEdit with Multi-Label Edit: the way back is one batch edit to every true object "
+                "(batch methods only)", lazy("editlab.suites.distortion:DistortionMLE"), aliases=("roundedit-mle",),
+                metrics=tuple(f"{s}.{m}" for s in ("easy", "hard") for m in ("Succ", "D", "D_repo", "IR", "FR")))
+
 
 def get_suite(name: str) -> Suite:
     """An instance of the suite registered under `name` (or an alias)."""
