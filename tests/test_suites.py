@@ -234,3 +234,31 @@ def test_cli_lists_suites_and_metrics():
     result = runner.invoke(app, ["suites"])
     assert result.exit_code == 0
     assert "specificity-plus" in result.output and "NKL" in result.output
+
+
+def test_suite_options_are_checked_and_coerced():
+    from editlab.suites import suite_options
+
+    assert suite_options("mquake") == {"k": None, "cot": True}
+    mq = get_suite("mquake", {"k": "1,all", "cot": "false"})
+    assert mq.k == (1, None) and mq.cot is False
+    assert get_suite("counterfact", {"fluency": "yes", "seed": "3"}).seed == 3
+    with pytest.raises(SuiteError, match="no option 'kk'.*k \\(default None\\)"):
+        get_suite("mquake", {"kk": "1"})
+    with pytest.raises(SuiteError, match="expects true or false"):
+        get_suite("mquake", {"cot": "maybe"})
+    with pytest.raises(SuiteError, match="expects an integer"):
+        get_suite("counterfact", {"seed": "x"})
+    with pytest.raises(SuiteError, match="k must be a positive integer"):
+        get_suite("mquake", {"k": "0"})
+
+
+def test_cli_suite_set_errors_are_one_line(tmp_path):
+    db = str(tmp_path / "r.db")
+    result = runner.invoke(app, ["eval", "--suite", "mquake", "--suite-set", "cot", "--db", db])
+    assert result.exit_code == 2 and "key=value" in result.output
+    result = runner.invoke(app, ["eval", "--suite", "mquake", "--suite-set", "nope=1", "--db", db])
+    assert result.exit_code == 2 and "no option 'nope'" in result.output
+    result = runner.invoke(app, ["eval", "--suite-set", "k=1", "--db", db])
+    assert result.exit_code == 2 and "--suite runs only" in result.output
+    assert not (tmp_path / "r.db").exists()

@@ -43,6 +43,8 @@ Format = Annotated[Optional[str], typer.Option(help="File format if it cannot be
 Suite = Annotated[Optional[str], typer.Option(
     help="Run a pitfall suite (see `editlab suites`) with its own data and protocol instead of --data",
     rich_help_panel=_DATA_PANEL)]
+SuiteSets = Annotated[Optional[list[str]], typer.Option(
+    "--suite-set", help="Suite option key=value (repeatable; see `editlab suites`)", rich_help_panel=_DATA_PANEL)]
 OnBad = Annotated[str, typer.Option(
     help="Suite records lacking a field a metric needs: stop (default) or skip them", rich_help_panel=_DATA_PANEL)]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Hparam override key=value (repeatable)", rich_help_panel=_HPARAM_PANEL)]
@@ -94,6 +96,7 @@ class DataOptions(OptionGroup):
     limit: Limit = None
     format: Format = None
     suite: Suite = None
+    suite_set: SuiteSets = None
     on_bad: OnBad = "stop"
 
 

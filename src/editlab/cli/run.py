@@ -85,8 +85,8 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
         from .suites import run_suite_methods
 
         return run_suite_methods(methods, data, model, hp, run)
-    if data.on_bad != "stop":
-        raise OptionError("--on-bad applies to --suite runs only")
+    if data.on_bad != "stop" or data.suite_set:
+        raise OptionError("--on-bad and --suite-set apply to --suite runs only")
     from ..data import load_requests
     from ..runner import Store
 

@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 
 def suites() -> None:
     """List pitfall suites and their metrics (direction, range, unit, source)."""
-    from ..suites import METRICS, SUITES
+    from ..suites import METRICS, SUITES, suite_options
 
-    rows = [(e.name, ", ".join(e.aliases), ", ".join(e.meta.get("metrics", ())), e.description) for e in registry_entries(SUITES)]
-    console.print(_table("suites (editlab eval --suite NAME --method M)", ["name", "aliases", "metrics", "description"], rows))
+    rows = [(e.name, ", ".join(e.aliases), ", ".join(f"{k}={v!r}" for k, v in suite_options(e.name).items()), e.description)
+            for e in registry_entries(SUITES)]
+    console.print(_table("suites (editlab eval --suite NAME --method M [--suite-set key=value])",
+                         ["name", "aliases", "options", "description"], rows))
     arrow = {True: "↑", False: "↓", None: ""}
 
     def bound(x: Any) -> str:
@@ -65,8 +67,14 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
     overrides = hparam_overrides(hp)
     for m in methods:
         check_hparams_early(m, overrides)
+    options = {}
+    for item in data.suite_set or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise OptionError(f"--suite-set expects key=value, got {item!r}")
+        options[key.strip()] = value
     with user_warnings_reported():
-        plan = plan_suite(data.suite, methods, limit=data.limit, on_bad=data.on_bad)
+        plan = plan_suite(data.suite, methods, limit=data.limit, on_bad=data.on_bad, options=options)
     store = Store(run.db)
     try:
         lm = load_model(model)
@@ -91,7 +99,8 @@ def suite_table(store: Any, run_ids: dict[str, str], title: str) -> Table:
     from ..suites.runner import suite_summary
 
     runs = {r["run_id"]: r for r in store.runs()}
-    suite = get_suite(next(iter(runs[rid]["dataset"] for rid in run_ids.values())))
+    first = runs[next(iter(run_ids.values()))]
+    suite = get_suite(first["dataset"], (first.get("config") or {}).get("options"))
     summaries = {m: suite_summary(store, rid, suite) for m, rid in run_ids.items()}
     names = [k for k in dict.fromkeys(k for s in summaries.values() for k in s) if k not in ("n", "s_per_edit")]
     t = Table(title=title, caption="↑ higher is better, ↓ lower; 'unedited' is the same records on the unedited model")

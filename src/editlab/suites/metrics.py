@@ -59,6 +59,9 @@ _m("instance_wise", "every fact of the new chain recalled", True, 0, 1, "fractio
 _m("multihop", "the new multi-hop answer generated for at least one of the case's questions", True, 0, 1, "fraction", _MQUAKE)
 _m("multihop_cot", "multihop with chain-of-thought demonstrations", True, 0, 1, "fraction", _MQUAKE)
 _m("hop_wise", "multihop_cot correct with every intermediate entity in the thoughts", True, 0, 1, "fraction", "PokeMQA (Gu et al. 2024)")
+for _base in ("edit_wise", "instance_wise", "multihop", "multihop_cot", "hop_wise"):
+    _m(f"{_base}_strict", f"{_base} with exact string equality after stripping (the MeLLo notebook's rule)", True, 0, 1,
+       "fraction", _MQUAKE)
 # specificity+ (section 2.4)
 _m("NS", "neighbour prompts whose true object beats the new one", True, 0, 1, "fraction", _CFPLUS)
 _m("NS+", "NS with the edit statement prefixed to each neighbour prompt", True, 0, 1, "fraction", _CFPLUS)
@@ -87,7 +90,12 @@ _m("relation_specificity", "KnowEdit locality: other relations of the subject, a
    _EASYEDIT)
 _m("forgetfulness", "KnowEdit locality: facts that should survive the edit, argmax tokens unchanged", True, 0, 1, "fraction",
    _EASYEDIT)
-_m("locality", "KnowEdit locality: mean over the record's locality groups", True, 0, 1, "fraction", _EASYEDIT)
+_m("locality", "locality probes (zsRE loc, KnowEdit groups: mean over the record's groups): argmax tokens unchanged",
+   True, 0, 1, "fraction", _EASYEDIT)
+_m("portability_first_alias", "KnowEdit portability scoring only each probe's first alias (EasyEdit)", True, 0, 1,
+   "fraction", _EASYEDIT)
+_m("locality_first_alias", "KnowEdit locality scoring only each probe's first alias (EasyEdit)", True, 0, 1, "fraction",
+   _EASYEDIT)
 _m("fluency", "weighted bigram/trigram entropy of sampled generations", True, 0, None, "bits", "ROME (Meng et al. 2022)")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,16 +61,18 @@ class SuitePlan:
     data: dict[str, dict[str, str]]  # split -> {"path": ..., "sha256": ...}
     limit: int | None
     on_bad: str
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_suite(name: str, methods: Sequence[str], *, limit: int | None = None, root: Path | None = None,
-               on_bad: str = "stop") -> SuitePlan:
-    """Resolve the suite and methods, check the protocol against each method and read the data. Raises
-    the named errors (unknown suite or method, missing file, record lacking a field) without a model."""
+               on_bad: str = "stop", options: Mapping[str, Any] | None = None) -> SuitePlan:
+    """Resolve the suite (built with `options`, see `editlab.suites.get_suite`) and methods, check the
+    protocol against each method and read the data. Raises the named errors (unknown suite, option or
+    method, missing file, record lacking a field) without a model."""
     from ..methods import get_editor
     from . import get_suite
 
-    suite = get_suite(name)
+    suite = get_suite(name, options)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise SuiteError(f"limit must be a positive integer, got {limit!r}")
     if not methods:
@@ -88,12 +90,13 @@ def plan_suite(name: str, methods: Sequence[str], *, limit: int | None = None, r
     if len(set(keys)) != len(keys):
         raise SuiteError(f"suite {suite.name!r} produced duplicate unit keys (a bug in the suite)")
     data = {s: {"path": str(p), "sha256": file_sha256(p)} for s, p in paths.items()}
-    return SuitePlan(suite, units, list(methods), data, limit, on_bad)
+    return SuitePlan(suite, units, list(methods), data, limit, on_bad, dict(options or {}))
 
 
 def _run_id(lm: Any, plan: SuitePlan, method: str, hparams: Mapping[str, Any], seed: int) -> str:
     key = {"model": lm.base_fingerprint, "suite": plan.suite.name, "method": method, "hparams": dict(hparams),
-           "data": {s: d["sha256"] for s, d in plan.data.items()}, "limit": plan.limit, "on_bad": plan.on_bad, "seed": seed}
+           "data": {s: d["sha256"] for s, d in plan.data.items()}, "limit": plan.limit, "on_bad": plan.on_bad, "seed": seed,
+           **({"options": plan.options} if plan.options else {})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{method}-suite-{plan.suite.name}-{digest}"
 
@@ -111,7 +114,7 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
     hparams = hparams or {}
     hps = {m: get_editor(m).hparams(lm, **dict(hparams.get(m, {}))) for m in plan.methods}
     config = {"suite": suite.name, "data": plan.data, "limit": plan.limit, "on_bad": plan.on_bad,
-              "protocol": suite.protocol}
+              "options": plan.options, "protocol": suite.protocol}
     run_ids: dict[str, str] = {}
     vers = versions()
     for m in [UNEDITED, *plan.methods]:
@@ -163,7 +166,7 @@ def suite_summary(store: Store, run_id: str, suite: Suite | None = None) -> dict
     run = next((r for r in store.runs() if r["run_id"] == run_id), None)
     if run is None:
         raise EditlabError(f"no run {run_id!r} in {store.path}")
-    suite = suite or get_suite(run["dataset"])
+    suite = suite or get_suite(run["dataset"], (run.get("config") or {}).get("options"))
     rows = list(store.rows(run_id))
     out = suite.summarize([r.metrics for r in rows])
     out["n"] = float(len(rows))
