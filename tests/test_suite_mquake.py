@@ -189,7 +189,7 @@ class Scripted:
         self.answers = answers
         self.calls = []
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, stop=()):
         self.calls.append((len(prompts), max_new_tokens))
         return [next((a for key, a in self.answers.items() if p.endswith(key)), " nothing") for p in prompts]
 

@@ -373,29 +373,42 @@ class LM:
 
     @torch.no_grad()
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, *, top_k: int | None = None,
-                     seed: int | None = None) -> list[list[int]]:
+                     seed: int | None = None, stop: Sequence[str] = ()) -> list[list[int]]:
         """Continuations (token ids, stopping at EOS) of each prompt: greedy by default, or top-k
         sampling at temperature 1 when `top_k` is given (seeded with `seed`; the caller's RNG state
         is untouched). Decoding settings are always explicit: the model's own generation config
-        (temperature, top-p, repetition penalty) is never used."""
+        (temperature, top-p, repetition penalty) is never used. With `stop`, a continuation ends with
+        the token that completes one of these strings in its text (a batch stops as soon as every row
+        has), so long generations that the caller cuts at a delimiter are not decoded past it."""
         out: list[list[int]] = [[] for _ in prompts]
         encoded = [tuple(self.encode_prompt(p)) for p in prompts]
         eos = self.tokenizer.eos_token_id
+        stops = [s for s in stop if s]
         for batch in self._batches([s + (0,) * max_new_tokens for s in encoded]):
             seqs = [encoded[i] for i in batch]
             n = max(len(s) for s in seqs)
             ids, mask = self.pad_left(seqs)  # left padding so that new tokens line up
-            gen = self._generate_batch(ids, mask, max_new_tokens, top_k, None if seed is None else seed + batch[0])
+            gen = self._generate_batch(ids, mask, max_new_tokens, top_k, None if seed is None else seed + batch[0], stops)
             for r, i in enumerate(batch):
                 toks = gen[r, n:].tolist()
                 if eos is not None and eos in toks:
                     toks = toks[: toks.index(eos)]
-                out[i] = toks
+                out[i] = self._cut_at_stop(toks, stops) if stops else toks
         return out
 
+    def _cut_at_stop(self, toks: list[int], stops: Sequence[str]) -> list[int]:
+        """`toks` up to the first token whose text completes a stop string (tokens after it, which a
+        batch row keeps producing until every row is done, are dropped)."""
+        text = ""
+        for k in range(len(toks)):
+            text = self.tokenizer.decode(toks[: k + 1], skip_special_tokens=True)
+            if any(s in text for s in stops):
+                return toks[: k + 1]
+        return toks
+
     def _generate_batch(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, top_k: int | None,
-                        seed: int | None) -> torch.Tensor:
-        from transformers import GenerationConfig
+                        seed: int | None, stops: Sequence[str] = ()) -> torch.Tensor:
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         eos = self.tokenizer.eos_token_id
         if top_k is None:
@@ -404,17 +417,44 @@ class LM:
         else:
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, top_k=int(top_k), top_p=1.0,
                                    temperature=1.0, num_beams=1, pad_token_id=self.pad_id, eos_token_id=eos)
+        criteria = StoppingCriteriaList([_StopStrings(self.tokenizer, ids.shape[1], stops)]) if stops else None
         with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
             if seed is not None:
                 torch.manual_seed(seed)
             return self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                       generation_config=cfg)
+                                       generation_config=cfg, stopping_criteria=criteria)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, *, top_k: int | None = None,
-                 seed: int | None = None) -> list[str]:
-        """Continuations (text, without the prompt) of each prompt; see `generate_ids`."""
-        return [self.tokenizer.decode(t, skip_special_tokens=True)
-                for t in self.generate_ids(prompts, max_new_tokens, top_k=top_k, seed=seed)]
+                 seed: int | None = None, stop: Sequence[str] = ()) -> list[str]:
+        """Continuations (text, without the prompt) of each prompt; see `generate_ids`. With `stop`, the
+        text ends before the first stop string."""
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True)
+                 for t in self.generate_ids(prompts, max_new_tokens, top_k=top_k, seed=seed, stop=stop)]
+        return [cut_at_stop(t, stop) for t in texts] if stop else texts
 
     def __repr__(self) -> str:
         return f"LM({self.name!r}, arch={self.arch.model_type}, layers={self.n_layers}, device={self.device}, dtype={self.dtype})"
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` before the earliest occurrence of any of `stops` (unchanged if none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class _StopStrings:
+    """A transformers stopping criterion: per batch row, done once the generated text (after the
+    `start` prompt positions) contains one of `stops`; rows already done stay done."""
+
+    def __init__(self, tokenizer: Any, start: int, stops: Sequence[str]) -> None:
+        self.tokenizer, self.start, self.stops = tokenizer, start, list(stops)
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for r in range(input_ids.shape[0]):
+            if not self.done[r]:
+                text = self.tokenizer.decode(input_ids[r, self.start :], skip_special_tokens=True)
+                self.done[r] = any(s in text for s in self.stops)
+        return self.done.clone()

@@ -54,8 +54,12 @@ class LMView:
         return self.inner.generate_ids(prompts, max_new_tokens, **kw)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw: Any) -> list[str]:
-        return [self.base.tokenizer.decode(t, skip_special_tokens=True)
-                for t in self.generate_ids(prompts, max_new_tokens, **kw)]
+        from .lm import cut_at_stop
+
+        texts = [self.base.tokenizer.decode(t, skip_special_tokens=True)
+                 for t in self.generate_ids(prompts, max_new_tokens, **kw)]
+        stop = kw.get("stop") or ()
+        return [cut_at_stop(t, stop) for t in texts] if stop else texts
 
     def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
         return self.inner.sequence_logprobs(windows, prefix_ids)

@@ -357,11 +357,12 @@ class MQuAKE(Suite):
                 short[p] = ""
             for q in case.questions:
                 short[multihop_prompt(self.demos["multihop"], q)] = ""
-        short = dict(zip(short, system.generate(list(short), max(CLOZE_TOKENS, MULTIHOP_TOKENS))))
+        # stop strings end each row's decoding at the delimiter the cuts below apply anyway (same text)
+        short = dict(zip(short, system.generate(list(short), max(CLOZE_TOKENS, MULTIHOP_TOKENS), stop=("\n",))))
         long: dict[str, str] = {}
         if self.cot:
             prompts = list(dict.fromkeys(cot_prompt(self.demos["cot"], q) for c in cases for q in c.questions))
-            long = dict(zip(prompts, system.generate(prompts, COT_TOKENS)))
+            long = dict(zip(prompts, system.generate(prompts, COT_TOKENS, stop=(COT_STOP,))))
         out = []
         for case, chain in zip(cases, chains):
             facts = [short[p] for p, _ in chain.facts]
