@@ -88,6 +88,21 @@ def collect_units(parsed: Sequence[tuple[int, Any]], parse: Any, *, path: Path, 
     return units
 
 
+def split_units(paths: dict[str, Path], splits: Sequence[str], parse: Any, *, limit: int | None,
+                on_bad: str) -> list[Unit]:
+    """Units of several splits, one file each, in split order: `parse(split, path, index, record, where)`
+    builds a unit; `limit` caps each split (see `collect_units` for `on_bad`)."""
+    from ..data.io import read_records
+
+    units: list[Unit] = []
+    for split in splits:
+        path = paths[split]
+        units += collect_units(list(enumerate(read_records(path))),
+                               lambda i, rec, where, split=split, path=path: parse(split, path, i, rec, where),
+                               path=path, limit=limit, on_bad=on_bad)
+    return units
+
+
 class Editing:
     """Applies a protocol's edits with one method and undoes them. `push(requests)` edits the current
     system (one batch edit where the method takes batches and `batch` is true, else one edit per request
@@ -179,4 +194,4 @@ class Suite(ABC):
         return {k: v for k, v in summarize(rows).items() if k != "cf_score"}
 
 
-__all__ = ["Editing", "RecordFieldError", "Suite", "SuiteError", "Unit", "collect_units", "field_at", "text_at"]
+__all__ = ["Editing", "RecordFieldError", "Suite", "SuiteError", "Unit", "collect_units", "field_at", "split_units", "text_at"]

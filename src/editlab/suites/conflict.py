@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data.io import read_records
 from ..errors import DataFormatError
 from ..requests import EditRequest
-from .base import Editing, RecordFieldError, Suite, Unit, collect_units, field_at, text_at
+from .base import Editing, RecordFieldError, Suite, Unit, field_at, split_units, text_at
 from .scoring import fact_probs
 
 # ------------------------------------------------------------------ per-record formulas (pure)
@@ -141,12 +139,8 @@ class Conflict(Suite):
     def load(self, root: Path, limit: int | None = None, *, on_bad: str = "stop") -> list[Unit]:
         paths = self.data_paths(root)
         prompts = read_relation_prompts(paths["prompts"])
-        units: list[Unit] = []
-        for split in SPLITS:
-            path = paths[split]
-            units += collect_units(list(enumerate(read_records(path))), partial(self._unit, split, prompts), path=path,
-                                   limit=limit, on_bad=on_bad)
-        return units
+        return split_units(paths, SPLITS, lambda split, path, i, rec, where: self._unit(split, prompts, i, rec, where),
+                           limit=limit, on_bad=on_bad)
 
     @staticmethod
     def _unit(split: str, prompts: dict[str, list[str]], i: int, rec: Any, where: str) -> Unit:

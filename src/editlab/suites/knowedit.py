@@ -34,12 +34,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data.io import read_records
 from ..data.knowedit import knowedit, wikibio
 from ..eval.fluency import generation_fluency
 from ..eval.metrics import generation_prompts
 from ..requests import EditRequest
-from .base import Editing, RecordFieldError, Suite, Unit, collect_units, field_at, text_at
+from .base import Editing, RecordFieldError, Suite, Unit, field_at, split_units, text_at
 from .portability import loaded_request, record_seed
 from .scoring import agreement
 
@@ -113,16 +112,7 @@ class KnowEditSuite(Suite):
         self.seed = seed
 
     def load(self, root: Path, limit: int | None = None, *, on_bad: str = "stop") -> list[Unit]:
-        paths = self.data_paths(root)
-        units: list[Unit] = []
-        for split in SPLITS:
-            path = paths[split]
-
-            def parse(i: int, rec: Any, where: str, split: str = split, path: Path = path) -> Unit:
-                return self._parse(split, path, i, rec, where)
-
-            units += collect_units(list(enumerate(read_records(path))), parse, path=path, limit=limit, on_bad=on_bad)
-        return units
+        return split_units(self.data_paths(root), SPLITS, self._parse, limit=limit, on_bad=on_bad)
 
     @staticmethod
     def _parse(split: str, path: Path, i: int, rec: Any, where: str) -> Unit:

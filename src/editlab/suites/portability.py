@@ -51,7 +51,7 @@ from ..errors import DataFormatError, EditRequestError
 from ..eval.fluency import generation_fluency
 from ..eval.metrics import evaluate_requests, generation_prompts, pre_edit
 from ..requests import EditRequest
-from .base import Editing, RecordFieldError, Suite, Unit, collect_units, field_at, text_at
+from .base import Editing, RecordFieldError, Suite, Unit, field_at, split_units, text_at
 from .scoring import harmonic_mean
 
 
@@ -90,15 +90,8 @@ class _SingleEditSuite(Suite):
     def load(self, root: Path, limit: int | None = None, *, on_bad: str = "stop") -> list[Unit]:
         paths = self.data_paths(root)
         context = self._context(paths)
-        units: list[Unit] = []
-        for split in self.splits:
-            path = paths[split]
-
-            def parse(i: int, rec: Any, where: str, split: str = split, path: Path = path) -> Unit:
-                return self._parse(split, path, i, rec, where, context)
-
-            units += collect_units(list(enumerate(read_records(path))), parse, path=path, limit=limit, on_bad=on_bad)
-        return units
+        return split_units(paths, self.splits, lambda split, path, i, rec, where: self._parse(split, path, i, rec, where, context),
+                           limit=limit, on_bad=on_bad)
 
     def _context(self, paths: dict[str, Path]) -> Any:
         """Data shared by every record (a join table), read once in `load`."""
