@@ -177,6 +177,28 @@ def test_conflict_scores_theta_double_prime_then_theta_prime(lm, data_root):
     assert p1 != pytest.approx(p_o, rel=1e-3)  # θ' and θ'' really are different models
 
 
+def test_coverage_succ_single_is_scored_with_the_second_edit_alone(lm, data_root):
+    """Succ_single reads θ₃ = θ + e₂ only (not θ''): the protocol makes a third edit on the restored model."""
+    suite = Conflict()
+    unit = next(u for u in suite.load(data_root, 1) if u.split == "coverage")
+    case = unit.data
+    hp = get_editor("ft-m").hparams(lm, **FT_M)
+    _, state = suite.unedited(lm, unit)
+    ed = Editing(lm, "ft-m", hp)
+    try:
+        got = suite.edited(ed, unit, state)
+        assert ed.n_edits == 3
+    finally:
+        ed.undo()
+    ed = Editing(lm, "ft-m", hp)
+    try:
+        ed.push([case.e2])
+        p_new, p_old = fact_probs(ed.system, [case.k_exp, case.old_on_e2])
+    finally:
+        ed.undo()
+    assert got["coverage.Succ_single"] == beats(p_new, p_old)
+
+
 def test_distortion_protocol_on_three_records_restores_the_model(lm, data_root, tmp_path):
     suite = Distortion()
     units = suite.load(data_root, 2)[:3]

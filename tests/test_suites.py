@@ -75,15 +75,15 @@ def test_metric_metadata_is_found_through_split_prefixes():
     assert metric_info("reverse.CS_imp").higher_is_better is True
     assert metric_info("easy.D").higher_is_better is False
     assert metric_info("NKL+").unit == "nats"
-    for entry in SUITES:  # every metric a suite announces has metadata
-        for m in entry.meta.get("metrics", ()):
+    for entry in SUITES:  # every metric a suite reports has metadata
+        for m in entry.load().metrics:
             metric_info(m)
 
 
 # --- specificity-plus on three real records ----------------------------------------------------------------
 def test_cfplus_protocol_on_three_records_restores_the_model(lm, data_root, tmp_path):
     plan = plan_suite("cfplus", ["ft-m"], limit=3)
-    assert [u.key for u in plan.units] == ["cfplus:4482", "cfplus:17", "cfplus:15"] or len(plan.units) == 3
+    assert len(plan.units) == 3 and plan.units[0].key == "cfplus:4482"  # keyed by case_id, file order
     before = lm.fingerprint()
     store = Store(tmp_path / "r.db")
     ids = run_suite(lm, plan, store, hparams={"ft-m": FT_M})
@@ -221,12 +221,13 @@ def test_cli_suite_run_prints_unedited_beside_edited(data_root, tmp_path):
 
 
 def test_cli_suite_rejects_plain_run_options_in_one_line(tmp_path):
-    result = runner.invoke(app, ["eval", "--suite", "cfplus", "--mode", "batch", "--db", str(tmp_path / "r.db")])
+    result = runner.invoke(app, ["eval", "--suite", "cfplus", "--mode", "batch", "--model", "tiny-llama",
+                                 "--db", str(tmp_path / "r.db")])
     assert result.exit_code == 2 and "cannot be combined with --suite" in result.output
     assert not (tmp_path / "r.db").exists()
-    result = runner.invoke(app, ["eval", "--suite", "nope", "--db", str(tmp_path / "r.db")])
+    result = runner.invoke(app, ["eval", "--suite", "nope", "--model", "tiny-llama", "--db", str(tmp_path / "r.db")])
     assert result.exit_code == 2 and "unknown suite" in result.output
-    result = runner.invoke(app, ["eval", "--on-bad", "skip", "--db", str(tmp_path / "r.db")])
+    result = runner.invoke(app, ["eval", "--on-bad", "skip", "--model", "tiny-llama", "--db", str(tmp_path / "r.db")])
     assert result.exit_code == 2 and "--suite runs only" in result.output
 
 
@@ -255,10 +256,64 @@ def test_suite_options_are_checked_and_coerced():
 
 def test_cli_suite_set_errors_are_one_line(tmp_path):
     db = str(tmp_path / "r.db")
-    result = runner.invoke(app, ["eval", "--suite", "mquake", "--suite-set", "cot", "--db", db])
+    result = runner.invoke(app, ["eval", "--suite", "mquake", "--suite-set", "cot", "--model", "tiny-llama", "--db", db])
     assert result.exit_code == 2 and "key=value" in result.output
-    result = runner.invoke(app, ["eval", "--suite", "mquake", "--suite-set", "nope=1", "--db", db])
+    result = runner.invoke(app, ["eval", "--suite", "mquake", "--suite-set", "nope=1", "--model", "tiny-llama", "--db", db])
     assert result.exit_code == 2 and "no option 'nope'" in result.output
-    result = runner.invoke(app, ["eval", "--suite-set", "k=1", "--db", db])
+    result = runner.invoke(app, ["eval", "--suite-set", "k=1", "--model", "tiny-llama", "--db", db])
     assert result.exit_code == 2 and "--suite runs only" in result.output
     assert not (tmp_path / "r.db").exists()
+
+
+def test_prompts_ending_in_a_space_are_scored_like_the_stripped_prompt(lm):
+    """Spec P4: "... father, " + "Ludwig" must be ids("... father,") ++ ids(" Ludwig"), not a lone space token
+    followed by the target tokenized without its space."""
+    from editlab.suites.scoring import probe_prompt, token_accuracies
+
+    spaced, stripped = "The Eiffel Tower is located in the city of ", "The Eiffel Tower is located in the city of"
+    assert probe_prompt(spaced) == stripped
+    assert mean_token_probs(lm, [spaced], ["Paris"]) == mean_token_probs(lm, [stripped], ["Paris"])
+    assert token_accuracies(lm, [(spaced, "Paris")]) == token_accuracies(lm, [(stripped, "Paris")])
+    # what the unstripped join would have scored differs
+    assert lm.encode_pair(spaced, "Paris")[1] != lm.encode_pair(stripped, "Paris")[1]
+
+
+def test_a_view_method_is_scored_through_its_view(lm, data_root, tmp_path):
+    """IKE changes no weight: only its LM view carries the edit, so NKL > 0 proves the suite scored the view."""
+    plan = plan_suite("cfplus", ["ike"], limit=1)
+    store = Store(tmp_path / "r.db")
+    ids = run_suite(lm, plan, store, hparams={"ike": {"n_demos": 0}})
+    post = suite_summary(store, ids["ike"])
+    assert post["NKL"] > 1e-4 and not lm.active_edits
+
+
+def test_a_method_that_cannot_edit_a_unit_is_recorded_and_the_run_goes_on(lm, data_root, tmp_path, monkeypatch):
+    from editlab.errors import EditRequestError
+
+    real = SpecificityPlus.edited
+
+    def flaky(self, editing, unit, state):
+        if unit.key == "cfplus:4482":
+            editing.push([unit.data["request"]])
+            raise EditRequestError("no neuron found")
+        return real(self, editing, unit, state)
+
+    monkeypatch.setattr(SpecificityPlus, "edited", flaky)
+    plan = plan_suite("cfplus", ["ft-m"], limit=2)
+    store = Store(tmp_path / "r.db")
+    before = lm.fingerprint()
+    with pytest.warns(UserWarning, match="ft-m failed on specificity-plus unit cfplus:4482"):
+        ids = run_suite(lm, plan, store, hparams={"ft-m": FT_M})
+    assert lm.fingerprint() == before and not lm.active_edits
+    post = suite_summary(store, ids["ft-m"])
+    assert post["n"] == 1 and post["errors"] == 1  # the failed unit is counted, never averaged as a zero
+    rows = {r.row_key: r for r in store.rows(ids["ft-m"])}
+    assert rows["cfplus:4482"].kind == "error" and "no neuron found" in rows["cfplus:4482"].metrics["error"]
+    assert run_suite(lm, plan, store, hparams={"ft-m": FT_M}) == ids  # resume does not retry or duplicate it
+    assert store.count_rows(ids["ft-m"]) == 2
+
+
+def test_a_method_named_twice_is_refused(tmp_path):
+    _write_cfplus(tmp_path, [_record(1)])
+    with pytest.raises(SuiteError, match="named twice"):
+        plan_suite("cfplus", ["ft", "ft"], root=tmp_path)

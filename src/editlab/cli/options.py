@@ -38,7 +38,9 @@ AllowHub = Annotated[bool, typer.Option(
 Method = Annotated[str, typer.Option(help="Editing method (see `editlab methods`)")]
 Methods = Annotated[str, typer.Option(help="Comma-separated editing methods (see `editlab methods`)")]
 Data = Annotated[str, typer.Option(help="Dataset name (see `editlab datasets`) or file path", rich_help_panel=_DATA_PANEL)]
-Limit = Annotated[Optional[int], typer.Option(help="Use the first N requests", rich_help_panel=_DATA_PANEL)]
+Limit = Annotated[Optional[int], typer.Option(
+    help="Use the first N requests (with --suite: the first N records of each split; mquake: N groups of k cases)",
+    rich_help_panel=_DATA_PANEL)]
 Format = Annotated[Optional[str], typer.Option(help="File format if it cannot be detected", rich_help_panel=_DATA_PANEL)]
 Suite = Annotated[Optional[str], typer.Option(
     help="Run a pitfall suite (see `editlab suites`) with its own data and protocol instead of --data",

@@ -45,7 +45,8 @@ def _check_suite_options(data: DataOptions, run: RunOptions) -> None:
 
     clashes = [("--data", data.data != D.data), ("--format", data.format is not None), ("--mode", run.mode != R.mode),
                ("--batch-size", run.batch_size != R.batch_size), ("--checkpoints", run.checkpoints is not None),
-               ("--generation", run.generation), ("--fluency", run.fluency), ("--ppl-text", run.ppl_text is not None)]
+               ("--generation", run.generation), ("--fluency (use --suite-set fluency=true)", run.fluency),
+               ("--ppl-text", run.ppl_text is not None)]
     bad = [name for name, clash in clashes if clash]
     if bad:
         raise OptionError(f"{', '.join(bad)} cannot be combined with --suite (a suite fixes its own data and protocol); "
@@ -73,6 +74,10 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
         if not eq or not key.strip():
             raise OptionError(f"--suite-set expects key=value, got {item!r}")
         options[key.strip()] = value
+    from ..suites import suite_options
+
+    if "seed" in suite_options(data.suite) and "seed" not in options:
+        options["seed"] = run.seed  # the run's --seed drives the suite's own sampling (fluency)
     with user_warnings_reported():
         plan = plan_suite(data.suite, methods, limit=data.limit, on_bad=data.on_bad, options=options)
     store = Store(run.db)
@@ -96,13 +101,13 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
 def suite_table(store: Any, run_ids: dict[str, str], title: str) -> Table:
     """One row per metric, one column per run (the unedited model first), with each metric's direction."""
     from ..suites import get_suite, metric_info
-    from ..suites.runner import suite_summary
+    from ..suites.runner import metric_rows, suite_summary
 
     runs = {r["run_id"]: r for r in store.runs()}
     first = runs[next(iter(run_ids.values()))]
     suite = get_suite(first["dataset"], (first.get("config") or {}).get("options"))
     summaries = {m: suite_summary(store, rid, suite) for m, rid in run_ids.items()}
-    names = [k for k in dict.fromkeys(k for s in summaries.values() for k in s) if k not in ("n", "s_per_edit")]
+    names = metric_rows(list(summaries.values()))
     t = Table(title=title, caption="↑ higher is better, ↓ lower; 'unedited' is the same records on the unedited model")
     t.add_column("metric", no_wrap=True)
     for m in summaries:
@@ -114,6 +119,8 @@ def suite_table(store: Any, run_ids: dict[str, str], title: str) -> Table:
             better = ""
         t.add_row(name + better, *[("" if name not in s else f"{s[name]:.4g}") for s in summaries.values()])
     t.add_row("records", *[f"{int(s['n'])}" for s in summaries.values()])
+    if any("errors" in s for s in summaries.values()):
+        t.add_row("errors (left out)", *[f"{int(s.get('errors', 0))}" for s in summaries.values()])
     t.add_row("s/edit (median)", *[("" if "s_per_edit" not in s else f"{s['s_per_edit']:.2f}") for s in summaries.values()])
     return t
 

@@ -139,19 +139,25 @@ def _suite_sections(store: Store, runs: list[dict[str, Any]]) -> list[str]:
     the unedited model first; the best edited value per row in green."""
     from ..errors import EditlabError
     from ..suites import metric_info
-    from ..suites.runner import UNEDITED, suite_summary
+    from ..suites.runner import UNEDITED, metric_rows, suite_summary
 
     esc = html.escape
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in runs:
         if r["mode"] == "suite" and store.count_rows(r["run_id"]):
-            groups.setdefault((str(r["dataset"]), str(r["model"])), []).append(r)
+            cfg = r.get("config") or {}
+            setting = ", ".join([f"limit {cfg['limit']}" if cfg.get("limit") else "all records"]
+                                + [f"{k}={v}" for k, v in sorted((cfg.get("options") or {}).items())])
+            data = "/".join(d.get("sha256", "")[:8] for d in (cfg.get("data") or {}).values())
+            # runs of one table are comparable: same suite, model, records, options and data files
+            groups.setdefault((str(r["dataset"]), str(r["model"]), f"{setting} · data {data}"), []).append(r)
     parts = []
-    for (suite, model), rs in groups.items():
+    for (suite, model, setting), rs in groups.items():
         rs.sort(key=lambda r: (r["method"] != UNEDITED, r["created"] or 0))
         sums = [suite_summary(store, r["run_id"]) for r in rs]
-        names = [k for k in dict.fromkeys(k for s in sums for k in s) if k not in ("n", "s_per_edit")]
-        parts.append(f"<section><h2>Suite {esc(suite)} · {esc(model)}</h2><table><tr><th>metric</th>"
+        names = metric_rows(sums)
+        parts.append(f"<section><h2>Suite {esc(suite)} · {esc(model)}</h2><p class='note'>{esc(setting)}</p>"
+                     "<table><tr><th>metric</th>"
                      + "".join(f"<th>{esc(r['method'])}</th>" for r in rs) + "</tr>")
         for name in names:
             try:
@@ -168,6 +174,9 @@ def _suite_sections(store: Store, runs: list[dict[str, Any]]) -> list[str]:
             arrow = {True: " ↑", False: " ↓", None: ""}[hib]
             parts.append(f"<tr><td>{esc(name)}{arrow}</td>{''.join(cells)}</tr>")
         parts.append("<tr><td>records</td>" + "".join(f"<td>{int(s['n'])}</td>" for s in sums) + "</tr>")
+        if any("errors" in s for s in sums):
+            parts.append("<tr><td>errors (left out)</td>" + "".join(f"<td>{int(s.get('errors', 0))}</td>" for s in sums)
+                         + "</tr>")
         parts.append("<tr><td>median s/edit</td>" + "".join(
             f"<td>{'' if 's_per_edit' not in s else format(s['s_per_edit'], '.2f')}</td>" for s in sums) + "</tr>")
         parts.append("</table><p class='note'>Definitions: docs/pitfalls.md. The unedited column is the same records "

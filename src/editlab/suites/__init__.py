@@ -23,40 +23,27 @@ from .metrics import METRICS, MetricInfo, metric_info
 SUITES: Registry[type[Suite]] = Registry("suite", SuiteError)
 SUITES.register("specificity-plus", "CounterFact+: neighbourhood score with the edit statement prefixed (NS+), "
                 "neighbourhood KL of the next-token distribution", lazy("editlab.suites.specificity_plus:SpecificityPlus"),
-                aliases=("cfplus",), metrics=("ES", "PS", "NS", "NS+", "NM", "NM+", "NKL", "NKL+", "Score", "Score+"))
+                aliases=("cfplus",))
 
 SUITES.register("conflict", "ConflictEdit: two logically tied edits in a row (coverage, reverse, composite); does the later "
-                "fact win, and what does it cost the earlier and the tied fact", lazy("editlab.suites.conflict:Conflict"),
-                metrics=("coverage.CS", "coverage.CM", "coverage.Succ_single", "reverse.CS_exp", "reverse.CS_imp",
-                         "reverse.CM", "composite.CS_exp", "composite.CS_imp", "composite.CM", "composite.TFD"))
+                "fact win, and what does it cost the earlier and the tied fact", lazy("editlab.suites.conflict:Conflict"))
 SUITES.register("distortion", "RoundEdit: edit a->b then back b->a; JS divergence over the subject's true objects, "
-                "ignore and failure rates", lazy("editlab.suites.distortion:Distortion"), aliases=("roundedit",),
-                metrics=tuple(f"{s}.{m}" for s in ("easy", "hard") for m in ("Succ", "D", "D_repo", "IR", "FR")))
+                "ignore and failure rates", lazy("editlab.suites.distortion:Distortion"), aliases=("roundedit",))
 SUITES.register("distortion-mle", "RoundEdit with Multi-Label Edit: the way back is one batch edit to every true object "
-                "(batch methods only)", lazy("editlab.suites.distortion:DistortionMLE"), aliases=("roundedit-mle",),
-                metrics=tuple(f"{s}.{m}" for s in ("easy", "hard") for m in ("Succ", "D", "D_repo", "IR", "FR")))
+                "(batch methods only)", lazy("editlab.suites.distortion:DistortionMLE"), aliases=("roundedit-mle",))
 
-_MQ = ("edit_wise", "instance_wise", "multihop", "multihop_cot", "hop_wise")
 SUITES.register("mquake", "MQuAKE-hard: every hop of a 4-hop chain edited (one case at a time); are the facts recalled, "
-                "does the multi-hop answer follow", lazy("editlab.suites.mquake:MQuAKE"),
-                metrics=tuple(f"k=1.{m}{v}" for m in _MQ for v in ("", "_strict")))
+                "does the multi-hop answer follow", lazy("editlab.suites.mquake:MQuAKE"))
 SUITES.register("mquake-batch", "MQuAKE-hard with k = 100 and all cases edited together (batch methods edit one batch, "
-                "others edit in sequence)", lazy("editlab.suites.mquake:MQuAKEBatch"),
-                metrics=tuple(f"k={k}.{m}{v}" for k in (100, "all") for m in _MQ for v in ("", "_strict")))
+                "others edit in sequence)", lazy("editlab.suites.mquake:MQuAKEBatch"))
 
 SUITES.register("counterfact", "CounterFact with its consequences: ES/PS/NS, one-hop and subject-replace portability, other "
-                "attribution, optional fluency", lazy("editlab.suites.portability:CounterFactSuite"),
-                metrics=tuple(f"{s}.{m}" for s in ("one_hop", "subject_replace")
-                              for m in ("ES", "PS", "NS", "Score", "edit_succ", "rephrase", s, "other_attribution")))
+                "attribution, optional fluency", lazy("editlab.suites.portability:CounterFactSuite"))
 SUITES.register("zsre", "zsRE with its consequences: token accuracy, locality, one-hop, inverse-relation and "
-                "subject-replace portability", lazy("editlab.suites.portability:ZsreSuite"),
-                metrics=tuple(f"{s}.{m}" for s in ("one_hop", "inverse_relation", "subject_replace")
-                              for m in ("edit_succ", "rephrase", s)) + ("one_hop.locality",))
+                "subject-replace portability", lazy("editlab.suites.portability:ZsreSuite"))
 SUITES.register("knowedit", "KnowEdit (wiki_recent, wiki_counterfact, zsRE, WikiBio): edit success, portability "
                 "(reasoning, subject aliasing, logical generalization), locality (relation specificity, forgetfulness)",
-                lazy("editlab.suites.knowedit:KnowEditSuite"),
-                metrics=tuple(f"{s}.{m}" for s in ("recent", "counterfact", "zsre", "wikibio")
-                              for m in ("edit_succ", "portability", "locality")))
+                lazy("editlab.suites.knowedit:KnowEditSuite"))
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from ..errors import DataFormatError
 from ..requests import EditRequest
 from .base import Editing, RecordFieldError, Suite, Unit, field_at, split_units, text_at
-from .scoring import fact_probs
+from .scoring import fact_probs, probe_prompt
 
 # ------------------------------------------------------------------ per-record formulas (pure)
 
@@ -103,8 +103,8 @@ def edit_request(block: Any, where: str, case_id: str, *, old: str = "object") -
     true = text_at(block, f"{old}.label", where)
     if true.strip().casefold() == new.strip().casefold():
         true = None  # an edit asserting the existing fact (kept, as the reference runs it)
-    return EditRequest.create(prompt=template.format(subject), subject=subject, target_new=new, target_true=true,
-                              case_id=case_id)
+    return EditRequest.create(prompt=probe_prompt(template.format(subject)), subject=subject, target_new=new,
+                              target_true=true, case_id=case_id)
 
 
 # ------------------------------------------------------------------ the suite

@@ -1,7 +1,8 @@
 """`knowedit` suite: KnowEdit (Zhang et al. 2024) with its portability and locality groups.
 
 Splits (`knowedit/`): `recent` (wiki_recent_recent_train.json), `counterfact`
-(wiki_counterfact_train_cf.json), `zsre` (ccks_ZsRE-test-all.json), `wikibio`
+(wiki_counterfact_test_cf-generate-10.json: the test split published KnowEdit figures use, JSON Lines;
+26 of its 885 records hold a probe with no answer), `zsre` (ccks_ZsRE-test-all.json), `wikibio`
 (WikiBio_wikibio-test-all.json: edit `text` -> `labels`, locality only). Protocol: per record score θ,
 apply the one edit, score θ', restore.
 
@@ -98,7 +99,7 @@ class KnowEditSuite(Suite):
     name = "knowedit"
     description = "KnowEdit: edit success, portability and locality groups (recent, counterfact, zsre, wikibio)"
     files = {"recent": "knowedit/wiki_recent_recent_train.json",
-             "counterfact": "knowedit/wiki_counterfact_train_cf.json",
+             "counterfact": "knowedit/wiki_counterfact_test_cf-generate-10.json",
              "zsre": "knowedit/ccks_ZsRE-test-all.json",
              "wikibio": "knowedit/WikiBio_wikibio-test-all.json"}
     metrics = tuple(f"{s}.{m}" for s in SPLITS

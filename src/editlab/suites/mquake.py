@@ -118,11 +118,11 @@ def hop_wise(outputs: Sequence[str], golds: Sequence[str], intermediates: Sequen
 
 
 def multihop_prompt(demos: str, question: str) -> str:
-    return demos + "\nQ: " + question + " A:"
+    return demos + "\nQ: " + question.strip() + " A:"
 
 
 def cot_prompt(demos: str, question: str) -> str:
-    return demos + "\n\nQuestion: " + question + "\nThoughts:"
+    return demos + "\n\nQuestion: " + question.strip() + "\nThoughts:"
 
 
 # ----------------------------------------------------------------------------- parsed cases

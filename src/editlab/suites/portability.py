@@ -198,8 +198,9 @@ class ZsreSuite(_SingleEditSuite):
              "inverse_relation": "zsre/zsre_inverse_relation.json",
              "subject_replace": "zsre/zsre_subject_replace.json"}
     splits = ("one_hop", "inverse_relation", "subject_replace")
+    # only the one-hop file carries locality probes (loc, loc_ans)
     metrics = tuple(f"{s}.{m}" for s in ("one_hop", "inverse_relation", "subject_replace")
-                    for m in ("edit_succ", "rephrase", "locality", s, "fluency"))
+                    for m in ("edit_succ", "rephrase", s, "fluency")) + ("one_hop.locality",)
     protocol = "single edit per record: score θ, edit, score θ', restore (EasyEdit token accuracy, spec 2.3)"
 
     # where each split's portability probe is: (question field, answer field)

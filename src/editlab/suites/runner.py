@@ -6,7 +6,8 @@ method's protocol then runs on the same unit and the model is restored (every ed
 first) before the next method. So pre-edit values are computed once per unit, whatever the number of
 methods, and a resumed run (`resume=True`) skips the (method, unit) rows already stored.
 
-Rows: `kind="suite"`, `row_key` = the unit's key, `n_edits` = edit calls the protocol made, `edit_s` =
+Rows: `kind="suite"` (or `"error"` with the message, when the method raised an `EditlabError` on that
+unit: the run goes on, the unit is left out of that method's means and counted), `row_key` = the unit's key, `n_edits` = edit calls the protocol made, `edit_s` =
 seconds spent inside them, `eval_s` = the rest of the protocol's time (scoring). Runs: `mode="suite"`,
 `dataset` = the suite name; the run's config records the suite's files with their SHA-256, the limit
 and `on_bad`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,6 +29,7 @@ from ..runner.store import Row, Store
 from .base import Editing, Suite, SuiteError, Unit
 
 UNEDITED = "unedited"
+EXTRAS = ("n", "errors", "s_per_edit")  # what suite_summary adds beside the metrics
 Progress = Callable[[int, int, str], None]
 
 
@@ -77,6 +80,8 @@ def plan_suite(name: str, methods: Sequence[str], *, limit: int | None = None, r
         raise SuiteError(f"limit must be a positive integer, got {limit!r}")
     if not methods:
         raise SuiteError("no method given; name at least one (see `editlab methods`)")
+    if len(set(methods)) != len(methods):
+        raise SuiteError(f"a method is named twice in {list(methods)}; name each once")
     if UNEDITED in methods:
         raise SuiteError(f"{UNEDITED!r} is the suite's own baseline row and always computed; it is not a method")
     for m in methods:
@@ -142,14 +147,23 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
             for m in todo:
                 editing = _TimedEditing(lm, m, hps[m])
                 t1 = time.perf_counter()
+                failure = None
                 try:
                     metrics = suite.edited(editing, unit, state)
+                except EditlabError as e:  # this method cannot edit this unit (e.g. KN finds no neuron)
+                    failure = f"{type(e).__name__}: {e}"
                 finally:
                     editing.undo(0)
                 total = time.perf_counter() - t1
                 if lm.active_edits:
                     raise EditlabError(f"suite {suite.name!r} left edits on the model after unit {unit.key} (a bug)")
                 per_edit = editing.edit_s / editing.n_edits if editing.n_edits else None
+                if failure is not None:
+                    warnings.warn(f"{m} failed on {suite.name} unit {unit.key}: {failure} (recorded, left out of the means)",
+                                  stacklevel=2)
+                    store.add_row(Row(run_ids[m], unit.key, unit.key, "error", editing.n_edits, per_edit,
+                                      total - editing.edit_s, {"error": failure}))  # type: ignore[dict-item]
+                    continue
                 store.add_row(Row(run_ids[m], unit.key, unit.key, "suite", editing.n_edits, per_edit,
                                   total - editing.edit_s, metrics))
             tick(n, len(units), f"{suite.name} {n}/{len(units)}")
@@ -159,7 +173,8 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
 
 
 def suite_summary(store: Store, run_id: str, suite: Suite | None = None) -> dict[str, float]:
-    """Dataset values of one suite run (the suite's own aggregation), plus `n` (units) and, for edited
+    """Dataset values of one suite run (the suite's own aggregation), plus `n` (units scored), `errors`
+    (units the method could not edit, recorded as error rows and left out of every mean) and, for edited
     runs, the median seconds per edit call."""
     from . import get_suite
 
@@ -167,13 +182,21 @@ def suite_summary(store: Store, run_id: str, suite: Suite | None = None) -> dict
     if run is None:
         raise EditlabError(f"no run {run_id!r} in {store.path}")
     suite = suite or get_suite(run["dataset"], (run.get("config") or {}).get("options"))
-    rows = list(store.rows(run_id))
+    everything = list(store.rows(run_id))
+    rows = [r for r in everything if r.kind != "error"]
     out = suite.summarize([r.metrics for r in rows])
     out["n"] = float(len(rows))
+    if len(rows) < len(everything):
+        out["errors"] = float(len(everything) - len(rows))
     times = sorted(r.edit_s for r in rows if r.edit_s is not None)
     if times:
         out["s_per_edit"] = times[len(times) // 2]
     return out
 
 
-__all__ = ["SuitePlan", "UNEDITED", "plan_suite", "run_suite", "suite_summary"]
+def metric_rows(summaries: Sequence[Mapping[str, float]]) -> list[str]:
+    """The metric names of several summaries in first-seen order, without the `EXTRAS`."""
+    return [k for k in dict.fromkeys(k for s in summaries for k in s) if k not in EXTRAS]
+
+
+__all__ = ["EXTRAS", "SuitePlan", "UNEDITED", "metric_rows", "plan_suite", "run_suite", "suite_summary"]

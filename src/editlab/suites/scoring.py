@@ -1,7 +1,9 @@
 """Scoring shared by the suites (definitions: docs/pitfalls.md, section 0 of the metric spec).
 
 - `g(o|x)`: mean-token probability `exp(mean log p(o_i | x, o_<i))` of a target after a prompt, on
-  the ids `ids(x) ++ ids(target continuing x)` (never a re-tokenized join, see `editlab.tokens`).
+  the ids `ids(x.rstrip()) ++ ids(" " + o)` (spec section 0 and pitfall P4: 14 of the 140 conflict
+  prompts end in a space, which would otherwise leave a lone space token before a target tokenized
+  without its leading space). Every probe prompt passes through `probe_prompt`.
 - `fact_probs`: P̄ of a fact over a prompt set, the arithmetic mean of `g` over the prompts.
 - `js_divergence`, `kl_divergence` in nats; `normalize_answer` / `answer_match` for generated answers.
 All model calls are one batched `score` per call, whatever the number of prompts.
@@ -15,11 +17,21 @@ import string
 from typing import Any, Iterable, Sequence
 
 
+def probe_prompt(prompt: str) -> str:
+    """A prompt as the suites score and edit it: trailing whitespace removed, so that the target joins
+    it with its own leading space (`editlab.tokens.join_target`)."""
+    return prompt.rstrip()
+
+
+def _prompts(prompts: Sequence[str]) -> list[str]:
+    return [probe_prompt(p) for p in prompts]
+
+
 def mean_token_probs(system: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """`g(target | prompt)` for each pair, in one batched scoring pass."""
     if not prompts:
         return []
-    return [math.exp(-s.mean_nll) for s in system.score(list(prompts), list(targets))]
+    return [math.exp(-s.mean_nll) for s in system.score(_prompts(prompts), list(targets))]
 
 
 def fact_probs(system: Any, facts: Sequence[tuple[Sequence[str], str]]) -> list[float]:
@@ -44,14 +56,14 @@ def token_accuracies(system: Any, pairs: Sequence[tuple[str, str]]) -> list[floa
     """Teacher-forced token accuracy of each answer after its prompt (EasyEdit's portability score)."""
     if not pairs:
         return []
-    return [s.token_accuracy for s in system.score([p for p, _ in pairs], [a for _, a in pairs])]
+    return [s.token_accuracy for s in system.score(_prompts([p for p, _ in pairs]), [a for _, a in pairs])]
 
 
 def argmax_ids(system: Any, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
     """Teacher-forced argmax token ids on each probe's own answer (EasyEdit's locality compares these)."""
     if not pairs:
         return []
-    return [list(s.argmax_ids) for s in system.score([p for p, _ in pairs], [a for _, a in pairs])]
+    return [list(s.argmax_ids) for s in system.score(_prompts([p for p, _ in pairs]), [a for _, a in pairs])]
 
 
 def agreement(after: Sequence[int], before: Sequence[int]) -> float:
@@ -104,5 +116,5 @@ def answer_match(output: str, golds: Iterable[str], *, strict: bool = False) -> 
     return bool(out) and any(out == normalize_answer(g) for g in golds)
 
 
-__all__ = ["agreement", "answer_match", "argmax_ids", "fact_probs", "harmonic_mean", "js_divergence", "kl_divergence",
+__all__ = ["probe_prompt", "agreement", "answer_match", "argmax_ids", "fact_probs", "harmonic_mean", "js_divergence", "kl_divergence",
            "mean_token_probs", "normalize_answer", "normalize_dist", "token_accuracies"]
