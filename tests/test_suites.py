@@ -317,3 +317,14 @@ def test_a_method_named_twice_is_refused(tmp_path):
     _write_cfplus(tmp_path, [_record(1)])
     with pytest.raises(SuiteError, match="named twice"):
         plan_suite("cfplus", ["ft", "ft"], root=tmp_path)
+
+
+def test_report_puts_only_comparable_suite_runs_in_one_table(lm, data_root, tmp_path):
+    from editlab.report import write_report
+
+    store = Store(tmp_path / "r.db")
+    for limit in (1, 2):  # two settings: their numbers are over different records
+        run_suite(lm, plan_suite("cfplus", ["ft-m"], limit=limit), store, hparams={"ft-m": FT_M})
+    html = write_report(tmp_path / "r.db", tmp_path / "r.html").read_text()
+    assert html.count("Suite specificity-plus") == 2
+    assert "limit 1" in html and "limit 2" in html
