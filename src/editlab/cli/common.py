@@ -16,7 +16,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn
 
 import typer
 from rich.console import Console
@@ -225,16 +225,30 @@ def load_model(opts: ModelOptions) -> LM:
         return load_lm(opts.model, device=opts.device, dtype=opts.dtype, allow_hub=True if opts.allow_hub else None)
 
 
-def run_with_progress(lm: LM, requests: list[Any], cfg: RunConfig, store: Store, resume: bool, label: str) -> str:
-    """`editlab.runner.run` with a progress bar; returns the run id."""
+@contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar on the console; yields the `progress(done, total, message)` callback the runners take."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from .. import runner
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as prog:
-        task = prog.add_task(label, total=len(requests))
-        return runner.run(lm, requests, cfg, store, progress=lambda i, n, msg: prog.update(task, completed=i), resume=resume)
+        task = prog.add_task(label, total=total)
+        yield lambda i, n, msg: prog.update(task, completed=i)
+
+
+def exit_interrupted(db: Path) -> NoReturn:
+    """After Ctrl-C in a run: say that finished rows are kept and how to continue; exit 130."""
+    err_console.print(f"[bold yellow]interrupted.[/] Finished rows are kept in {db}; continue with the same "
+                      "command plus --resume.")
+    raise typer.Exit(code=130)
+
+
+def run_with_progress(lm: LM, requests: list[Any], cfg: RunConfig, store: Store, resume: bool, label: str) -> str:
+    """`editlab.runner.run` with a progress bar; returns the run id."""
+    from .. import runner
+
+    with progress_bar(label, len(requests)) as tick:
+        return runner.run(lm, requests, cfg, store, progress=tick, resume=resume)
 
 
 _SUMMARY_KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "rewrite_acc", "rephrase_acc", "locality_acc",

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import EditlabError, OptionError
 from . import options
-from .common import (check_hparams_early, check_model_options, check_output_file, check_positive, console, err_console,
+from .common import (check_hparams_early, check_model_options, exit_interrupted, check_output_file, check_positive, console, err_console,
                      hparam_overrides, load_model, run_with_progress, summary_table, user_warnings_reported)
 from .options import DataOptions, HparamOptions, ModelOptions, RunOptions, with_option_groups
 
@@ -109,9 +109,7 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
         for cfg in configs:
             run_ids.append(run_with_progress(lm, requests, cfg, store, run.resume, f"{cfg.method} ({cfg.mode})"))
     except KeyboardInterrupt:
-        err_console.print(f"[bold yellow]interrupted.[/] Finished rows are kept in {run.db}; continue with the same "
-                          "command plus --resume.")
-        raise typer.Exit(code=130) from None
+        exit_interrupted(run.db)
     console.print(summary_table(store, run_ids, f"{data.data} on {model.model}"))
     console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import typer
 from rich.table import Table
 
 from ..errors import EditlabError, OptionError
-from .common import check_hparams_early, check_model_options, check_positive, console, err_console, hparam_overrides, \
-    load_model, user_warnings_reported
+from .common import check_hparams_early, check_model_options, check_positive, console, exit_interrupted, \
+    hparam_overrides, load_model, progress_bar, user_warnings_reported
 from .listing import _table, registry_entries
 
 if TYPE_CHECKING:
@@ -83,17 +82,11 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
     store = Store(run.db)
     try:
         lm = load_model(model)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as prog:
-            task = prog.add_task(f"{plan.suite.name}: {', '.join(methods)}", total=len(plan.units))
+        with progress_bar(f"{plan.suite.name}: {', '.join(methods)}", len(plan.units)) as tick:
             run_ids = run_suite(lm, plan, store, hparams={m: overrides for m in methods}, seed=run.seed, resume=run.resume,
-                                progress=lambda i, n, msg: prog.update(task, completed=i))
+                                progress=tick)
     except KeyboardInterrupt:
-        err_console.print(f"[bold yellow]interrupted.[/] Finished rows are kept in {run.db}; continue with the same "
-                          "command plus --resume.")
-        raise typer.Exit(code=130) from None
+        exit_interrupted(run.db)
     console.print(suite_table(store, run_ids, f"suite {plan.suite.name} on {model.model}"))
     console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
 

@@ -78,6 +78,15 @@ def read_relation_prompts(path: Path) -> dict[str, list[str]]:
     return data
 
 
+def load_with_prompts(suite: Any, root: Path, splits: Sequence[str], limit: int | None, on_bad: str) -> list[Unit]:
+    """Units of a Pitfalls-data suite: every split's records parsed by `suite._unit(split, prompts, i, rec,
+    where)` with the relation prompts file (`files["prompts"]`) read once."""
+    paths = suite.data_paths(root)
+    prompts = read_relation_prompts(paths["prompts"])
+    return split_units(paths, splits, lambda split, path, i, rec, where: suite._unit(split, prompts, i, rec, where),
+                       limit=limit, on_bad=on_bad)
+
+
 def prompt_set(template: str, paraphrases: Sequence[str], subject: str) -> tuple[str, ...]:
     """X(s, r): the relation's own prompt followed by its paraphrases, each filled with the subject."""
     return tuple(t.format(subject) for t in (template, *paraphrases))
@@ -137,10 +146,7 @@ class Conflict(Suite):
                 "P̄ over 11 prompts (spec section 2.1)")
 
     def load(self, root: Path, limit: int | None = None, *, on_bad: str = "stop") -> list[Unit]:
-        paths = self.data_paths(root)
-        prompts = read_relation_prompts(paths["prompts"])
-        return split_units(paths, SPLITS, lambda split, path, i, rec, where: self._unit(split, prompts, i, rec, where),
-                           limit=limit, on_bad=on_bad)
+        return load_with_prompts(self, root, SPLITS, limit, on_bad)
 
     @staticmethod
     def _unit(split: str, prompts: dict[str, list[str]], i: int, rec: Any, where: str) -> Unit:

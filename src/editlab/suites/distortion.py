@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..requests import EditRequest
-from .base import Editing, RecordFieldError, Suite, SuiteError, Unit, field_at, split_units, text_at
-from .conflict import edit_request, prompt_set, read_relation_prompts
+from .base import Editing, RecordFieldError, Suite, SuiteError, Unit, field_at, text_at
+from .conflict import edit_request, load_with_prompts, prompt_set
 from .scoring import fact_probs, js_divergence, normalize_dist
 
 # ------------------------------------------------------------------ per-record formulas (pure)
@@ -88,10 +88,7 @@ class Distortion(Suite):
                              f"{editor.name!r} edits one request at a time (use suite 'distortion' instead)")
 
     def load(self, root: Path, limit: int | None = None, *, on_bad: str = "stop") -> list[Unit]:
-        paths = self.data_paths(root)
-        prompts = read_relation_prompts(paths["prompts"])
-        return split_units(paths, SPLITS, lambda split, path, i, rec, where: self._unit(split, prompts, i, rec, where),
-                           limit=limit, on_bad=on_bad)
+        return load_with_prompts(self, root, SPLITS, limit, on_bad)
 
     @staticmethod
     def _unit(split: str, prompts: dict[str, list[str]], i: int, rec: Any, where: str) -> Unit:
