@@ -1,6 +1,7 @@
 """Quality on the first N records of counterfact_portability_gpt4.json with SmolLM2-135M:
-single edits (edit, evaluate, restore) for ROME / FT-L / FT-M / KN, and MEMIT / EMMET / PMET / AlphaEdit with
-all N edits in one batch.
+single edits (edit, evaluate, restore) for ROME / FT-L / FT-M / KN, MEMIT / EMMET / PMET / AlphaEdit with
+all N edits in one batch, and, for `--sequential-methods`, all N edits made one after another (extending the
+previous edit with on= where the method can: SERAC's and IKE's memory of N facts) and evaluated together.
 Every metric is printed beside the unedited model's value on the same records. The presets were tuned
 on `counterfact-train` records, disjoint from these.
 
@@ -25,6 +26,9 @@ def main() -> None:
     ap.add_argument("--methods", default="rome,memit,ft,ft-m")
     ap.add_argument("--batch-methods", default="memit,emmet,pmet,alphaedit",
                     help="methods that edit all records in one batch (the others edit one record at a time)")
+    ap.add_argument("--sequential-methods", default="",
+                    help="methods that edit the records one after another and are evaluated with all N edits in place "
+                         "(reported as METHOD+seq)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", action="append", default=[], help="method.key=value hparam override")
     args = ap.parse_args()
@@ -34,6 +38,7 @@ def main() -> None:
     from editlab import get_editor, load_lm
     from editlab.data import load_requests
     from editlab.eval import evaluate_requests, pre_edit, summarize
+    from editlab.methods import restore_all
 
     overrides: dict[str, dict[str, str]] = {}
     for s in args.set:
@@ -48,7 +53,23 @@ def main() -> None:
     results = {"unedited": summarize(unedited_rows)}
     per_record = {"unedited": unedited_rows}  # kept so any subset (e.g. the first 30) can be summarised later
     timing = {}
-    for method in args.methods.split(","):
+    sequential = [m for m in args.sequential_methods.split(",") if m]
+    for method in args.methods.split(",") + [m + "+seq" for m in sequential]:
+        if method.endswith("+seq"):
+            name = method.removesuffix("+seq")
+            ed = get_editor(name)
+            hp = ed.hparams(lm, **overrides.get(name, {}))
+            top, times = None, []
+            for r in tqdm(reqs, desc=method):
+                top, t = timed(ed.apply, lm, r, hp, on=top if ed.supports_on else None)
+                times.append(t)
+            rows = evaluate_requests(top.lm, reqs, pre)
+            restore_all(lm)
+            timing[method] = {"median_s_per_edit": med(times)}
+            results[method], per_record[method] = summarize(rows), rows
+            timing[method]["peak_rss_mb"] = round(peak_rss_mb())
+            print(method, {k: round(results[method].get(k, float("nan")), 3) for k in KEYS}, timing[method], flush=True)
+            continue
         ed = get_editor(method)
         hp = ed.hparams(lm, **overrides.get(method, {}))
         subset = reqs[: args.n_ft] if method.startswith("ft") else reqs
@@ -80,7 +101,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"n": args.n, "results": results, "timing": timing, "rows": per_record,
                        "hparams": {m: get_editor(m).hparams(lm, **overrides.get(m, {})).to_dict()
-                                   for m in args.methods.split(",")}}, f, indent=2)
+                                   for m in args.methods.split(",") + sequential}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -214,6 +214,37 @@ def test_scores_of_a_known_system_on_case_7417(data_root):
     assert pre["k=1.edit_wise"] == 0.25  # " India." is the true object of "Narendra Modi is a citizen of"
 
 
+class OwnProcedure(Scripted):
+    """A system that answers multi-hop questions itself (as MeLLo's and DeepEdit's views do)."""
+
+    def __init__(self, answers, final):
+        super().__init__(answers)
+        self.final, self.asked = final, []
+
+    def answer_multihop(self, questions):
+        from editlab.methods.memory.multihop import MultiHopAnswer
+
+        self.asked.extend(questions)
+        return [MultiHopAnswer(self.final(i)) for i in range(len(questions))]
+
+
+def test_a_system_with_its_own_multihop_procedure_is_asked_each_question_with_the_plan(data_root):
+    suite = MQuAKE(cot=False)
+    unit = suite.load(data_root, 1)[0]
+    case = unit.data[0]
+    assert case.start == "Hey Jude" and case.relations == ("P175", "P1037", "P27", "P37")
+    assert all(r.extra["relation_id"] == rel for r, (_, rel, _) in zip(case.requests, case.facts))
+    system = OwnProcedure({}, lambda i: "Arabic" if i == 2 else "English")
+    out = suite._aggregate(unit.split, suite._outcomes(system, unit.data, "new"))
+    assert [q.question for q in system.asked] == list(case.questions)
+    assert all(q.start == "Hey Jude" and q.relations == case.relations for q in system.asked)
+    assert out["k=1.multihop"] == 1.0  # one of the three questions answered with the new answer
+    # the few-shot multi-hop prompts are not asked of such a system; the clozes still are
+    assert system.calls == [(4, 16)]
+    wrong = OwnProcedure({}, lambda i: "English")
+    assert suite._aggregate(unit.split, suite._outcomes(wrong, unit.data, "new"))["k=1.multihop"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_lm("tiny-llama")

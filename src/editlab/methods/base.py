@@ -428,6 +428,10 @@ METHODS.register("melo", "MELO: LoRA blocks chosen per input by a vector databas
 METHODS.register("ike", "IKE: in-context editing with demonstrations retrieved from a training pool (LM view)",
                  lazy("editlab.methods.memory.ike:IKEEditor"), family="in-context",
                  tiny_hparams={"pool": "builtin", "n_demos": 2}, tiny_min_gain=None)
+# SERAC: edit memory + scope classifier; in-scope prompts answered by the base model with the edit in context.
+METHODS.register("serac", "SERAC: a scope classifier over an edit memory routes in-scope prompts to a counterfactual model",
+                 lazy("editlab.methods.memory.serac:SERACEditor"), family="memory",
+                 tiny_hparams={"train_data": ["builtin"], "train_records": 0, "train_group": 20}, tiny_min_gain=None)
 
 
 def available_methods() -> dict[str, str]:

@@ -101,3 +101,5 @@ VIEWS: Registry[type[LMView]] = Registry("LM view", EditMismatchError)
 VIEWS.register("prefix", "a fixed text put before every prompt (in-context editing's base)", lambda: PrefixView)
 VIEWS.register("ike", "IKE: retrieved demonstrations and the new fact(s) put before each prompt",
                lazy("editlab.methods.memory.ike:IKEView"))
+VIEWS.register("serac", "SERAC: a scope classifier routes each prompt to the base model or to the in-context counterfactual",
+               lazy("editlab.methods.memory.serac:SERACView"))

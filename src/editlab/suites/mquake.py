@@ -19,7 +19,10 @@ Per group (each case's value, then the mean over the group's cases):
 - `multihop_cot`: the same with the chain-of-thought demonstrations (≤128 tokens, cut at
   "\\n\\nQuestion:", answer after the last "Answer:");
 - `hop_wise`: `multihop_cot` right on a question whose thoughts also name every intermediate entity.
-Answers match after SQuAD normalisation; `*_strict` repeat each metric with exact string equality
+A system that answers multi-hop questions by its own procedure (MeLLo, DeepEdit: `answer_multihop`,
+methods/memory/multihop.py) is asked each question directly for `multihop`, with the case's plan (first
+entity and hop relations, never the hop answers) for its oracle-decomposition modes; the other metrics
+ask it the same prompts as every method. Answers match after SQuAD normalisation; `*_strict` repeat each metric with exact string equality
 (the MeLLo notebook's rule). The unedited row asks the same prompts with the original chain's golds.
 
 Across the file one `(subject, relation)` is edited to two objects (Portal, P178): a group holding both
@@ -149,6 +152,8 @@ class Case:
     questions: tuple[str, ...]
     new: Chain
     old: Chain
+    start: str = ""  # the chain's first entity and each hop's relation id: the plan of an oracle
+    relations: tuple[str, ...] = ()  # decomposition (methods/memory/multihop.py), never the answers
 
 
 def _aliases(rec: Any, path: str, where: str) -> tuple[str, ...]:
@@ -194,7 +199,7 @@ def parse_case(index: int, rec: Any, where: str) -> Case:
         try:
             prompt = template.format(subject)
             req = EditRequest.create(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true,
-                                     case_id=case_id)
+                                     case_id=case_id, extra={"relation_id": relation})
         except (EditRequestError, IndexError, KeyError, ValueError) as e:
             raise RecordFieldError(f"{where}: field {f!r} does not make an edit request ({e})") from None
         requests.append(req)
@@ -217,7 +222,15 @@ def parse_case(index: int, rec: Any, where: str) -> Case:
     old_answer = (text_at(rec, "answer", where), *_aliases(rec, "answer_alias", where))
     new = Chain(tuple(new_facts), tuple(new_hops), new_answer, tuple(g for _, g in new_hops[:-1]))
     old = Chain(tuple(old_facts), tuple(old_hops), old_answer, tuple(g for _, g in old_hops[:-1]))
-    return Case(case_id, tuple(requests), tuple(facts), tuple(questions), new, old)
+    triples = field_at(rec, "orig.triples", where)
+    labeled = field_at(rec, "orig.triples_labeled", where)
+    if (not isinstance(triples, list) or len(triples) != len(new_hops) or not isinstance(labeled, list) or not labeled
+            or not all(isinstance(t, list) and len(t) == 3 for t in (*triples, *labeled))):
+        raise RecordFieldError(f"{where}: fields 'orig.triples' and 'orig.triples_labeled' must list one "
+                               "[subject, relation, object] per hop")
+    start = text_at(rec, "orig.triples_labeled.0.0", where)
+    relations = tuple(text_at(rec, f"orig.triples.{i}.1", where) for i in range(len(triples)))
+    return Case(case_id, tuple(requests), tuple(facts), tuple(questions), new, old, start, relations)
 
 
 def read_prompt_file(path: Path) -> str:
@@ -351,12 +364,14 @@ class MQuAKE(Suite):
         if not self.demos:
             raise SuiteError("mquake: load() the suite before scoring (it reads the demonstration files)")
         chains = [getattr(c, which) for c in cases]
+        own = self._own_answers(system, cases)
         short: dict[str, str] = {}
         for case, chain in zip(cases, chains):
             for p, _ in (*chain.facts, *chain.hops):
                 short[p] = ""
-            for q in case.questions:
-                short[multihop_prompt(self.demos["multihop"], q)] = ""
+            if own is None:
+                for q in case.questions:
+                    short[multihop_prompt(self.demos["multihop"], q)] = ""
         # stop strings end each row's decoding at the delimiter the cuts below apply anyway (same text)
         short = dict(zip(short, system.generate(list(short), max(CLOZE_TOKENS, MULTIHOP_TOKENS), stop=("\n",))))
         long: dict[str, str] = {}
@@ -367,7 +382,8 @@ class MQuAKE(Suite):
         for case, chain in zip(cases, chains):
             facts = [short[p] for p, _ in chain.facts]
             hops = [short[p] for p, _ in chain.hops]
-            std = [short[multihop_prompt(self.demos["multihop"], q)] for q in case.questions]
+            std = (own[case.case_id] if own is not None
+                   else [short[multihop_prompt(self.demos["multihop"], q)] for q in case.questions])
             row: dict[str, float] = {"n_facts": float(len(facts))}
             for strict, sfx in ((False, ""), (True, "_strict")):
                 row["edit_hits" + sfx] = float(edit_wise_hits(facts, [g for _, g in chain.facts], strict=strict))
@@ -379,6 +395,18 @@ class MQuAKE(Suite):
                     row["hop_wise" + sfx] = float(hop_wise(cot, chain.answer, chain.intermediates, strict=strict))
             out.append(row)
         return out
+
+    @staticmethod
+    def _own_answers(system: Any, cases: Sequence[Case]) -> dict[str, list[str]] | None:
+        """A system that answers multi-hop questions by its own procedure (MeLLo, DeepEdit) is asked the
+        case's questions directly, with the case's plan, for the `multihop` metric; None for others."""
+        from ..methods.memory.multihop import MultiHopQuestion, answers_multihop
+
+        if not answers_multihop(system):
+            return None
+        asks = [MultiHopQuestion(q, c.start, c.relations) for c in cases for q in c.questions]
+        answers = iter(system.answer_multihop(asks))
+        return {c.case_id: [next(answers).answer for _ in c.questions] for c in cases}
 
     @staticmethod
     def _aggregate(split: str, rows: Sequence[dict[str, float]]) -> dict[str, float]:

@@ -167,13 +167,7 @@ class IKEView(LMView):
                 raise EditMismatchError(
                     f"this IKE edit extends an IKE edit of {n_below} fact(s), which is not the edit below it; "
                     "apply or load that edit first")
-            if below.memory.embedder != self.memory.embedder:
-                raise EditMismatchError(f"IKE view: embedder {self.memory.embedder!r} differs from the edit below "
-                                        f"({below.memory.embedder!r})")
-            own = self.memory
-            both = (torch.cat([below.memory.embeddings, own.embeddings.to(below.memory.embeddings.dtype)])
-                    if below.memory.embeddings is not None and own.embeddings is not None else None)
-            self.memory = EditMemory(own.embedder, below.memory.records + own.records, both)
+            self.memory = below.memory.joined(self.memory)
             self.demos = below.demos + self.demos
             self.inner = below.inner
         self._retriever: Retriever | None = None

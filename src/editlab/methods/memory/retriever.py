@@ -341,6 +341,16 @@ class EditMemory:
     def copy(self) -> "EditMemory":
         return EditMemory(self.embedder, self.records, None if self.embeddings is None else self.embeddings.clone())
 
+    def joined(self, later: "EditMemory") -> "EditMemory":
+        """A new memory: this memory's records, then `later`'s (a sequence's earlier and newer edits);
+        embeddings kept where both sides have them. Both must use the same encoder."""
+        if later.embedder != self.embedder:
+            raise EditMismatchError(f"cannot join an edit memory embedded with {later.embedder!r} to one embedded "
+                                    f"with {self.embedder!r}")
+        both = (torch.cat([self.embeddings, later.embeddings.to(self.embeddings.dtype)])
+                if self.embeddings is not None and later.embeddings is not None else None)
+        return EditMemory(self.embedder, self.records + later.records, both)
+
     def add(self, records: Sequence[MemoryRecord], embeddings: torch.Tensor | None = None) -> None:
         """Append records (with their embeddings, or none: they are computed when first searched)."""
         records = list(records)
