@@ -6,7 +6,9 @@ is absent (search time does not depend on the content). Queries: the records' re
 the encoder has not seen. Three figures per query:
   - embed + search, one query at a time (what a view pays for an unseen prompt),
   - search only, one query at a time (prompt embedding already cached),
-  - embed + search in batches of 64 queries (what evaluation pays: probes are scored in batches).
+  - embed + search in batches of 64 queries (what evaluation pays: probes are scored in batches),
+  - SERAC's whole scope decision (embed, 5 nearest edits, five features each, the trained head), one
+    query at a time, over the same 10,000 edits (with `--serac`; needs CounterFact-train).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_retrieval.py [--n 10000] [--queries 200] [--threads 1]
 """
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000, help="memory entries")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--serac", action="store_true", help="also time SERAC's scope decision over the memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,9 +93,35 @@ def main() -> None:
     n_batched = max(1, len(queries) // 64) * 64
     print(f"embed + search, 64 per call      : {1e3 * per_q_batched:.2f} ms wall, "
           f"{1e3 * sum(cpu['batch']) / n_batched:.2f} ms CPU per query")
+    if args.serac and n == len(texts):
+        route = serac_router(r, reqs, memory)
+        route(queries[:2])
+        routed = timed(lambda i: route([queries[i]]), len(queries), "serac")
+        print(f"SERAC scope decision, 1 query    : {ms(routed, 'serac')}")
     for what, secs in (("wall", statistics.median(single)), ("CPU", statistics.median(cpu["single"]))):
         print(f"target <= 20 ms per query, embed + search one at a time, {what} time: "
               f"{'met' if secs <= 0.020 else 'MISSED'} ({1e3 * secs:.1f} ms)")
+
+
+def serac_router(r, reqs, statements: torch.Tensor):
+    """SERAC's `route` over a memory of `reqs` (statement embeddings given; prompt and subject matrices
+    embedded or read from the disk cache), with the default trained head; a fresh retriever so that
+    each query is embedded anew."""
+    from editlab.methods.memory.retriever import EditMemory, Retriever, record_for
+    from editlab.methods.memory.serac import FORMAT, SERACHparams, SERACView, train_scope_head
+    from editlab.paths import cache_dir
+
+    hp = SERACHparams()
+    head = train_scope_head(r, hp.train_data, hp.train_records, hp.train_group, hp.k)
+    memory = EditMemory(r.name, [record_for(q) for q in reqs], statements)
+    tensors, mem_cfg = memory.state()
+    tensors["serac.prompts"] = r.embed_cached([q.prompt for q in reqs], cache_dir("embeddings"))
+    tensors["serac.subjects"] = r.embed_cached([q.subject for q in reqs], cache_dir("embeddings"))
+    config = {"format": FORMAT, "scope": "learned", "threshold": hp.threshold, "k": hp.k, "head": head.to_dict(),
+              "memory": mem_cfg, "extends": False, "below_facts": 0}
+    view = SERACView(None, config, tensors)
+    view._retriever = Retriever(r.embedder, cache_size=0)
+    return view.route
 
 
 if __name__ == "__main__":

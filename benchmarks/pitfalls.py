@@ -50,13 +50,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--db", default="pitfalls.db")
     ap.add_argument("--print-only", action="store_true")
+    ap.add_argument("--suite-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="suite option, as `editlab eval --suite-set` (e.g. cot=false for mquake)")
     args = ap.parse_args()
     store = Store(args.db)
     if not args.print_only:
         from editlab.models import load_lm
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        plan = plan_suite(args.suite, methods, limit=args.limit)
+        options = dict(kv.split("=", 1) for kv in args.suite_set)
+        plan = plan_suite(args.suite, methods, limit=args.limit, options=options)
         lm = load_lm(args.model)
         t0 = time.perf_counter()
         run_suite(lm, plan, store, progress=lambda i, n, msg: print(f"\r{msg}", end="", flush=True))

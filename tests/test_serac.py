@@ -95,7 +95,7 @@ def test_routes_the_edit_and_its_paraphrase_and_leaves_neighbours_exact(lm):
         assert [i for i, _ in routes] == [0, 0, 1, 1, None, None]
         assert all(s >= 0.5 for _, s in routes[:4]) and all(s < 0.5 for _, s in routes[4:])
         # a routed prompt is answered after the edit's statement; a neighbour exactly as by the base model
-        assert view._wrap([FRANCE.prompt])[0] == "New Fact: The capital of France is Rome\nPrompt: The capital of France is"
+        assert view._wrap([FRANCE.prompt], [0])[0] == "New Fact: The capital of France is Rome\nPrompt: The capital of France is"
         assert torch.equal(view.score([neighbour], [" Berlin"])[0].logprobs, base_lp)
         assert view.generate([neighbour], 4) == lm.generate([neighbour], 4)
         assert edit.info["scope_head"]["train_data"] == ["builtin"]
@@ -155,3 +155,18 @@ def test_smollm2_copies_routed_edits_and_keeps_neighbours(smollm2):
             for prompt, answer in r.neighborhood[:2]:
                 assert torch.equal(edit.lm.score([prompt], [" " + answer])[0].logprobs,
                                    smollm2.score([prompt], [" " + answer])[0].logprobs)
+
+
+@needs_minilm
+def test_a_prompt_past_the_context_is_refused_with_the_named_error(lm):
+    from editlab.errors import PromptTooLongError
+    from editlab.requests import _context_limit
+
+    limit = _context_limit(lm)
+    assert limit is not None
+    long_prompt = "The capital of France is " + "very " * limit + "much"
+    with get_editor("serac").apply(lm, FRANCE, **TINY) as edit:
+        assert edit.lm.route([long_prompt])[0][0] == 0  # routed: the statement makes it longer still
+        with pytest.raises(PromptTooLongError):
+            edit.lm.score([long_prompt], [" Rome"])
+        assert len(edit.lm.memory) == 1

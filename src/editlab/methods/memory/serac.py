@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ...errors import EditMismatchError, EditStackError, HparamsError
+from ...errors import EditMismatchError, EditStackError, HparamsError, PromptTooLongError
 from ...models.lm import LM
 from ...models.view import LMView
 from ...paths import data_dir
@@ -303,20 +303,34 @@ class SERACView(LMView):
         """The text put before a prompt routed to edit `index` (nothing for the base model)."""
         return "" if index is None else query_text([self.memory.records[index].text], "")
 
-    def _wrap(self, prompts: Sequence[str]) -> list[str]:
-        return [self.context(i) + p for p, (i, _) in zip(prompts, self.route(prompts))]
+    def _wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
+        """Each prompt with its routed edit's statement before it. A routed prompt that, with the
+        statement and `reserve` more tokens, no longer fits the model's context raises
+        `PromptTooLongError` (a prompt the base model answers is passed on as it is)."""
+        limit = _context_limit(self.base)
+        out = []
+        for p, (i, _), reserve in zip(prompts, self.route(prompts), reserves):
+            text = self.context(i) + p
+            if i is not None and limit is not None:
+                n = len(self.base.encode_prompt(text)) + reserve
+                if n > limit:
+                    raise PromptTooLongError(f"SERAC: the prompt {p[:60]!r} with the statement of the edit that covers "
+                                             f"it and {reserve} more tokens is {n} tokens, over the context of {limit}")
+            out.append(text)
+        return out
 
     # ---------------------------------------------------------------- the LM calls
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Any]:
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        return self.inner.score(self._wrap(prompts), continuations)
+        reserves = [len(self.base.encode_pair(p, c)[1]) for p, c in zip(prompts, continuations)]
+        return self.inner.score(self._wrap(prompts, reserves), continuations)
 
     def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.inner.next_token_logprobs(self._wrap(prompts))
+        return self.inner.next_token_logprobs(self._wrap(prompts, [0] * len(prompts)))
 
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw: Any) -> list[list[int]]:
-        return self.inner.generate_ids(self._wrap(prompts), max_new_tokens, **kw)
+        return self.inner.generate_ids(self._wrap(prompts, [max_new_tokens] * len(prompts)), max_new_tokens, **kw)
 
     def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
         """Raw token windows (perplexity) are routed by the text of their first 64 tokens; a routed window
