@@ -170,3 +170,53 @@ def test_a_prompt_past_the_context_is_refused_with_the_named_error(lm):
         with pytest.raises(PromptTooLongError):
             edit.lm.score([long_prompt], [" Rome"])
         assert len(edit.lm.memory) == 1
+
+
+class _ChatTokenizer:
+    chat_template = "{user}"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt and [m["role"] for m in messages] == ["user"]
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+
+def test_chat_join_puts_the_context_in_the_user_turn_and_the_prompt_in_the_reply():
+    from editlab.methods.memory.prompting import check_chat, join
+
+    tok = _ChatTokenizer()
+    ctx = "New Fact: The capital of France is Rome\nPrompt: "
+    assert join(tok, ctx, "The capital of France is", False) == ctx + "The capital of France is"
+    assert (join(tok, ctx, "The capital of France is", True)
+            == "<user>New Fact: The capital of France is Rome</user><assistant>The capital of France is")
+    assert join(tok, "", "Toyota was founded in", True) == "Toyota was founded in"  # out of scope: as it is
+
+    class NoTemplate:
+        tokenizer = object()
+        name = "toy"
+
+    with pytest.raises(HparamsError, match="chat template"):
+        check_chat(NoTemplate(), True)
+    with pytest.raises(HparamsError):
+        check_chat(NoTemplate(), "yes")
+    check_chat(NoTemplate(), False)
+
+
+@needs_minilm
+def test_chat_needs_a_chat_template_and_changes_nothing_when_refused(lm):
+    with pytest.raises(HparamsError, match="chat template"):
+        get_editor("serac").apply(lm, FRANCE, chat=True, **TINY)
+    with pytest.raises(HparamsError, match="chat template"):
+        get_editor("ike").apply(lm, FRANCE, chat=True, pool="builtin", n_demos=0)
+    assert not lm.active_edits
+
+
+@pytest.mark.slow
+@needs_minilm
+def test_smollm2_chat_mode_answers_as_the_assistant(smollm2):
+    with get_editor("serac").apply(smollm2, FRANCE, chat=True) as edit:
+        text = edit.lm._wrap([FRANCE.prompt, "Toyota was founded in"], [0, 0])
+        assert text[0].startswith("<|im_start|>") and "New Fact: The capital of France is Rome<|im_end|>" in text[0]
+        assert text[0].endswith("<|im_start|>assistant\nThe capital of France is")
+        assert text[1] == "Toyota was founded in"
+        new = edit.lm.score([FRANCE.prompt], [" Rome"])[0].logprobs.sum()
+        assert new > smollm2.score([FRANCE.prompt], [" Rome"])[0].logprobs.sum()

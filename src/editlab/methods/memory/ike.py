@@ -48,6 +48,7 @@ from ...requests import EditRequest, _context_limit
 from ..base import Editor, Hparams
 from ..edit import Edit
 from ..patches import Patch, ViewPatch
+from .prompting import check_chat, join
 from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for, statement
 
 FORMAT = 1
@@ -153,6 +154,7 @@ class IKEView(LMView):
             self.facts_per_query = int(cfg["facts_per_query"])
             self.scope_threshold = check_threshold(float(cfg["scope_threshold"]), "scope_threshold")
             self.max_context_tokens = int(cfg.get("max_context_tokens", 0))
+            self.chat = bool(cfg.get("chat", False))
         except (KeyError, TypeError, ValueError) as e:
             raise EditMismatchError(f"IKE view config is malformed: {e}") from None
         if len(self.demos) != len(self.memory) or not len(self.memory):
@@ -223,7 +225,7 @@ class IKEView(LMView):
             return "".join(demos) + head
 
         def length(ds: list[str]) -> int:
-            return len(self.base.encode_prompt("".join(ds) + head + prompt)) + reserve
+            return len(self.base.encode_prompt(join(self.base.tokenizer, "".join(ds) + head, prompt, self.chat))) + reserve
 
         n = length(demos)
         if n > limit:
@@ -240,7 +242,7 @@ class IKEView(LMView):
 
     def _wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
         facts = self.facts_for(prompts)
-        return [self.context(p, f, r) + p for p, f, r in zip(prompts, facts, reserves)]
+        return [join(self.base.tokenizer, self.context(p, f, r), p, self.chat) for p, f, r in zip(prompts, facts, reserves)]
 
     # ---------------------------------------------------------------- the LM calls
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Any]:
@@ -273,7 +275,7 @@ class IKEView(LMView):
             groups.setdefault(ctx, []).append(i)
         out: list[torch.Tensor] = [torch.zeros(0)] * len(windows)
         for ctx, idx in groups.items():
-            ids = tok(ctx, add_special_tokens=False)["input_ids"] if ctx else []
+            ids = tok(join(tok, ctx, "", self.chat), add_special_tokens=False)["input_ids"] if ctx else []
             got = self.inner.sequence_logprobs([windows[i] for i in idx], list(ids) + list(prefix_ids))
             for i, lp in zip(idx, got):
                 out[i] = lp
@@ -287,7 +289,9 @@ class IKEHparams(Hparams):
     one); `pool_size`: its first N records (0 = all); `n_demos`: demonstrations per fact (the paper's
     k = 32, scaled down for short contexts); `ratio`: copy : update : retain; `facts_per_query`: edited
     facts stated per prompt; `scope_threshold`: cosine below which a prompt gets no context (0 = off);
-    `max_context_tokens`: cap below the model's context (0 = the model's); `embedder`: sentence encoder."""
+    `max_context_tokens`: cap below the model's context (0 = the model's); `embedder`: sentence encoder;
+    `chat`: the context as the user's turn of the model's chat template, the prompt opening the
+    assistant's (instruction models; methods/memory/prompting.py)."""
 
     pool: str = "counterfact-train"
     pool_size: int = 0
@@ -298,6 +302,7 @@ class IKEHparams(Hparams):
     max_context_tokens: int = 0
     seed: int = 0
     embedder: str = DEFAULT_EMBEDDER
+    chat: bool = False
 
     @classmethod
     def defaults_for(cls, lm: LM) -> dict[str, Any]:
@@ -319,6 +324,7 @@ class IKEHparams(Hparams):
         check_threshold(self.scope_threshold, "scope_threshold")
         if not isinstance(self.embedder, str) or not self.embedder.strip():
             raise HparamsError("embedder must name a sentence encoder")
+        check_chat(lm, self.chat)
 
 
 class IKEEditor(Editor):
@@ -361,7 +367,7 @@ class IKEEditor(Editor):
         tensors, mem_cfg = memory.state()
         config = {"format": FORMAT, "memory": mem_cfg, "demos": demos, "facts_per_query": hp.facts_per_query,
                   "scope_threshold": hp.scope_threshold, "max_context_tokens": hp.max_context_tokens,
-                  "extends": on is not None, "below_facts": below_facts}
+                  "extends": on is not None, "below_facts": below_facts, "chat": hp.chat}
         patch = ViewPatch("ike", config, tensors)
         view = IKEView(lm.edited, config, tensors)  # a malformed config fails here, before anything is installed
         info["facts"] = len(view.memory)

@@ -58,6 +58,7 @@ from ..base import Editor, Hparams
 from ..edit import Edit
 from ..patches import Patch, ViewPatch
 from .ike import query_text
+from .prompting import check_chat, join
 from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for
 
 FORMAT = 1
@@ -242,6 +243,7 @@ class SERACView(LMView):
                 raise ValueError(f"scope {self.scope!r} is not one of {SCOPES}")
             self.threshold = check_threshold(float(cfg["threshold"]))
             self.k = int(cfg["k"])
+            self.chat = bool(cfg.get("chat", False))
             self.head = ScopeHead.from_dict(cfg["head"]) if cfg.get("head") is not None else None
             self.memory = EditMemory.from_state(self.tensors, cfg["memory"])
             self.prompts = self.tensors["serac.prompts"]
@@ -310,7 +312,7 @@ class SERACView(LMView):
         limit = _context_limit(self.base)
         out = []
         for p, (i, _), reserve in zip(prompts, self.route(prompts), reserves):
-            text = self.context(i) + p
+            text = join(self.base.tokenizer, self.context(i), p, self.chat)
             if i is not None and limit is not None:
                 n = len(self.base.encode_prompt(text)) + reserve
                 if n > limit:
@@ -341,13 +343,13 @@ class SERACView(LMView):
         groups: dict[int | None, list[int]] = {}
         for i, (w, (idx, _)) in enumerate(zip(windows, routes)):
             if idx is not None and limit is not None:
-                extra = len(tok(self.context(idx), add_special_tokens=False)["input_ids"])
+                extra = len(tok(join(tok, self.context(idx), "", self.chat), add_special_tokens=False)["input_ids"])
                 if len(w) + len(prefix_ids) + extra > limit:
                     idx = None
             groups.setdefault(idx, []).append(i)
         out: list[torch.Tensor] = [torch.zeros(0)] * len(windows)
         for idx, members in groups.items():
-            ctx = tok(self.context(idx), add_special_tokens=False)["input_ids"] if idx is not None else []
+            ctx = tok(join(tok, self.context(idx), "", self.chat), add_special_tokens=False)["input_ids"] if idx is not None else []
             got = self.inner.sequence_logprobs([windows[i] for i in members], list(ctx) + list(prefix_ids))
             for i, lp in zip(members, got):
                 out[i] = lp
@@ -361,7 +363,8 @@ class SERACHparams(Hparams):
     `threshold`); `threshold`: p(in scope) (learned) or cosine (cosine) at which a prompt is routed, in
     [0, 1]; `k`: candidate edits scored per prompt; `train_data`: training splits for the head (never
     evaluation records); `train_records`: first N records of each (0 = all); `train_group`: edits per
-    training memory; `embedder`: sentence encoder."""
+    training memory; `embedder`: sentence encoder; `chat`: the statement as the user's turn of the model's
+    chat template and the prompt opening the assistant's (instruction models; methods/memory/prompting.py)."""
 
     scope: str = "learned"
     threshold: float = 0.5
@@ -370,6 +373,7 @@ class SERACHparams(Hparams):
     train_records: int = 1000
     train_group: int = 200
     embedder: str = DEFAULT_EMBEDDER
+    chat: bool = False
 
     def validate(self, lm: LM) -> None:
         self._check_choice("scope", self.scope, SCOPES)
@@ -386,6 +390,7 @@ class SERACHparams(Hparams):
                 raise HparamsError(f"train_group must be >= 2 (edits per training memory), got {self.train_group}")
         if not isinstance(self.embedder, str) or not self.embedder.strip():
             raise HparamsError("embedder must name a sentence encoder")
+        check_chat(lm, self.chat)
 
 
 @lru_cache(maxsize=4)
@@ -424,7 +429,7 @@ class SERACEditor(Editor):
         tensors["serac.subjects"] = retriever.embed([r.subject for r in requests]).contiguous()
         config = {"format": FORMAT, "scope": hp.scope, "threshold": hp.threshold, "k": hp.k,
                   "head": head.to_dict() if head is not None else None, "memory": mem_cfg,
-                  "extends": on is not None, "below_facts": below_facts}
+                  "extends": on is not None, "below_facts": below_facts, "chat": hp.chat}
         view = SERACView(lm.edited, config, tensors)  # a malformed config fails here, before anything is installed
         info: dict[str, Any] = {"facts": len(view.memory)}
         if head is not None:
