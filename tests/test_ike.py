@@ -43,7 +43,7 @@ def _lp(system, prompt: str, target: str) -> float:
 
 
 def _context(edit: Edit, prompt: str) -> str:
-    return edit.lm._wrap([prompt], [0])[0]
+    return edit.lm.wrap([prompt], [0])[0]
 
 
 # ------------------------------------------------------------------ behaviour on the tiny model
@@ -133,7 +133,7 @@ def test_context_is_truncated_to_fit_dropping_the_least_similar_first(lm):
         n_ctx = len(lm.encode_pair(cut, JORDAN.target_new)[0]) + len(lm.encode_pair(cut, JORDAN.target_new)[1])
         assert n_ctx <= 256
         # a longer continuation leaves room for fewer demonstrations
-        long_cut = edit.lm._wrap([JORDAN.prompt], [120])[0]
+        long_cut = edit.lm.wrap([JORDAN.prompt], [120])[0]
         assert len(long_cut) < len(cut)
         with pytest.raises(PromptTooLongError, match="over the context"):
             edit.lm.score([JORDAN.prompt * 40], ["x"])

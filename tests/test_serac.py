@@ -95,7 +95,7 @@ def test_routes_the_edit_and_its_paraphrase_and_leaves_neighbours_exact(lm):
         assert [i for i, _ in routes] == [0, 0, 1, 1, None, None]
         assert all(s >= 0.5 for _, s in routes[:4]) and all(s < 0.5 for _, s in routes[4:])
         # a routed prompt is answered after the edit's statement; a neighbour exactly as by the base model
-        assert view._wrap([FRANCE.prompt], [0])[0] == "New Fact: The capital of France is Rome\nPrompt: The capital of France is"
+        assert view.wrap([FRANCE.prompt], [0])[0] == "New Fact: The capital of France is Rome\nPrompt: The capital of France is"
         assert torch.equal(view.score([neighbour], [" Berlin"])[0].logprobs, base_lp)
         assert view.generate([neighbour], 4) == lm.generate([neighbour], 4)
         assert edit.info["scope_head"]["train_data"] == ["builtin"]
@@ -214,7 +214,7 @@ def test_chat_needs_a_chat_template_and_changes_nothing_when_refused(lm):
 @needs_minilm
 def test_smollm2_chat_mode_answers_as_the_assistant(smollm2):
     with get_editor("serac").apply(smollm2, FRANCE, chat=True) as edit:
-        text = edit.lm._wrap([FRANCE.prompt, "Toyota was founded in"], [0, 0])
+        text = edit.lm.wrap([FRANCE.prompt, "Toyota was founded in"], [0, 0])
         assert text[0].startswith("<|im_start|>") and "New Fact: The capital of France is Rome<|im_end|>" in text[0]
         assert text[0].endswith("<|im_start|>assistant\nThe capital of France is")
         assert text[1] == "Toyota was founded in"

@@ -432,6 +432,20 @@ METHODS.register("ike", "IKE: in-context editing with demonstrations retrieved f
 METHODS.register("serac", "SERAC: a scope classifier over an edit memory routes in-scope prompts to a counterfactual model",
                  lazy("editlab.methods.memory.serac:SERACEditor"), family="memory",
                  tiny_hparams={"train_data": ["builtin"], "train_records": 0, "train_group": 20}, tiny_min_gain=None)
+# Multi-hop memory methods (methods/memory/multihop.py): MeLLo and DeepEdit, each with an oracle/symbolic mode
+# for models too small to decompose questions (reported under its own name).
+METHODS.register("mello", "MeLLo: multi-hop questions decomposed by the LM, each sub-answer checked against retrieved edits",
+                 lazy("editlab.methods.memory.mello:MeLLoEditor"), family="memory",
+                 tiny_hparams={}, tiny_min_gain=None)
+METHODS.register("mello-oracle", "MeLLo with oracle decomposition: the question's relation chain, each hop from memory or the LM",
+                 lazy("editlab.methods.memory.mello:MeLLoOracleEditor"), family="memory",
+                 tiny_hparams={}, tiny_min_gain=None)
+METHODS.register("deepedit", "DeepEdit: depth-first search over reasoning steps constrained by retrieved edits, judged by the LM",
+                 lazy("editlab.methods.memory.deepedit:DeepEditEditor"), family="memory",
+                 tiny_hparams={}, tiny_min_gain=None)
+METHODS.register("deepedit-symbolic", "DeepEdit with deterministic constraints: string-matched entities, relation-keyed conflicts",
+                 lazy("editlab.methods.memory.deepedit:DeepEditSymbolicEditor"), family="memory",
+                 tiny_hparams={}, tiny_min_gain=None)
 
 
 def available_methods() -> dict[str, str]:

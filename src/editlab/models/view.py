@@ -103,3 +103,7 @@ VIEWS.register("ike", "IKE: retrieved demonstrations and the new fact(s) put bef
                lazy("editlab.methods.memory.ike:IKEView"))
 VIEWS.register("serac", "SERAC: a scope classifier routes each prompt to the base model or to the in-context counterfactual",
                lazy("editlab.methods.memory.serac:SERACView"))
+VIEWS.register("mello", "MeLLo: multi-hop questions answered by decomposition with retrieved edited facts",
+               lazy("editlab.methods.memory.mello:MeLLoView"))
+VIEWS.register("deepedit", "DeepEdit: multi-hop reasoning as depth-first decoding constrained by retrieved edited facts",
+               lazy("editlab.methods.memory.deepedit:DeepEditView"))

@@ -41,15 +41,15 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ...errors import EditMismatchError, EditStackError, HparamsError, PromptTooLongError
+from ...errors import EditMismatchError, HparamsError, PromptTooLongError
 from ...models.lm import LM
-from ...models.view import LMView
 from ...requests import EditRequest, _context_limit
 from ..base import Editor, Hparams
 from ..edit import Edit
 from ..patches import Patch, ViewPatch
 from .prompting import check_chat, join
 from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for, statement
+from .views import PromptView, extend_below, extension_of
 
 FORMAT = 1
 DEMO_TYPES = ("copy", "update", "retain")
@@ -135,7 +135,7 @@ def load_pool(pool: str, pool_size: int, retriever: Retriever) -> DemoPool:
 
 
 # ------------------------------------------------------------------------------------ the view
-class IKEView(LMView):
+class IKEView(PromptView):
     """Puts, before each prompt, the IKE context of the edited fact(s) relevant to it (see the module
     docstring). Config: {"format", "facts_per_query", "scope_threshold", "max_context_tokens",
     "memory": EditMemory config of this edit's own facts, "demos": [[demo text, ...] per fact], "extends": bool,
@@ -163,15 +163,8 @@ class IKEView(LMView):
         # to the facts of the view below and takes that view's place (one context per prompt, not one per
         # edit), so each edit stores and saves what it added, whatever the length of the sequence.
         if cfg.get("extends"):
-            below = self.inner
-            n_below = cfg.get("below_facts")
-            if not isinstance(below, IKEView) or len(below.memory) != n_below:
-                raise EditMismatchError(
-                    f"this IKE edit extends an IKE edit of {n_below} fact(s), which is not the edit below it; "
-                    "apply or load that edit first")
-            self.memory = below.memory.joined(self.memory)
+            below = extend_below(self, IKEView, "IKE")
             self.demos = below.demos + self.demos
-            self.inner = below.inner
         self._retriever: Retriever | None = None
         self._ntok: dict[str, int] = {}
 
@@ -240,24 +233,11 @@ class IKEView(LMView):
                                          f"tokens is {length(demos)} tokens, over the context of {limit} tokens")
         return "".join(demos) + head
 
-    def _wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
+    def wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
         facts = self.facts_for(prompts)
         return [join(self.base.tokenizer, self.context(p, f, r), p, self.chat) for p, f, r in zip(prompts, facts, reserves)]
 
-    # ---------------------------------------------------------------- the LM calls
-    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Any]:
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        base = self.base
-        reserves = [len(base.encode_pair(p, c)[1]) for p, c in zip(prompts, continuations)]
-        return self.inner.score(self._wrap(prompts, reserves), continuations)
-
-    def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.inner.next_token_logprobs(self._wrap(prompts, [0] * len(prompts)))
-
-    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw: Any) -> list[list[int]]:
-        return self.inner.generate_ids(self._wrap(prompts, [max_new_tokens] * len(prompts)), max_new_tokens, **kw)
-
+    # ---------------------------------------------------------------- the LM calls (PromptView: score, next token, generate)
     def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
         """Raw token windows (perplexity) are read after the context of the fact(s) nearest to each
         window's text, as if the window were the query. A window that leaves no room for even the stated
@@ -339,14 +319,7 @@ class IKEEditor(Editor):
     def compute_patches(self, lm: LM, requests: list[EditRequest], hp: IKEHparams, on: Edit | None
                         ) -> tuple[list[Patch], dict[str, Any]]:
         memory, demos = EditMemory(hp.embedder), []  # this edit's own facts (an extension holds no others)
-        below_facts = 0
-        if on is not None:
-            below = on.lm
-            if not isinstance(below, IKEView):
-                raise EditStackError("on= must be an IKE edit (it holds no IKE view)")
-            if below.memory.embedder != hp.embedder:
-                raise HparamsError(f"embedder {hp.embedder!r} differs from the extended edit's {below.memory.embedder!r}")
-            below_facts = len(below.memory)
+        below_facts = extension_of(on, IKEView, "IKE", hp.embedder)
         retriever = Retriever(hp.embedder)
         new_records = [record_for(r) for r in requests]
         info: dict[str, Any] = {"demo_types": {t: 0 for t in DEMO_TYPES}}

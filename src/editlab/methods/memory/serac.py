@@ -49,9 +49,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ...errors import EditMismatchError, EditStackError, HparamsError, PromptTooLongError
+from ...errors import EditMismatchError, HparamsError, PromptTooLongError
 from ...models.lm import LM
-from ...models.view import LMView
 from ...paths import data_dir
 from ...requests import EditRequest, _context_limit
 from ..base import Editor, Hparams
@@ -60,6 +59,7 @@ from ..patches import Patch, ViewPatch
 from .ike import query_text
 from .prompting import check_chat, join
 from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for
+from .views import PromptView, extend_below, extension_of
 
 FORMAT = 1
 FEATURES = ("cos_prompt", "cos_statement", "cos_subject", "subject_named", "subject_words")
@@ -226,7 +226,7 @@ def train_scope_head(retriever: Retriever, train_data: Sequence[str], train_reco
 
 
 # ------------------------------------------------------------------------------------ the view
-class SERACView(LMView):
+class SERACView(PromptView):
     """Routes each prompt (see the module docstring). Config: {"format", "scope", "threshold", "k",
     "head": ScopeHead dict or None, "memory": EditMemory config, "extends", "below_facts"}; tensors: the
     memory's statement embeddings, "serac.prompts" and "serac.subjects" [N, d]."""
@@ -259,15 +259,9 @@ class SERACView(LMView):
         if self.scope == "learned" and self.head is None:
             raise EditMismatchError("SERAC view: scope 'learned' needs a trained head in its config")
         if cfg.get("extends"):
-            below = self.inner
-            if not isinstance(below, SERACView) or len(below.memory) != cfg.get("below_facts"):
-                raise EditMismatchError(
-                    f"this SERAC edit extends a SERAC edit of {cfg.get('below_facts')} fact(s), which is not the edit "
-                    "below it; apply or load that edit first")
-            self.memory = below.memory.joined(self.memory)
+            below = extend_below(self, SERACView, "SERAC")
             self.prompts = torch.cat([below.prompts, self.prompts.to(below.prompts.dtype)])
             self.subjects = torch.cat([below.subjects, self.subjects.to(below.subjects.dtype)])
-            self.inner = below.inner
         self._retriever: Retriever | None = None
 
     @property
@@ -305,7 +299,7 @@ class SERACView(LMView):
         """The text put before a prompt routed to edit `index` (nothing for the base model)."""
         return "" if index is None else query_text([self.memory.records[index].text], "")
 
-    def _wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
+    def wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
         """Each prompt with its routed edit's statement before it. A routed prompt that, with the
         statement and `reserve` more tokens, no longer fits the model's context raises
         `PromptTooLongError` (a prompt the base model answers is passed on as it is)."""
@@ -321,19 +315,7 @@ class SERACView(LMView):
             out.append(text)
         return out
 
-    # ---------------------------------------------------------------- the LM calls
-    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[Any]:
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        reserves = [len(self.base.encode_pair(p, c)[1]) for p, c in zip(prompts, continuations)]
-        return self.inner.score(self._wrap(prompts, reserves), continuations)
-
-    def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.inner.next_token_logprobs(self._wrap(prompts, [0] * len(prompts)))
-
-    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw: Any) -> list[list[int]]:
-        return self.inner.generate_ids(self._wrap(prompts, [max_new_tokens] * len(prompts)), max_new_tokens, **kw)
-
+    # ---------------------------------------------------------------- the LM calls (PromptView: score, next token, generate)
     def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
         """Raw token windows (perplexity) are routed by the text of their first 64 tokens; a routed window
         is read after the edit's statement when it fits the context (else without it)."""
@@ -410,14 +392,7 @@ class SERACEditor(Editor):
 
     def compute_patches(self, lm: LM, requests: list[EditRequest], hp: SERACHparams, on: Edit | None
                         ) -> tuple[list[Patch], dict[str, Any]]:
-        below_facts = 0
-        if on is not None:
-            below = on.lm
-            if not isinstance(below, SERACView):
-                raise EditStackError("on= must be a SERAC edit (it holds no SERAC view)")
-            if below.memory.embedder != hp.embedder:
-                raise HparamsError(f"embedder {hp.embedder!r} differs from the extended edit's {below.memory.embedder!r}")
-            below_facts = len(below.memory)
+        below_facts = extension_of(on, SERACView, "SERAC", hp.embedder)
         retriever = Retriever(hp.embedder)
         head = (_head(hp.embedder, tuple(hp.train_data), hp.train_records, hp.train_group, hp.k, str(data_dir()))
                 if hp.scope == "learned" else None)
