@@ -380,3 +380,14 @@ def test_deepedit_on_smollm2_with_one_mquake_case(smollm2, data_root):
         (ans,) = edit.lm.answer_multihop([q])  # SmolLM2 is at floor here: only the bound and the trace are checked
         assert ans.info["calls"] <= 12 and ans.trace.startswith("Question: ")
     assert smollm2.active_edits == []
+
+
+def test_a_finished_plan_at_max_depth_is_answered_not_pruned(prompt_folder):
+    """Review fix: with max_depth equal to the plan's length, the state that has done every hop is the
+    answer (it was pruned before, and the search fell back to a less preferred candidate)."""
+    fake = ScriptedLM(hop_responder({"Who is the director of Madonna?": "Narendra Modi"},
+                                    {"The director of Madonna is": "Guy Oseary"}))
+    view = view_over(fake, [PERFORMED, CITIZEN], constraints="symbolic", embed=False,
+                     relation_prompts=str(prompt_folder), max_depth=3)
+    (ans,) = view.answer_multihop([MultiHopQuestion(QUESTION, "Hey Jude", ("P1", "P2", "P3"))])
+    assert ans.answer == "Australia" and ans.info["stop"] == "answer"

@@ -177,8 +177,10 @@ def test_loop_stops_when_the_transcript_fills_the_context(prompts_dir):
 def test_extension_needs_the_view_it_extends_and_no_questions_need_no_call(prompts_dir):
     lm = ScriptedLM()
     below = view_over(lm, [KUSHNER], prompts_dir=prompts_dir)
-    patch = mello_patch([EIFFEL], MeLLoHparams(), below)
+    patch = mello_patch([EIFFEL], MeLLoHparams(prompts_dir=prompts_dir), below)
     assert len(patch.build(below).memory) == 2
+    with pytest.raises(HparamsError, match="prompts_dir"):  # an extension keeps the sequence's settings
+        mello_patch([EIFFEL], MeLLoHparams(), below).build(below)
     with pytest.raises(EditMismatchError, match="extends a MeLLo edit of 1 fact"):
         patch.build(lm)
     assert below.answer_multihop([]) == [] and lm.calls == []

@@ -220,3 +220,23 @@ def test_smollm2_chat_mode_answers_as_the_assistant(smollm2):
         assert text[1] == "Toyota was founded in"
         new = edit.lm.score([FRANCE.prompt], [" Rome"])[0].logprobs.sum()
         assert new > smollm2.score([FRANCE.prompt], [" Rome"])[0].logprobs.sum()
+
+
+@needs_minilm
+def test_few_shot_prompts_are_routed_by_their_question_with_demonstrations_first(lm):
+    demos = "Q: The capital of Germany is A: Berlin\nQ: The capital of Japan is A: Tokyo\n"
+    with get_editor("serac").apply(lm, FRANCE, **TINY) as edit:
+        assert edit.lm.route(["The capital of France is"])[0][0] == 0
+        text = edit.lm.wrap([demos + "The capital of France is"], [0])[0]
+        assert text == demos + "New Fact: The capital of France is Rome\nPrompt: The capital of France is"
+        assert edit.lm.wrap([demos + "Toyota was founded in"], [0])[0] == demos + "Toyota was founded in"
+
+
+@needs_minilm
+def test_an_extension_may_not_change_how_earlier_facts_are_routed(lm):
+    ed = get_editor("serac")
+    with ed.apply(lm, FRANCE, **TINY) as first:
+        for bad in ({"threshold": 0.9}, {"k": 3}, {"scope": "cosine"}):
+            with pytest.raises(HparamsError, match="extended edit"):
+                ed.apply(lm, CURIE, on=first, **{**TINY, **bad})
+            assert lm.active_edits == [first] and len(first.lm.memory) == 1

@@ -245,6 +245,26 @@ def test_a_system_with_its_own_multihop_procedure_is_asked_each_question_with_th
     assert suite._aggregate(unit.split, suite._outcomes(wrong, unit.data, "new"))["k=1.multihop"] == 0.0
 
 
+def test_a_view_stacked_on_a_multihop_view_is_asked_the_few_shot_prompts(data_root):
+    """Review fix: a view on top of a MeLLo/DeepEdit view delegates unknown attributes to it; asking the
+    lower view's procedure would skip the top edit, so only the top system's own class counts."""
+    from editlab.methods.memory.multihop import answers_multihop
+    from editlab.models.view import LMView
+
+    below = OwnProcedure({}, lambda i: "Arabic")
+    assert answers_multihop(below)
+    class Top(LMView):  # a view that changes nothing, over a system that has only `generate`
+        def generate(self, prompts, max_new_tokens=20, **kw):
+            return self.inner.generate(prompts, max_new_tokens, **kw)
+
+    top = Top(below)
+    assert callable(getattr(top, "answer_multihop", None)) and not answers_multihop(top)
+    suite = MQuAKE(cot=False)
+    unit = suite.load(data_root, 1)[0]
+    suite._outcomes(top, unit.data, "new")
+    assert below.asked == [] and below.calls == [(4 + 3, 16)]  # clozes and the three few-shot questions
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_lm("tiny-llama")

@@ -405,8 +405,12 @@ class MQuAKE(Suite):
         if not answers_multihop(system):
             return None
         asks = [MultiHopQuestion(q, c.start, c.relations) for c in cases for q in c.questions]
-        answers = iter(system.answer_multihop(asks))
-        return {c.case_id: [next(answers).answer for _ in c.questions] for c in cases}
+        answers = list(system.answer_multihop(asks))
+        if len(answers) != len(asks):
+            raise SuiteError(f"mquake: {type(system).__name__}.answer_multihop gave {len(answers)} answers for "
+                             f"{len(asks)} questions")
+        it = iter(answers)
+        return {c.case_id: [next(it).answer for _ in c.questions] for c in cases}
 
     @staticmethod
     def _aggregate(split: str, rows: Sequence[dict[str, float]]) -> dict[str, float]:

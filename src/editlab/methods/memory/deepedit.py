@@ -235,10 +235,11 @@ class Search:
         try:
             while stack:
                 state = stack.pop()
-                if self.deepest is None or state.depth >= self.deepest.depth:
-                    self.deepest = state
+                if self.deepest is None or state.depth > self.deepest.depth:
+                    self.deepest = state  # among equally deep states the first popped (the preferred) is kept
                 self.log(state, f"[depth {state.depth}] current={state.current or '-'} last={state.last or '-'}")
-                if state.depth >= self.cfg.max_depth:
+                plan_done = self.cfg.constraints == "symbolic" and state.hop >= len(self.q.relations)
+                if state.depth >= self.cfg.max_depth and not plan_done:  # a finished plan is answered, not pruned
                     self.log(state, f"pruned: depth {state.depth} reaches max_depth={self.cfg.max_depth}")
                     continue
                 expand = self.expand_symbolic if self.cfg.constraints == "symbolic" else self.expand_lm
@@ -390,7 +391,10 @@ def answer_all(searches: Sequence[Search], system: Any) -> list[MultiHopAnswer]:
             except StopIteration as stop:
                 results[i] = stop.value
                 del running[i]
-    return [r for r in results if r is not None]
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:  # every search returns an answer; a gap would shift later answers onto other questions
+        raise RuntimeError(f"DeepEdit: no answer for question(s) {missing}")
+    return list(results)
 
 
 # ------------------------------------------------------------------------------------ the view
@@ -420,7 +424,8 @@ class DeepEditView(RetrievedFactView):
         # An extension (`on=`) holds only its own facts and joins them to the view below, taking its
         # place: one memory per system, each edit saving only what it added (as IKE's view).
         if cfg.get("extends"):
-            extend_below(self, DeepEditView, "DeepEdit")
+            extend_below(self, DeepEditView, "DeepEdit", ("constraints", "max_depth", "max_calls", "top_k", "hop_tokens",
+                                                         "threshold", "relation_prompts"))
         self._prompts: RelationPrompts | None = None
 
     @property

@@ -163,7 +163,7 @@ class IKEView(PromptView):
         # to the facts of the view below and takes that view's place (one context per prompt, not one per
         # edit), so each edit stores and saves what it added, whatever the length of the sequence.
         if cfg.get("extends"):
-            below = extend_below(self, IKEView, "IKE")
+            below = extend_below(self, IKEView, "IKE", ("facts_per_query", "scope_threshold", "max_context_tokens", "chat"))
             self.demos = below.demos + self.demos
         self._retriever: Retriever | None = None
         self._ntok: dict[str, int] = {}

@@ -195,12 +195,16 @@ class MeLLoView(RetrievedFactView):
         # An extension (`on=`) holds only its own facts: joined here to the facts of the MeLLo view below,
         # whose place it takes (one memory and one loop per question, not one per edit).
         if cfg.get("extends"):
-            extend_below(self, MeLLoView, "MeLLo")
+            extend_below(self, MeLLoView, "MeLLo", ("decompose", "k", "max_hops", "max_new_tokens", "hop_tokens",
+                                                   "scope_threshold", "prompts_dir"))
         self.counts: Counter[str] = Counter()
 
     # ---------------------------------------------------------------- multi-hop questions
     def answer_multihop(self, questions: Sequence[MultiHopQuestion]) -> list[MultiHopAnswer]:
-        qs = [q if isinstance(q, MultiHopQuestion) else MultiHopQuestion(str(q)) for q in questions]
+        bad = [type(q).__name__ for q in questions if not isinstance(q, (MultiHopQuestion, str))]
+        if bad:
+            raise DataFormatError(f"MeLLo: a question must be a MultiHopQuestion or a string, not {bad[0]}")
+        qs = [q if isinstance(q, MultiHopQuestion) else MultiHopQuestion(q) for q in questions]
         if not qs:
             return []
         return self._oracle(qs) if self.decompose == "oracle" else self._loop(qs)

@@ -58,8 +58,10 @@ class MultiHopAnswer:
 
 
 def answers_multihop(system: Any) -> bool:
-    """Whether `system` (an LM or view) answers multi-hop questions by its own procedure."""
-    return callable(getattr(system, "answer_multihop", None))
+    """Whether `system` (an LM or view) itself answers multi-hop questions by its own procedure. Looked
+    up on its class: a view stacked on a MeLLo view delegates unknown attributes to it, and asking the
+    lower view would skip the edit on top."""
+    return callable(getattr(type(system), "answer_multihop", None))
 
 
 # ----------------------------------------------------------------------------- relation prompts

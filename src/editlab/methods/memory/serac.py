@@ -59,7 +59,7 @@ from ..patches import Patch, ViewPatch
 from .ike import query_text
 from .prompting import check_chat, join
 from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for
-from .views import PromptView, extend_below, extension_of
+from .views import PromptView, extend_below, extension_of, split_query
 
 FORMAT = 1
 FEATURES = ("cos_prompt", "cos_statement", "cos_subject", "subject_named", "subject_words")
@@ -259,7 +259,7 @@ class SERACView(PromptView):
         if self.scope == "learned" and self.head is None:
             raise EditMismatchError("SERAC view: scope 'learned' needs a trained head in its config")
         if cfg.get("extends"):
-            below = extend_below(self, SERACView, "SERAC")
+            below = extend_below(self, SERACView, "SERAC", ("scope", "threshold", "k", "chat", "head"))
             self.prompts = torch.cat([below.prompts, self.prompts.to(below.prompts.dtype)])
             self.subjects = torch.cat([below.subjects, self.subjects.to(below.subjects.dtype)])
         self._retriever: Retriever | None = None
@@ -300,13 +300,16 @@ class SERACView(PromptView):
         return "" if index is None else query_text([self.memory.records[index].text], "")
 
     def wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
-        """Each prompt with its routed edit's statement before it. A routed prompt that, with the
+        """Each prompt with its routed edit's statement before its query (the last line, with a short cue
+        line's question: a few-shot prompt is routed by its question, and its demonstrations stay first;
+        the whole of a one-line prompt). A routed prompt that, with the
         statement and `reserve` more tokens, no longer fits the model's context raises
         `PromptTooLongError` (a prompt the base model answers is passed on as it is)."""
         limit = _context_limit(self.base)
+        parts = [split_query(p) for p in prompts]
         out = []
-        for p, (i, _), reserve in zip(prompts, self.route(prompts), reserves):
-            text = join(self.base.tokenizer, self.context(i), p, self.chat)
+        for p, (head, query), (i, _), reserve in zip(prompts, parts, self.route([q for _, q in parts]), reserves):
+            text = p if i is None else head + join(self.base.tokenizer, self.context(i), query, self.chat)
             if i is not None and limit is not None:
                 n = len(self.base.encode_prompt(text)) + reserve
                 if n > limit:

@@ -32,6 +32,17 @@ def fact_line(fact: str) -> str:
     return f"Retrieved fact: {fact.rstrip().rstrip('.')}.\n"
 
 
+def split_query(prompt: str) -> tuple[str, str]:
+    """(head, query): the query is the prompt's last line, with the lines above it while it has fewer
+    than 3 words (so a cue such as "Thoughts:" brings its question along); the head is the rest (a
+    few-shot prompt's demonstrations)."""
+    lines = prompt.split("\n")
+    start = len(lines) - 1
+    while start > 0 and len(" ".join(lines[start:]).split()) < 3:
+        start -= 1
+    return "".join(line + "\n" for line in lines[:start]), "\n".join(lines[start:])
+
+
 class PromptView(LMView):
     """A view that answers every LM call by the system below, on prompts rewritten by `wrap`."""
 
@@ -74,16 +85,7 @@ class RetrievedFactView(PromptView):
             self._retriever = Retriever(self.memory.embedder)
         return self._retriever
 
-    @staticmethod
-    def split_query(prompt: str) -> tuple[str, str]:
-        """(head, query): the query is the prompt's last line, with the lines above it while it has fewer
-        than 3 words (so a cue such as "Thoughts:" brings its question along); the head is the rest (a
-        few-shot prompt's demonstrations)."""
-        lines = prompt.split("\n")
-        start = len(lines) - 1
-        while start > 0 and len(" ".join(lines[start:]).split()) < 3:
-            start -= 1
-        return "".join(line + "\n" for line in lines[:start]), "\n".join(lines[start:])
+    split_query = staticmethod(split_query)
 
     def facts_for(self, queries: Sequence[str]) -> list[str | None]:
         """Per query, the statement of the top-1 edited fact when in scope, else None."""
@@ -148,19 +150,24 @@ def extension_of(on: Any, kind: type, method: str, embedder: str) -> int:
     return len(below.memory)
 
 
-def extend_below(view: Any, kind: type, method: str) -> Any:
+def extend_below(view: Any, kind: type, method: str, same: Sequence[str] = ()) -> Any:
     """For a view whose config says it `extends` the edit below: check that the view below is a `kind`
-    view holding `below_facts` facts, join its memory before this view's own facts, and take its place
-    (`view.inner` becomes the system under it). Returns the view below, whose other per-fact state the
-    caller joins the same way."""
+    view holding `below_facts` facts and has the same `same` settings (the joined view applies one
+    setting to every fact, so an extension may not change how the earlier facts are routed), join its
+    memory before this view's own facts, and take its place (`view.inner` becomes the system under
+    it). Returns the view below, whose other per-fact state the caller joins the same way."""
     below = view.inner
     n_below = view.config.get("below_facts")
     if not isinstance(below, kind) or len(below.memory) != n_below:
         raise EditMismatchError(f"this {method} edit extends a {method} edit of {n_below} fact(s), which is not the "
                                 "edit below it; apply or load that edit first")
+    for key in same:
+        if view.config.get(key) != below.config.get(key):
+            raise HparamsError(f"{method}: {key}={view.config.get(key)!r} differs from the extended edit's "
+                               f"{below.config.get(key)!r}; every edit of a sequence (on=) keeps the first one's setting")
     view.memory = below.memory.joined(view.memory)
     view.inner = below.inner
     return below
 
 
-__all__ = ["PromptView", "RetrievedFactView", "extend_below", "extension_of", "fact_line"]
+__all__ = ["PromptView", "RetrievedFactView", "split_query", "extend_below", "extension_of", "fact_line"]
