@@ -74,6 +74,7 @@ class CliCase:
     args: list[str]
     needle: str
     late: bool = False  # the mistake can only be seen with the model loaded
+    torch: bool = False  # the check itself needs torch (a CUDA lookup); every other early case is answered without it
 
 
 def _db(*args: str) -> list[str]:
@@ -113,7 +114,7 @@ CLI_CASES = [
     # model options
     CliCase("unknown-dtype", EDIT + ["--dtype", "fp8"], "unknown dtype"),
     CliCase("unparsable-device", EDIT + ["--device", "gpu"], "unknown device"),
-    CliCase("absent-device", EDIT + ["--device", "cuda:99"], "not available"),
+    CliCase("absent-device", EDIT + ["--device", "cuda:99"], "not available", torch=True),
     CliCase("empty-model", ["edit", "--model", "", "--method", "rome"] + REQ, "no model given"),
     CliCase("model-typo", ["edit", "--model", "smollm2-13m", "--method", "rome"] + REQ, "did you mean 'smollm2-135m'"),
     CliCase("hub-id-not-allowed", ["edit", "--model", "openai-community/gpt2-not-cached", "--method", "rome"] + REQ,
@@ -201,6 +202,35 @@ def test_cli_bad_input(case: CliCase, files, lm, monkeypatch):
     assert bool(loads) == case.late, f"model loaded: {loads}"
     assert lm.fingerprint() == fingerprint and lm.active_edits == []
     assert _snapshot_db(files["db"]) == db_before
+
+
+_COLD = """
+import json, sys
+from typer.testing import CliRunner
+from editlab.cli import app
+cases, files = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for case_id, args in cases:
+    result = CliRunner().invoke(app, [a.format(**files) for a in args])
+    heavy = sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules)
+    if result.exit_code != 2 or heavy:
+        print(json.dumps([case_id, result.exit_code, heavy]))
+        break
+"""
+
+
+def test_early_mistakes_are_answered_without_importing_torch(files):
+    """Every mistake caught before the model loads is caught before torch is imported too (a fresh
+    interpreter runs the cases in turn and stops at the first that imports torch, transformers or
+    numpy), so a cold `editlab` answers it in well under a second instead of after torch's 2-10 s."""
+    import subprocess
+    import sys
+
+    cases = [(c.id, c.args) for c in CLI_CASES if not c.late and not c.torch]
+    paths = {k: str(v) for k, v in files.items()}
+    out = subprocess.run([sys.executable, "-c", _COLD, json.dumps(cases), json.dumps(paths)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"case (id, exit code, heavy modules imported): {out.stdout.strip()}"
 
 
 def test_there_are_at_least_forty_distinct_cli_cases():

@@ -5,7 +5,7 @@ import pytest
 
 from editlab.errors import HparamsError
 from editlab.methods import base, get_editor, known_model
-from editlab.methods.base import _parse_list, model_signature
+from editlab.methods.hparams import _parse_list, model_signature
 from editlab.models import load_lm
 
 

@@ -7,28 +7,13 @@
         print(edit.lm.generate([req.prompt], 5))
 """
 
-from typing import Any
+from editlab.lazyimport import lazy_exports
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "load_lm": "editlab.models",
-    "LM": "editlab.models",
-    "ArchSpec": "editlab.models",
-    "EditRequest": "editlab.requests",
-    "make_request": "editlab.requests",
-    "get_editor": "editlab.methods",
-    "available_methods": "editlab.methods",
-    "Edit": "editlab.methods",
-}
-
-
-def __getattr__(name: str) -> Any:  # lazy imports keep `import editlab` cheap
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'editlab' has no attribute {name!r}")
-
-
-__all__ = list(_LAZY)
+# lazy imports keep `import editlab` cheap
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".models": ("load_lm", "LM", "ArchSpec"),
+    ".requests": ("EditRequest", "make_request"),
+    ".methods": ("get_editor", "available_methods", "Edit"),
+})

@@ -179,18 +179,18 @@ def check_hparams_early(method: str, overrides: dict[str, Any]) -> None:
     """Names, types and model-free ranges of `overrides` for `method`, without the model: unknown
     names, values that cannot be coerced and counts out of their bounds raise `HparamsError`
     (`Hparams.from_dict` / `Hparams.check_counts`)."""
-    from ..methods import get_editor
+    from ..methods.catalogue import hparams_class
 
-    get_editor(method).hparams_cls.from_dict(overrides)
+    hparams_class(method).from_dict(overrides)
 
 
 def check_model_options(opts: ModelOptions) -> None:
     """dtype, device (present on this machine and torch build) and model source (a registered name, a
     local folder, a cached or allowed hub id), all without loading anything."""
-    from ..models.loading import check_model_source, resolve_device, resolve_dtype
+    from ..models.sources import check_device, check_model_source, dtype_name
 
-    resolve_dtype(opts.dtype)
-    resolve_device(opts.device)
+    dtype_name(opts.dtype)
+    check_device(opts.device)
     check_model_source(opts.model, True if opts.allow_hub else None)
 
 

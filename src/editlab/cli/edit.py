@@ -56,13 +56,13 @@ SaveDir = Annotated[Optional[Path], typer.Option(help="Directory to save the edi
 def edit(request: RequestOptions, method: options.Method = options.DEFAULT_METHOD, model: ModelOptions = ModelOptions(),
          hp: HparamOptions = HparamOptions(), show: ShowOptions = ShowOptions(), save: SaveDir = None) -> None:
     """Apply one edit and print before/after completions of the prompt and of related/unrelated prompts."""
-    from ..methods import get_editor
-    from ..methods.edit import check_save_target
+    from ..methods.catalogue import METHODS
+    from ..methods.edit_folder import check_save_target
     from ..requests import EditRequest, check_fits
 
-    # user mistakes surface before the model is loaded
+    # user mistakes surface before the model (and torch) is loaded
     req = EditRequest.create(request.prompt, request.subject, request.target, request.target_true)
-    editor = get_editor(method)
+    METHODS.resolve(method)
     overrides = hparam_overrides(hp)
     check_hparams_early(method, overrides)
     check_positive("--max-new-tokens", show.max_new_tokens, MAX_NEW_TOKENS)
@@ -74,6 +74,9 @@ def edit(request: RequestOptions, method: options.Method = options.DEFAULT_METHO
     if save is not None:
         check_save_target(save)
     lm = load_model(model)
+    from ..methods import get_editor
+
+    editor = get_editor(method)
     hparams = editor.hparams(lm, **overrides)
     check_fits(req, lm, reserve=show.max_new_tokens)
     rel = list(show.related or []) or [f"{request.subject} is", f"Where is {request.subject}? It is in"]

@@ -42,7 +42,7 @@ def _table(title: str, columns: list[str], rows: list[tuple[str, ...]]) -> Table
 
 def methods() -> None:
     """List editing methods."""
-    from ..methods.base import METHODS
+    from ..methods.catalogue import METHODS
 
     entries = registry_entries(METHODS)
     rows = [(e.name, ", ".join(e.aliases), str(e.meta.get("family", "")), e.description) for e in entries]

@@ -55,8 +55,8 @@ MAX_BATCH_SIZE = 100_000
 def run_configs(methods: list[str], data: DataOptions, hp: HparamOptions, run: RunOptions) -> list[RunConfig]:
     """One `RunConfig` per method from the shared options; every user mistake here raises before any
     model is loaded (the built-in corpus for perplexity is read only when no --ppl-text is given)."""
-    from ..methods import get_editor
-    from ..runner import MODES, RunConfig
+    from ..methods.catalogue import METHODS, can_batch
+    from ..runner.config import MODES, RunConfig
 
     if not methods:
         raise EditlabError("no method given; name at least one (see `editlab methods`)")
@@ -65,8 +65,8 @@ def run_configs(methods: list[str], data: DataOptions, hp: HparamOptions, run: R
     check_positive("--batch-size", run.batch_size, MAX_BATCH_SIZE)
     overrides = hparam_overrides(hp)
     for m in methods:
-        editor = get_editor(m)
-        if run.mode == "batch" and run.batch_size > 1 and not editor.supports_batch:
+        METHODS.resolve(m)
+        if run.mode == "batch" and run.batch_size > 1 and not can_batch(m):
             raise OptionError(f"method {m!r} edits one request at a time; use --mode single or a batch method")
         check_hparams_early(m, overrides)
     checkpoints = parse_checkpoints(run.checkpoints)
@@ -137,9 +137,8 @@ def demo(
     """The main job: ROME, MEMIT and FT on the built-in facts with the embedded model, single and
     sequential modes; prints a table and writes an HTML report."""
     from ..data import load_requests
-    from ..methods import get_editor
-    from ..report import write_report
-    from ..runner import RunConfig, Store
+    from ..runner.config import RunConfig
+    from ..runner.store import Store
 
     check_positive("--n", n, 10_000)
     check_positive("--sequential", sequential, 10_000)
@@ -152,6 +151,9 @@ def demo(
     except OSError as e:
         raise EditlabError(f"cannot create --out folder {out}: {e.strerror or e}") from None
     db = out / "runs.db"
+    from ..methods import get_editor  # torch: every check above is answered without it
+    from ..report import write_report
+
     try:
         store = Store(db)
         lm = load_model(ModelOptions(model=model))

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from . import options
 from ..errors import OptionError, OutputPathError
-from .common import console, load_model, user_warnings_reported
+from .common import check_model_options, console, load_model, user_warnings_reported
 from .options import ModelOptions, OptionGroup, with_option_groups
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def trace(fact: FactOptions = FactOptions(), model: ModelOptions = ModelOptions(
           limit: options.Limit = None, how: TraceOptions = TraceOptions(), out: Out = Path("trace")) -> None:
     """Causal tracing (ROME): corrupt the subject, restore one state at a time, and map where the answer
     comes back. Writes one heatmap per kind and prints where the MLP effect peaks."""
-    from ..tracing import CausalTracer, parse_kinds
+    from ..tracing.kinds import parse_kinds
 
     prompt, subject, answer = fact.prompt, fact.subject, fact.answer
     kinds, window = how.kinds, how.window
@@ -109,9 +109,12 @@ def trace(fact: FactOptions = FactOptions(), model: ModelOptions = ModelOptions(
     if limit is not None and limit < 1:
         raise OptionError(f"--limit must be at least 1, got {limit}")
     specs = parse_kinds(kinds, window)  # user mistakes surface before the model is loaded
+    check_model_options(model)
     facts = _load_facts(data) if data is not None else None
     _prepare_out(out)
     lm = load_model(model)
+    from ..tracing import CausalTracer
+
     tracer = CausalTracer(lm, samples=how.samples, noise_scale=how.noise, seed=how.seed, min_prob=how.min_prob)
     specs = parse_kinds(kinds, window, tracer.n_layers)
     tracer.check_kinds(specs)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from ..models.lm import LM
 from ..requests import EditRequest
 from .fluency import generation_fluency
+
+if TYPE_CHECKING:
+    from ..models.lm import LM
 
 CF_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 

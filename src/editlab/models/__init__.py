@@ -1,10 +1,11 @@
-"""Models: loading (`load_lm`), the `LM` interface and per-architecture `ArchSpec`s."""
+"""Models: loading (`load_lm`), the `LM` interface and per-architecture `ArchSpec`s. Names are imported
+on first use; `sources` (the model registry, source and dtype checks) loads without torch."""
 
-from .arch import ARCHS, ArchSpec, arch_for, supported_architectures
-from .lm import LM, ContinuationScore, model_fingerprint
-from .loading import MODELS, load_lm, resolve_dtype
+from editlab.lazyimport import lazy_exports
 
-__all__ = [
-    "ARCHS", "ArchSpec", "arch_for", "supported_architectures", "LM", "ContinuationScore",
-    "model_fingerprint", "MODELS", "load_lm", "resolve_dtype",
-]
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".arch": ("ARCHS", "ArchSpec", "arch_for", "supported_architectures"),
+    ".lm": ("LM", "ContinuationScore", "model_fingerprint"),
+    ".loading": ("load_lm", "resolve_dtype"),
+    ".sources": ("MODELS",),
+})

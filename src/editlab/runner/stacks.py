@@ -40,7 +40,7 @@ from typing import Sequence
 from ..errors import EditIntegrityError, EditlabError
 from ..fileio import atomic_dir
 from ..methods import Edit, restore_all
-from ..methods.edit import EDIT_FILES
+from ..methods.edit_folder import EDIT_FILES
 from ..models.lm import LM
 from ..requests import EditRequest
 

@@ -1,13 +1,14 @@
-"""Covariance statistics of MLP keys over generic text (cached), and the corpora they come from."""
+"""Covariance statistics of MLP keys over generic text (cached), and the corpora they come from.
 
-from .corpus import CLEANER_VERSION, Corpus, clean_wikitext, file_corpus, get_corpus, wikipedia_sample
-from .covariance import (
-    DEFAULT_N_TOKENS, DEFAULT_SEED, StatsCacheWarning, cache_path, compute_second_moments, load_cached,
-    sample_windows, second_moments, stats_provenance,
-)
+Names are imported on first use, so `editlab.stats.defaults` (and the corpus helpers) load without torch."""
 
-__all__ = [
-    "CLEANER_VERSION", "Corpus", "clean_wikitext", "file_corpus", "get_corpus", "wikipedia_sample",
-    "DEFAULT_N_TOKENS", "DEFAULT_SEED", "StatsCacheWarning", "cache_path", "compute_second_moments",
-    "load_cached", "sample_windows", "second_moments", "stats_provenance",
-]
+from editlab.lazyimport import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".corpus": ("CLEANER_VERSION", "Corpus", "clean_wikitext", "file_corpus", "get_corpus", "wikipedia_sample"),
+    ".defaults": ("DEFAULT_N_TOKENS", "DEFAULT_SEED"),
+    ".covariance": (
+        "StatsCacheWarning", "cache_path", "compute_second_moments", "load_cached", "sample_windows",
+        "second_moments", "stats_provenance",
+    ),
+})

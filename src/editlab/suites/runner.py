@@ -72,7 +72,6 @@ def plan_suite(name: str, methods: Sequence[str], *, limit: int | None = None, r
     """Resolve the suite (built with `options`, see `editlab.suites.get_suite`) and methods, check the
     protocol against each method and read the data. Raises the named errors (unknown suite, option or
     method, missing file, record lacking a field) without a model."""
-    from ..methods import get_editor
     from . import get_suite
 
     suite = get_suite(name, options)
@@ -84,6 +83,8 @@ def plan_suite(name: str, methods: Sequence[str], *, limit: int | None = None, r
         raise SuiteError(f"a method is named twice in {list(methods)}; name each once")
     if UNEDITED in methods:
         raise SuiteError(f"{UNEDITED!r} is the suite's own baseline row and always computed; it is not a method")
+    from ..methods import get_editor  # torch: the checks above are answered without it
+
     for m in methods:
         suite.check_method(get_editor(m))
     root = root or data_dir()

@@ -5,25 +5,17 @@
     traces["mlp:10"].save_png("mlp.png")
 
 `causal.py` holds the algorithm, `knowns.py` the known-facts data and the averaged trace (the paper's
-Figure 2), `plot.py` the heatmaps.
+Figure 2), `plot.py` the heatmaps. Names are imported on first use: `kinds` (what a trace restores,
+the errors) loads without torch.
 """
 
-from .causal import (
-    KINDS,
-    CausalTracer,
-    KindSpec,
-    TraceResult,
-    TracingError,
-    UnknownFactError,
-    embedding_std,
-    parse_kinds,
-    subject_range,
-    window_layers,
-)
-from .knowns import CLASSES, AverageTrace, KnownFact, average_traces, known_by_model, load_knowns, trace_known_facts
+from editlab.lazyimport import lazy_exports
 
-__all__ = [
-    "CLASSES", "AverageTrace", "KnownFact", "average_traces", "known_by_model", "load_knowns", "trace_known_facts",
-    "KINDS", "CausalTracer", "KindSpec", "TraceResult", "TracingError", "UnknownFactError", "embedding_std",
-    "parse_kinds", "subject_range", "window_layers",
-]
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".kinds": ("KINDS", "KindSpec", "TracingError", "UnknownFactError", "parse_kinds"),
+    ".causal": ("CausalTracer", "TraceResult", "embedding_std", "subject_range", "window_layers"),
+    ".knowns": (
+        "CLASSES", "AverageTrace", "KnownFact", "average_traces", "known_by_model", "load_knowns",
+        "trace_known_facts",
+    ),
+})

@@ -39,59 +39,19 @@ the edited relation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
-from ..base import Editor, Hparams
+from ..base import Editor
 from ..ft import encode_batch
 from ..patches import Patch
 from .queries import last_prompt_inputs
-from .side_units import ACTIVATIONS, FrozenPrefix, Site, generic_paragraphs, target_loss
+from .hparams import CaliNETHparams
+from .side_units import FrozenPrefix, Site, generic_paragraphs, target_loss
 
-
-@dataclass
-class CaliNETHparams(Hparams):
-    """Defaults for Llama-style models (gated slots, a late layer, KL on); `paper` holds the values
-    of CaliNet's `t5_train_kb_f.sh` that carry over (64 ReLU slots, lr 1e-2, 5,000 steps, no KL)."""
-
-    layer: int = 0
-    slots: int = 64
-    activation: str = "gated"
-    lr: float = 1e-2
-    steps: int = 300
-    stop_nll: float = 0.1
-    kl_weight: float = 1.0
-    kl_texts: int = 8  # generic-text paragraphs for the KL term
-    kl_tokens: int = 24  # tokens of each
-    train_on_paraphrases: bool = False
-    corpus: str = "wikipedia"
-    seed: int = 0
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"slots": 64, "activation": "relu", "lr": 1e-2, "steps": 5000, "kl_weight": 0.0},
-    }
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        # a late layer: 24 of SmolLM2's 30 (the card's 20-27 range), 3 of a 4-layer toy model
-        return {"layer": max(0, lm.n_layers - 1 - lm.n_layers // 6)}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layer("layer", self.layer, lm)
-        if self.activation not in ACTIVATIONS:
-            raise HparamsError(f"activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
-        self._check_positive("slots", self.slots)
-        self._check_positive("lr", self.lr)
-        self._check_positive("steps", self.steps)
-        self._check_positive("stop_nll", self.stop_nll, allow_zero=True)
-        self._check_positive("kl_weight", self.kl_weight, allow_zero=True)
-        self._check_positive("kl_texts", self.kl_texts, allow_zero=True)
-        self._check_positive("kl_tokens", self.kl_tokens)
 
 
 class _Pair(NamedTuple):

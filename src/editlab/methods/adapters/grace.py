@@ -43,19 +43,19 @@ around it (lookups then cascade: the outer codebook first).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ...errors import EditStackError, HparamsError
+from ...errors import EditStackError
 from ...models.lm import LM
 from ...requests import EditRequest
-from ..base import Editor, Hparams
+from ..base import Editor
 from ..edit import Edit
 from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
 from ...batching import teacher_forcing
+from .hparams import GRACEHparams
 from .inject import TableAdapter, register_wrapper
 from .queries import prompt_inputs
 
@@ -125,43 +125,6 @@ class GraceCodebook(TableAdapter):
 
 register_wrapper(GraceCodebook, "GRACE codebook: key/value/radius lookup per token")
 
-
-@dataclass
-class GRACEHparams(Hparams):
-    layer: int = 0  # the MLP whose output projection is wrapped; default n_layers - 5
-    module: str = "mlp_out"  # mlp_out (down_proj / c_proj) or mlp_in (up_proj / c_fc)
-    eps: float = 0.1  # initial radius: a fraction of the key's norm (eps_unit key_norm) or L2 units (absolute)
-    eps_unit: str = "key_norm"
-    steps: int = 100  # Adam steps on the value
-    lr: float = 1.0
-    stop_loss: float = 0.01  # stop once the mean target NLL is below this (0: always run every step)
-    val_init: str = "warm"  # warm: f(q); cold: U[0, 1) as in the paper
-    seed: int = 0
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # GRACE config/editor/grace.yaml: eps 1.0 in raw L2 units, 100 Adam steps at lr 1.0, cold values,
-        # a fixed number of steps
-        "paper": {"eps": 1.0, "eps_unit": "absolute", "steps": 100, "lr": 1.0, "stop_loss": 0.0, "val_init": "cold"},
-    }
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        return {"layer": max(0, lm.n_layers - 5)}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layer("layer", self.layer, lm)
-        self._check_choice("module", self.module, ("mlp_out", "mlp_in"))
-        self._check_choice("eps_unit", self.eps_unit, ("key_norm", "absolute"))
-        if not self.eps > 0:
-            raise HparamsError(f"eps (the deferral radius) must be > 0, got {self.eps}")
-        if self.steps < 1:
-            raise HparamsError("steps must be at least 1")
-        self._check_positive("lr", self.lr)
-        self._check_positive("stop_loss", self.stop_loss, allow_zero=True)
-        self._check_choice("val_init", self.val_init, ("warm", "cold"))
-
-    def path(self, lm: LM) -> str:
-        return lm.arch.mlp_out_path(self.layer) if self.module == "mlp_out" else lm.arch.mlp_in_path(self.layer)
 
 
 def _dims(lm: LM, module: torch.nn.Module) -> tuple[int, int]:

@@ -74,7 +74,6 @@ extends the same wrapper.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -84,11 +83,12 @@ from ...errors import EditMismatchError, EditRequestError, EditStackError, Hpara
 from ...hooks import capture
 from ...models.lm import LM
 from ...requests import EditRequest
-from ..base import Editor, Hparams
+from ..base import Editor
 from ..edit import Edit
 from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
 from .grace import SAME_INPUT, label_id
+from .hparams import MELOHparams
 from .inject import TableAdapter, register_wrapper
 from .queries import last_prompt_inputs
 
@@ -257,66 +257,6 @@ class MeloLoRA(TableAdapter):
 
 register_wrapper(MeloLoRA, "MELO: LoRA blocks routed per token by a vector database of edit clusters")
 
-
-@dataclass
-class MELOHparams(Hparams):
-    # Defaults (rank 4, scale 4, Adam 1e-2, radius 0.1 of the key norm) reached the target within 50
-    # steps on every one of SmolLM2's counterfact-train records 0-49 and on the tiny test model; the
-    # radius is the calibration in the module docstring. No model-specific preset.
-    layers: list[int] = field(default_factory=lambda: [0])  # MLPs wrapped; default [n_layers - 5]
-    module: str = "mlp_in"  # mlp_in (up_proj / c_fc, the paper's choice) or mlp_out (down_proj / c_proj)
-    block_rank: int = 4  # LoRA rank of one block
-    lora_scale: float = 4.0  # multiplier of B(Ax)
-    init_radius: float = 0.1  # new clusters' radius: fraction of the key's norm (key_norm) or L2 units (absolute)
-    radius_unit: str = "key_norm"
-    edits_per_block: int = 4  # requests trained together in one block (0: the whole batch in one block)
-    steps: int = 50  # Adam steps per block
-    lr: float = 1e-2
-    lr_step: int = 20  # StepLR: multiply the rate by lr_gamma every lr_step steps
-    lr_gamma: float = 0.5
-    key_tokens: str = "prompt"  # prompt: key at the last prompt token; target: also at each target position
-    stop_loss: float = 0.01  # stop once the mean target NLL is below this (0: always run every step)
-    seed: int = 0
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # EasyEdit hparams/MELO/gpt2-xl.yaml: num_rank_per_block 2, 350 blocks with r = α = 700 (so the
-        # block multiplier is √350), num_edit_per_block 4, init_radius 0.5 in raw L2 units, 50 Adam
-        # steps at 1e-3 with StepLR(20, 0.5), LoRA on two consecutive c_fc (layers 36-37 of 48)
-        "paper": {"block_rank": 2, "lora_scale": math.sqrt(350.0), "init_radius": 0.5, "radius_unit": "absolute",
-                  "edits_per_block": 4, "steps": 50, "lr": 1e-3, "lr_step": 20, "lr_gamma": 0.5, "stop_loss": 0.0,
-                  "module": "mlp_in"},
-    }
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        return {"layers": [max(0, lm.n_layers - 5)]}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layers("layers", list(self.layers), lm)
-        self._check_choice("module", self.module, ("mlp_in", "mlp_out"))
-        self._check_choice("radius_unit", self.radius_unit, ("key_norm", "absolute"))
-        if not self.init_radius > 0:
-            raise HparamsError(f"init_radius (a cluster's initial radius) must be > 0, got {self.init_radius}")
-        if self.block_rank < 1:
-            raise HparamsError("block_rank must be at least 1")
-        if not self.lora_scale > 0:
-            raise HparamsError(f"lora_scale must be > 0, got {self.lora_scale}")
-        if self.steps < 1:
-            raise HparamsError("steps must be at least 1")
-        if self.lr_step < 1:
-            raise HparamsError("lr_step must be at least 1")
-        if not 0 < self.lr_gamma <= 1:
-            raise HparamsError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        if self.key_tokens not in ("prompt", "target"):
-            raise HparamsError(f"key_tokens must be 'prompt' or 'target', got {self.key_tokens!r}")
-        if self.edits_per_block < 0:
-            raise HparamsError("edits_per_block must be >= 0 (0: one block for the whole batch)")
-        self._check_positive("lr", self.lr)
-        self._check_positive("stop_loss", self.stop_loss, allow_zero=True)
-
-    def paths(self, lm: LM) -> list[str]:
-        where = lm.arch.mlp_in_path if self.module == "mlp_in" else lm.arch.mlp_out_path
-        return [where(layer) for layer in self.layers]
 
 
 def _dims(lm: LM, module: torch.nn.Module) -> tuple[int, int]:

@@ -41,9 +41,8 @@ from ...errors import EditMismatchError, HparamsError
 from ...hooks import output_tensor, replace_output
 from ...models.lm import LM
 from ..patches import ModuleSwap, Patch, TableUpdate
+from .hparams import ACTIVATIONS
 from .inject import TableAdapter, register_wrapper, set_module
-
-ACTIVATIONS = ("relu", "silu", "gated")
 
 
 class SideUnits(TableAdapter):

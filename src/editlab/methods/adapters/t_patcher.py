@@ -50,74 +50,22 @@ Where this departs from the paper and its code, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from ...errors import HparamsError
 from ...hooks import capture
 from ...models.lm import LM
 from ...requests import EditRequest
-from ..base import Editor, Hparams
+from ..base import Editor
 from ..ft import encode_batch
 from ..patches import Patch
+from .hparams import TPatcherHparams
 from .queries import token_inputs
 from .side_units import FrozenPrefix, Site, edit_is_own_rows, generic_paragraphs, target_loss
 
 MEMORY_CACHE = "t-patcher-memory"
 
-
-@dataclass
-class TPatcherHparams(Hparams):
-    """Defaults: the paper's (`Transformer-Patcher src/utils.py`, zsRE) except ReLU units and one unit
-    per edit; the layer is the last MLP of the model."""
-
-    layer: int = 0
-    activation: str = "relu"
-    lr: float = 1e-2
-    steps: int = 2000  # max_edit_step
-    act_loss_thd: float = 0.1
-    act_margin: float = 0.0
-    alc: float = 1.0
-    mlc: float = 10.0
-    margin1: float = 3.0  # memory activations at least this far below the query's
-    margin2: float = -3.0  # ... and below this absolute level
-    memory_top_k: int = 1000
-    memory_size: int = 40_000  # memory rows (tokens of generic text); 0 disables the memory loss
-    amplify: float = 10.0  # norm of the initial value vector
-    max_add_neuron_num: int = 1
-    corpus: str = "wikipedia"  # generic text for the memory (see stats.corpus.get_corpus)
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # paper values (zsRE setting): up to 5 units per edit; the layer stays the model's last MLP
-        "paper": {"lr": 1e-2, "steps": 2000, "act_loss_thd": 0.1, "alc": 1.0, "mlc": 10.0, "margin1": 3.0,
-                  "margin2": -3.0, "memory_top_k": 1000, "memory_size": 40_000, "amplify": 10.0,
-                  "max_add_neuron_num": 5},
-    }
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        return {"layer": lm.n_layers - 1}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layer("layer", self.layer, lm)
-        if self.activation not in ("relu", "silu"):
-            raise HparamsError(f"activation must be 'relu' or 'silu' for T-Patcher units, got {self.activation!r}")
-        self._check_positive("lr", self.lr)
-        self._check_positive("steps", self.steps)
-        self._check_positive("act_loss_thd", self.act_loss_thd)
-        self._check_positive("alc", self.alc, allow_zero=True)
-        self._check_positive("mlc", self.mlc, allow_zero=True)
-        self._check_positive("amplify", self.amplify)
-        self._check_positive("max_add_neuron_num", self.max_add_neuron_num)
-        self._check_positive("memory_top_k", self.memory_top_k)
-        self._check_positive("memory_size", self.memory_size, allow_zero=True)
-        if self.margin1 < 0:
-            raise HparamsError(f"margin1 must be >= 0 (memory activations below the query's), got {self.margin1}")
-        if self.margin2 > 0:
-            raise HparamsError(f"margin2 must be <= 0 (memory inputs kept below zero, where a ReLU unit is "
-                               f"silent), got {self.margin2}")
 
 
 # ---------------------------------------------------------------- memory and queries

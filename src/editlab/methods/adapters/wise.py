@@ -69,7 +69,6 @@ Departures (and why)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -77,9 +76,10 @@ import torch
 from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
-from ..base import Editor, Hparams
+from ..base import Editor
 from ..ft import batch_loss, encode_batch
 from ..patches import ModuleSwap, Patch, TableUpdate
+from .hparams import WISEHparams
 from .inject import TableAdapter, register_wrapper
 from ..locate.shared import context_templates, parse_template_groups
 from .queries import token_inputs
@@ -218,71 +218,6 @@ class WISEWrapper(TableAdapter):
 
 register_wrapper(WISEWrapper, "WISE side memories beside an MLP output projection, routed per token")
 
-
-@dataclass
-class WISEHparams(Hparams):
-    layer: int = 0
-    mask_ratio: float = 0.2  # fraction of the projection's entries a shard may change
-    edit_lr: float = 1.0  # SGD learning rate on the masked entries
-    n_iter: int = 70
-    norm_constraint: float = 1.0  # element-wise clip: W_v' within W_v ± c
-    act_margin: list[float] = field(default_factory=lambda: [0.05, 0.2, 0.1])  # α, β, γ
-    margin_scale: str = "relative"  # "relative": fractions of median ‖W_v a(x)‖; "absolute": raw norms
-    act_ratio: float = 0.88  # ε = act_ratio · smallest edit activation of the shard
-    save_freq: int = 500  # edits per shard
-    merge_freq: int = 0  # TIES merging of shards: not implemented, must be 0
-    retrieve: bool = True  # keep shards as separate side memories and route to the most active one
-    irr_tokens: int = 256  # at most this many irrelevant tokens per edit
-    # random prefixes the edit is also trained under, as [length, count] groups sampled from the model
-    # (ROME-style; the reference's "context templates"); [] trains on the bare prompt only
-    context_templates: list = field(default_factory=list)
-    seed: int = 0  # shard masks
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # EasyEdit hparams/WISE/llama-7b.yaml where it applies (merge_freq 1000 / TIES is not implemented;
-        # save_freq 500 means 200-edit sequences never open a second shard anyway)
-        "paper": {"mask_ratio": 0.2, "edit_lr": 1.0, "n_iter": 70, "norm_constraint": 1.0,
-                  "act_margin": [5.0, 20.0, 10.0], "margin_scale": "absolute", "act_ratio": 0.88,
-                  "save_freq": 500, "retrieve": True},
-        # tuned on the first 20 counterfact-train records, 20 sequential edits (tuning split, not results):
-        # lr 1.0 saturates the ±1 clip in one step (Δ ≈ 150 vs ‖W_v a‖ ≈ 85) and one 500-edit shard lets
-        # later edits overwrite earlier ones (retention 0.44 at lr 0.3); shards of 5 edits at lr 0.3 kept
-        # 0.89 rewrite accuracy with the margins met (held-out neighbourhood locality 0.91)
-        "smollm2-135m": {"edit_lr": 0.3, "save_freq": 5},
-    }
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        return {"layer": max(lm.n_layers // 2, lm.n_layers - 5)}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layer("layer", self.layer, lm)
-        if not 0 < self.mask_ratio <= 1:
-            raise HparamsError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
-        self._check_positive("edit_lr", self.edit_lr)
-        self._check_positive("norm_constraint", self.norm_constraint)
-        if self.n_iter < 1:
-            raise HparamsError(f"n_iter must be >= 1, got {self.n_iter}")
-        if len(self.act_margin) != 3 or not all(isinstance(m, (int, float)) for m in self.act_margin):
-            raise HparamsError(f"act_margin must be three numbers [alpha, beta, gamma], got {self.act_margin}")
-        for name, m in zip(("alpha", "beta", "gamma"), self.act_margin):
-            self._check_positive(f"act_margin {name}", float(m), allow_zero=True)
-        if self.margin_scale not in ("relative", "absolute"):
-            raise HparamsError(f"margin_scale must be 'relative' or 'absolute', got {self.margin_scale!r}")
-        if not 0 < self.act_ratio <= 1:
-            raise HparamsError(f"act_ratio must be in (0, 1], got {self.act_ratio}")
-        if self.save_freq < 1:
-            raise HparamsError(f"save_freq must be >= 1, got {self.save_freq}")
-        if self.merge_freq != 0:
-            raise HparamsError("merge_freq: TIES merging of WISE shards is not implemented in editlab; use "
-                               "merge_freq=0 (shards stay separate side memories, retrieve=True)")
-        parse_template_groups(self.context_templates)
-        if self.irr_tokens < 1:
-            raise HparamsError(f"irr_tokens must be >= 1, got {self.irr_tokens}")
-        module = lm.base_module(lm.arch.mlp_out_path(self.layer))
-        if getattr(module, "weight", None) is None or module.weight.dim() != 2:
-            raise HparamsError(f"WISE needs a linear output projection at layer {self.layer}; "
-                               f"{type(module).__name__} has no 2-d weight")
 
 
 def irrelevant_texts(requests: list[EditRequest]) -> list[str]:

@@ -31,8 +31,7 @@ The running Σ K_pᵀK_p of the newest chain is kept with the LM, so each edit a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -43,49 +42,11 @@ from ...stats import second_moments
 from ..base import Editor
 from ..edit import Edit
 from ..patches import Patch, SolverState, WeightDelta
-from .spread import MultiLayerHparams, spread_over_layers
+from .hparams import L2_MODES, NULL_SPACE_MODES, AlphaEditHparams  # noqa: F401 (re-exported)
+from .spread import spread_over_layers
 
-NULL_SPACE_MODES = ("threshold", "energy")
-L2_MODES = ("absolute", "relative")
 STATE = "alphaedit.keys"
 
-
-@dataclass
-class AlphaEditHparams(MultiLayerHparams):
-    null_space: str = "threshold"
-    nullspace_threshold: float = 2e-2  # eigenvalues of E[kkᵀ] below this span the null space
-    null_space_energy: float = 0.99  # 'energy': protect the top eigenvectors holding this share of the trace
-    l2: float = 10.0  # α
-    l2_mode: str = "absolute"  # 'relative': α × tr(P K Kᵀ)/n
-
-    # α = 0 leaves P·KKᵀ rank-deficient: the solve returns finite garbage, so it is refused
-    POSITIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.POSITIVE + ("null_space_energy", "l2")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.NON_NEGATIVE + ("nullspace_threshold",)
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # paper values: jianghoucheng/AlphaEdit hparams/AlphaEdit/*.json
-        "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
-                    "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "nullspace_threshold": 2e-2, "l2": 10.0},
-        "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 0.5,
-                     "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "nullspace_threshold": 2e-2, "l2": 10.0},
-        "llama-3-8b": {"layers": [4, 5, 6, 7, 8], "v_steps": 25, "v_lr": 0.1, "v_weight_decay": 0.5,
-                       "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "nullspace_threshold": 2e-2, "l2": 10.0},
-        # SmolLM2-135M: MEMIT's tuned layers and value settings; the null space by energy and α relative
-        # to the batch (the paper's absolute threshold and α do not transfer, see the module docstring).
-        # Checked on counterfact-train only (docs/methods.md, "Presets for SmolLM2-135M").
-        "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
-                         "kl_factor": 0.0625, "clamp_norm_factor": 4.0, "null_space": "energy",
-                         "null_space_energy": 0.99, "l2": 0.1, "l2_mode": "relative"},
-    }
-
-    def validate(self, lm: LM) -> None:
-        super().validate(lm)
-        if self.null_space not in NULL_SPACE_MODES:
-            raise HparamsError(f"null_space must be one of {NULL_SPACE_MODES}, got {self.null_space!r}")
-        if self.l2_mode not in L2_MODES:
-            raise HparamsError(f"l2_mode must be one of {L2_MODES}, got {self.l2_mode!r}")
-        if not self.null_space_energy < 1:
-            raise HparamsError(f"null_space_energy must be in (0, 1), got {self.null_space_energy}")
 
 
 def null_space_projector(cov: torch.Tensor, mode: str, threshold: float, energy: float) -> torch.Tensor:

@@ -18,8 +18,7 @@ absolute value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -28,46 +27,8 @@ from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import second_moments
 from ..base import Editor
-from .spread import MultiLayerHparams, spread_over_layers
-
-LAMBDA_MODES = ("absolute", "relative")
-
-
-@dataclass
-class EMMETHparams(MultiLayerHparams):
-    mom2_update_weight: float = 10000.0  # μ in C = μ·E[kkᵀ]
-    emmet_lambda: float = 0.1  # λ_e on D's diagonal (batches of more than one edit)
-    emmet_lambda_mode: str = "relative"  # "relative": λ_e × median(diag D); "absolute" in the paper presets
-    max_cond: float = 1e12  # D worse conditioned than this is inverted with a pseudo-inverse
-
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.NON_NEGATIVE + ("emmet_lambda",)
-    POSITIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.POSITIVE + ("mom2_update_weight", "max_cond")
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # paper values: scalable-model-editing/unified-model-editing hparams/EMMET/*.json
-        "gpt2-xl": {"layers": [17], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-                    "clamp_norm_factor": 0.75, "mom2_update_weight": 1000.0, "emmet_lambda": 0.1,
-                    "emmet_lambda_mode": "absolute"},
-        # μ 10000 as in the authors' "corrected algo hyperparameters" commit (dabbb96, Dec 2024); the
-        # repository's main branch still reads 1
-        "gpt-j-6b": {"layers": [5], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-                     "clamp_norm_factor": 0.75, "mom2_update_weight": 10000.0, "emmet_lambda": 0.1,
-                     "emmet_lambda_mode": "absolute"},
-        "llama-2-7b": {"layers": [5], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "kl_factor": 0.0625,
-                       "clamp_norm_factor": 4.0, "mom2_update_weight": 1.0, "emmet_lambda": 0.1,
-                       "emmet_lambda_mode": "absolute"},
-        # SmolLM2-135M: MEMIT's tuned layers and value settings; λ_e relative to D, as the method card
-        # suggests for a model whose keys are small (‖k‖ ≈ 4–8). Checked on counterfact-train only
-        # (docs/methods.md, "Presets for SmolLM2-135M").
-        "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
-                         "kl_factor": 0.0625, "clamp_norm_factor": 4.0, "mom2_update_weight": 10000.0,
-                         "emmet_lambda": 0.1, "emmet_lambda_mode": "relative"},
-    }
-
-    def validate(self, lm: LM) -> None:
-        super().validate(lm)
-        if self.emmet_lambda_mode not in LAMBDA_MODES:
-            raise HparamsError(f"emmet_lambda_mode must be one of {LAMBDA_MODES}, got {self.emmet_lambda_mode!r}")
+from .hparams import LAMBDA_MODES, EMMETHparams  # noqa: F401 (re-exported)
+from .spread import spread_over_layers
 
 
 def emmet_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mu: float, lam: float,

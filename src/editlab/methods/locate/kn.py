@@ -31,77 +31,18 @@ One request per edit (as in the paper and EasyEdit). Nothing is sampled: the met
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
-from ...errors import EditRequestError, EditlabError, HparamsError
+from ...errors import EditRequestError, EditlabError
 from ...hooks import hooks
 from ...models.lm import LM
 from ...requests import EditRequest
-from ..base import Editor, Hparams
+from ..base import Editor
+from .hparams import PAPER_MIN_IG_STEPS, KNHparams  # noqa: F401 (re-exported)
 from .shared import SuffixRunner
-
-PAPER_MIN_IG_STEPS = 20
-
-
-@dataclass
-class KNHparams(Hparams):
-    # layers whose MLP units are attributed (defaults_for: every layer, as in the paper)
-    layers: list[int] = field(default_factory=list)
-    ig_steps: int = 20  # M, Riemann steps of the integrated gradients (paper 20)
-    adaptive_threshold: float = 0.2  # t: coarse set = Attr > t·max Attr, per prompt
-    share_ratio: float = 0.7  # p: a unit must be in the coarse sets of >= this fraction of the prompts
-    share_step: float = 0.05  # how p is moved to land in [min_neurons, max_neurons]; 0: fixed p
-    min_neurons: int = 2
-    max_neurons: int = 5
-    lambda_erase: float = 1.0  # λ1 (multiples of ‖w_i‖ along e_old removed)
-    lambda_enhance: float = 8.0  # λ2 (multiples of ‖w_i‖ along e_new added)
-    sign_aware: bool = True  # s_i = sign(a_i), see the module docstring
-    use_paraphrases: bool = True  # attribute on the request's paraphrase prompts too (the refining set)
-    batch_size: int = 128  # (layer, step) rows per forward pass
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # Dai et al. 2022 (BERT; Hunter-DDM/knowledge-neurons): M 20, t 0.2, p 0.7 adjusted by 0.05
-        # until 2-5 units remain, λ1 1 and λ2 8 on the unsigned update, every layer.
-        "paper": {"ig_steps": 20, "adaptive_threshold": 0.2, "share_ratio": 0.7, "share_step": 0.05,
-                  "min_neurons": 2, "max_neurons": 5, "lambda_erase": 1.0, "lambda_enhance": 8.0,
-                  "sign_aware": False},
-        # SmolLM2-135M, chosen on counterfact-train[0:20] only (benchmarks/tune_kn.py; docs/methods.md "KN"):
-        # the paper's λ2 = 8 makes most prompts of ANY subject answer the new target (top-1 of other
-        # records' prompts kept: 0.20 signed, 0.35 unsigned); λ1 = λ2 cancels the direction the two
-        # answer embeddings share, and 2 units with λ 1 gave the best efficacy/locality balance
-        # (efficacy 0.75, neighbourhood 0.35, locality 0.83; unedited 0.35 / 0.75 / 1.0). Every layer.
-        "smollm2-135m": {"ig_steps": 20, "adaptive_threshold": 0.2, "share_ratio": 0.7, "share_step": 0.05,
-                         "min_neurons": 2, "max_neurons": 2, "lambda_erase": 1.0, "lambda_enhance": 1.0,
-                         "sign_aware": True},
-    }
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        return {"layers": list(range(lm.n_layers))}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layers("layers", self.layers, lm)
-        if self.ig_steps < PAPER_MIN_IG_STEPS:
-            raise HparamsError(
-                f"ig_steps must be >= {PAPER_MIN_IG_STEPS} (the paper's M), got {self.ig_steps}: fewer steps "
-                "make the Riemann sum a poor integral (1 step is a single gradient at the zero baseline)")
-        if not 0.0 <= self.adaptive_threshold < 1.0:
-            raise HparamsError(f"adaptive_threshold must be in [0, 1), got {self.adaptive_threshold}")
-        if not 0.0 <= self.share_ratio <= 1.0:
-            raise HparamsError(f"share_ratio must be in [0, 1], got {self.share_ratio}")
-        if not 0.0 <= self.share_step <= 1.0:
-            raise HparamsError(f"share_step must be in [0, 1], got {self.share_step}")
-        if self.min_neurons < 1 or self.max_neurons < self.min_neurons:
-            raise HparamsError(
-                f"need 1 <= min_neurons <= max_neurons, got min_neurons={self.min_neurons}, max_neurons={self.max_neurons}")
-        self._check_positive("lambda_erase", self.lambda_erase, allow_zero=True)
-        self._check_positive("lambda_enhance", self.lambda_enhance, allow_zero=True)
-        if self.lambda_erase == 0 and self.lambda_enhance == 0:
-            raise HparamsError("lambda_erase and lambda_enhance are both 0: the edit would change nothing")
-        self._check_positive("batch_size", self.batch_size)
 
 
 # ---------------------------------------------------------------------------------- attribution

@@ -11,8 +11,7 @@ fitting new ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -20,32 +19,9 @@ from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import second_moments
 from ..base import Editor
-from .spread import MultiLayerHparams, spread_over_layers
+from .hparams import MEMITHparams
+from .spread import spread_over_layers
 
-
-@dataclass
-class MEMITHparams(MultiLayerHparams):
-    mom2_update_weight: float = 15000.0
-
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.NON_NEGATIVE + ("mom2_update_weight",)
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # paper values: kmeng01/memit hparams/MEMIT/gpt2-xl.json and EleutherAI_gpt-j-6B.json
-        "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
-                    "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "mom2_update_weight": 20000.0},
-        "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 0.5,
-                     "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0},
-        # values released for Llama-3-8B with AlphaEdit (hparams/MEMIT/Llama3-8B.json)
-        "llama-3-8b": {"layers": [4, 5, 6, 7, 8], "v_steps": 25, "v_lr": 0.1, "v_weight_decay": 0.5,
-                       "kl_factor": 0.0625, "clamp_norm_factor": 0.75, "mom2_update_weight": 15000.0},
-        # SmolLM2-135M: layers from causal tracing (method cards §0); λ and the clamp chosen on
-        # counterfact-train[0:8] in one batch (benchmarks/tune_locate.py, never a reported split): the
-        # paper's λ 15000 / clamp 0.75 leave the batch unedited (efficacy 0.375, rewrite acc 0.04;
-        # unedited 0.125 / 0.04), λ 2000 / clamp 4 give efficacy 1.0, paraphrase 0.625, neighbourhood
-        # 0.875 (= unedited), rewrite 0.96, locality 1.0. Other values as the paper.
-        "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
-                         "kl_factor": 0.0625, "clamp_norm_factor": 4.0, "mom2_update_weight": 2000.0},
-    }
 
 
 def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, weight: float) -> torch.Tensor:

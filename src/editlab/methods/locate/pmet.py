@@ -16,8 +16,7 @@ NLL weight drops to 0.1 and the request stops when its weighted KL is at most 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -26,31 +25,10 @@ from ...requests import EditRequest
 from ...stats import second_moments
 from ..base import Editor
 from .memit import memit_update
-from .shared import ValueOptConfig, optimize_values, refuse_post_mlp_norm
-from .spread import MultiLayerHparams, template_set, write_targets
+from .hparams import PMETHparams
+from .shared import optimize_values, refuse_post_mlp_norm
+from .spread import template_set, write_targets
 
-
-@dataclass
-class PMETHparams(MultiLayerHparams):
-    mom2_update_weight: float = 6000.0
-    nll_drop: bool = True
-
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = MultiLayerHparams.NON_NEGATIVE + ("mom2_update_weight",)
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # paper values: xpq-tech/PMET edit/hparams/PMET/EleutherAI_gpt-j-6B.json
-        "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "v_steps": 30, "v_lr": 0.2, "v_weight_decay": 0.5,
-                     "kl_factor": 1.0, "clamp_norm_factor": 0.75, "mom2_update_weight": 6000.0},
-        # SmolLM2-135M: MEMIT's tuned layers and λ (counterfact-train only), PMET's value schedule; the clamp
-        # as MEMIT's preset (the paper's 0.75 leaves MEMIT's batch unedited on this model)
-        "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
-                         "kl_factor": 0.0625, "clamp_norm_factor": 4.0, "mom2_update_weight": 2000.0},
-    }
-
-    def value_config(self) -> ValueOptConfig:
-        cfg = super().value_config()
-        cfg.nll_drop = self.nll_drop
-        return cfg
 
 
 def mlp_module_path(lm: LM, layer: int) -> str:

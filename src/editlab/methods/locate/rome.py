@@ -15,69 +15,24 @@ key the new association is fitted at:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import second_moments
 from ..base import Editor
 from ..patches import LowRank
+from .hparams import KEY_MODES, ROMEHparams, parse_template_groups  # noqa: F401 (re-exported)
 from .shared import (
-    LocateHparams,
     capture_at_subject,
     context_templates,
     flat_mean,
     optimize_values,
-    parse_template_groups,
     refuse_post_mlp_norm,
 )
-
-KEY_MODES = ("r-rome", "original", "consistent")
-
-
-@dataclass
-class ROMEHparams(LocateHparams):
-    layer: int = 5
-    key_mode: str = "r-rome"
-    # context prefixes as [length in tokens, count] groups, after the bare prompt (paper: 10×5 + 10×10)
-    context_templates: list[Any] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    mom2_adjustment: bool = True
-
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # paper values: kmeng01/rome hparams/ROME/gpt2-xl.json and EleutherAI_gpt-j-6B.json
-        "gpt2-xl": {"layer": 17, "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-                    "clamp_norm_factor": 4.0},
-        "gpt-j-6b": {"layer": 5, "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-                     "clamp_norm_factor": 4.0},
-        # paper values as released for Llama-3-8B (EasyEdit hparams/ROME/llama3-8b.yaml; it sets
-        # mom2_adjustment false, which we keep on, see the r-ROME card)
-        "llama-3-8b": {"layer": 5, "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "kl_factor": 0.0625,
-                       "clamp_norm_factor": 4.0},
-        # SmolLM2-135M, chosen on counterfact-train[0:20] only (docs/methods.md): the layer causal tracing
-        # picks, paper value-optimisation settings, and one 5-token plus one 10-token context prefix instead
-        # of ten of each (same efficacy/paraphrase/neighbourhood there, a third of the rows per step)
-        "smollm2-135m": {"layer": 6, "context_templates": [[5, 1], [10, 1]], "v_steps": 20, "v_lr": 0.5,
-                         "v_weight_decay": 0.5, "kl_factor": 0.0625, "clamp_norm_factor": 4.0},
-    }
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        # early-middle MLP layers hold subject->attribute associations (causal tracing)
-        return {"layer": max(0, round(lm.n_layers * 0.15))}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layer("layer", self.layer, lm)
-        if self.key_mode not in KEY_MODES:
-            raise HparamsError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
-        parse_template_groups(self.context_templates)
-        for name in ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens", "v_chunk_rows"):
-            self._check_positive(name, getattr(self, name))
-        for name in ("v_weight_decay", "kl_factor", "stop_loss", "v_cache_mb"):
-            self._check_positive(name, getattr(self, name), allow_zero=True)
 
 
 def rank_one_factors(

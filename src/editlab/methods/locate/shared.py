@@ -26,30 +26,9 @@ from ...hooks import capture, hooks, output_tensor, replace_output
 from ...memory import release_freed_memory
 from ...models.lm import LM
 from ...requests import EditRequest
-from ...stats import DEFAULT_N_TOKENS
-from ..base import Hparams
+from .hparams import LocateHparams, TemplateGroups, parse_template_groups  # noqa: F401 (re-exported)
 
 _TEMPLATE_STARTS = ["The", "Therefore", "Because", "I", "You", "It", "In", "When"]
-
-TemplateGroups = list[tuple[int, int]]  # (prefix length in tokens, number of prefixes) per group
-
-
-def parse_template_groups(value: Any, name: str = "context_templates") -> TemplateGroups:
-    """Template groups from hyper-parameters: a list of [length, count] pairs, or of "length:count"
-    strings (what the CLI gives, e.g. `--set context_templates=5:10,10:10`)."""
-    groups: TemplateGroups = []
-    for item in value or []:
-        try:
-            if isinstance(item, str):
-                length, count = (int(x) for x in item.split(":"))
-            else:
-                length, count = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise HparamsError(f"{name}: each group is [length, count] or 'length:count', got {item!r}") from None
-        if not (1 <= length <= 1_000 and 0 <= count <= 10_000):
-            raise HparamsError(f"{name}: group {item!r} needs 1 <= length <= 1000 tokens and 0 <= count <= 10000")
-        groups.append((length, count))
-    return groups
 
 
 def context_templates(lm: LM, groups: Sequence[tuple[int, int]], seed: int = 0) -> list[list[str]]:
@@ -237,29 +216,6 @@ class ValueOptConfig:
     # memory for the prefixes' KV caches kept across steps (MB); beyond it they are recomputed per step
     cache_mb: int = 256
 
-
-@dataclass
-class LocateHparams(Hparams):
-    """Hyper-parameters every locate-and-edit method shares: the value optimisation and the statistics."""
-
-    v_steps: int = 20
-    v_lr: float = 0.5
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    stop_loss: float = 0.05
-    mom2_n_tokens: int = DEFAULT_N_TOKENS
-    corpus: str = "wikipedia"
-    seed: int = 0
-    # memory only (the result is the same): rows per forward/backward pass of the value optimisation,
-    # and MB of prefix KV caches kept across its steps (beyond that they are recomputed each step)
-    v_chunk_rows: int = 64
-    v_cache_mb: int = 256
-
-    def value_config(self) -> ValueOptConfig:
-        return ValueOptConfig(self.v_steps, self.v_lr, self.kl_factor, self.v_weight_decay,
-                              self.clamp_norm_factor, self.stop_loss, chunk_rows=int(self.v_chunk_rows),
-                              cache_mb=int(self.v_cache_mb))
 
 
 def weight_decay_term(delta: torch.Tensor, v_init: torch.Tensor, factor: float) -> torch.Tensor:

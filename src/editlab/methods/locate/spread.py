@@ -17,53 +17,26 @@ The model is left exactly as it was: the updates are undone at the end and retur
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from ...errors import HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
+from .hparams import MultiLayerHparams, parse_template_groups
 from .shared import (
-    LocateHparams,
     capture_at_subject,
     context_templates,
     group_mean,
     optimize_values,
-    parse_template_groups,
     refuse_post_mlp_norm,
 )
 
 # (layer, keys [n, in] float64, residuals [n, out] float64) -> ΔW [out, in] float64
 LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-@dataclass
-class MultiLayerHparams(LocateHparams):
-    """Hyper-parameters of every method that spreads its update over a range of MLP layers."""
-
-    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
-    # context prefixes as [length in tokens, count] groups, after the bare prompt (MEMIT paper: 5×10)
-    context_templates: list[Any] = field(default_factory=lambda: [[10, 5]])
-    clamp_norm_factor: float = 0.75
-
-    POSITIVE: ClassVar[tuple[str, ...]] = ("v_steps", "v_lr", "clamp_norm_factor", "mom2_n_tokens", "v_chunk_rows")
-    NON_NEGATIVE: ClassVar[tuple[str, ...]] = ("v_weight_decay", "kl_factor", "stop_loss", "v_cache_mb")
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        n = lm.n_layers
-        first = max(0, round(n * 0.1))
-        return {"layers": list(range(first, min(n, first + 5)))}
-
-    def validate(self, lm: LM) -> None:
-        self._check_layers("layers", self.layers, lm)
-        parse_template_groups(self.context_templates)
-        for name in self.POSITIVE:
-            self._check_positive(name, getattr(self, name))
-        for name in self.NON_NEGATIVE:
-            self._check_positive(name, getattr(self, name), allow_zero=True)
 
 
 @dataclass

@@ -53,7 +53,7 @@ from typing import Any, ClassVar, Generator, Sequence
 
 import torch
 
-from ...errors import DataFormatError, EditMismatchError, HparamsError
+from ...errors import DataFormatError, EditMismatchError
 from ...models.lm import LM
 from ...requests import EditRequest
 from ..base import Editor, Hparams
@@ -61,11 +61,11 @@ from ..edit import Edit
 from ..patches import Patch, ViewPatch
 from .multihop import (HOP_TOKENS, MultiHopAnswer, MultiHopQuestion, RelationPrompts, cut_hop, facts_about,
                        mentions_entity, same_entity)
-from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for
+from .hparams import CONSTRAINTS, DeepEditHparams, DeepEditSymbolicHparams
+from .retriever import EditMemory, Retriever, check_threshold, record_for
 from .views import RetrievedFactView, extend_below, extension_of
 
 FORMAT = 1
-CONSTRAINTS = ("lm", "symbolic")
 # How a retrieved fact is stated before a single-hop prompt. Measured on SmolLM2-135M, counterfact-train
 # records 100-129 (p(new) > p(true), efficacy / paraphrase): none 0.47 / 0.20, "{fact}.\n" 0.80 / 0.83,
 # "Retrieved fact: {fact}.\n" 0.90 / 0.83, "New fact: {fact}.\n" 0.90 / 0.80.
@@ -448,43 +448,6 @@ class DeepEditView(RetrievedFactView):
                                       "symbolic DeepEdit follows the plan; use method 'deepedit' for questions alone")
         return answer_all([Search(self, q, self.settings) for q in qs], self.inner)
 
-
-# ------------------------------------------------------------------------------------ the editors
-@dataclass
-class DeepEditHparams(Hparams):
-    """`constraints`: "lm" (the LM writes and judges steps) or "symbolic" (plan + relation-keyed facts);
-    `max_depth`: states this deep are pruned (the reference's 9); `max_calls`: LM prompts per question;
-    `top_k`: facts retrieved per step (reference 2); `hop_tokens`: tokens of a hop answer (symbolic);
-    `threshold`: cosine at which a single-hop prompt gets the retrieved fact stated; `relation_prompts`:
-    folder of MQuAKE's prompt files ("" = the benchmark data's); `embedder`: sentence encoder."""
-
-    constraints: str = "lm"
-    max_depth: int = 9
-    max_calls: int = 60
-    top_k: int = 2
-    hop_tokens: int = HOP_TOKENS
-    threshold: float = 0.5  # MiniLM cosine to the own fact, same 30 records: prompts >= 0.72, paraphrases
-    # 0.48-0.85 (10th percentile 0.57), neighbourhood prompts 0.01-0.59 (90th percentile 0.47)
-    relation_prompts: str = ""
-    embedder: str = DEFAULT_EMBEDDER
-
-    def validate(self, lm: LM) -> None:
-        self._check_choice("constraints", self.constraints, CONSTRAINTS)
-        for name, low, high in (("max_depth", 1, 100), ("max_calls", 1, 100_000), ("top_k", 1, 100),
-                                ("hop_tokens", 1, 512)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise HparamsError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-        check_threshold(self.threshold, "threshold")
-        if not isinstance(self.embedder, str) or not self.embedder.strip():
-            raise HparamsError("embedder must name a sentence encoder")
-        if not isinstance(self.relation_prompts, str):
-            raise HparamsError("relation_prompts must be a folder path or ''")
-
-
-@dataclass
-class DeepEditSymbolicHparams(DeepEditHparams):
-    constraints: str = "symbolic"
 
 
 class DeepEditEditor(Editor):

@@ -41,14 +41,15 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ...errors import EditMismatchError, HparamsError, PromptTooLongError
+from ...errors import EditMismatchError, PromptTooLongError
 from ...models.lm import LM
 from ...requests import EditRequest, _context_limit
-from ..base import Editor, Hparams
+from ..base import Editor
 from ..edit import Edit
 from ..patches import Patch, ViewPatch
-from .prompting import check_chat, join
-from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for, statement
+from .hparams import IKEHparams
+from .prompting import join
+from .retriever import EditMemory, Retriever, check_threshold, record_for, statement
 from .views import PromptView, extend_below, extension_of
 
 FORMAT = 1
@@ -261,50 +262,6 @@ class IKEView(PromptView):
                 out[i] = lp
         return out
 
-
-# ------------------------------------------------------------------------------------ the editor
-@dataclass
-class IKEHparams(Hparams):
-    """`pool`: dataset name or file of demonstration facts (a training split; "builtin" for a small
-    one); `pool_size`: its first N records (0 = all); `n_demos`: demonstrations per fact (the paper's
-    k = 32, scaled down for short contexts); `ratio`: copy : update : retain; `facts_per_query`: edited
-    facts stated per prompt; `scope_threshold`: cosine below which a prompt gets no context (0 = off);
-    `max_context_tokens`: cap below the model's context (0 = the model's); `embedder`: sentence encoder;
-    `chat`: the context as the user's turn of the model's chat template, the prompt opening the
-    assistant's (instruction models; methods/memory/prompting.py)."""
-
-    pool: str = "counterfact-train"
-    pool_size: int = 0
-    n_demos: int = 32
-    ratio: list[int] = field(default_factory=lambda: [4, 12, 16])
-    facts_per_query: int = 1
-    scope_threshold: float = 0.0
-    max_context_tokens: int = 0
-    seed: int = 0
-    embedder: str = DEFAULT_EMBEDDER
-    chat: bool = False
-
-    @classmethod
-    def defaults_for(cls, lm: LM) -> dict[str, Any]:
-        limit = _context_limit(lm)
-        return {"n_demos": 32 if limit is None else max(0, min(32, limit // 64))}
-
-    def validate(self, lm: LM) -> None:
-        if not isinstance(self.pool, str) or not self.pool.strip():
-            raise HparamsError("pool must name a dataset or a file of demonstration facts")
-        for name in ("pool_size", "n_demos", "max_context_tokens"):
-            if getattr(self, name) < 0:
-                raise HparamsError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_demos > 1000:
-            raise HparamsError(f"n_demos={self.n_demos} is out of range (0..1000)")
-        if self.facts_per_query < 1:
-            raise HparamsError(f"facts_per_query must be >= 1, got {self.facts_per_query}")
-        if len(self.ratio) != 3 or any(type(w) is not int or w < 0 for w in self.ratio) or sum(self.ratio) == 0:
-            raise HparamsError(f"ratio must be three non-negative integers (copy, update, retain), not all 0; got {self.ratio}")
-        check_threshold(self.scope_threshold, "scope_threshold")
-        if not isinstance(self.embedder, str) or not self.embedder.strip():
-            raise HparamsError("embedder must name a sentence encoder")
-        check_chat(lm, self.chat)
 
 
 class IKEEditor(Editor):

@@ -54,21 +54,21 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ...errors import DataFormatError, EditMismatchError, HparamsError
+from ...errors import DataFormatError, EditMismatchError
 from ...models.lm import LM
 from ...requests import EditRequest
 from ..base import Editor, Hparams
 from ..edit import Edit
 from ..patches import Patch, ViewPatch
-from .multihop import (HOP_TOKENS, MultiHopAnswer, MultiHopQuestion, RelationPrompts, answer_hops, facts_about)
-from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for
+from .multihop import (MultiHopAnswer, MultiHopQuestion, RelationPrompts, answer_hops, facts_about)
+from .hparams import MODES, MeLLoHparams, MeLLoOracleHparams
+from .retriever import EditMemory, Retriever, check_threshold, record_for
 from .views import RetrievedFactView, extend_below, extension_of, fact_line
 
 FORMAT = 1
 PROMPT_FILE = "MeLLo-prompt.txt"
 STOPS = ("Retrieved fact:", "\n\nQuestion:")
 MIN_ROOM = 8  # fewer free context tokens than this: a round could not write a sub-question and its draft
-MODES = ("loop", "oracle")
 
 
 # ------------------------------------------------------------------------------------ the few-shot prompt
@@ -333,43 +333,6 @@ class MeLLoView(RetrievedFactView):
                                       {"mode": "oracle", "status": "answered", "sources": sources[i]}))
         return out
 
-
-# ------------------------------------------------------------------------------------ the editors
-@dataclass
-class MeLLoHparams(Hparams):
-    """`decompose`: "loop" (the LM writes sub-questions) or "oracle" (the question's relation chain);
-    `k`: facts retrieved per sub-question; `max_hops`: sub-questions looked up per question (one more
-    round may give the final answer); `max_new_tokens`: tokens per round; `hop_tokens`: tokens of one
-    oracle hop's LM answer; `scope_threshold`: cosine from which plain LM calls get the retrieved fact
-    (0.6: 86 % of CounterFact-train paraphrases in scope, 9 % of neighbour prompts against 150 facts);
-    `prompts_dir`: folder of MQuAKE's prompt files ("" = the benchmark data's); `embedder`: sentence
-    encoder (the paper's Contriever is not shipped; all-MiniLM-L6-v2 is)."""
-
-    decompose: str = "loop"
-    k: int = 1
-    max_hops: int = 4
-    max_new_tokens: int = 256
-    hop_tokens: int = HOP_TOKENS
-    scope_threshold: float = 0.6
-    prompts_dir: str = ""
-    embedder: str = DEFAULT_EMBEDDER
-
-    def validate(self, lm: LM) -> None:
-        self._check_choice("decompose", self.decompose, MODES)
-        for name, top in (("k", 100), ("max_hops", 32), ("max_new_tokens", 4096), ("hop_tokens", 256)):
-            value = getattr(self, name)
-            if type(value) is not int or not 1 <= value <= top:
-                raise HparamsError(f"{name} must be an integer in 1..{top}, got {value!r}")
-        check_threshold(self.scope_threshold, "scope_threshold")
-        if not isinstance(self.prompts_dir, str):
-            raise HparamsError("prompts_dir must be a folder path (or empty for the benchmark data's)")
-        if not isinstance(self.embedder, str) or not self.embedder.strip():
-            raise HparamsError("embedder must name a sentence encoder")
-
-
-@dataclass
-class MeLLoOracleHparams(MeLLoHparams):
-    decompose: str = "oracle"
 
 
 def mello_patch(requests: Sequence[EditRequest], hp: MeLLoHparams, below: MeLLoView | None = None,

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 from ...errors import DataFormatError
 from ...suites.scoring import normalize_answer
+from .hparams import HOP_TOKENS
 from .retriever import EditMemory
 
-HOP_TOKENS = 16  # greedy tokens for one hop's answer (MQuAKE's answers are at most 6 SmolLM2 tokens)
 PROMPT_FILES = {"cloze": "templates_cloze_templates.json", "question": "templates_question_templates.json",
                 "demos": "rel-prompts.json"}
 

