@@ -103,6 +103,23 @@ def test_routes_the_edit_and_its_paraphrase_and_leaves_neighbours_exact(lm):
 
 
 @needs_minilm
+def test_perplexity_windows_are_routed_by_their_text(lm):
+    tok = lm.tokenizer
+    routed = tok(" The capital of France is a city on the Seine.", add_special_tokens=False)["input_ids"]
+    other = tok(" Toyota was founded in Japan by a weaver.", add_special_tokens=False)["input_ids"]
+    with get_editor("serac").apply(lm, FRANCE, **TINY) as edit:
+        view = edit.lm
+        assert view.window_contexts([routed, other], []) == ["New Fact: The capital of France is Rome\nPrompt: ", ""]
+        got = view.sequence_logprobs([routed, other])
+        ctx = tok("New Fact: The capital of France is Rome\nPrompt: ", add_special_tokens=False)["input_ids"]
+        assert torch.equal(got[0], lm.sequence_logprobs([routed], ctx)[0])
+        assert torch.equal(got[1], lm.sequence_logprobs([other])[0])  # out of scope: exactly the base model's
+        # a routed window too long for the statement to fit is read without it
+        long = routed * (lm.model.config.max_position_embeddings // len(routed))
+        assert view.window_contexts([long], []) == [""]
+
+
+@needs_minilm
 def test_sequence_joins_memories_and_restore_drops_the_newest(lm):
     ed = get_editor("serac")
     first = ed.apply(lm, FRANCE, **TINY)
@@ -240,3 +257,18 @@ def test_an_extension_may_not_change_how_earlier_facts_are_routed(lm):
             with pytest.raises(HparamsError, match="extended edit"):
                 ed.apply(lm, CURIE, on=first, **{**TINY, **bad})
             assert lm.active_edits == [first] and len(first.lm.memory) == 1
+
+
+def test_training_on_an_evaluation_set_is_warned_about(lm):
+    from editlab.methods.memory.hparams import IKEHparams, SERACHparams
+
+    with pytest.warns(UserWarning, match="'counterfact', an evaluation dataset"):
+        SERACHparams.for_model(lm, train_data=["counterfact", "zsre-train"])
+    with pytest.warns(UserWarning, match="'zsre', an evaluation dataset"):
+        IKEHparams.for_model(lm, pool="zsre")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SERACHparams.for_model(lm)  # the defaults are training splits
+        IKEHparams.for_model(lm, pool="builtin")

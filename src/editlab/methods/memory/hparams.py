@@ -4,8 +4,9 @@ re-exports its class."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ...errors import HparamsError
 from ...requests import _context_limit
@@ -14,6 +15,18 @@ from .prompting import check_chat
 
 if TYPE_CHECKING:
     from ...models.lm import LM
+
+
+def warn_if_evaluation_data(setting: str, names: Sequence[str]) -> None:
+    """Warn when a method learns from (or retrieves from) a registered evaluation dataset: figures on
+    that dataset's records would then be measured on records the method has seen. Training splits
+    (`*-train`), the built-in facts and files are not checked."""
+    from ...data import DATASETS
+
+    for name in names:
+        if name in DATASETS and not DATASETS.resolve(name).endswith("-train") and DATASETS.resolve(name) != "builtin":
+            warnings.warn(f"{setting} uses {name!r}, an evaluation dataset: figures on its records are not results "
+                          "(use a training split such as counterfact-train)", UserWarning, stacklevel=3)
 
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -59,6 +72,7 @@ class IKEHparams(Hparams):
     def validate(self, lm: LM) -> None:
         if not isinstance(self.pool, str) or not self.pool.strip():
             raise HparamsError("pool must name a dataset or a file of demonstration facts")
+        warn_if_evaluation_data("IKE's demonstration pool", [self.pool])
         for name in ("pool_size", "n_demos", "max_context_tokens"):
             if getattr(self, name) < 0:
                 raise HparamsError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -105,6 +119,7 @@ class SERACHparams(Hparams):
             if not isinstance(self.train_data, list) or not self.train_data or not all(
                     isinstance(d, str) and d.strip() for d in self.train_data):
                 raise HparamsError(f"train_data must be a non-empty list of dataset names or files, got {self.train_data!r}")
+            warn_if_evaluation_data("SERAC's scope-head train_data", self.train_data)
             if self.train_records < 0:
                 raise HparamsError(f"train_records must be >= 0 (0 = all), got {self.train_records}")
             if self.train_group < 2:

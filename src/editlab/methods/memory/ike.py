@@ -239,27 +239,18 @@ class IKEView(PromptView):
         return [join(self.base.tokenizer, self.context(p, f, r), p, self.chat) for p, f, r in zip(prompts, facts, reserves)]
 
     # ---------------------------------------------------------------- the LM calls (PromptView: score, next token, generate)
-    def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
+    def window_contexts(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[str]:
         """Raw token windows (perplexity) are read after the context of the fact(s) nearest to each
         window's text, as if the window were the query. A window that leaves no room for even the stated
         fact (it nearly fills the model's context) is read without context: perplexity probes must not
         fail for an in-context method, and no context is what such a window could get."""
-        tok = self.base.tokenizer
-        heads = [tok.decode(list(w)[:64]) for w in windows]
-        facts = self.facts_for(heads)
-        groups: dict[str, list[int]] = {}
-        for i, (w, f) in enumerate(zip(windows, facts)):
+        out = []
+        for w, f in zip(windows, self.facts_for(self.window_queries(windows))):
             try:
                 ctx = self.context("", f, len(w) + len(prefix_ids))
             except PromptTooLongError:
                 ctx = ""
-            groups.setdefault(ctx, []).append(i)
-        out: list[torch.Tensor] = [torch.zeros(0)] * len(windows)
-        for ctx, idx in groups.items():
-            ids = tok(join(tok, ctx, "", self.chat), add_special_tokens=False)["input_ids"] if ctx else []
-            got = self.inner.sequence_logprobs([windows[i] for i in idx], list(ids) + list(prefix_ids))
-            for i, lp in zip(idx, got):
-                out[i] = lp
+            out.append(join(self.base.tokenizer, ctx, "", self.chat) if ctx else "")
         return out
 
 

@@ -319,25 +319,17 @@ class SERACView(PromptView):
         return out
 
     # ---------------------------------------------------------------- the LM calls (PromptView: score, next token, generate)
-    def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
+    def window_contexts(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[str]:
         """Raw token windows (perplexity) are routed by the text of their first 64 tokens; a routed window
         is read after the edit's statement when it fits the context (else without it)."""
         tok = self.base.tokenizer
         limit = _context_limit(self.base)
-        routes = self.route([tok.decode(list(w)[:64]) for w in windows])
-        groups: dict[int | None, list[int]] = {}
-        for i, (w, (idx, _)) in enumerate(zip(windows, routes)):
-            if idx is not None and limit is not None:
-                extra = len(tok(join(tok, self.context(idx), "", self.chat), add_special_tokens=False)["input_ids"])
-                if len(w) + len(prefix_ids) + extra > limit:
-                    idx = None
-            groups.setdefault(idx, []).append(i)
-        out: list[torch.Tensor] = [torch.zeros(0)] * len(windows)
-        for idx, members in groups.items():
-            ctx = tok(join(tok, self.context(idx), "", self.chat), add_special_tokens=False)["input_ids"] if idx is not None else []
-            got = self.inner.sequence_logprobs([windows[i] for i in members], list(ctx) + list(prefix_ids))
-            for i, lp in zip(members, got):
-                out[i] = lp
+        out = []
+        for w, (idx, _) in zip(windows, self.route(self.window_queries(windows))):
+            ctx = "" if idx is None else join(tok, self.context(idx), "", self.chat)
+            if ctx and limit is not None and len(w) + len(prefix_ids) + len(tok(ctx, add_special_tokens=False)["input_ids"]) > limit:
+                ctx = ""
+            out.append(ctx)
         return out
 
 

@@ -63,6 +63,30 @@ class PromptView(LMView):
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw: Any) -> list[list[int]]:
         return self.inner.generate_ids(self.wrap(prompts, [max_new_tokens] * len(prompts)), max_new_tokens, **kw)
 
+    def window_contexts(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[str]:
+        """Per raw token window (perplexity probes), the text read before it ("" for none); `prefix_ids`
+        come between that text and the window."""
+        raise NotImplementedError
+
+    def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
+        """Each raw token window read after its `window_contexts` text; windows sharing a context are
+        scored together."""
+        tok = self.base.tokenizer
+        groups: dict[str, list[int]] = {}
+        for i, ctx in enumerate(self.window_contexts(windows, prefix_ids)):
+            groups.setdefault(ctx, []).append(i)
+        out: list[torch.Tensor] = [torch.zeros(0)] * len(windows)
+        for ctx, idx in groups.items():
+            ids = tok(ctx, add_special_tokens=False)["input_ids"] if ctx else []
+            got = self.inner.sequence_logprobs([windows[i] for i in idx], list(ids) + list(prefix_ids))
+            for i, lp in zip(idx, got):
+                out[i] = lp
+        return out
+
+    def window_queries(self, windows: Sequence[Sequence[int]]) -> list[str]:
+        """The text a window is routed or retrieved by: its first 64 tokens."""
+        return [self.base.tokenizer.decode(list(w)[:64]) for w in windows]
+
 
 class RetrievedFactView(PromptView):
     """Plain LM calls with MeLLo's single-hop step: the top-1 edited fact for the query, when its cosine
@@ -114,26 +138,19 @@ class RetrievedFactView(PromptView):
             out.append(text)
         return out
 
-    def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
+    def window_contexts(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[str]:
         """A raw token window (perplexity) is read after the fact line of the fact nearest to its first 64
         tokens' text when in scope and when it fits; else as the base reads it."""
         tok = self.base.tokenizer
-        facts = self.facts_for([tok.decode(list(w)[:64]) for w in windows])
         limit = self._limit()
-        groups: dict[str, list[int]] = {}
-        for i, (w, f) in enumerate(zip(windows, facts)):
+        out = []
+        for w, f in zip(windows, self.facts_for(self.window_queries(windows))):
             ctx = "" if f is None else fact_line(f)
             if ctx and limit is not None:
                 n = len(tok(ctx, add_special_tokens=False)["input_ids"]) + len(w) + len(prefix_ids)
                 if n + len(getattr(self.base, "prefix_ids", ())) > limit:
                     ctx = ""
-            groups.setdefault(ctx, []).append(i)
-        out: list[torch.Tensor] = [torch.zeros(0)] * len(windows)
-        for ctx, idx in groups.items():
-            ids = tok(ctx, add_special_tokens=False)["input_ids"] if ctx else []
-            got = self.inner.sequence_logprobs([windows[i] for i in idx], list(ids) + list(prefix_ids))
-            for i, lp in zip(idx, got):
-                out[i] = lp
+            out.append(ctx)
         return out
 
 
