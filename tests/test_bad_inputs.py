@@ -173,6 +173,10 @@ CLI_CASES = [
     CliCase("demo-n-zero", ["demo", "--n", "0", "--out", "{dir}/demo"], "--n"),
     CliCase("demo-out-is-a-file", ["demo", "--out", "{a_file}"], "is a file"),
     CliCase("demo-model-typo", ["demo", "--model", "tiny-lama", "--out", "{dir}/demo"], "did you mean"),
+    # serve
+    CliCase("serve-remote-host", ["serve", "--host", "0.0.0.0"], "--allow-remote"),
+    CliCase("serve-port-out-of-range", ["serve", "--port", "0"], "1..65535"),
+    CliCase("serve-model-typo", ["serve", "--model", "tiny-lama"], "did you mean"),
 ]
 
 
@@ -235,7 +239,7 @@ def test_early_mistakes_are_answered_without_importing_torch(files):
 
 def test_there_are_at_least_forty_distinct_cli_cases():
     assert len({c.id for c in CLI_CASES}) == len(CLI_CASES) >= 40
-    assert {c.args[0] for c in CLI_CASES} >= {"edit", "eval", "compare", "export", "report", "demo"}
+    assert {c.args[0] for c in CLI_CASES} >= {"edit", "eval", "compare", "export", "report", "demo", "serve"}
 
 
 # ------------------------------------------------------------------------------------------------- API

@@ -119,6 +119,29 @@ def test_context_manager_restores(corpus_file):
     assert lm.active_edits == []
 
 
+def test_restore_then_reapply_puts_the_newest_edit_back_bit_exact(corpus_file):
+    from editlab.errors import EditStackError
+
+    lm = load_lm("tiny-llama")
+    original = state(lm)
+    first = get_editor("rome").apply(lm, REQ, **fast("rome", corpus_file))
+    second = get_editor("ft-m").apply(lm, REQS[1], **fast("ft-m", corpus_file))
+    both = state(lm)
+    second.restore()
+    below = state(lm)
+    assert second.reapply() is second and lm.active_edits == [first, second]
+    assert_same(both, state(lm))
+    with pytest.raises(EditStackError, match="already applied"):
+        second.reapply()
+    second.restore()
+    assert_same(below, state(lm))
+    first.restore()
+    with pytest.raises(EditStackError, match="edits below it changed"):
+        second.reapply()  # it sat on `first`, which is gone
+    assert_same(original, state(lm))
+    assert lm.active_edits == []
+
+
 def test_save_and_load_roundtrip(tmp_path, corpus_file):
     lm = load_lm("tiny-llama")
     edit = get_editor("rome").apply(lm, REQ, **fast("rome", corpus_file))

@@ -119,5 +119,9 @@ class EditStackError(EditlabError):
     """An edit was restored or extended out of stack order (only the newest active edit can be)."""
 
 
+class BusyError(EditlabError, RuntimeError):
+    """The playground is applying another edit; try again when it has finished (nothing was changed)."""
+
+
 class CheckpointError(EditlabError):
     """A learned editor's checkpoint is missing, damaged or was trained for another model or data."""

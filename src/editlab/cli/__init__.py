@@ -3,7 +3,8 @@ layer over the library.
 
     edit.py     edit                     run.py      eval, compare, demo
     results.py  export, report           listing.py  methods, models, datasets
-    suites.py   suites, eval/compare --suite
+    suites.py   suites, eval/compare --suite         trace.py    trace
+    serve.py    serve (the web playground)
     options.py  options declared once    common.py   errors, model loading, progress, summary table
 
 Errors: an `EditlabError` prints one `error: ...` line and exits with 2; any other exception is a bug
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from . import edit, listing, results, run, suites, trace
+from . import edit, listing, results, run, serve, suites, trace
 from .common import EditlabGroup
 from .options import Debug
 
@@ -43,6 +44,7 @@ app.command("models")(listing.models)
 app.command("datasets")(listing.datasets)
 app.command("suites")(suites.suites)
 app.command("trace")(trace.trace)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

@@ -146,6 +146,18 @@ class Edit:
         stack.pop()
         self.active = False
 
+    def reapply(self) -> "Edit":
+        """Install a restored edit again, with the same patches, on top of the stack it was restored
+        from (the same edits below it): restore + reapply takes the newest edit off and puts it back
+        bit-exactly, e.g. to compare the model before and after it."""
+        if self.active:
+            raise EditStackError(f"this {self.method} edit is already applied")
+        below = [e.id for e in self.base_lm.active_edits]
+        if below != self.below:
+            raise EditStackError(f"cannot reapply this {self.method} edit: the edits below it changed since it was "
+                                 "restored; apply it again instead")
+        return self._install()
+
     def __enter__(self) -> "Edit":
         return self
 

@@ -1,0 +1,329 @@
+"""The playground's model session: one model in memory, its edit stack, and what the web page asks of
+it (apply, probe, undo, save, load, a short pitfall check), as plain Python so the API and its tests
+share one implementation.
+
+Concurrency: probes, checks and edits that compare against the state before the newest edit take that
+edit off and put it back (`Edit.restore` + `Edit.reapply`, bit-exact), so every operation that touches
+the model holds one lock; a second edit, undo, save or load that arrives while one runs is refused at
+once with `BusyError` (the page shows "busy"), and probes wait their turn. Nothing is ever observed
+half-edited.
+
+Comparisons are against the model before the newest edit ("before") and with it ("after"). A probe
+"moved" when its top-1 next token changed or the total variation distance between its before/after
+next-token distributions is at least `MOVED_TV` (0.1); a moved neighbour or free prompt is what the
+page highlights.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from ..errors import BusyError, EditRequestError, EditStackError, HparamsError, PromptTooLongError
+from ..methods import get_editor
+from ..methods.catalogue import METHODS
+from ..methods.edit import Edit
+from ..methods.edit_folder import check_save_target
+from ..requests import EditRequest, _context_limit, check_fits
+
+PROBE_KINDS = ("paraphrase", "neighbour", "free")
+MOVED_TV = 0.1
+MAX_PROBES = 50
+MAX_TOP_K = 20
+MAX_CONTINUATION = 64
+CACHE_ENTRIES = 512  # measured prompts kept (each holds a next-token distribution: 4 bytes x vocabulary)
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    kind: str = "free"
+
+    @classmethod
+    def parse(cls, items: Sequence[Mapping[str, Any] | str] | None) -> list["Probe"]:
+        out = []
+        for i, item in enumerate(items or []):
+            prompt, kind = (item, "free") if isinstance(item, str) else (item.get("prompt"), item.get("kind", "free"))
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise EditRequestError(f"probe {i + 1} has an empty prompt")
+            if kind not in PROBE_KINDS:
+                raise EditRequestError(f"probe {i + 1}: kind must be one of {', '.join(PROBE_KINDS)}, got {kind!r}")
+            out.append(cls(prompt, kind))
+        if len(out) > MAX_PROBES:
+            raise EditRequestError(f"at most {MAX_PROBES} probes at a time, got {len(out)}")
+        return out
+
+
+def _check_int(name: str, value: Any, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise EditRequestError(f"{name} must be an integer in 1..{high}, got {value!r}")
+    return value
+
+
+class Playground:
+    """One model and its edit stack, driven by the web page (or any script through the API)."""
+
+    def __init__(self, lm: Any, *, top_k: int = 5, continuation_tokens: int = 8) -> None:
+        self.lm = lm
+        self.top_k = _check_int("top_k", top_k, MAX_TOP_K)
+        self.continuation_tokens = _check_int("continuation_tokens", continuation_tokens, MAX_CONTINUATION)
+        self._lock = threading.Lock()
+        self._fingerprints: dict[str, str] = {}  # edit id -> weights fingerprint before it (undo check)
+        self._activity: tuple[str, float] | None = None  # what holds the lock, since when
+        self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = OrderedDict()
+
+    def status(self) -> dict[str, Any]:
+        """What the playground is doing now (the page polls this while an edit runs)."""
+        act = self._activity
+        return {"busy": act is not None, "activity": act[0] if act else None,
+                "seconds": round(time.perf_counter() - act[1], 1) if act else None, "edits": len(self.lm.active_edits)}
+
+    # ---------------------------------------------------------------- locking
+    @contextmanager
+    def _exclusive(self, wait: bool, activity: str) -> Iterator[None]:
+        if not self._lock.acquire(blocking=wait):
+            raise BusyError(f"busy: {self._activity[0] if self._activity else 'another operation'} is running; "
+                            "try again when it has finished")
+        self._activity = (activity, time.perf_counter())
+        try:
+            yield
+        finally:
+            self._activity = None
+            self._lock.release()
+
+    @contextmanager
+    def _without_top(self) -> Iterator[None]:
+        """The model as it was before its newest edit, for the duration of the block (lock held)."""
+        top = self.lm.active_edits[-1] if self.lm.active_edits else None
+        if top is None:
+            yield
+            return
+        top.restore()
+        try:
+            yield
+        finally:
+            top.reapply()
+
+    # ---------------------------------------------------------------- read-only views
+    def info(self) -> dict[str, Any]:
+        methods = [{"name": e.name, "family": e.meta.get("family", ""), "description": e.description,
+                    "batch": bool(e.meta.get("batch"))} for e in METHODS.entries()]
+        return {"model": self.lm.name, "fingerprint": self.lm.base_fingerprint, "layers": self.lm.n_layers,
+                "methods": methods, "stack": self.stack(), "top_k": self.top_k,
+                "continuation_tokens": self.continuation_tokens, "moved_tv": MOVED_TV}
+
+    def stack(self) -> list[dict[str, Any]]:
+        return [_describe(e) for e in self.lm.active_edits]
+
+    def method_hparams(self, method: str) -> dict[str, Any]:
+        """The hyper-parameters `method` uses on this model (defaults, preset), with each value's type."""
+        name = METHODS.resolve(method)
+        hp = get_editor(name).hparams(self.lm).to_dict()
+        return {"method": name, "hparams": hp, "types": {k: type(v).__name__ for k, v in hp.items()}}
+
+    # ---------------------------------------------------------------- measuring
+    def _keys(self, main: tuple[str, str | None, str | None], probes: Sequence[Probe],
+              state: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        prompt, new, true = main
+        return [(state, prompt, new, true, True)] + [(state, p.prompt, new, true, False) for p in probes]
+
+    def _measure(self, main: tuple[str, str | None, str | None], probes: Sequence[Probe],
+                 state: tuple[str, ...] | None = None) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        """Per prompt (the main one first, with its greedy continuation; then the probes): its row and
+        next-token probabilities [vocab], for the model in `state` (the ids of the applied edits; default:
+        as it is now). Results are cached by state, prompt and targets: the same weights give the same
+        numbers (reapply is bit-exact), so re-probing costs only the prompts not seen in this state."""
+        current = tuple(e.id for e in self.lm.active_edits)
+        state = current if state is None else state
+        prompt, new, true = main
+        items = [prompt] + [p.prompt for p in probes]
+        keys = self._keys(main, probes, state)
+        missing = [i for i, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            if state != current:
+                raise RuntimeError("uncached measurements of another state")  # callers suspend the top edit first
+            system = self.lm.edited
+            prompts = list(dict.fromkeys(items[i] for i in missing))
+            probs = system.next_token_logprobs(prompts).float().exp()
+            targets = [x for x in (new, true) if x]
+            scores = system.score([p for _ in targets for p in prompts], [x for x in targets for _ in prompts])
+            tok = self.lm.tokenizer
+            measured = {}
+            for j, p in enumerate(prompts):
+                values, ids = probs[j].topk(self.top_k)
+                row: dict[str, Any] = {"prompt": p, "top": [[tok.decode([int(x)]), round(float(v), 6)] for v, x in zip(values, ids)]}
+                for n, (name, x) in enumerate((k, x) for k, x in (("p_new", new), ("p_true", true)) if x):
+                    row[name] = round(math.exp(float(scores[n * len(prompts) + j].logprobs.sum())), 6)
+                measured[p] = (row, probs[j].clone())
+            if 0 in missing:
+                row, dist = measured[prompt]
+                measured_main = ({**row, "continuation": system.generate([prompt], self.continuation_tokens)[0]}, dist)
+            for i in missing:
+                self._cache[keys[i]] = measured_main if i == 0 else measured[items[i]]
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        out = []
+        for key, kind in zip(keys, ["prompt"] + [p.kind for p in probes]):
+            self._cache.move_to_end(key)
+            row, dist = self._cache[key]
+            out.append(({**row, "kind": kind}, dist))
+        return out
+
+    def _report(self, main: tuple[str, str | None, str | None], probes: Sequence[Probe], compare: bool) -> dict[str, Any]:
+        after = self._measure(main, probes)
+        if not compare:
+            return {"before": None, "after": [row for row, _ in after]}
+        below = tuple(e.id for e in self.lm.active_edits[:-1])
+        if all(key in self._cache for key in self._keys(main, probes, below)):
+            before = self._measure(main, probes, below)  # from the cache: the top edit stays where it is
+        else:
+            with self._without_top():
+                before = self._measure(main, probes)
+        for (b, pb), (a, pa) in zip(before, after):
+            tv = 0.5 * float((pb - pa).abs().sum())
+            a["tv"] = round(tv, 6)
+            a["moved"] = b["top"][0][0] != a["top"][0][0] or tv >= MOVED_TV
+        return {"before": [row for row, _ in before], "after": [row for row, _ in after]}
+
+    def _check_lengths(self, prompts: Sequence[str]) -> None:
+        limit = _context_limit(self.lm)
+        for p in prompts:
+            n = len(self.lm.encode_prompt(p)) + self.continuation_tokens
+            if limit is not None and n > limit:
+                raise PromptTooLongError(f"probe {p[:60]!r} with {self.continuation_tokens} more tokens is {n} tokens, "
+                                         f"over the model's context of {limit}")
+
+    # ---------------------------------------------------------------- operations
+    def apply(self, method: str, prompt: str, subject: str, target: str, target_true: str | None = None,
+              hparams: Mapping[str, Any] | None = None, probes: Sequence[Mapping[str, Any] | str] | None = None) -> dict[str, Any]:
+        """Validate everything, apply the edit on top of the stack, and report before/after."""
+        req = EditRequest.create(prompt, subject, target, target_true or None)
+        name = METHODS.resolve(method)
+        parsed = Probe.parse(probes)
+        if hparams is not None and not isinstance(hparams, Mapping):
+            raise HparamsError(f"hparams must be a mapping of name to value, got {type(hparams).__name__}")
+        editor = get_editor(name)
+        hp = editor.hparams(self.lm, **dict(hparams or {}))
+        check_fits(req, self.lm, reserve=self.continuation_tokens)
+        self._check_lengths([p.prompt for p in parsed])
+        with self._exclusive(wait=False, activity=f"applying {name}"):
+            top = self.lm.active_edits[-1] if self.lm.active_edits else None
+            on = top if editor.supports_on and top is not None and top.method == name else None
+            before_fp = self.lm.current_fingerprint()
+            t0 = time.perf_counter()
+            edit = editor.apply(self.lm, req, hp, on=on)
+            seconds = time.perf_counter() - t0
+            self._fingerprints[edit.id] = before_fp
+            report = self._report((req.prompt, req.target_new, req.target_true), parsed, compare=True)
+        return {"edit": _describe(edit), "seconds": round(seconds, 3), **report, "stack": self.stack()}
+
+    def probe(self, probes: Sequence[Mapping[str, Any] | str] | None = None, prompt: str | None = None) -> dict[str, Any]:
+        """The probes (and the newest edit's prompt, or `prompt`) before and after the newest edit; with
+        no edit applied, the model as it is."""
+        parsed = Probe.parse(probes)
+        with self._exclusive(wait=True, activity="probing"):
+            top = self.lm.active_edits[-1] if self.lm.active_edits else None
+            if prompt is None and top is None:
+                raise EditRequestError("no edit applied and no prompt given: give a prompt to probe")
+            if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+                raise EditRequestError("the prompt to probe is empty")
+            self._check_lengths([p.prompt for p in parsed] + ([prompt] if prompt else []))
+            req = top.requests[0] if top is not None else None
+            main = (prompt or req.prompt, req.target_new if req else None, req.target_true if req else None)
+            return {**self._report(main, parsed, compare=top is not None), "stack": self.stack()}
+
+    def undo(self) -> dict[str, Any]:
+        """Restore the newest edit; reports whether the weights are bit-identical to before it."""
+        with self._exclusive(wait=False, activity="undoing"):
+            if not self.lm.active_edits:
+                raise EditStackError("no edit to undo")
+            top = self.lm.active_edits[-1]
+            top.restore()
+            before = self._fingerprints.pop(top.id, None)
+            exact = None if before is None else self.lm.fingerprint() == before  # hashed, not assumed
+        return {"undone": _describe(top), "bit_exact": exact, "stack": self.stack()}
+
+    def save(self, folder: str) -> dict[str, Any]:
+        """Save the newest edit into `folder` (absent, empty, or an earlier edit's folder)."""
+        if not isinstance(folder, str) or not folder.strip():
+            raise EditRequestError("give a folder to save the edit into")
+        path = Path(folder).expanduser()
+        check_save_target(path)
+        with self._exclusive(wait=False, activity="saving"):
+            if not self.lm.active_edits:
+                raise EditStackError("no edit to save")
+            top = self.lm.active_edits[-1]
+            out = top.save(path)
+        return {"saved": _describe(top), "folder": str(out)}
+
+    def load(self, folder: str) -> dict[str, Any]:
+        """Load a saved edit onto the stack (refused, with the reason, if made for another model or damaged)."""
+        if not isinstance(folder, str) or not folder.strip():
+            raise EditRequestError("give the folder of a saved edit")
+        with self._exclusive(wait=False, activity="loading an edit"):
+            before_fp = self.lm.current_fingerprint()
+            edit = Edit.load(Path(folder).expanduser(), self.lm)
+            self._cache.clear()  # a loaded edit keeps its saved id; never trust measurements keyed by it
+            self._fingerprints[edit.id] = before_fp
+        return {"loaded": _describe(edit), "stack": self.stack()}
+
+    def check(self, paraphrases: Sequence[str] = (), neighbours: Sequence[str] = (),
+              portability: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+        """A short pitfall check of the newest edit, before and after it, CounterFact-style:
+        efficacy and paraphrase success (p(new) > p(true)), neighbourhood success (p(true) > p(new) on
+        prompts about other subjects) and portability (the greedy answer to a question starts with the
+        expected answer)."""
+        qs = [(q.get("question"), q.get("answer")) if isinstance(q, Mapping) else (None, None) for q in portability]
+        for i, (q, a) in enumerate(qs):
+            if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
+                raise EditRequestError(f"portability item {i + 1} needs a question and an answer")
+        for name, items in (("paraphrase", paraphrases), ("neighbour", neighbours)):
+            if any(not isinstance(p, str) or not p.strip() for p in items):
+                raise EditRequestError(f"a {name} prompt is empty")
+        with self._exclusive(wait=True, activity="checking"):
+            if not self.lm.active_edits:
+                raise EditStackError("no edit to check: apply one first")
+            req = self.lm.active_edits[-1].requests[0]
+            if not req.target_true:
+                raise EditRequestError("the check compares the new and the old answer; the edit was made without one")
+            after = self._check_rows(req, paraphrases, neighbours, qs)
+            with self._without_top():
+                before = self._check_rows(req, paraphrases, neighbours, qs)
+        rows = [{"metric": m, "n": n, "before": b, "after": a} for (m, n, a), (_, _, b) in zip(after, before)]
+        return {"edit": _describe(self.lm.active_edits[-1]), "rows": rows}
+
+    def _check_rows(self, req: EditRequest, paraphrases: Sequence[str], neighbours: Sequence[str],
+                    questions: Sequence[tuple[str, str]]) -> list[tuple[str, int, float | None]]:
+        system = self.lm.edited
+
+        def prefers_new(prompts: Sequence[str]) -> list[bool]:
+            if not prompts:
+                return []
+            new = system.score(list(prompts), [req.target_new] * len(prompts))
+            old = system.score(list(prompts), [req.target_true] * len(prompts))
+            return [float(a.logprobs.mean()) > float(b.logprobs.mean()) for a, b in zip(new, old)]
+
+        def mean(xs: Sequence[bool]) -> float | None:
+            return round(sum(xs) / len(xs), 4) if xs else None
+
+        rows = [("efficacy (new > old)", 1, mean(prefers_new([req.prompt]))),
+                ("paraphrase (new > old)", len(paraphrases), mean(prefers_new(paraphrases))),
+                ("neighbourhood (old > new)", len(neighbours), mean([not x for x in prefers_new(neighbours)]))]
+        answers = system.generate([q for q, _ in questions], 8) if questions else []
+        hits = [g.strip().casefold().startswith(a.strip().casefold()) for g, (_, a) in zip(answers, questions)]
+        rows.append(("portability (answer first)", len(questions), mean(hits)))
+        return rows
+
+
+def _describe(edit: Edit) -> dict[str, Any]:
+    r = edit.requests[0]
+    return {"id": edit.id, "method": edit.method, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+            "target_true": r.target_true, "requests": len(edit.requests)}

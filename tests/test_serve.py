@@ -1,0 +1,196 @@
+"""The playground's JSON API on a tiny model, through FastAPI's test client: apply → probe → undo gives
+bit-exact weights; save/load round trips and a save for another model is refused; bad inputs are
+answered with 400 and one line while the model and its stack stay as they were; two edits at once end
+consistent (one waits its turn or is refused with 409, never a half-edited model)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from editlab.cli import app as cli_app
+from editlab.methods import restore_all
+from editlab.methods.catalogue import METHODS
+from editlab.models import load_lm
+from editlab.serve import Playground, create_app
+from editlab.serve.app import STATIC
+
+ROME = dict(METHODS.entry("rome").meta["tiny_hparams"])
+FACT = {"method": "rome", "prompt": "The capital of France is", "subject": "France", "target": "Rome",
+        "target_true": "Paris", "hparams": ROME,
+        "probes": [{"prompt": "The capital city of France is", "kind": "paraphrase"},
+                   {"prompt": "The capital of Germany is", "kind": "neighbour"},
+                   {"prompt": "Toyota was founded in", "kind": "free"}]}
+
+
+def same_top(a, b):
+    """The same top-k tokens with the same probabilities (prompts batched differently differ in the 6th digit)."""
+    return [tok for tok, _ in a] == [tok for tok, _ in b] and [p for _, p in a] == pytest.approx([p for _, p in b], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_lm("tiny-trained-llama")
+
+
+@pytest.fixture
+def client(lm):
+    restore_all(lm)
+    with TestClient(create_app(Playground(lm))) as c:
+        yield c
+    restore_all(lm)
+
+
+def test_apply_probe_undo_round_trip_is_bit_exact(client, lm):
+    info = client.get("/api/info").json()
+    assert info["model"] == "tiny-trained-llama" and info["stack"] == []
+    assert {m["name"] for m in info["methods"]} >= {"rome", "memit", "ft", "grace", "serac"}
+    fingerprint = lm.fingerprint()
+
+    r = client.post("/api/edit", json=FACT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    before, after = body["before"], body["after"]
+    assert [row["kind"] for row in after] == ["prompt", "paraphrase", "neighbour", "free"]
+    assert after[0]["top"][0][0].strip() == "Rome" != before[0]["top"][0][0].strip()
+    assert after[0]["p_new"] > 0.3 > before[0]["p_new"] and after[0]["p_true"] < before[0]["p_true"]
+    assert after[0]["moved"] and after[0]["tv"] > 0.1
+    assert len(after[0]["top"]) == 5 and "continuation" in after[0] and "continuation" in before[0]
+    assert [e["method"] for e in body["stack"]] == ["rome"]
+
+    # a later probe compares against the model before the newest edit, which it leaves applied
+    r = client.post("/api/probe", json={"probes": [{"prompt": "France's capital city is", "kind": "paraphrase"}]})
+    assert r.status_code == 200, r.text
+    again = r.json()
+    assert same_top(again["after"][0]["top"], after[0]["top"]) and same_top(again["before"][0]["top"], before[0]["top"])
+    assert len(lm.active_edits) == 1
+
+    r = client.post("/api/undo")
+    assert r.status_code == 200 and r.json()["bit_exact"] is True and r.json()["stack"] == []
+    assert lm.fingerprint() == fingerprint and not lm.active_edits
+    r = client.post("/api/probe", json={"prompt": FACT["prompt"]})  # nothing applied: the model as it is
+    assert r.json()["before"] is None and same_top(r.json()["after"][0]["top"], before[0]["top"])
+
+
+def test_check_reports_before_and_after(client):
+    assert client.post("/api/edit", json=FACT).status_code == 200
+    r = client.post("/api/check", json={"paraphrases": ["The capital city of France is"],
+                                        "neighbours": ["The capital of Germany is"],
+                                        "portability": [{"question": "The capital of France is", "answer": "Rome"}]})
+    assert r.status_code == 200, r.text
+    rows = {row["metric"]: row for row in r.json()["rows"]}
+    eff = rows["efficacy (new > old)"]
+    assert eff["before"] == 0.0 and eff["after"] == 1.0 and eff["n"] == 1
+    assert rows["portability (answer first)"]["after"] == 1.0
+
+
+def test_save_and_load_round_trip_and_another_model_is_refused(client, lm, tmp_path):
+    first = client.post("/api/edit", json=FACT).json()
+    assert client.post("/api/save", json={"folder": str(tmp_path / "edit")}).status_code == 200
+    client.post("/api/undo")
+    r = client.post("/api/load", json={"folder": str(tmp_path / "edit")})
+    assert r.status_code == 200, r.text
+    assert [e["method"] for e in r.json()["stack"]] == ["rome"]
+    probe = client.post("/api/probe", json={"probes": []}).json()
+    assert same_top(probe["after"][0]["top"], first["after"][0]["top"])
+    assert client.post("/api/undo").json()["bit_exact"] is True
+
+    other = load_lm("tiny-llama")
+    with TestClient(create_app(Playground(other))) as c:
+        fp = other.fingerprint()
+        r = c.post("/api/load", json={"folder": str(tmp_path / "edit")})
+        assert r.status_code == 400 and "error" in r.json() and "\n" not in r.json()["error"]
+        assert other.fingerprint() == fp and not other.active_edits
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"subject": "Germany"}, "does not occur in prompt"),
+    ({"target": "  "}, "target"),
+    ({"method": "nope"}, "unknown method"),
+    ({"hparams": {**ROME, "layer": 99}}, "out of range"),
+    ({"hparams": {"nope": 1}}, "unknown hyper-parameter"),
+    ({"probes": [{"prompt": " ", "kind": "free"}]}, "empty prompt"),
+    ({"probes": [{"prompt": "x", "kind": "sideways"}]}, "kind must be one of"),
+    ({"prompt": "The capital of France is " + "very " * 600}, "context"),
+])
+def test_bad_edits_are_refused_and_change_nothing(client, lm, change, needle):
+    fp = lm.fingerprint()
+    r = client.post("/api/edit", json={**FACT, **change})
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"] and "\n" not in r.json()["error"]
+    assert lm.fingerprint() == fp and not lm.active_edits
+
+
+def test_operations_on_an_empty_stack_and_malformed_bodies(client, tmp_path):
+    for path, body in (("undo", None), ("save", {"folder": str(tmp_path / "x")}), ("check", {})):
+        r = client.post(f"/api/{path}", json=body)
+        assert r.status_code == 400 and "no edit" in r.json()["error"], (path, r.text)
+    assert client.post("/api/probe", json={}).status_code == 400  # nothing applied and no prompt
+    assert client.post("/api/edit", json={"prompt": "x"}).status_code == 422  # fields missing: FastAPI's own answer
+    assert client.post("/api/load", json={"folder": str(tmp_path / "missing")}).status_code == 400
+    assert client.get("/api/methods/nope/hparams").status_code == 400
+    hp = client.get("/api/methods/rome/hparams").json()
+    assert hp["hparams"]["layer"] >= 0 and hp["types"]["layer"] == "int"
+
+
+def test_two_edits_at_once_end_consistent(client, lm):
+    fp = lm.fingerprint()
+    start = threading.Barrier(2)
+    codes: list[int] = []
+
+    def post(target: str) -> None:
+        start.wait()
+        codes.append(client.post("/api/edit", json={**FACT, "target": target, "probes": []}).status_code)
+
+    threads = [threading.Thread(target=post, args=(t,)) for t in ("Rome", "Berlin")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) in ([200, 200], [200, 409])
+    assert len(lm.active_edits) == codes.count(200) == len(client.get("/api/stack").json())
+    while lm.active_edits:
+        assert client.post("/api/undo").status_code == 200
+    assert lm.fingerprint() == fp
+    assert client.get("/api/status").json() == {"busy": False, "activity": None, "seconds": None, "edits": 0}
+
+
+def test_the_page_is_served_and_light(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "editlab playground" in r.text
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+    assert client.get("/docs").status_code == 200
+    weight = sum(p.stat().st_size for p in STATIC.iterdir())
+    assert weight < 300_000
+
+
+def test_cli_refuses_a_remote_host_or_a_busy_port_before_loading():
+    runner = CliRunner()
+    r = runner.invoke(cli_app, ["serve", "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "--allow-remote" in r.stderr
+    r = runner.invoke(cli_app, ["serve", "--port", "70000"])
+    assert r.exit_code == 2 and "1..65535" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = runner.invoke(cli_app, ["serve", "--port", str(s.getsockname()[1])])
+    assert r.exit_code == 2 and "choose another --port" in r.stderr
+
+
+def test_measurements_follow_the_stack_not_the_cache(client, lm):
+    """Probes are cached per stack state; undoing an edit and applying another must never serve the
+    first edit's numbers, and the cached before-values equal freshly measured ones."""
+    first = client.post("/api/edit", json={**FACT, "probes": FACT["probes"][:1]}).json()
+    assert first["after"][0]["top"][0][0].strip() == "Rome"
+    client.post("/api/undo")
+    second = client.post("/api/edit", json={**FACT, "target": "Berlin", "probes": FACT["probes"][:1]}).json()
+    assert second["after"][0]["top"][0][0].strip() != "Rome"
+    assert second["after"][0]["p_new"] != first["after"][0]["p_new"]  # p(Berlin), not p(Rome)
+    assert same_top(second["before"][0]["top"], first["before"][0]["top"])  # the same unedited model
+    again = client.post("/api/probe", json={"probes": FACT["probes"][:1]}).json()
+    assert again["after"][0] == second["after"][0] and again["before"][0] == second["before"][0]
