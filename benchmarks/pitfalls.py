@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--print-only", action="store_true")
     ap.add_argument("--suite-set", action="append", default=[], metavar="KEY=VALUE",
                     help="suite option, as `editlab eval --suite-set` (e.g. cot=false for mquake)")
+    ap.add_argument("--on-bad", choices=("stop", "skip"), default="stop",
+                    help="records lacking a field a metric needs: stop (name it) or skip (counted, left out)")
     args = ap.parse_args()
     store = Store(args.db)
     if not args.print_only:
@@ -59,7 +61,7 @@ def main() -> None:
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         options = dict(kv.split("=", 1) for kv in args.suite_set)
-        plan = plan_suite(args.suite, methods, limit=args.limit, options=options)
+        plan = plan_suite(args.suite, methods, limit=args.limit, options=options, on_bad=args.on_bad)
         lm = load_lm(args.model)
         t0 = time.perf_counter()
         run_suite(lm, plan, store, progress=lambda i, n, msg: print(f"\r{msg}", end="", flush=True))
