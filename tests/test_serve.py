@@ -194,3 +194,22 @@ def test_measurements_follow_the_stack_not_the_cache(client, lm):
     assert same_top(second["before"][0]["top"], first["before"][0]["top"])  # the same unedited model
     again = client.post("/api/probe", json={"probes": FACT["probes"][:1]}).json()
     assert again["after"][0] == second["after"][0] and again["before"][0] == second["before"][0]
+
+
+def test_review_regressions_answer_400_not_500(client, lm, monkeypatch):
+    """Found in review: a full cache evicting this call's own entries, an unknown ~user folder, a
+    string hyper-parameter given a number, and an over-long check prompt each gave a 500."""
+    import editlab.serve.playground as pg
+
+    monkeypatch.setattr(pg, "CACHE_ENTRIES", 4)
+    assert client.post("/api/probe", json={"prompt": "alpha one"}).status_code == 200
+    r = client.post("/api/probe", json={"prompt": "alpha one", "probes": [{"prompt": p} for p in ("gamma", "delta", "epsilon")]})
+    assert r.status_code == 200, r.text
+    r = client.post("/api/load", json={"folder": "~nosuchuser123456/edit"})
+    assert r.status_code == 400 and "nosuchuser" in r.json()["error"]
+    r = client.post("/api/edit", json={**FACT, "hparams": {**ROME, "corpus": 5}})
+    assert r.status_code == 400 and "corpus" in r.json()["error"]
+    assert client.post("/api/edit", json={**FACT, "probes": []}).status_code == 200
+    r = client.post("/api/check", json={"paraphrases": ["The capital of France is " + "very " * 600]})
+    assert r.status_code == 400 and "context" in r.json()["error"]
+    assert [e["method"] for e in client.get("/api/stack").json()] == ["rome"]

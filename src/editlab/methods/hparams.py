@@ -216,6 +216,8 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
             if out != out or out in (float("inf"), float("-inf")):
                 raise ValueError(value)
             return out
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(value)
         if isinstance(default, (list, tuple)):
             if isinstance(value, str):
                 value = _parse_list(value)

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ..errors import BusyError, EditRequestError, EditStackError, HparamsError, PromptTooLongError
+from ..errors import BusyError, EditRequestError, EditStackError, HparamsError, OutputPathError, PromptTooLongError
 from ..methods import get_editor
 from ..methods.catalogue import METHODS
 from ..methods.edit import Edit
@@ -78,13 +78,14 @@ class Playground:
         self._lock = threading.Lock()
         self._fingerprints: dict[str, str] = {}  # edit id -> weights fingerprint before it (undo check)
         self._activity: tuple[str, float] | None = None  # what holds the lock, since when
+        self._stack: list[dict[str, Any]] = [_describe(e) for e in lm.active_edits]  # between operations; read without the lock
         self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = OrderedDict()
 
     def status(self) -> dict[str, Any]:
         """What the playground is doing now (the page polls this while an edit runs)."""
         act = self._activity
         return {"busy": act is not None, "activity": act[0] if act else None,
-                "seconds": round(time.perf_counter() - act[1], 1) if act else None, "edits": len(self.lm.active_edits)}
+                "seconds": round(time.perf_counter() - act[1], 1) if act else None, "edits": len(self._stack)}
 
     # ---------------------------------------------------------------- locking
     @contextmanager
@@ -121,7 +122,13 @@ class Playground:
                 "continuation_tokens": self.continuation_tokens, "moved_tv": MOVED_TV}
 
     def stack(self) -> list[dict[str, Any]]:
-        return [_describe(e) for e in self.lm.active_edits]
+        """The applied edits, oldest first, as of the last finished operation (while a probe takes the
+        newest edit off to measure "before", this still lists it)."""
+        return list(self._stack)
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        self._stack = [_describe(e) for e in self.lm.active_edits]
+        return self.stack()
 
     def method_hparams(self, method: str) -> dict[str, Any]:
         """The hyper-parameters `method` uses on this model (defaults, preset), with each value's type."""
@@ -168,13 +175,13 @@ class Playground:
                 measured_main = ({**row, "continuation": system.generate([prompt], self.continuation_tokens)[0]}, dist)
             for i in missing:
                 self._cache[keys[i]] = measured_main if i == 0 else measured[items[i]]
-            while len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
         out = []
         for key, kind in zip(keys, ["prompt"] + [p.kind for p in probes]):
             self._cache.move_to_end(key)
             row, dist = self._cache[key]
             out.append(({**row, "kind": kind}, dist))
+        while len(self._cache) > CACHE_ENTRIES:  # after reading this call's entries, which are now the newest
+            self._cache.popitem(last=False)
         return out
 
     def _report(self, main: tuple[str, str | None, str | None], probes: Sequence[Probe], compare: bool) -> dict[str, Any]:
@@ -223,7 +230,8 @@ class Playground:
             seconds = time.perf_counter() - t0
             self._fingerprints[edit.id] = before_fp
             report = self._report((req.prompt, req.target_new, req.target_true), parsed, compare=True)
-        return {"edit": _describe(edit), "seconds": round(seconds, 3), **report, "stack": self.stack()}
+            stack = self._snapshot()
+        return {"edit": _describe(edit), "seconds": round(seconds, 3), **report, "stack": stack}
 
     def probe(self, probes: Sequence[Mapping[str, Any] | str] | None = None, prompt: str | None = None) -> dict[str, Any]:
         """The probes (and the newest edit's prompt, or `prompt`) before and after the newest edit; with
@@ -249,13 +257,14 @@ class Playground:
             top.restore()
             before = self._fingerprints.pop(top.id, None)
             exact = None if before is None else self.lm.fingerprint() == before  # hashed, not assumed
-        return {"undone": _describe(top), "bit_exact": exact, "stack": self.stack()}
+            stack = self._snapshot()
+        return {"undone": _describe(top), "bit_exact": exact, "stack": stack}
 
     def save(self, folder: str) -> dict[str, Any]:
         """Save the newest edit into `folder` (absent, empty, or an earlier edit's folder)."""
         if not isinstance(folder, str) or not folder.strip():
             raise EditRequestError("give a folder to save the edit into")
-        path = Path(folder).expanduser()
+        path = _folder(folder)
         check_save_target(path)
         with self._exclusive(wait=False, activity="saving"):
             if not self.lm.active_edits:
@@ -270,10 +279,11 @@ class Playground:
             raise EditRequestError("give the folder of a saved edit")
         with self._exclusive(wait=False, activity="loading an edit"):
             before_fp = self.lm.current_fingerprint()
-            edit = Edit.load(Path(folder).expanduser(), self.lm)
+            edit = Edit.load(_folder(folder), self.lm)
             self._cache.clear()  # a loaded edit keeps its saved id; never trust measurements keyed by it
             self._fingerprints[edit.id] = before_fp
-        return {"loaded": _describe(edit), "stack": self.stack()}
+            stack = self._snapshot()
+        return {"loaded": _describe(edit), "stack": stack}
 
     def check(self, paraphrases: Sequence[str] = (), neighbours: Sequence[str] = (),
               portability: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
@@ -288,6 +298,9 @@ class Playground:
         for name, items in (("paraphrase", paraphrases), ("neighbour", neighbours)):
             if any(not isinstance(p, str) or not p.strip() for p in items):
                 raise EditRequestError(f"a {name} prompt is empty")
+        if len(paraphrases) + len(neighbours) + len(qs) > MAX_PROBES:
+            raise EditRequestError(f"at most {MAX_PROBES} prompts and questions at a time")
+        self._check_lengths(list(paraphrases) + list(neighbours) + [q for q, _ in qs])
         with self._exclusive(wait=True, activity="checking"):
             if not self.lm.active_edits:
                 raise EditStackError("no edit to check: apply one first")
@@ -297,8 +310,9 @@ class Playground:
             after = self._check_rows(req, paraphrases, neighbours, qs)
             with self._without_top():
                 before = self._check_rows(req, paraphrases, neighbours, qs)
+            edit = _describe(self.lm.active_edits[-1])
         rows = [{"metric": m, "n": n, "before": b, "after": a} for (m, n, a), (_, _, b) in zip(after, before)]
-        return {"edit": _describe(self.lm.active_edits[-1]), "rows": rows}
+        return {"edit": edit, "rows": rows}
 
     def _check_rows(self, req: EditRequest, paraphrases: Sequence[str], neighbours: Sequence[str],
                     questions: Sequence[tuple[str, str]]) -> list[tuple[str, int, float | None]]:
@@ -321,6 +335,13 @@ class Playground:
         hits = [g.strip().casefold().startswith(a.strip().casefold()) for g, (_, a) in zip(answers, questions)]
         rows.append(("portability (answer first)", len(questions), mean(hits)))
         return rows
+
+
+def _folder(folder: str) -> Path:
+    try:
+        return Path(folder).expanduser()
+    except RuntimeError as e:  # "~nosuchuser/..."
+        raise OutputPathError(f"folder {folder!r}: {e}") from None
 
 
 def _describe(edit: Edit) -> dict[str, Any]:

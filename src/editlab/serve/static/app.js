@@ -59,7 +59,14 @@ function hparamsFromForm() {
     const name = input.name, type = hparamTypes[name];
     if (input.value === input.dataset.default && input.type !== "checkbox") continue;
     if (type === "bool") { if (input.checked !== (input.dataset.default === "true")) out[name] = input.checked; continue; }
-    out[name] = type === "int" || type === "float" ? Number(input.value) : type === "list" ? JSON.parse(input.value) : input.value;
+    if (type === "int" || type === "float") {
+      if (input.value.trim() === "" || !Number.isFinite(Number(input.value))) throw new Error(`hyper-parameter ${name}: ${JSON.stringify(input.value)} is not a number`);
+      out[name] = Number(input.value);
+    } else if (type === "str") {
+      out[name] = input.value;
+    } else {  // lists, tuples, mappings, null defaults: JSON
+      try { out[name] = JSON.parse(input.value); } catch (e) { throw new Error(`hyper-parameter ${name}: not valid JSON (${input.value})`); }
+    }
   }
   return out;
 }
