@@ -8,6 +8,7 @@ in a fraction of a second."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
@@ -216,8 +217,12 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
             if out != out or out in (float("inf"), float("-inf")):
                 raise ValueError(value)
             return out
-        if isinstance(default, str) and not isinstance(value, str):
-            raise ValueError(value)
+        if isinstance(default, str):
+            if isinstance(value, os.PathLike):  # a corpus or prompt folder given as a Path
+                return os.fspath(value)
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
         if isinstance(default, (list, tuple)):
             if isinstance(value, str):
                 value = _parse_list(value)
