@@ -409,9 +409,7 @@ class DeepEditView(RetrievedFactView):
         super().__init__(inner, config, tensors)
         cfg = self.config
         try:
-            if cfg.get("format") != FORMAT:
-                raise EditMismatchError(f"DeepEdit view format {cfg.get('format')!r} is not {FORMAT}")
-            self.memory = EditMemory.from_state(self.tensors, cfg["memory"])
+            self.memory = self.saved_memory("DeepEdit", FORMAT)
             self.settings = SearchSettings(str(cfg["constraints"]), int(cfg["max_depth"]), int(cfg["max_calls"]),
                                            int(cfg["top_k"]), int(cfg.get("hop_tokens", HOP_TOKENS)))
             self.threshold = self.scope_threshold = check_threshold(float(cfg["threshold"]), "threshold")

@@ -148,9 +148,7 @@ class IKEView(PromptView):
         super().__init__(inner, config, tensors)
         cfg = self.config
         try:
-            if cfg.get("format") != FORMAT:
-                raise EditMismatchError(f"IKE view format {cfg.get('format')!r} is not {FORMAT}")
-            self.memory = EditMemory.from_state(self.tensors, cfg["memory"])
+            self.memory = self.saved_memory("IKE", FORMAT)
             self.demos: list[list[str]] = [list(map(str, d)) for d in cfg["demos"]]
             self.facts_per_query = int(cfg["facts_per_query"])
             self.scope_threshold = check_threshold(float(cfg["scope_threshold"]), "scope_threshold")

@@ -176,9 +176,7 @@ class MeLLoView(RetrievedFactView):
         super().__init__(inner, config, tensors)
         cfg = self.config
         try:
-            if cfg.get("format") != FORMAT:
-                raise EditMismatchError(f"MeLLo view format {cfg.get('format')!r} is not {FORMAT}")
-            self.memory = EditMemory.from_state(self.tensors, cfg["memory"])
+            self.memory = self.saved_memory("MeLLo", FORMAT)
             self.decompose = str(cfg["decompose"])
             self.k = int(cfg["k"])
             self.max_hops = int(cfg["max_hops"])

@@ -236,8 +236,7 @@ class SERACView(PromptView):
         super().__init__(inner, config, tensors)
         cfg = self.config
         try:
-            if cfg.get("format") != FORMAT:
-                raise EditMismatchError(f"SERAC view format {cfg.get('format')!r} is not {FORMAT}")
+            self.memory = self.saved_memory("SERAC", FORMAT)
             self.scope = str(cfg["scope"])
             if self.scope not in SCOPES:
                 raise ValueError(f"scope {self.scope!r} is not one of {SCOPES}")
@@ -245,7 +244,6 @@ class SERACView(PromptView):
             self.k = int(cfg["k"])
             self.chat = bool(cfg.get("chat", False))
             self.head = ScopeHead.from_dict(cfg["head"]) if cfg.get("head") is not None else None
-            self.memory = EditMemory.from_state(self.tensors, cfg["memory"])
             self.prompts = self.tensors["serac.prompts"]
             self.subjects = self.tensors["serac.subjects"]
         except (KeyError, TypeError, ValueError) as e:

@@ -63,6 +63,13 @@ class PromptView(LMView):
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, **kw: Any) -> list[list[int]]:
         return self.inner.generate_ids(self.wrap(prompts, [max_new_tokens] * len(prompts)), max_new_tokens, **kw)
 
+    def saved_memory(self, method: str, fmt: int) -> EditMemory:
+        """The memory in this view's config and tensors, after checking the config's format (call it
+        inside the subclass's config parsing, which turns a missing key into `EditMismatchError`)."""
+        if self.config.get("format") != fmt:
+            raise EditMismatchError(f"{method} view format {self.config.get('format')!r} is not {fmt}")
+        return EditMemory.from_state(self.tensors, self.config["memory"])
+
     def window_contexts(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[str]:
         """Per raw token window (perplexity probes), the text read before it ("" for none); `prefix_ids`
         come between that text and the window."""
