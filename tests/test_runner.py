@@ -73,7 +73,7 @@ def test_bad_run_configs(lm, tmp_path):
         run(lm, reqs, RunConfig("rome", mode="batch", batch_size=2), store)
     with pytest.raises(EditlabError, match="unknown mode"):
         run(lm, reqs, RunConfig("ft-m", mode="weird"), store)
-    with pytest.raises(EditlabError, match="outside 1..3"):
+    with pytest.raises(EditlabError, match="outside 0..3"):
         run(lm, reqs, RunConfig("ft-m", mode="sequential", checkpoints=[5]), store)
 
 

@@ -63,3 +63,14 @@ def datasets() -> None:
 
     rows = [(e.name, str(e.meta.get("relpath", e.meta.get("file", ""))), e.description) for e in registry_entries(DATASETS)]
     console.print(_table("datasets", ["name", "file", "description"], rows))
+
+
+def probes() -> None:
+    """List the probes a sequential run can measure at each checkpoint (--probes)."""
+    from ..probes import PROBES
+
+    rows = []
+    for e in registry_entries(PROBES):
+        cls = PROBES.get(e.name)
+        rows.append((e.name, ", ".join(cls.metrics), ", ".join(cls.files) or "-", e.description))
+    console.print(_table("probes (editlab eval --mode sequential --probes a,b)", ["name", "metrics", "data", "description"], rows))

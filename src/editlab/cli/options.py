@@ -53,7 +53,13 @@ Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Hparam overrid
 HparamsFile = Annotated[Optional[Path], typer.Option("--hparams", help="YAML file of hparam overrides", rich_help_panel=_HPARAM_PANEL)]
 Mode = Annotated[str, typer.Option(help="single | batch | sequential", rich_help_panel=_RUN_PANEL)]
 BatchSize = Annotated[int, typer.Option(help="Requests per edit in batch mode", rich_help_panel=_RUN_PANEL)]
-Checkpoints = Annotated[Optional[str], typer.Option(help="Sequential mode: e.g. 1,10,50", rich_help_panel=_RUN_PANEL)]
+Checkpoints = Annotated[Optional[str], typer.Option(
+    help="Sequential mode: numbers of edits at which to evaluate, increasing, e.g. 0,10,50 (0: the unedited model)",
+    rich_help_panel=_RUN_PANEL)]
+Probes = Annotated[Optional[str], typer.Option(
+    help="Sequential mode: probes measured at each checkpoint, e.g. perplexity,downstream,nkl,norm (see `editlab probes`)",
+    rich_help_panel=_RUN_PANEL)]
+ProbeBudget = Annotated[str, typer.Option(help="Probe sizes: quick or full (see docs/pitfalls.md)", rich_help_panel=_RUN_PANEL)]
 Db = Annotated[Path, typer.Option(help="SQLite result database", rich_help_panel=_RUN_PANEL)]
 Resume = Annotated[bool, typer.Option(help="Continue an interrupted run in the same database", rich_help_panel=_RUN_PANEL)]
 Generation = Annotated[bool, typer.Option(help="Also compute generation exact match", rich_help_panel=_RUN_PANEL)]
@@ -120,6 +126,8 @@ class RunOptions(OptionGroup):
     generation: Generation = False
     fluency: Fluency = False
     ppl_text: PplText = None
+    probes: Probes = None
+    probe_budget: ProbeBudget = "quick"
     seed: Seed = 0
 
 

@@ -22,16 +22,39 @@ if TYPE_CHECKING:
 
 
 def parse_checkpoints(text: str | None) -> list[int]:
+    """`--checkpoints` as numbers of edits: integers, increasing, each once, >= 0 (checked against the
+    number of requests once the data is read)."""
+    from ..runner.config import check_checkpoints
+
     if not text:
         return []
     try:
         points = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise OptionError(f"--checkpoints expects comma-separated integers, got {text!r}") from None
-    bad = [c for c in points if c < 1]
-    if bad:
-        raise OptionError(f"--checkpoints must be numbers of edits >= 1, got {bad[0]}")
+    try:
+        check_checkpoints(points)
+    except EditlabError as e:
+        raise OptionError(f"--checkpoints: {e}") from None
     return points
+
+
+def parse_probe_options(run: RunOptions) -> list[str]:
+    """`--probes` and `--probe-budget`, checked against the probe registry and the data folder (each
+    probe's files) before any model loads."""
+    from ..probes import BUDGET_NAMES, get_probes, parse_probes
+
+    if run.probe_budget not in BUDGET_NAMES:
+        raise OptionError(f"--probe-budget must be one of {', '.join(BUDGET_NAMES)}, got {run.probe_budget!r}")
+    if run.probes is None:
+        return []
+    if run.mode != "sequential":
+        raise OptionError("--probes are measured at the checkpoints of a sequential run; add --mode sequential")
+    names = parse_probes(run.probes)
+    if not names:
+        raise OptionError("--probes is empty; name at least one probe (see `editlab probes`)")
+    get_probes(names, run.probe_budget)  # data files present
+    return names
 
 
 def read_ppl_text(path: Path | None) -> str:
@@ -72,9 +95,11 @@ def run_configs(methods: list[str], data: DataOptions, hp: HparamOptions, run: R
     checkpoints = parse_checkpoints(run.checkpoints)
     if checkpoints and run.mode != "sequential":
         raise OptionError("--checkpoints applies to --mode sequential only")
+    probes = parse_probe_options(run)
     text = read_ppl_text(run.ppl_text) if run.mode == "sequential" else None
     return [RunConfig(method=m, mode=run.mode, dataset=data.data, batch_size=run.batch_size, checkpoints=list(checkpoints),
-                      hparams=dict(overrides), seed=run.seed, generation=run.generation, fluency=run.fluency, ppl_text=text)
+                      hparams=dict(overrides), seed=run.seed, generation=run.generation, fluency=run.fluency, ppl_text=text,
+                      probes=list(probes), probe_budget=run.probe_budget)
             for m in methods]
 
 

@@ -24,7 +24,8 @@ FAMILIES: dict[str, list[str]] = {
 TABLE_KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "cf_score", "rewrite_acc", "rephrase_acc",
               "locality_acc", "portability_acc", "rewrite_gen_em", "rephrase_gen_em", "fluency"]
 SEQ_KEYS = ["retention_rewrite_acc", "retention_efficacy_score", "retention_rephrase_acc", "retention_locality_acc",
-            "newest_rewrite_acc", "perplexity"]
+            "newest_rewrite_acc", "perplexity", "ppl_wikitext", "nkl_fixed", "norm_growth_max", "gsm8k_extract"]
+UNBOUNDED = {"perplexity", "ppl_wikitext", "nkl_fixed", "norm_growth_max"}  # not fractions: no 0..1 axis
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
 
 
@@ -111,7 +112,7 @@ def _seq_plots(sequences: list[dict[str, Any]]) -> list[tuple[str, str]]:
             base = next((m.get("perplexity_base") for s in sequences for _, m in s["points"] if m.get("perplexity_base")), None)
             if base:
                 ax.axhline(base, color="#999", ls="--", lw=1, label="unedited")
-        else:
+        elif k not in UNBOUNDED:
             ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("number of edits", fontsize=8)
         ax.set_title(k, fontsize=9)

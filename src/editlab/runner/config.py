@@ -24,6 +24,8 @@ class RunConfig:
     generation: bool = False
     fluency: bool = False  # ROME-style generation fluency (n-gram entropy of sampled text) per request
     ppl_text: str | None = None  # sequential mode: text whose perplexity is tracked
+    probes: list[str] = field(default_factory=list)  # sequential mode: probes measured at each checkpoint
+    probe_budget: str = "quick"
 
     def validate(self, n_requests: int) -> None:
         if self.mode not in MODES:
@@ -33,7 +35,30 @@ class RunConfig:
         if self.mode == "sequential":
             if not self.checkpoints:
                 self.checkpoints = sorted({c for c in (1, 10, 50, 100, 500, 1000) if c <= n_requests} | {n_requests})
-            bad = [c for c in self.checkpoints if c < 1 or c > n_requests]
-            if bad:
-                raise EditlabError(f"checkpoints {bad} outside 1..{n_requests}")
-            self.checkpoints = sorted(set(self.checkpoints))
+            check_checkpoints(self.checkpoints, n_requests)
+        elif self.probes:
+            raise EditlabError("probes are measured at the checkpoints of a sequential run; use mode 'sequential'")
+        if self.probes:
+            from ..probes import BUDGET_NAMES, parse_probes
+
+            self.probes = parse_probes(self.probes)
+            if self.probe_budget not in BUDGET_NAMES:
+                raise EditlabError(f"unknown probe budget {self.probe_budget!r}; use one of {', '.join(BUDGET_NAMES)}")
+
+
+def check_checkpoints(points: list[int], n_requests: int | None = None) -> None:
+    """Checkpoints are numbers of edits, given in increasing order, each once, 0 (the unedited model,
+    for probes) up to the number of requests; anything else raises `EditlabError` saying which."""
+    if any(not isinstance(c, int) or isinstance(c, bool) for c in points):
+        raise EditlabError(f"checkpoints must be integers, got {points}")
+    dup = sorted({c for c in points if points.count(c) > 1})
+    if dup:
+        raise EditlabError(f"checkpoint {dup[0]} is given twice; give each number of edits once")
+    if points != sorted(points):
+        raise EditlabError(f"checkpoints must increase ({','.join(map(str, points))} does not); "
+                           f"give them as {','.join(map(str, sorted(points)))}")
+    bad = [c for c in points if c < 0 or (n_requests is not None and c > n_requests)]
+    if bad:
+        hi = f"..{n_requests}" if n_requests is not None else " or more"
+        raise EditlabError(f"checkpoints {bad} outside 0{hi}"
+                           + (f" (the data has {n_requests} requests)" if n_requests is not None else ""))

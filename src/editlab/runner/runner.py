@@ -34,6 +34,8 @@ def run_id_for(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest], hparams:
         "hparams": hparams, "seed": cfg.seed, "generation": cfg.generation, "fluency": cfg.fluency,
         "requests": hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest(),
     }
+    if cfg.probes:  # absent otherwise, so that runs stored before probes existed keep their ids
+        key["probes"] = {"names": list(cfg.probes), "budget": cfg.probe_budget}
     return f"{cfg.method}-{cfg.mode}-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -72,6 +74,30 @@ def _record_statistics(store: Store, run_id: str, edit: Any) -> None:
         store.update_run_config(run_id, statistics=stats)
 
 
+def _prepared_probes(lm: LM, cfg: RunConfig, store: Store, run_id: str, tick: Progress, total: int) -> list[Any]:
+    """The run's probes, prepared on the unedited model (data read, reference values computed); their
+    sizes are kept in the run's config."""
+    if not cfg.probes:
+        return []
+    from ..probes import get_probes
+
+    probes = get_probes(cfg.probes, cfg.probe_budget)
+    for p in probes:
+        tick(0, total, f"preparing probe {p.name} (unedited model)")
+        p.prepare(lm)
+    info = json.loads(json.dumps({p.name: p.info() for p in probes}, default=str))
+    if store.runs_config(run_id).get("probe_info") != info:
+        store.update_run_config(run_id, probe_info=info)
+    return probes
+
+
+def _measure_probes(probes: Sequence[Any], system: Any, lm: LM) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for p in probes:
+        out.update(p.measure(system, lm))
+    return out
+
+
 def run(
     lm: LM,
     requests: Sequence[EditRequest],
@@ -96,7 +122,7 @@ def run(
         run_id, model=lm.name, model_fingerprint=lm.base_fingerprint, method=cfg.method, mode=cfg.mode,
         dataset=cfg.dataset, n_requests=len(requests), seed=cfg.seed, hparams=hp.to_dict(),
         config={"batch_size": cfg.batch_size, "checkpoints": cfg.checkpoints, "generation": cfg.generation,
-                "fluency": cfg.fluency},
+                "fluency": cfg.fluency, **({"probes": list(cfg.probes), "probe_budget": cfg.probe_budget} if cfg.probes else {})},
         versions=versions(),
     )
     done = store.done_keys(run_id)
@@ -143,14 +169,20 @@ def run(
         return run_id
     windows = text_windows(lm, cfg.ppl_text, 1024) if cfg.ppl_text else []
     base_ppl = perplexity(lm, windows) if windows else None  # before any edit is loaded or applied
+    probes = _prepared_probes(lm, cfg, store, run_id, tick, len(requests))  # on the unedited model, like base_ppl
     final_ckpt = max(cfg.checkpoints)
+    if 0 in cfg.checkpoints and "ckpt:0" not in done:
+        t1 = time.perf_counter()
+        metrics = {"perplexity": base_ppl, "perplexity_base": base_ppl} if windows else {}
+        metrics.update(_measure_probes(probes, lm, lm))
+        store.add_row(Row(run_id, "ckpt:0", None, "checkpoint", 0, None, time.perf_counter() - t1, metrics))
     try:
         start = stacks.resume(lm, cfg.method, requests, cfg.checkpoints, done)
         prev = lm.active_edits[-1] if start else None
         last = start  # a resumed stack ends at a checkpoint
         if start:
             tick(start, len(requests), f"{cfg.method} sequential: resumed from the edits saved at {start}")
-        for n_done in range(start + 1, len(requests) + 1):
+        for n_done in range(start + 1, len(requests) + 1 if final_ckpt > 0 else 1):
             r = requests[n_done - 1]
             t0 = time.perf_counter()
             prev = editor.apply(lm, r, hp, on=prev if editor.supports_on else None)
@@ -170,6 +202,7 @@ def run(
                     if windows:
                         metrics["perplexity"] = perplexity(system, windows)
                         metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]
+                    metrics.update(_measure_probes(probes, system, lm))
                     row = Row(run_id, f"ckpt:{n_done}", None, "checkpoint", n_done, t_edit, time.perf_counter() - t1, metrics)
                 # save the stack BEFORE writing the row: a kill in between leaves a stack whose row is
                 # missing, which resume ignores (stacks.py). The last checkpoint needs no stack: once

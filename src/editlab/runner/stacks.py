@@ -127,7 +127,7 @@ class RunStacks:
         rows of c and of every checkpoint before it are in `done`, and every edit verifies and is the
         edit of `requests[k]` by `method`. When rows exist but no stack loads, warn once (one line)."""
         finished: list[int] = []
-        for c in sorted(checkpoints):
+        for c in sorted(c for c in checkpoints if c > 0):  # checkpoint 0 (unedited) has no stack
             if f"ckpt:{c}" not in done:
                 break
             finished.append(c)

@@ -98,6 +98,39 @@ _m("locality_first_alias", "KnowEdit locality scoring only each probe's first al
    _EASYEDIT)
 _m("fluency", "weighted bigram/trigram entropy of sampled generations", True, 0, None, "bits", "ROME (Meng et al. 2022)")
 
+# dialogue robustness (suite `dialogue`; editlab's protocol, see suites/dialogue.py)
+_DIALOGUE = "editlab's dialogue protocol after \"Is it Possible to Edit LLMs Robustly?\" (Ma et al. 2024)"
+_m("success", "the turn's answer gives the new target", True, 0, 1, "fraction", _DIALOGUE)
+_m("reversion", "the turn's answer goes back to the old object", False, 0, 1, "fraction", _DIALOGUE)
+_m("confusion", "the turn's answer gives neither the new target nor the old object", False, 0, 1, "fraction", _DIALOGUE)
+
+# probes at sequential checkpoints (editlab.probes; spec sections 2.5 and 2.7)
+_MEH = "Model-Editing-Hurt (Gu et al. 2024) prompts; editlab's option-likelihood scoring"
+_m("ppl_wikitext", "perplexity of WikiText-2 test, 512-token windows", False, 1, None, "ppl", "spec section 2.7")
+_m("ppl_corpus", "perplexity of the default corpus sample, 512-token windows", False, 1, None, "ppl", "spec section 2.7")
+_m("collapsed", "WikiText-2 perplexity above twice the unedited value (editlab's threshold)", False, 0, 1, "fraction",
+   "editlab")
+_m("nkl_fixed", "KL(edited || unedited) of the next-token distribution on 100 fixed unrelated prompts", False, 0, None,
+   "nats", "spec section 2.7")
+_m("nkl_fixed_top1", "fixed unrelated prompts whose most likely next token is unchanged", True, 0, 1, "fraction", "editlab")
+_m("norm_growth_max", "largest |W_c - W_0|_F / |W_0|_F over the matrices the edits changed", False, 0, None, "ratio",
+   "editlab (after Gupta et al. 2024)")
+_m("norm_growth_mean", "mean |W_c - W_0|_F / |W_0|_F over the matrices the edits changed", False, 0, None, "ratio",
+   "editlab (after Gupta et al. 2024)")
+_m("norm_ratio_max", "largest |W_c|_F / |W_0|_F over the matrices the edits changed", None, 0, None, "ratio", "editlab")
+_m("norm_ratio_mean", "mean |W_c|_F / |W_0|_F over the matrices the edits changed", None, 0, None, "ratio", "editlab")
+_m("matrices_changed", "weight matrices the active edits changed", None, 0, None, "count", "editlab")
+for _task, _what in (("sst2", "SST-2 sentiment"), ("rte", "RTE entailment"), ("boolq", "BoolQ yes/no")):
+    _m(_task, f"{_what}: the more likely of the two option tokens is right", True, 0, 1, "fraction", _MEH)
+    _m(f"{_task}_chance", f"{_what}: majority-class rate of the scored subset (chance level)", None, 0, 1, "fraction", _MEH)
+    _m(f"{_task}_meh_answered", f"{_what}: greedy token parses as an option (MEH)", None, 0, 1, "fraction", _MEH)
+    _m(f"{_task}_meh_acc_answered", f"{_what}: MEH accuracy over parsed answers", True, 0, 1, "fraction", _MEH)
+    _m(f"{_task}_meh_acc_all", f"{_what}: MEH accuracy over all questions", True, 0, 1, "fraction", _MEH)
+_m("nq", "NQ-open: a gold answer occurs as a word span of the 20-token greedy answer", True, 0, 1, "fraction", _MEH)
+_m("gsm8k_extract", "GSM8K with the gold rationale in the prompt: first number of the answer equals the gold "
+   "(answer extraction, not reasoning)", True, 0, 1, "fraction", _MEH)
+_m("gsm8k_meh", "GSM8K extraction with MEH's substring rule", True, 0, 1, "fraction", _MEH)
+
 
 def metric_info(name: str) -> MetricInfo:
     """The entry for a metric name, with or without its `split.` prefix and `unedited/` marker."""

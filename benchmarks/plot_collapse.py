@@ -1,0 +1,99 @@
+"""The survey's "collapse" figure for one model: sequential edits with probes at each checkpoint, every
+method in one plot per metric, and a table of the values (markdown) beside the unedited model's.
+
+Runs come from `editlab eval --mode sequential --probes ...` (one database per method, or one for all):
+
+    editlab eval --method rome --data counterfact --limit 200 --mode sequential \\
+        --checkpoints 0,10,25,50,100,200 --probes perplexity,downstream,nkl,norm --db out/collapse-rome.db
+    python benchmarks/plot_collapse.py out/collapse-*.db --png docs/collapse.png
+
+Records: the first 200 shipped CounterFact portability records (never used for tuning); checkpoint 0 is
+the unedited model, measured by the same probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from common import ROOT  # noqa: F401  (common puts src/ on the path)
+
+METRICS = ("retention_efficacy_score", "retention_rewrite_acc", "retention_locality_acc", "ppl_wikitext", "nkl_fixed",
+           "norm_growth_max", "gsm8k_extract", "sst2", "rte", "boolq", "nq")
+CHANCE = {"sst2": "sst2_chance", "rte": "rte_chance", "boolq": "boolq_chance"}
+
+
+def load(dbs: list[str]) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    from editlab.runner import Store
+
+    out: dict[str, list[tuple[int, dict[str, float]]]] = {}
+    for db in dbs:
+        store = Store.open_readonly(db)
+        for run in store.runs():
+            if run["mode"] != "sequential":
+                continue
+            pts = sorted(((r.n_edits, {**r.metrics, "_eval_s": r.eval_s or float("nan")})
+                          for r in store.rows(run["run_id"]) if r.kind == "checkpoint"), key=lambda p: p[0])
+            if pts:
+                out[run["method"]] = pts
+        store.close()
+    return out
+
+
+def table(runs: dict[str, list[tuple[int, dict[str, float]]]]) -> None:
+    keys = [k for k in METRICS if any(k in m for pts in runs.values() for _, m in pts)]
+    print("| method | edits | " + " | ".join(keys) + " | s/ckpt |")
+    print("|---|---|" + "---|" * (len(keys) + 1))
+    for method, pts in runs.items():
+        for n, m in pts:
+            cells = ["" if k not in m or m[k] is None else f"{m[k]:.3f}" for k in keys]
+            print(f"| {method} | {n} | " + " | ".join(cells) + f" | {m.get('_eval_s', float('nan')):.0f} |")
+
+
+def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in METRICS if any(k in m for pts in runs.values() for _, m in pts)]
+    cols = 4
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.9 * rows), squeeze=False)
+    base = next((pts[0][1] for pts in runs.values() if pts and pts[0][0] == 0), {})
+    for ax, k in zip(axes.flat, keys):
+        for method, pts in runs.items():
+            xy = [(n, m[k]) for n, m in pts if m.get(k) is not None]
+            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ms=3, label=method)
+        if k in base and not k.startswith("retention_"):
+            ax.axhline(base[k], color="#555", ls="--", lw=1, label="unedited")
+        if k in CHANCE and CHANCE[k] in base:
+            ax.axhline(base[CHANCE[k]], color="#999", ls=":", lw=1, label="chance")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("number of edits", fontsize=8)
+        if k == "ppl_wikitext":
+            ax.set_yscale("log")
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"wrote {png}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dbs", nargs="+")
+    ap.add_argument("--png", default=None)
+    args = ap.parse_args()
+    runs = load(args.dbs)
+    if not runs:
+        raise SystemExit("no sequential runs in " + ", ".join(args.dbs))
+    table(runs)
+    if args.png:
+        plot(runs, args.png)
+
+
+if __name__ == "__main__":
+    main()
