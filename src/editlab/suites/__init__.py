@@ -44,6 +44,8 @@ SUITES.register("zsre", "zsRE with its consequences: token accuracy, locality, o
 SUITES.register("knowedit", "KnowEdit (wiki_recent, wiki_counterfact, zsRE, WikiBio): edit success, portability "
                 "(reasoning, subject aliasing, logical generalization), locality (relation specificity, forgetfulness)",
                 lazy("editlab.suites.knowedit:KnowEditSuite"))
+SUITES.register("dialogue", "Dialogue robustness: after an edit, a conversation follows up on, contradicts and builds on "
+                "it; does the model keep the new fact, revert to the old one or say neither", lazy("editlab.suites.dialogue:Dialogue"))
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
