@@ -2,9 +2,9 @@
 layer over the library.
 
     edit.py     edit                     run.py      eval, compare, demo
-    results.py  export, report           listing.py  methods, models, datasets
+    results.py  export, report           listing.py  methods, models, datasets, probes
     suites.py   suites, eval/compare --suite         trace.py    trace
-    serve.py    serve (the web playground)
+    serve.py    serve (the web playground)        pitfalls.py pitfalls (every suite and probe, one report)
     options.py  options declared once    common.py   errors, model loading, progress, summary table
 
 Errors: an `EditlabError` prints one `error: ...` line and exits with 2; any other exception is a bug
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from . import edit, listing, results, run, serve, suites, trace
+from . import edit, listing, pitfalls, results, run, serve, suites, trace
 from .common import EditlabGroup
 from .options import Debug
 
@@ -43,6 +43,8 @@ app.command("methods")(listing.methods)
 app.command("models")(listing.models)
 app.command("datasets")(listing.datasets)
 app.command("suites")(suites.suites)
+app.command("probes")(listing.probes)
+app.command("pitfalls")(pitfalls.pitfalls)
 app.command("trace")(trace.trace)
 app.command("serve")(serve.serve)
 

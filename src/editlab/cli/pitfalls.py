@@ -1,0 +1,61 @@
+"""`editlab pitfalls`: every pitfall suite and the sequential-collapse probes for one or more methods, in
+one HTML report (`editlab.pitfalls`). Every check (methods, hyper-parameters, budget, sections, every
+suite's data, the probes' data, the output paths, the database) is answered before the model loads."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import OptionError
+from . import options
+from .common import (check_hparams_early, check_model_options, check_output_file, console, exit_interrupted,
+                     hparam_overrides, load_model, progress_bar, user_warnings_reported)
+from .options import HparamOptions, ModelOptions, with_option_groups
+
+
+@with_option_groups
+def pitfalls(
+    methods: Annotated[str, typer.Option("--method", "--methods", help="Editing method(s), comma-separated")] = options.DEFAULT_METHOD,
+    budget: Annotated[str, typer.Option(help="quick (about 20 min for ROME on 2 CPU cores) or full (docs/pitfalls.md)")] = "quick",
+    only: Annotated[Optional[str], typer.Option(
+        help="Comma-separated sections to run (portability, multihop, conflict, distortion, specificity, dialogue, "
+             "collapse); default all")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML report to write")] = Path("pitfalls.html"),
+    db: options.Db = Path("pitfalls.db"),
+    resume: options.Resume = False,
+    seed: options.Seed = 0,
+    model: ModelOptions = ModelOptions(),
+    hp: HparamOptions = HparamOptions(),
+) -> None:
+    """Run every pitfall suite and the collapse probes for METHODS; write one HTML report."""
+    from ..pitfalls.plan import plan_pitfalls
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    sections = [s.strip() for s in only.split(",") if s.strip()] if only is not None else None
+    if sections is not None and not sections:
+        raise OptionError("--only is empty; name at least one section")
+    check_model_options(model)
+    overrides = hparam_overrides(hp)
+    for m in names:
+        check_hparams_early(m, overrides)
+    check_output_file(out, "--out")
+    with user_warnings_reported():
+        plan = plan_pitfalls(names, budget, only=sections, hparams=overrides, seed=seed)
+    from ..pitfalls.report import write_pitfalls_report
+    from ..pitfalls.run import run_pitfalls
+    from ..runner import Store
+
+    store = Store(db)
+    t0 = time.perf_counter()
+    try:
+        lm = load_model(model)
+        with user_warnings_reported():
+            runs = run_pitfalls(lm, plan, store, resume=resume, progress=progress_bar)
+    except KeyboardInterrupt:
+        exit_interrupted(db)
+    path = write_pitfalls_report(db, runs, out, budget=budget, model=model.model, seconds=time.perf_counter() - t0)
+    console.print(f"results in {db}; report: {path}")

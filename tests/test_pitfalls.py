@@ -1,0 +1,97 @@
+"""`editlab pitfalls`: the plan refuses every mistake before a model loads, a run on the tiny trained
+model fills every section it was asked for (suites beside their unedited rows, the collapse run with
+probes at checkpoint 0 and later), resumes without re-running anything, and the report is one
+self-contained HTML file with a section per pitfall, tables marked by direction and embedded plots."""
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from editlab.cli import app
+from editlab.errors import EditlabError, OptionError
+from editlab.models import load_lm
+from editlab.pitfalls import plan as plan_mod
+from editlab.pitfalls.plan import Budget, plan_pitfalls
+from editlab.pitfalls.report import direction, write_pitfalls_report
+from editlab.pitfalls.run import run_pitfalls
+from editlab.runner import Store
+
+FT = {"layer": 0, "steps": 10, "lr": 0.01}
+TINY = Budget("quick", {"counterfact": 2, "zsre": 1, "knowedit": 1, "mquake": 1, "conflict": 1, "distortion": 2,
+                        "specificity-plus": 1, "dialogue": 1},
+              stream=3, checkpoints=(0, 1, 3), probes=("perplexity", "nkl", "norm"), probe_budget="quick")
+
+
+@pytest.fixture
+def tiny_budget(monkeypatch):
+    monkeypatch.setitem(plan_mod.BUDGETS, "quick", TINY)
+
+
+def test_plan_refuses_mistakes_before_any_model(data_root):
+    with pytest.raises(OptionError, match="--budget must be one of quick, full"):
+        plan_pitfalls(["rome"], "medium")
+    with pytest.raises(OptionError, match="unknown pitfall section 'ripple'"):
+        plan_pitfalls(["rome"], only=["ripple"])
+    with pytest.raises(OptionError, match="named twice"):
+        plan_pitfalls(["rome", "ROME"], only=["conflict"])
+    with pytest.raises(EditlabError, match="unknown method 'nope'"):
+        plan_pitfalls(["nope"], only=["conflict"])
+    with pytest.raises(OptionError, match="no method"):
+        plan_pitfalls([], only=["conflict"])
+
+
+def test_plan_reads_each_suite_at_the_budget(data_root):
+    p = plan_pitfalls(["rome"], "quick", only=["conflict", "distortion", "collapse"])
+    assert set(p.suite_plans) == {"conflict", "distortion"}
+    assert len(p.suite_plans["distortion"].units) == 2 * plan_mod.BUDGETS["quick"].limits["distortion"]  # easy + hard
+    assert len(p.stream) == plan_mod.BUDGETS["quick"].stream and p.stream[0].portability
+
+
+def test_directions_of_report_metrics():
+    assert direction("easy.D") is False and direction("coverage.CS") is True
+    assert direction("retention_rewrite_acc") is True and direction("ppl_wikitext") is False
+    assert direction("nkl_fixed") is False and direction("sst2_chance") is None
+
+
+def test_run_and_report_on_the_tiny_model(data_root, tiny_budget, tmp_path):
+    lm = load_lm("tiny-trained-llama")
+    before = lm.current_fingerprint()
+    plan = plan_pitfalls(["ft-m"], "quick", only=["portability", "distortion", "collapse"], hparams=FT)
+    store = Store(tmp_path / "p.db")
+    runs = run_pitfalls(lm, plan, store)
+    assert set(runs.suites) == {"counterfact", "zsre", "knowedit"} | {"distortion"}
+    assert set(runs.suites["distortion"]) == {"unedited", "ft-m"} and set(runs.collapse) == {"ft-m"}
+    pts = {r.n_edits: r.metrics for r in store.rows(runs.collapse["ft-m"])}
+    assert sorted(pts) == [0, 1, 3] and pts[0]["nkl_fixed"] == 0.0 and pts[3]["matrices_changed"] >= 1
+    assert lm.current_fingerprint() == before and not lm.active_edits
+    n_rows = sum(store.count_rows(r["run_id"]) for r in store.runs())
+    with pytest.raises(EditlabError, match="--resume"):
+        run_pitfalls(lm, plan, store)
+    run_pitfalls(lm, plan, store, resume=True)  # nothing left to do: no new rows
+    assert sum(store.count_rows(r["run_id"]) for r in store.runs()) == n_rows
+    store.close()
+
+    out = write_pitfalls_report(tmp_path / "p.db", runs, tmp_path / "r.html", budget="quick", model="tiny")
+    html = out.read_text()
+    for sec in ("portability", "distortion", "collapse"):
+        assert f'id="{sec}"' in html
+    assert 'id="conflict"' not in html  # not run, not shown
+    assert html.count("data:image/png;base64,") >= 4  # relation bars, D histogram, collapse curves
+    assert "one-hop portability by relation" in html and "Distribution of the JS divergence" in html
+    assert not re.search(r'src="(?!data:)', html) and "<script" not in html  # one self-contained file
+    assert "unedited (0 edits)" in html and "ft-m (3 edits)" in html
+    assert '<td>ppl_wikitext</td><td class="dir">↓</td>' in html
+
+
+def test_cli_pitfalls_end_to_end_and_bad_input(data_root, tiny_budget, tmp_path):
+    runner = CliRunner()
+    args = ["pitfalls", "--model", "tiny-trained-llama", "--method", "ft-m", "--set", "layer=0", "--set", "steps=5",
+            "--only", "conflict,collapse", "--db", str(tmp_path / "p.db"), "-o", str(tmp_path / "p.html")]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.html").is_file() and 'id="conflict"' in (tmp_path / "p.html").read_text()
+    for bad, needle in ((["--budget", "huge"], "--budget must be one of"), (["--only", "nothing"], "unknown pitfall section"),
+                        (["--only", " , "], "--only is empty"), (["-o", str(tmp_path)], "is a folder")):
+        res = runner.invoke(app, args + bad)
+        assert res.exit_code == 2 and needle in res.output, res.output
