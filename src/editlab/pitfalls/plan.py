@@ -64,11 +64,11 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "quick": Budget("quick", {"counterfact": 6, "zsre": 6, "knowedit": 2, "mquake": 2, "conflict": 2, "distortion": 3,
-                              "specificity-plus": 6, "dialogue": 6},
-                    stream=20, checkpoints=(0, 5, 10, 20), probes=("perplexity", "downstream", "nkl", "norm"),
+    "quick": Budget("quick", {"counterfact": 3, "zsre": 2, "knowedit": 1, "mquake": 1, "conflict": 2, "distortion": 2,
+                              "specificity-plus": 5, "dialogue": 5},
+                    stream=10, checkpoints=(0, 5, 10), probes=("perplexity", "downstream", "nkl", "norm"),
                     probe_budget="quick"),
-    "full": Budget("full", {"counterfact": 100, "zsre": 100, "knowedit": 25, "mquake": 50, "conflict": 34, "distortion": 50,
+    "full": Budget("full", {"counterfact": 50, "zsre": 34, "knowedit": 25, "mquake": 25, "conflict": 34, "distortion": 50,
                             "specificity-plus": 100, "dialogue": 100},
                    stream=200, checkpoints=(0, 10, 25, 50, 100, 200), probes=("perplexity", "downstream", "nkl", "norm"),
                    probe_budget="full"),

@@ -6,7 +6,7 @@ start; the loss is taken on positions 1..511 of each window and PPL = exp(token-
 - `ppl_wikitext`: WikiText-2 raw test (`wikitext/wikitext-2-raw-test.txt`), the first 8,192 tokens
   (budget quick) or 65,536 (full);
 - `ppl_corpus`: the built-in Wikipedia sample that covariance statistics are computed on (the default
-  corpus), the first 4,096 tokens (quick) or 16,384 (full).
+  corpus), the first 2,048 tokens (quick) or 16,384 (full).
 
 `collapsed` is 1 when `ppl_wikitext` exceeds twice its unedited value (editlab's threshold, not a
 paper's), else 0. Scored through the system's `sequence_logprobs`, so a weight edit and an LM view are
@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from .base import Probe
 
 WINDOW = 512
-TOKENS = {"quick": {"wikitext": 8_192, "corpus": 4_096}, "full": {"wikitext": 65_536, "corpus": 16_384}}
+TOKENS = {"quick": {"wikitext": 8_192, "corpus": 2_048}, "full": {"wikitext": 65_536, "corpus": 16_384}}
 COLLAPSE_FACTOR = 2.0
 
 
