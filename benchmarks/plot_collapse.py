@@ -34,8 +34,9 @@ def load(dbs: list[str]) -> dict[str, list[tuple[int, dict[str, float]]]]:
                 continue
             pts = sorted(((r.n_edits, {**r.metrics, "_eval_s": r.eval_s or float("nan")})
                           for r in store.rows(run["run_id"]) if r.kind == "checkpoint"), key=lambda p: p[0])
-            if pts:
-                out[run["method"]] = pts
+            if pts:  # a second run of one method (other settings) is kept beside it, never replaced
+                label = run["method"] if run["method"] not in out else f"{run['method']} ({run['run_id'][-6:]})"
+                out[label] = pts
         store.close()
     return out
 

@@ -137,7 +137,7 @@ CLI_CASES = [
             "give them as 2,5"),
     CliCase("checkpoints-duplicated", _db("eval", "--model", "tiny-llama", "--mode", "sequential", "--checkpoints", "0,2,2"),
             "given twice"),
-    CliCase("checkpoint-negative", _db("eval", "--model", "tiny-llama", "--mode", "sequential", "--checkpoints=-1,2"), "outside 0"),
+    CliCase("checkpoint-negative", _db("eval", "--model", "tiny-llama", "--mode", "sequential", "--checkpoints=-1,2"), "0 or more"),
     CliCase("probe-unknown", _db("eval", "--model", "tiny-llama", "--mode", "sequential", "--probes", "perplexity,ppl"),
             "unknown probe 'ppl'"),
     CliCase("probes-in-single-mode", _db("eval", "--model", "tiny-llama", "--probes", "nkl"), "add --mode sequential"),

@@ -95,3 +95,16 @@ def test_cli_pitfalls_end_to_end_and_bad_input(data_root, tiny_budget, tmp_path)
                         (["--only", " , "], "--only is empty"), (["-o", str(tmp_path)], "is a folder")):
         res = runner.invoke(app, args + bad)
         assert res.exit_code == 2 and needle in res.output, res.output
+
+
+def test_best_value_is_marked_by_direction_among_edited_columns_only():
+    from editlab.pitfalls.report import _table
+
+    vals = [{"easy.D": 0.0, "coverage.CS": 1.0}, {"easy.D": 0.2, "coverage.CS": 0.4}, {"easy.D": 0.1, "coverage.CS": 0.6}]
+    t = _table(["unedited", "rome", "memit"], vals, ["easy.D", "coverage.CS", "nope"], [False, True, True])
+    rows = {name: (arrow, [c.best for c in cells]) for name, arrow, cells in t.rows}
+    assert rows["easy.D"] == ("↓", [False, False, True])  # lower is better; the unedited 0.0 is never "best"
+    assert rows["coverage.CS"] == ("↑", [False, False, True])
+    assert rows["nope"] == ("", [False, False, False])  # no direction, no value: nothing marked
+    single = _table(["unedited", "rome"], vals[:2], ["easy.D"], [False, True])
+    assert [c.best for c in single.rows[0][2]] == [False, False]  # one edited column: no contest

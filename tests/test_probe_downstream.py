@@ -188,7 +188,9 @@ def test_broken_files_raise_probe_error_naming_file_line_and_field(tmp_path: Pat
     (root / "downstream" / "test-OpenDomainQA.jsonl").unlink()
     with pytest.raises(ProbeError, match="test-OpenDomainQA.jsonl"):
         Downstream(data_root=root, tasks=("nq",)).check()
-    Downstream(data_root=root, tasks=("sst2",)).check()  # only the chosen tasks' files are needed
+    # only the chosen tasks' files are needed (and read when checked: this sst2 copy is the broken one above)
+    with pytest.raises(ProbeError, match=r"test-SentimentAnalysis\.tsv.*'label'"):
+        Downstream(data_root=root, tasks=("sst2",)).check()
 
 
 # ----------------------------------------------------------------------------- end to end on a tiny model

@@ -91,9 +91,8 @@ def test_nkl_is_zero_unedited_and_the_kl_of_the_edit_after(lm, root):
 def test_nkl_needs_100_distinct_prompts(lm, tmp_path):
     (tmp_path / "counterfact").mkdir()
     (tmp_path / "counterfact" / "counterfact-val.json").write_text(json.dumps([{"locality_prompt": "A is"}] * 150))
-    (p,) = get_probes(["nkl"], data_root=tmp_path)
     with pytest.raises(ProbeError, match="1 distinct locality prompts; it needs 100"):
-        p.prepare(lm)
+        get_probes(["nkl"], data_root=tmp_path)  # read when checked, before any model is needed
 
 
 def test_norm_growth_is_the_relative_frobenius_change(lm):
@@ -142,8 +141,42 @@ def test_bad_probe_input_is_refused_by_name(root, tmp_path):
         get_probes(["nkl"], "medium", root)
     with pytest.raises(ProbeError, match="needs counterfact/counterfact-val.json"):
         get_probes(["nkl"], "quick", tmp_path / "nothing")
-    for bad, msg in (([3, 1], "must increase"), ([1, 1, 2], "given twice"), ([-1, 2], "outside 0"), ([0, 9], "outside 0..3")):
+    for bad, msg in (([3, 1], "must increase"), ([1, 1, 2], "given twice"), ([-1, 2], "0 or more"), ([0, 9], "outside 0..3")):
         with pytest.raises(EditlabError, match=msg):
             check_checkpoints(bad, 3)
     with pytest.raises(EditlabError, match="sequential"):
         RunConfig("ft-m", mode="single", probes=["nkl"]).validate(3)
+
+
+def test_cli_sequential_run_with_checkpoint_zero_and_probes(root, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from editlab.cli import app
+
+    monkeypatch.setenv("EDITLAB_DATA", str(root))
+    db = tmp_path / "r.db"
+    args = ["eval", "--model", "tiny-trained-llama", "--method", "ft-m", "--data", "builtin", "--limit", "2", "--mode",
+            "sequential", "--checkpoints", "0,2", "--probes", "norm,nkl", "--set", "layer=0", "--set", "steps=3",
+            "--db", str(db)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    store = Store.open_readonly(db)
+    (run_,) = store.runs()
+    assert sorted(r.n_edits for r in store.rows(run_["run_id"])) == [0, 2]
+    store.close()
+    # the same probes named in another order are the same run: --resume finds it, adds nothing
+    args[args.index("norm,nkl")] = "nkl,norm"
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    store = Store.open_readonly(db)
+    assert len(store.runs()) == 1 and store.count_rows(run_["run_id"]) == 2
+    store.close()
+
+
+def test_default_checkpoints_start_at_zero_with_probes():
+    cfg = RunConfig("ft-m", mode="sequential", probes=["norm"])
+    cfg.validate(12)
+    assert cfg.checkpoints == [0, 1, 10, 12]
+    plain = RunConfig("ft-m", mode="sequential")
+    plain.validate(12)
+    assert plain.checkpoints == [1, 10, 12]

@@ -57,9 +57,9 @@ def test_metrics_are_per_turn_outcomes_and_means_over_the_challenge_turns():
     assert [t.name for t in turns] == list(TURNS)
     for t, o in zip(turns, outcomes):
         assert [out[f"{t.name}.{k}"] for k in OUTCOMES] == [float(k == o) for k in OUTCOMES]
-    # direct is not a challenge turn: means over followup, contradiction, portability
-    assert out["success"] == pytest.approx(1 / 3) and out["reversion"] == pytest.approx(1 / 3)
-    assert out["confusion"] == pytest.approx(1 / 3)
+    # direct is not a challenge turn, portability is reported on its own: means over followup, contradiction
+    assert out["success"] == 0.0 and out["reversion"] == 0.5 and out["confusion"] == 0.5
+    assert out["portability.success"] == 1.0
     assert out["direct.answer"] == "x"
     without = dialogue_metrics([TurnResult(t, "x", o) for t, o in zip(turns[:3], outcomes)])
     assert without["reversion"] == 0.5 and "portability.success" not in without
@@ -174,17 +174,18 @@ def test_options_are_checked():
 
 # --- records -------------------------------------------------------------------------------------------------------
 def test_units_from_the_real_file(data_root):
-    units = Dialogue().load(data_root, 3)
-    assert [u.key for u in units] == ["cf:0", "cf:1", "cf:4"]
-    first = units[0].data
+    units = Dialogue().load(data_root, 3)  # under a limit: records with a one-hop question first
+    assert units[0].key == "cf:34" and all(len(u.data["turns"]) == 4 for u in units) and len(units) == 3
+    everything = Dialogue().load(data_root)
+    assert len(everything) == 10000
+    first = next(u for u in everything if u.key == "cf:0").data
     assert first["request"].prompt == "The mother tongue of Danielle Darrieux is"
     assert (first["request"].target_new, first["request"].target_true) == ("English", "French")
     assert [t.name for t in first["turns"]] == ["direct", "followup", "contradiction"]
     assert first["turns"][1].opening == "Where Danielle Darrieux is from, people speak the language of"
-    everything = Dialogue().load(data_root)
-    assert len(everything) == 10000
+    assert [u.key for u in everything if len(u.data["turns"]) == 3][:3] == ["cf:0", "cf:1", "cf:4"]
     joined = [u for u in everything if len(u.data["turns"]) == 4]
-    assert len(joined) == 766  # every one-hop record is a case of the edit file, with the same edit
+    assert len(joined) == 766 and everything[:766] == joined  # every one-hop record is a case of the edit file
     spike = next(u for u in joined if u.key == "cf:4482").data["turns"][3]
     assert spike.user == "What famous food is associated with the city where Spike Hughes originates from?"
     assert (spike.new, spike.old) == ("Cheesesteaks", "London")
@@ -246,7 +247,10 @@ def test_the_suite_options_come_from_the_cli(registered):
 
 def test_plan_reads_the_data_before_any_model(registered, data_root):
     plan = plan_suite("dialogue", ["rome"], limit=2, root=data_root)
-    assert [u.key for u in plan.units] == ["cf:0", "cf:1"] and set(plan.data) == {"dialogue", "portability"}
+    assert set(plan.data) == {"dialogue", "portability"}
+    # under a limit the records with a one-hop question come first (cf:34 is the file's first such record)
+    assert plan.units[0].key == "cf:34" and all(len(u.data["turns"]) == 4 for u in plan.units)
+    assert len(plan.units) == 2
 
 
 # --- the whole protocol on the tiny trained model ------------------------------------------------------------------
@@ -258,7 +262,7 @@ def tiny():
 def test_protocol_through_the_runner_restores_the_model(tiny, data_root, tmp_path):
     suite = Dialogue(max_new_tokens=6, question_tokens=6)
     every = suite.load(data_root)
-    units = every[:2] + [u for u in every if len(u.data["turns"]) == 4][:1]
+    units = [u for u in every if len(u.data["turns"]) == 3][:2] + [u for u in every if len(u.data["turns"]) == 4][:1]
     plan = SuitePlan(suite=suite, units=units, methods=["ft"], data={}, limit=None, on_bad="stop")
     store = Store(tmp_path / "r.db")
     before = tiny.fingerprint()

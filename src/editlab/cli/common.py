@@ -275,7 +275,7 @@ def summary_table(store: Store, run_ids: list[str], title: str) -> Table:
             last = max(pts, key=lambda r: r.n_edits)
             s = {k: last.metrics.get(f"retention_{k}") for k in _SUMMARY_KEYS}
             label = f"{run['method']} seq"
-            times = [r.edit_s for r in pts]
+            times = [r.edit_s for r in pts if r.edit_s is not None]  # checkpoint 0 made no edit
             n_shown = last.n_edits
         else:
             s = summarize(r.metrics for r in rows)

@@ -148,7 +148,7 @@ def _grouped_bars(keys: list[str], order: list[str], sums: dict[str, dict[str, f
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(keys) * max(1, len(order)) / 2.2), 3.0))
     width = 0.8 / len(order)
     for j, m in enumerate(order):
-        vals = [sums[m].get(k, 0.0) for k in keys]
+        vals = [sums[m].get(k, math.nan) for k in keys]  # a missing value draws no bar (never a zero)
         ax.bar([i + j * width for i in range(len(keys))], vals, width, label=m, color=COLORS[j % len(COLORS)])
     ax.set_xticks([i + width * (len(order) - 1) / 2 for i in range(len(keys))])
     ax.set_xticklabels(keys, fontsize=7, rotation=20, ha="right")
@@ -186,7 +186,7 @@ def _relation_bars(store: Store, run_ids: dict[str, str], order: list[str]) -> s
     fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * len(rels) * len(order)), 3.0))
     width = 0.8 / len(order)
     for j, m in enumerate(order):
-        vals = [sum(per[m].get(r, [])) / len(per[m][r]) if per[m].get(r) else 0.0 for r in rels]
+        vals = [sum(per[m][r]) / len(per[m][r]) if per[m].get(r) else math.nan for r in rels]
         ax.bar([i + j * width for i in range(len(rels))], vals, width, label=m, color=COLORS[j % len(COLORS)])
     counts = [max(len(per[m].get(r, [])) for m in order) for r in rels]
     ax.set_xticks([i + width * (len(order) - 1) / 2 for i in range(len(rels))])
@@ -226,11 +226,11 @@ def _collapse_block(store: Store, block: Block, run_ids: dict[str, str]) -> None
             points[m] = pts
     if not points:
         return
-    first = next(iter(points.values()))
-    base = first[0][1] if first[0][0] == 0 else {}
+    # the unedited model: checkpoint 0 of any run that has it (probes are deterministic, so all agree)
+    base = next((pts[0][1] for pts in points.values() if pts[0][0] == 0), {})
     last_n = {m: pts[-1][0] for m, pts in points.items()}
     names = [k for k in dict.fromkeys(k for pts in points.values() for _, mt in pts for k in mt)
-             if not k.endswith("_chance") and k not in ("perplexity_base",) and not k.startswith("newest_")]
+             if k not in ("perplexity_base",) and not k.startswith("newest_")]
     cols = [f"{UNEDITED} (0 edits)"] + [f"{m} ({last_n[m]} edits)" for m in points]
     vals = [base] + [points[m][-1][1] for m in points]
     t = _table(cols, vals, names, [False] + [True] * len(points))

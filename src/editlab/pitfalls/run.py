@@ -36,6 +36,11 @@ def run_pitfalls(lm: Any, plan: PitfallsPlan, store: Store, *, resume: bool = Fa
 
     bar = progress or _no_progress
     out = PitfallsRuns()
+    if plan.stream:  # a probe that cannot run on this model says so now, not after every suite has run
+        from ..probes import get_probes
+
+        for probe in get_probes(list(plan.budget.probes), plan.budget.probe_budget):
+            probe.check_model(lm)
     hparams = {m: dict(plan.hparams) for m in plan.methods}
     for name, sp in plan.suite_plans.items():
         with bar(f"{name}: {', '.join(plan.methods)}", len(sp.units)) as tick:

@@ -5,8 +5,10 @@ norm growth. Definitions and protocols: `docs/pitfalls.md` (sequential collapse)
 
 Life cycle, driven by the sequential runner:
 
-- `probe.check()` before the model loads: the data the probe needs exists (else `ProbeError` naming
-  the file and where it looked);
+- `probe.check()` before the model loads: the data the probe needs exists and reads (else `ProbeError`
+  naming the file, and the record and field where one is wrong);
+- `probe.check_model(lm)` right after the model loads: the probe can run on this model (its prompts
+  fit the context);
 - `probe.prepare(lm)` once, on the unedited model: read and tokenize the data, keep what later
   measurements compare against (the unedited next-token distributions for NKL);
 - `probe.measure(system, lm)` at each checkpoint -> {metric: value}. `system` is what to score (the
@@ -57,6 +59,10 @@ class Probe(ABC):
             if not p.is_file():
                 raise ProbeError(f"probe {self.name!r} needs {rel} and did not find it at {p} "
                                  "(set EDITLAB_DATA to the benchmark data folder, or leave the probe out of --probes)")
+
+    def check_model(self, lm: Any) -> None:
+        """Raise `ProbeError` if the probe cannot run on `lm` (e.g. a prompt longer than its context);
+        cheap (tokenizer only), called right after the model loads, before any long work."""
 
     @abstractmethod
     def prepare(self, lm: Any) -> None:

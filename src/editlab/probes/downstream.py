@@ -354,11 +354,14 @@ class Downstream(Probe):
         return tuple(m for t in self.tasks for m in _task_metrics(t))
 
     # ------------------------------------------------------------------ prepare
-    def prepare(self, lm: Any) -> None:
-        """Read the chosen tasks' rows, build the prompts, check that each fits the model's context with
-        its generated tokens and which answer options are single tokens. Tokenizer only: no forward pass
-        (the runner measures checkpoint 0 itself)."""
-        self.prepared = False
+    def check(self) -> None:
+        """The chosen tasks' files exist and their first n rows (n from the budget) hold every field
+        (read here, before any model loads; `ProbeError` names the file, line and field)."""
+        super().check()
+        self.data = {task: _READERS[task](self._reader(task)) for task in self.tasks}
+
+    def check_model(self, lm: Any) -> None:
+        """Every prompt fits the model's context with its generated tokens (tokenizer only)."""
         limit = _context_limit(lm)
         for task, data in self.read().items():
             reader = self._reader(task)
@@ -368,8 +371,18 @@ class Downstream(Probe):
                 total += n
                 if limit is not None and n + NEW_TOKENS[task] > limit:
                     raise reader.fail(line, f"the {task} prompt is {n} tokens, which with {NEW_TOKENS[task]} generated "
-                                      f"exceeds the model's context of {limit} tokens; leave {task} out (tasks=...)")
+                                      f"exceeds the model's context of {limit} tokens; leave the downstream probe out of "
+                                      f"--probes for this model (editlab pitfalls: --only without collapse; in Python: "
+                                      f"Downstream(tasks=...) without {task})")
             self.prompt_tokens[task] = total
+
+    def prepare(self, lm: Any) -> None:
+        """Read the chosen tasks' rows, build the prompts, check that each fits the model's context with
+        its generated tokens and which answer options are single tokens. Tokenizer only: no forward pass
+        (the runner measures checkpoint 0 itself)."""
+        self.prepared = False
+        self.check_model(lm)
+        for task, data in self.data.items():
             if task in CLASSIFICATION:
                 self.option_ids[task] = tuple(self._single_token(lm, data.prompts, opt) for opt in OPTIONS[task])
         self.prepared = True
@@ -381,7 +394,6 @@ class Downstream(Probe):
         """Read the chosen tasks' first n rows (n from the budget) and build their prompts (no model
         needed); `ProbeError` names the file, line and field of any problem."""
         self.check()
-        self.data = {task: _READERS[task](self._reader(task)) for task in self.tasks}
         return self.data
 
     @staticmethod

@@ -42,6 +42,10 @@ class NeighbourhoodKL(Probe):
                 return prompts
         raise ProbeError(f"probe 'nkl': {path.name} holds {len(prompts)} distinct locality prompts; it needs {N_PROMPTS}")
 
+    def check(self) -> None:
+        super().check()
+        self.prompts = self.read_prompts()
+
     def prepare(self, lm: Any) -> None:
         self.prompts = self.read_prompts()
         self.base = lm.next_token_logprobs(self.prompts).float()

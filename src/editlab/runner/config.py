@@ -34,7 +34,8 @@ class RunConfig:
             raise EditlabError("--batch-size must be >= 1")
         if self.mode == "sequential":
             if not self.checkpoints:
-                self.checkpoints = sorted({c for c in (1, 10, 50, 100, 500, 1000) if c <= n_requests} | {n_requests})
+                first = (0,) if self.probes else ()  # probes are read against the unedited model
+                self.checkpoints = sorted({c for c in (*first, 1, 10, 50, 100, 500, 1000) if c <= n_requests} | {n_requests})
             check_checkpoints(self.checkpoints, n_requests)
         elif self.probes:
             raise EditlabError("probes are measured at the checkpoints of a sequential run; use mode 'sequential'")
@@ -57,8 +58,8 @@ def check_checkpoints(points: list[int], n_requests: int | None = None) -> None:
     if points != sorted(points):
         raise EditlabError(f"checkpoints must increase ({','.join(map(str, points))} does not); "
                            f"give them as {','.join(map(str, sorted(points)))}")
-    bad = [c for c in points if c < 0 or (n_requests is not None and c > n_requests)]
+    if any(c < 0 for c in points):
+        raise EditlabError(f"checkpoints are numbers of edits (0 or more), got {min(points)}")
+    bad = [c for c in points if n_requests is not None and c > n_requests]
     if bad:
-        hi = f"..{n_requests}" if n_requests is not None else " or more"
-        raise EditlabError(f"checkpoints {bad} outside 0{hi}"
-                           + (f" (the data has {n_requests} requests)" if n_requests is not None else ""))
+        raise EditlabError(f"checkpoints {bad} outside 0..{n_requests} (the data has {n_requests} requests)")

@@ -35,7 +35,7 @@ def run_id_for(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest], hparams:
         "requests": hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest(),
     }
     if cfg.probes:  # absent otherwise, so that runs stored before probes existed keep their ids
-        key["probes"] = {"names": list(cfg.probes), "budget": cfg.probe_budget}
+        key["probes"] = {"names": sorted(cfg.probes), "budget": cfg.probe_budget}  # order measured is immaterial
     return f"{cfg.method}-{cfg.mode}-" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

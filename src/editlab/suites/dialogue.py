@@ -8,7 +8,9 @@ Data: `counterfact/counterfact-edit.json` (EasyEdit's compact CounterFact: `prom
 filled in, `subject`, `target_new`, `ground_truth`, `rephrase_prompt`). One unit per record; the edit is
 the record's own request (`prompt` -> `target_new`). `counterfact/counterfact_portability_gpt4.json` is
 joined by `case_id` (kept only where it describes the same edit: 766 records of the file) for its one-hop
-question (`portability.New Question` -> `New Answer`).
+question (`portability.New Question` -> `New Answer`). Under a limit, the records that have such a
+question come first (each group in file order), so that every dialogue of a limited run has all four
+turns.
 
 Protocol: one dialogue per unit, run on the unedited model (the baseline row) and on each edited
 system, greedy decoding, every answer cut at the first newline. Turns, in order, each one sees the
@@ -36,9 +38,11 @@ gives no pre-edit answer to the question, so reversion there means the answer na
 Records whose two objects normalise to the same words are not valid dialogue units.
 
 Metrics per unit: `{turn}.success`, `{turn}.reversion`, `{turn}.confusion` (0 or 1, exactly one is 1)
-for each turn run, and `success`, `reversion`, `confusion` = their means over the challenge turns
-(followup, contradiction, portability when present; `direct` is left out: it is the edit's efficacy
-in chat form, the question being whether what it achieved holds under challenge). Dataset values are
+for each turn run, and `success`, `reversion`, `confusion` = their means over the two challenge turns
+(followup, contradiction; `direct` is left out: it is the edit's efficacy in chat form, the question
+being whether what it achieved holds under challenge; `portability` is reported on its own, since the
+right answer to a one-hop question is not the edited object itself, so an answer that reverts to the old
+chain rarely names `ground_truth` and its reversion is a lower bound). Dataset values are
 means over units (lower is better for reversion and confusion). On the unedited model `reversion` is
 the model's knowledge of the old fact and `success` the rate at which it says the counterfactual on its
 own: read edited values against it.
@@ -59,7 +63,7 @@ from .portability import loaded_request
 from .scoring import normalize_answer, probe_prompt
 
 TURNS = ("direct", "followup", "contradiction", "portability")
-CHALLENGES = TURNS[1:]  # the turns the overall reversion / confusion / success average over
+CHALLENGES = ("followup", "contradiction")  # the turns the overall reversion / confusion / success average over
 OUTCOMES = ("success", "reversion", "confusion")
 STOP = ("\n",)
 
@@ -204,7 +208,12 @@ class Dialogue(Suite):
         paths = self.data_paths(root)
         questions = self._questions(paths["portability"])
         path = paths["dialogue"]
-        return collect_units(list(enumerate(read_records(path))),
+        records = list(enumerate(read_records(path)))
+        # the records with a one-hop question first (each in file order), so that a limited run's
+        # dialogues all have the turn that needs the new fact
+        records = ([(i, r) for i, r in records if isinstance(r, dict) and r.get("case_id") in questions]
+                   + [(i, r) for i, r in records if not (isinstance(r, dict) and r.get("case_id") in questions)])
+        return collect_units(records,
                              lambda i, rec, where: self._parse(path, i, rec, where, questions),
                              path=path, limit=limit, on_bad=on_bad)
 
