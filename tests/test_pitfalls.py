@@ -108,3 +108,21 @@ def test_best_value_is_marked_by_direction_among_edited_columns_only():
     assert rows["nope"] == ("", [False, False, False])  # no direction, no value: nothing marked
     single = _table(["unedited", "rome"], vals[:2], ["easy.D"], [False, True])
     assert [c.best for c in single.rows[0][2]] == [False, False]  # one edited column: no contest
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+    import stat
+
+    from editlab.fileio import atomic_dir, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "r.html", "↑ best")
+        with atomic_dir(tmp_path / "edit") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.html").stat().st_mode) == 0o644  # not tempfile's private 0600
+    assert stat.S_IMODE((tmp_path / "edit").stat().st_mode) == 0o755
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == "↑ best"

@@ -27,11 +27,26 @@ def temp_path_in(directory: str | Path, name: str) -> Path:
     return Path(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    """Give a temporary file or folder (created private by `tempfile`) the permissions a plain
+    `open()` / `mkdir()` would have given it, so the final file is readable as the user expects."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file renamed over it: readers see the old
+    file or the new one, never a half-written one."""
     p = Path(path)
     tmp = temp_path_in(p.parent, p.name)
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
+        _publish_mode(tmp)
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
@@ -45,6 +60,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
+        _publish_mode(tmp, directory=True)
         yield tmp
         if final.exists():
             shutil.rmtree(final)

@@ -64,7 +64,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "quick": Budget("quick", {"counterfact": 3, "zsre": 2, "knowedit": 1, "mquake": 1, "conflict": 2, "distortion": 2,
+    "quick": Budget("quick", {"counterfact": 3, "zsre": 2, "knowedit": 1, "mquake": 1, "conflict": 1, "distortion": 2,
                               "specificity-plus": 5, "dialogue": 5},
                     stream=10, checkpoints=(0, 5, 10), probes=("perplexity", "downstream", "nkl", "norm"),
                     probe_budget="quick"),

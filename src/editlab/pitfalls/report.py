@@ -253,6 +253,8 @@ def _collapse_block(store: Store, block: Block, run_ids: dict[str, str]) -> None
             ax.axhline(base[CHANCE[k]], color="#999", ls=":", lw=1, label="chance")
         if k in base and k not in ("nkl_fixed", "norm_growth_max"):
             ax.axhline(base[k], color="#555", ls="--", lw=1, label="unedited")
+        if k.startswith("retention_") or _is_fraction(k):
+            ax.set_ylim(-0.03, 1.03)
         arrow = {True: " (↑ better)", False: " (↓ better)", None: ""}[direction(k)]
         title = k + arrow + (" · at floor" if k in floors else "")
         ax.set_title(title, fontsize=9)
