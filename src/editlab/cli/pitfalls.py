@@ -5,6 +5,7 @@ suite's data, the probes' data, the output paths, the database) is answered befo
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,26 +15,34 @@ from ..errors import OptionError
 from . import options
 from .common import (check_hparams_early, check_model_options, check_output_file, console, exit_interrupted,
                      hparam_overrides, load_model, progress_bar, user_warnings_reported)
-from .options import HparamOptions, ModelOptions, with_option_groups
+from .options import HparamOptions, ModelOptions, OptionGroup, with_option_groups
+
+
+@dataclass(frozen=True)
+class PitfallsOptions(OptionGroup):
+    """What `editlab pitfalls` runs (budget, sections) and where its results go."""
+
+    budget: Annotated[str, typer.Option(help="quick (about 25 min for ROME on a 2-core CPU) or full (docs/pitfalls.md)")] = "quick"
+    only: Annotated[Optional[str], typer.Option(
+        help="Comma-separated sections to run (portability, multihop, conflict, distortion, specificity, dialogue, "
+             "collapse); default all")] = None
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML report to write")] = Path("pitfalls.html")
+    db: options.Db = Path("pitfalls.db")
+    resume: options.Resume = False
+    seed: options.Seed = 0
 
 
 @with_option_groups
 def pitfalls(
     methods: Annotated[str, typer.Option("--method", "--methods", help="Editing method(s), comma-separated")] = options.DEFAULT_METHOD,
-    budget: Annotated[str, typer.Option(help="quick (about 20 min for ROME on 2 CPU cores) or full (docs/pitfalls.md)")] = "quick",
-    only: Annotated[Optional[str], typer.Option(
-        help="Comma-separated sections to run (portability, multihop, conflict, distortion, specificity, dialogue, "
-             "collapse); default all")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="HTML report to write")] = Path("pitfalls.html"),
-    db: options.Db = Path("pitfalls.db"),
-    resume: options.Resume = False,
-    seed: options.Seed = 0,
+    run: PitfallsOptions = PitfallsOptions(),
     model: ModelOptions = ModelOptions(),
     hp: HparamOptions = HparamOptions(),
 ) -> None:
     """Run every pitfall suite and the collapse probes for METHODS; write one HTML report."""
     from ..pitfalls.plan import plan_pitfalls
 
+    budget, only, out, db, resume, seed = run.budget, run.only, run.out, run.db, run.resume, run.seed
     names = [m.strip() for m in methods.split(",") if m.strip()]
     sections = [s.strip() for s in only.split(",") if s.strip()] if only is not None else None
     if sections is not None and not sections:
