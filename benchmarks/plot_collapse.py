@@ -72,8 +72,8 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str) -> None:
             ax.axhline(base[CHANCE[k]], color="#999", ls=":", lw=1, label="chance")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("number of edits", fontsize=8)
-        if k == "ppl_wikitext":
-            ax.set_yscale("log")
+        if k not in ("ppl_wikitext", "nkl_fixed", "norm_growth_max"):
+            ax.set_ylim(-0.02, 1.02)  # fractions on their whole range: small moves look small
         ax.spines[["top", "right"]].set_visible(False)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
