@@ -392,8 +392,10 @@ class Downstream(Probe):
 
     def read(self) -> dict[str, TaskData]:
         """Read the chosen tasks' first n rows (n from the budget) and build their prompts (no model
-        needed); `ProbeError` names the file, line and field of any problem."""
-        self.check()
+        needed, read once: `check` already did it); `ProbeError` names the file, line and field of any
+        problem."""
+        if set(self.data) != set(self.tasks):
+            self.check()
         return self.data
 
     @staticmethod
