@@ -171,6 +171,17 @@ def _tiny_hp(name: str) -> dict[str, Any]:
     return hp
 
 
+def _editor(name: str, lm):
+    """The method's editor, its network first trained on the toy model where it needs one (the builtin
+    facts, `tiny_hparams`; a few seconds, cached for the test)."""
+    editor = get_editor(name)
+    if editor.requires_training:
+        from editlab.data import load_requests
+
+        editor.fit(lm, load_requests("builtin"), _tiny_hp(name), progress=False)
+    return editor
+
+
 def _snapshot(lm) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
@@ -196,7 +207,7 @@ def lm(corpus_file):
 
 @pytest.mark.parametrize("method", _all_methods())
 def test_edit_changes_prediction_and_restores_bit_exact(method, lm):
-    editor = get_editor(method)
+    editor = _editor(method, lm)
     before = _snapshot(lm)
     modules_before = dict(lm.model.named_modules())
     lp0 = _target_logprob(lm, FACT)
@@ -221,7 +232,7 @@ def test_edit_changes_prediction_and_restores_bit_exact(method, lm):
 
 @pytest.mark.parametrize("method", _all_methods())
 def test_save_load_gives_same_outputs(method, lm, tmp_path):
-    editor = get_editor(method)
+    editor = _editor(method, lm)
     before = _snapshot(lm)
     edit = editor.apply(lm, FACT, **_tiny_hp(method))
     out_edited = _outputs(edit.lm)
@@ -241,7 +252,7 @@ def test_save_load_gives_same_outputs(method, lm, tmp_path):
 
 @pytest.mark.parametrize("method", _all_methods())
 def test_bad_input_raises_named_error_and_changes_nothing(method, lm):
-    editor = get_editor(method)
+    editor = _editor(method, lm)
     before = _snapshot(lm)
     with pytest.raises(HparamsError):
         editor.apply(lm, FACT, **{**_tiny_hp(method), "no_such_hparam": 1})
@@ -257,7 +268,7 @@ def test_bad_input_raises_named_error_and_changes_nothing(method, lm):
 
 @pytest.mark.parametrize("method", [m for m in _all_methods()])
 def test_batch_edit_where_supported(method, lm):
-    editor = get_editor(method)
+    editor = _editor(method, lm)
     if not editor.supports_batch:
         pytest.skip(f"{method} edits one request at a time")
     before = _snapshot(lm)
@@ -271,7 +282,7 @@ def test_batch_edit_where_supported(method, lm):
 
 @pytest.mark.parametrize("method", _all_methods())
 def test_sequential_edits_form_a_stack(method, lm):
-    editor = get_editor(method)
+    editor = _editor(method, lm)
     before = _snapshot(lm)
     first = editor.apply(lm, FACT, **_tiny_hp(method))
     mid = _snapshot(lm)
@@ -439,7 +450,7 @@ def test_learned_editor_checkpoints_are_cached_and_verified(lm):
         hparams_cls = ScaleHparams
         requires_training = True
 
-        def train(self, lm_, requests, hp, *, progress=True):
+        def train(self, lm_, requests, hp, *, progress=True, workdir=None):
             calls["n"] += 1
             return {"w": torch.full((3,), float(len(requests)) * hp.scale)}, {"records": len(requests)}
 

@@ -5,6 +5,7 @@ layer over the library.
     results.py  export, report           listing.py  methods, models, datasets, probes
     suites.py   suites, eval/compare --suite         trace.py    trace
     serve.py    serve (the web playground)        pitfalls.py pitfalls (every suite and probe, one report)
+    train.py    train (learned editors: MEND, MALMEN, KE)
     options.py  options declared once    common.py   errors, model loading, progress, summary table
 
 Errors: an `EditlabError` prints one `error: ...` line and exits with 2; any other exception is a bug
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from . import edit, listing, pitfalls, results, run, serve, suites, trace
+from . import edit, listing, pitfalls, results, run, serve, suites, trace, train
 from .common import EditlabGroup
 from .options import Debug
 
@@ -46,6 +47,7 @@ app.command("suites")(suites.suites)
 app.command("probes")(listing.probes)
 app.command("pitfalls")(pitfalls.pitfalls)
 app.command("trace")(trace.trace)
+app.command("train")(train.train)
 app.command("serve")(serve.serve)
 
 

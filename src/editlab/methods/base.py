@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -11,7 +12,7 @@ import torch
 from ..errors import CheckpointError, EditlabError, EditRequestError, EditStackError, HparamsError
 from ..models.lm import LM
 from ..requests import EditRequest, check_fits
-from ..train.checkpoints import Checkpoint, checkpoint_key, find_checkpoint, latest_checkpoint, save_checkpoint
+from ..train.checkpoints import Checkpoint, checkpoint_key, find_checkpoint, latest_checkpoint, save_checkpoint, work_dir
 from .catalogue import METHODS, available_methods  # noqa: F401 (re-exported)
 from .edit import Edit
 from .hparams import KNOWN_MODELS, Hparams, known_model, model_signature  # noqa: F401 (re-exported)
@@ -115,7 +116,8 @@ class Editor(ABC):
     def fit(self, lm: LM, train_requests: Sequence[EditRequest], hparams: Hparams | Mapping[str, Any] | None = None,
             *, force: bool = False, progress: bool = True) -> Checkpoint:
         """Train this editor for `lm` on `train_requests` (or return the cached checkpoint for the same
-        base model, hyper-parameters and data). Checkpoints live in the user cache."""
+        base model, hyper-parameters and data). Checkpoints live in the user cache; a killed run resumes
+        from its last saved state (unless `force`, which also retrains over a cached checkpoint)."""
         if not self.requires_training:
             raise EditlabError(f"method {self.name!r} has nothing to train")
         if lm.active_edits:
@@ -129,22 +131,33 @@ class Editor(ABC):
             found = find_checkpoint(key)
             if found is not None:
                 return found
-        tensors, meta = self.train(lm, reqs, hp, progress=progress)
+        workdir = work_dir(key)
+        if force:
+            shutil.rmtree(workdir, ignore_errors=True)
+        tensors, meta = self.train(lm, reqs, hp, progress=progress, workdir=workdir)
         return save_checkpoint(key, tensors, meta)
 
-    def train(self, lm: LM, requests: list[EditRequest], hp: Any, *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Learn the editor's parameters: (tensors, metadata). Learned editors implement this."""
+    def train(self, lm: LM, requests: list[EditRequest], hp: Any, *, progress: bool = True,
+              workdir: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Learn the editor's parameters: (tensors, metadata). Learned editors implement this; `workdir`
+        is where a resumable state may be kept while training."""
         raise NotImplementedError
 
     def checkpoint(self, lm: LM, hp: Any) -> Checkpoint:
         """The checkpoint `apply` uses: the newest cached one for this base model and hyper-parameters."""
         found = latest_checkpoint(lm, self.name, hp.to_dict())
         if found is None:
+            default = self.hparams(lm).to_dict()
+            sets = "".join(f" --set {k}={_cli_value(v)}" for k, v in hp.to_dict().items() if default.get(k) != v)
             raise CheckpointError(
-                f"method {self.name!r} needs a trained editor for {lm.name}; train one with: "
-                f"editlab train {self.name} --model {lm.name} --data counterfact-train"
+                f"method {self.name!r} needs a trained editor for {lm.name} with these hyper-parameters; "
+                f"train one with: editlab train {self.name} --model {lm.name} --data counterfact-train{sets}"
             )
         return found
+
+
+def _cli_value(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def _stats_provenance(lm: LM) -> dict[str, Any]:

@@ -120,6 +120,29 @@ METHODS.register("deepedit-symbolic", "DeepEdit with deterministic constraints: 
                  tiny_hparams={}, tiny_min_gain=None)
 
 
+# Meta-learned editors (methods/meta/): a network trained once per base model (`editlab train`, cached in
+# the user cache) turns an edit's gradient into a weight delta. `tiny_train` is the training the contract
+# tests run first on the toy model (builtin facts, a few seconds).
+METHODS.register("mend", "MEND: a trained network rewrites the edit's rank-one gradient factors into a weight delta",
+                 lazy("editlab.methods.meta.mend:MENDEditor"),
+                 hparams="editlab.methods.meta.hparams:MENDHparams", batch=True, family="meta-learning",
+                 trained=True,
+                 tiny_hparams={"layers": [2, 3], "matrices": ["mlp_out"], "rank": 32, "steps": 40, "accumulate": 1,
+                               "edits_per_step": 2, "lr": 1e-3, "edit_lr": 1e-2, "lr_lr": 1e-3, "val_records": 0,
+                               "val_every": 20})
+METHODS.register("malmen", "MALMEN: MEND-style factor network whose edits are combined by least squares (massive batches)",
+                 lazy("editlab.methods.meta.malmen:MALMENEditor"),
+                 hparams="editlab.methods.meta.hparams:MALMENHparams", batch=True, family="meta-learning",
+                 trained=True,
+                 tiny_hparams={"layers": [2, 3], "rank": 32, "steps": 40, "edits_per_step": 4, "lr": 1e-3,
+                               "edit_lr": 1e-2, "val_records": 0, "val_every": 20})
+METHODS.register("ke", "KE: KnowledgeEditor, a hypernetwork conditioned on the edit text rescales the edit's gradient",
+                 lazy("editlab.methods.meta.ke:KEEditor"),
+                 hparams="editlab.methods.meta.hparams:KEHparams", batch=True, family="meta-learning",
+                 trained=True,
+                 tiny_hparams={"layers": [2, 3], "hidden": 16, "cond_dim": 32, "head_dim": 16, "steps": 40,
+                               "edits_per_step": 2, "accumulate": 1, "lr": 3e-3, "val_records": 0, "val_every": 20})
+
 def available_methods() -> dict[str, str]:
     """Registered method names and their one-line descriptions."""
     return METHODS.describe()

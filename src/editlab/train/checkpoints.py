@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,12 @@ def _read(folder: Path) -> Checkpoint:
     return ckpt
 
 
+def work_dir(key: dict[str, Any]) -> Path:
+    """Where a training run under `key` keeps its resumable state until the checkpoint is saved."""
+    folder = _folder(key)
+    return folder.parent / f"{folder.name}.partial"
+
+
 def find_checkpoint(key: dict[str, Any]) -> Checkpoint | None:
     """The checkpoint stored under exactly `key`, or None."""
     folder = _folder(key)
@@ -109,4 +116,5 @@ def save_checkpoint(key: dict[str, Any], tensors: dict[str, torch.Tensor], meta:
         sha = sha256_file(tmp / WEIGHTS)
         body = {"key": key, "sha256": sha, "meta": meta, "created": time.time()}
         (tmp / META).write_text(json.dumps(body, indent=2, default=str))
+    shutil.rmtree(work_dir(key), ignore_errors=True)  # the resumable state is no longer needed
     return _read(folder)

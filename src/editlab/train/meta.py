@@ -1,0 +1,218 @@
+"""One training loop for every hypernetwork editor (MEND, MALMEN, KE): `train_editor`.
+
+The editor network implements `EditorNet`: `losses(lm, examples, hp, training=...)` returns the edit loss
+(NLL of the new answer on the edit prompt and its paraphrases, made by the *edited* model), the locality
+KL (unedited ‖ edited on unrelated prompts) and accuracies. The loop:
+
+- holds out the last `val_records` training records as the validation split (never reported results);
+- walks the remaining records in a seeded order, `edits_per_step` edits per micro-batch, `accumulate`
+  micro-batches per Adam step, gradient norm clipped to `grad_clip`;
+- validates every `val_every` steps, keeps the best editor by validation loss and stops after `patience`
+  validations without improvement;
+- writes a resumable state (editor, optimizer, step, best editor, history) at every validation into
+  `workdir/state.pt` by rename, so a killed run continues from its last validation when started again;
+- shows a progress bar with the running loss, the last validation and the ETA.
+
+Training never changes the LM: edits are made through forward hooks (`methods/meta/factors.py`)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from ..errors import CheckpointError, DataFormatError
+from ..fileio import temp_path_in
+from ..requests import EditRequest
+
+STATE = "state.pt"
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training edit: the edit (prompt, new answer), texts that must follow it (the edit itself and
+    its paraphrases, each with the new answer) and unrelated texts that must not move."""
+
+    edit: tuple[str, str]
+    equiv: tuple[tuple[str, str], ...]
+    loc: tuple[tuple[str, str], ...]
+    subject: str = ""
+    old: str | None = None
+
+
+def examples_from_requests(requests: Sequence[EditRequest]) -> list[Example]:
+    """Examples from edit requests. Locality texts: the record's neighbourhood and locality probes; a
+    record without any borrows the next record's prompt with that record's true answer (an unrelated
+    fact). Raises `DataFormatError` when no record gives a usable example."""
+    reqs = list(requests)
+    out: list[Example] = []
+    for i, r in enumerate(reqs):
+        equiv = ((r.prompt, r.target_new),) + tuple((p, r.target_new) for p, _ in r.paraphrases)
+        loc = tuple(r.neighborhood) + tuple(r.locality)
+        if not loc and len(reqs) > 1:
+            other = reqs[(i + 1) % len(reqs)]
+            loc = ((other.prompt, other.target_true or other.target_new),)
+        if not loc:
+            continue
+        out.append(Example((r.prompt, r.target_new), equiv, loc, r.subject, r.target_true))
+    if not out:
+        raise DataFormatError("the training data has no usable record: each needs an unrelated (neighbourhood or "
+                              "locality) prompt, or there must be at least two records")
+    return out
+
+
+class EditorNet(Protocol):
+    def losses(self, lm: Any, examples: Sequence[Example], hp: Any, *, training: bool) -> dict[str, torch.Tensor]:
+        """'loss' (differentiable when training) plus float tensors 'edit_nll', 'loc_kl', 'edit_acc', 'loc_acc'."""
+        ...
+
+    def param_groups(self, hp: Any) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+    def after_validation(self, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def split_examples(examples: list[Example], val_records: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): the last `val_records` examples validate when enough remain to train on."""
+    if val_records and len(examples) > val_records + 1:
+        return examples[:-val_records], examples[-val_records:]
+    return examples, []
+
+
+def _batches(n: int, size: int, seed: int, start: int) -> Any:
+    """Endless seeded walk over range(n) in chunks of `size`, starting at chunk number `start`."""
+    per_epoch = max(1, n // size)
+    k = start
+    while True:
+        epoch, i = divmod(k, per_epoch)
+        order = list(range(n))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        yield order[i * size : (i + 1) * size] or order[:size]
+        k += 1
+
+
+def evaluate(net: EditorNet, lm: Any, examples: Sequence[Example], hp: Any) -> dict[str, float]:
+    """Mean validation metrics over `examples`, in micro-batches of `edits_per_step`."""
+    totals: dict[str, float] = {}
+    n = 0
+    size = max(1, hp.edits_per_step)
+    for i in range(0, len(examples), size):
+        chunk = examples[i : i + size]
+        out = net.losses(lm, chunk, hp, training=False)
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+        n += len(chunk)
+    return {k: v / max(1, n) for k, v in totals.items()}
+
+
+def _save_state(workdir: Path, state: dict[str, Any]) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_in(workdir, STATE)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, workdir / STATE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_state(workdir: Path) -> dict[str, Any] | None:
+    path = workdir / STATE
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged resume file: say so, then start over rather than crash
+        raise CheckpointError(f"the resumable training state {path} is damaged ({type(e).__name__}); "
+                              f"delete it or train with --force") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"the resumable training state {path} has another format; delete it or train with --force")
+    return state
+
+
+def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir: Path | None = None,
+                 progress: bool = True, name: str = "editor") -> TrainResult:
+    """Train `net` (an `EditorNet` nn.Module) on `examples`; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    train, val = split_examples(examples, hp.val_records)
+    opt = torch.optim.Adam(net.param_groups(hp))
+    step, best_loss, bad, history = 0, float("inf"), 0, []
+    best_state: dict[str, torch.Tensor] | None = None
+    elapsed = 0.0
+    resumed = False
+    if workdir is not None:
+        saved = _load_state(workdir)
+        if saved is not None:
+            net.load_state_dict(saved["net"])
+            opt.load_state_dict(saved["opt"])
+            step, best_loss, bad, history = saved["step"], saved["best_loss"], saved["bad"], list(saved["history"])
+            best_state, elapsed, resumed = saved.get("best"), float(saved.get("elapsed", 0.0)), True
+    size = min(hp.edits_per_step, len(train))
+    walk = _batches(len(train), size, hp.seed, step * hp.accumulate)
+    bar = tqdm(total=hp.steps, initial=step, desc=f"train {name}", unit="step", disable=not progress, leave=False)
+    running: float | None = None
+    stopped_early = False
+    t0 = time.perf_counter() - elapsed
+    net.train()
+    try:
+        while step < hp.steps:
+            opt.zero_grad()
+            total = 0.0
+            for _ in range(hp.accumulate):
+                batch = [train[i] for i in next(walk)]
+                out = net.losses(lm, batch, hp, training=True)
+                (out["loss"] / hp.accumulate).backward()
+                total += float(out["loss"].detach()) / hp.accumulate
+            if hp.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], hp.grad_clip)
+            opt.step()
+            step += 1
+            running = total if running is None else 0.95 * running + 0.05 * total
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}", val=f"{best_loss:.3f}" if val else "-")
+            if step % hp.val_every == 0 or step == hp.steps:
+                entry: dict[str, Any] = {"step": step, "train_loss": round(running, 5),
+                                         "seconds": round(time.perf_counter() - t0, 1)}
+                if val:
+                    net.eval()
+                    metrics = evaluate(net, lm, val, hp)
+                    net.train()
+                    entry.update({f"val_{k}": round(v, 5) for k, v in metrics.items()})
+                    net.after_validation(metrics)
+                    if metrics["loss"] < best_loss:
+                        best_loss, bad = metrics["loss"], 0
+                        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                    else:
+                        bad += 1
+                history.append(entry)
+                if workdir is not None:
+                    _save_state(workdir, {"format": STATE_FORMAT, "net": net.state_dict(), "opt": opt.state_dict(),
+                                          "step": step, "best_loss": best_loss, "bad": bad, "history": history,
+                                          "best": best_state, "elapsed": time.perf_counter() - t0})
+                if val and hp.patience and bad >= hp.patience:
+                    stopped_early = True
+                    break
+    finally:
+        bar.close()
+        net.eval()
+    final = best_state if best_state is not None else {k: v.detach().clone() for k, v in net.state_dict().items()}
+    meta = {"steps": step, "stopped_early": stopped_early, "resumed": resumed, "train_records": len(train),
+            "val_records": len(val), "best_val_loss": None if best_loss == float("inf") else round(best_loss, 5),
+            "history": history, "seconds": round(time.perf_counter() - t0, 1)}
+    return TrainResult(copy.copy(final), meta)

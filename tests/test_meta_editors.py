@@ -1,0 +1,212 @@
+"""Meta-learned editors (MEND, MALMEN, KE) and their one trainer, on the toy model: the gradient factors
+are the true gradient, the edited forward equals running the changed weights, MALMEN's solve is the
+ridge regression it claims, a killed training run resumes to the very same editor, and checkpoints
+for another model, damaged ones and unusable training data are refused with editlab's errors.
+(The contract tests in test_contract.py cover edit / restore / save / load / batch / sequential.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from editlab.cli import app
+from editlab.data import load_requests
+from editlab.errors import CheckpointError, DataFormatError, HparamsError
+from editlab.methods import get_editor
+from editlab.methods.catalogue import METHODS
+from editlab.methods.meta.factors import added_outputs, capture_factors, encode_pairs
+from editlab.methods.meta.nets import RunningNorm
+from editlab.models import load_lm
+from editlab.requests import EditRequest
+from editlab.train.meta import examples_from_requests
+
+FACT = EditRequest.create("Michael Jordan plays", "Michael Jordan", "football", "basketball")
+
+
+@pytest.fixture
+def lm():
+    return load_lm("tiny-trained-llama")
+
+
+def _hp(name: str, **kw):
+    return {**METHODS.entry(name).meta["tiny_hparams"], **kw}
+
+
+def test_captured_factors_are_the_weight_gradient(lm):
+    path = lm.arch.mlp_out_path(2)
+    scored = encode_pairs(lm, [(FACT.prompt, FACT.target_new), ("Toyota was founded in", " Japan")])
+    facts, _ = capture_factors(lm, [path], scored, n_edit_rows=1)
+    w = lm.module(path).weight
+    w.requires_grad_(True)
+    try:
+        hidden = lm.hidden_states(scored.ids, scored.mask)
+        edit = scored.subset(0, 1)
+        logp = torch.log_softmax(lm.head(hidden[edit.rows, edit.cols]).float(), -1)
+        loss = -logp.gather(1, edit.targets[:, None]).mean()
+        (grad,) = torch.autograd.grad(loss, [w])
+    finally:
+        w.requires_grad_(False)
+    f = facts[path]
+    assert set(f.rows.tolist()) == {0}  # the riding text contributes no factors
+    assert torch.allclose(f.delta.T @ f.u, grad, atol=1e-6)
+
+
+def test_added_outputs_equal_running_the_changed_weights(lm):
+    path = lm.arch.mlp_out_path(1)
+    w = lm.module(path).weight
+    delta = torch.randn_like(w) * 0.05
+    ids, mask = lm.pad_right([lm.encode_prompt("The Eiffel Tower is located in")])
+    with added_outputs(lm, {path: lambda x: x.float() @ delta.T}):
+        hooked = lm.hidden_states(ids, mask)
+    orig = w.detach().clone()
+    with torch.no_grad():
+        w.add_(delta)
+    try:
+        direct = lm.hidden_states(ids, mask)
+    finally:
+        with torch.no_grad():
+            w.copy_(orig)
+    assert torch.allclose(hooked, direct, atol=1e-5)
+
+
+def test_untrained_mend_makes_a_plain_gradient_step(lm):
+    """With the identity network and no statistics yet, MEND's delta is -alpha * grad W."""
+    from editlab.methods.meta.mend import MENDNet
+
+    hp = get_editor("mend").hparams(lm, **_hp("mend"))
+    net = MENDNet(lm, hp)
+    ex = examples_from_requests([FACT, FACT])[:1]
+    facts, _, _ = net.factors(lm, ex, hp)
+    deltas = net.deltas(lm, ex, facts, training=False)
+    for p in net.paths:
+        left, right = deltas[p]
+        grad = facts[p].delta.T @ facts[p].u
+        assert torch.allclose(left @ right, -hp.edit_lr * grad, atol=1e-9)
+
+
+def test_running_norm_matches_batch_statistics():
+    x = torch.randn(50, 7, dtype=torch.float64) * 3 + 1
+    norm = RunningNorm(7)
+    for chunk in x.split(13):
+        norm.update(chunk)
+    z = norm(x)
+    assert torch.allclose(z.mean(0), torch.zeros(7, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(z.std(0), torch.ones(7, dtype=torch.float64), atol=1e-6)
+
+
+def test_malmen_delta_is_the_ridge_regression_of_value_changes(lm):
+    from editlab.methods.meta.malmen import MALMENNet
+    from editlab.methods.meta.nets import safe_name
+
+    hp = get_editor("malmen").hparams(lm, **_hp("malmen"))
+    net = MALMENNet(lm, hp)
+    reqs = load_requests("builtin", limit=3)
+    ex = examples_from_requests(reqs)
+    facts, _, _ = net.factors(lm, ex, hp)
+    deltas = net.deltas(lm, ex, facts, training=False)
+    for i, p in enumerate(net.paths):
+        f = facts[p]
+        d_in = net.shapes[p][1]
+        z = net.norms[safe_name(p)](torch.cat([f.u, f.delta], -1))
+        u_t, d_t = net.nets[net.group[p]](z[:, :d_in], z[:, d_in:], net.mode[p])
+        dv = (-net.alpha[i] * (f.u * u_t).sum(-1, keepdim=True) * d_t).double()
+        U = f.u.double()
+        lam = float(net.log_lambda[i].detach().exp())
+        S = torch.linalg.solve(U.T @ U + lam * torch.eye(d_in, dtype=torch.float64), U.T @ dv)  # card's form
+        left, right = deltas[p]
+        assert torch.allclose((left @ right).double(), S.T, atol=1e-5, rtol=1e-4)
+
+
+def test_killed_training_resumes_to_the_same_editor(lm, monkeypatch):
+    from editlab.methods.meta.mend import MENDNet
+
+    reqs = load_requests("builtin", limit=12)
+    hp = _hp("mend", steps=6, val_every=2, val_records=3, patience=0)
+    straight = get_editor("mend").fit(lm, reqs, hp, progress=False, force=True)
+    ref = straight.tensors()
+    shutil.rmtree(straight.path)  # so that the next runs train (and the last one resumes)
+
+    calls = {"n": 0}
+    real = MENDNet.losses
+
+    def dying(self, *a, **kw):
+        calls["n"] += bool(kw.get("training"))
+        if calls["n"] == 4:  # in step 4 (one micro-batch per step): after the state saved at step 2
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(MENDNet, "losses", dying)
+    with pytest.raises(KeyboardInterrupt):
+        get_editor("mend").fit(lm, reqs, hp, progress=False, force=True)
+    monkeypatch.setattr(MENDNet, "losses", real)
+    resumed = get_editor("mend").fit(lm, reqs, hp, progress=False)
+    assert resumed.meta["resumed"] and resumed.meta["steps"] == 6
+    got = resumed.tensors()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_checkpoint_of_another_model_or_hparams_is_not_used(lm):
+    ed = get_editor("mend")
+    ed.fit(lm, load_requests("builtin"), _hp("mend"), progress=False)
+    other = load_lm("tiny-llama")  # another base: its fingerprint finds nothing
+    with pytest.raises(CheckpointError, match="editlab train mend --model tiny-llama"):
+        ed.apply(other, FACT, **_hp("mend"))
+    with pytest.raises(CheckpointError, match="--set rank=16"):  # other hparams: another key
+        ed.apply(lm, FACT, **_hp("mend", rank=16))
+
+
+def test_damaged_checkpoint_is_refused_and_changes_nothing(lm):
+    ed = get_editor("mend")
+    ck = ed.fit(lm, load_requests("builtin"), _hp("mend"), progress=False)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    (ck.path / "weights.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="checksum"):
+        ed.apply(lm, FACT, **_hp("mend"))
+    assert lm.active_edits == [] and all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_training_data_without_usable_records_is_refused(lm):
+    lonely = EditRequest.create("The capital of France is", "France", "Rome")
+    with pytest.raises(DataFormatError, match="no usable record"):
+        examples_from_requests([lonely])
+    with pytest.raises(DataFormatError):
+        get_editor("mend").fit(lm, [lonely], _hp("mend"), progress=False)
+    with pytest.raises(HparamsError):
+        get_editor("mend").hparams(lm, matrices=["attn"])
+
+
+def test_ke_lagrange_multiplier_rises_while_kl_exceeds_the_budget(lm):
+    from editlab.methods.meta.ke import KENet
+
+    hp = get_editor("ke").hparams(lm, **_hp("ke"))
+    net = KENet(lm, hp)
+    ex = examples_from_requests(load_requests("builtin", limit=4))[:2]
+    out = net.losses(lm, ex, hp, training=True)
+    assert float(net.kl_alpha) == pytest.approx(max(0.0, hp.lr_alpha * (float(out["loc_kl"]) - hp.margin_kl)))
+    out["loss"].backward()  # the multiplier update must not break the graph
+    net.after_validation({"edit_acc": 0.95})
+    assert float(net.margin) == pytest.approx(hp.margin_kl * 0.8)
+
+
+def test_cli_train_then_reuse_and_one_line_errors(tmp_path):
+    runner = CliRunner()
+    sets = [x for k, v in _hp("mend").items() for x in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")]
+    r = runner.invoke(app, ["eval", "--method", "mend", "--model", "tiny-trained-llama", "--db", str(tmp_path / "r.db"), *sets])
+    assert r.exit_code == 2 and "editlab train mend" in r.output and "Traceback" not in r.output
+    base = ["train", "mend", "--model", "tiny-trained-llama", "--data", "builtin", *sets, "--json"]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.output.strip().splitlines()[-1])
+    assert first["steps"] == _hp("mend")["steps"] and first["train_records"] == 62
+    r = runner.invoke(app, base)  # cached: the same checkpoint, not trained again
+    assert json.loads(r.output.strip().splitlines()[-1])["sha256"] == first["sha256"]
+    r = runner.invoke(app, ["eval", "--method", "mend", "--model", "tiny-trained-llama", "--limit", "2",
+                            "--db", str(tmp_path / "r.db"), *sets])
+    assert r.exit_code == 0, r.output
+    for bad in (["train", "rome"], ["train", "mend", "--data", str(tmp_path / "none.json")], ["train", "mend", "--steps", "0"]):
+        r = runner.invoke(app, bad)
+        assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
