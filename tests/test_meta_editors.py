@@ -81,7 +81,7 @@ def test_untrained_mend_makes_a_plain_gradient_step(lm):
     net = MENDNet(lm, hp)
     ex = examples_from_requests([FACT, FACT])[:1]
     facts, _, _ = net.factors(lm, ex, hp)
-    deltas = net.deltas(lm, ex, facts, training=False)
+    deltas = net.deltas(lm, ex, facts, rows=list(range(len(ex))), training=False)
     for p in net.paths:
         left, right = deltas[p]
         grad = facts[p].delta.T @ facts[p].u
@@ -107,7 +107,7 @@ def test_malmen_delta_is_the_ridge_regression_of_value_changes(lm):
     reqs = load_requests("builtin", limit=3)
     ex = examples_from_requests(reqs)
     facts, _, _ = net.factors(lm, ex, hp)
-    deltas = net.deltas(lm, ex, facts, training=False)
+    deltas = net.deltas(lm, ex, facts, rows=list(range(len(ex))), training=False)
     for i, p in enumerate(net.paths):
         f = facts[p]
         d_in = net.shapes[p][1]
@@ -155,8 +155,10 @@ def test_checkpoint_of_another_model_or_hparams_is_not_used(lm):
     other = load_lm("tiny-llama")  # another base: its fingerprint finds nothing
     with pytest.raises(CheckpointError, match="editlab train mend --model tiny-llama"):
         ed.apply(other, FACT, **_hp("mend"))
-    with pytest.raises(CheckpointError, match="--set rank=16"):  # other hparams: another key
+    with pytest.raises(CheckpointError, match="--set rank=16"):  # another network: another key
         ed.apply(lm, FACT, **_hp("mend", rank=16))
+    edit = ed.apply(lm, FACT, **_hp("mend", steps=7))  # a training-only field: the same editor serves
+    edit.restore()
 
 
 def test_damaged_checkpoint_is_refused_and_changes_nothing(lm):
@@ -210,3 +212,27 @@ def test_cli_train_then_reuse_and_one_line_errors(tmp_path):
     for bad in (["train", "rome"], ["train", "mend", "--data", str(tmp_path / "none.json")], ["train", "mend", "--steps", "0"]):
         r = runner.invoke(app, bad)
         assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_batch_edit_is_the_sum_of_single_edits(lm, method):
+    """MEND and KE make one independent delta per request; a batch sums them (KE conditions each alone)."""
+    ed = get_editor(method)
+    ed.fit(lm, load_requests("builtin"), _hp(method), progress=False)
+    other = EditRequest.create("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+
+    def deltas(reqs):
+        edit = ed.apply(lm, reqs, **_hp(method))
+        out = {p.name: p.dense(lm.model.get_parameter(p.name)) for p in edit.patches}
+        edit.restore()
+        return out
+
+    one, two, both = deltas(FACT), deltas(other), deltas([FACT, other])
+    assert all(torch.allclose(both[k], one[k] + two[k], atol=1e-6) for k in both)
+
+
+def test_training_leaves_the_lm_without_gradients(lm):
+    flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+    get_editor("mend").fit(lm, load_requests("builtin", limit=8), _hp("mend", steps=3), progress=False)
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert {n: p.requires_grad for n, p in lm.model.named_parameters()} == flags

@@ -29,6 +29,7 @@ class Editor(ABC):
     supports_batch: ClassVar[bool] = False
     supports_on: ClassVar[bool] = False  # can extend the previous edit: apply(..., on=previous)
     requires_training: ClassVar[bool] = False
+    checkpoint_format: ClassVar[int] = 1  # bump when a learned editor's network changes meaning
 
     def hparams(self, lm: LM, **overrides: Any) -> Hparams:
         return self.hparams_cls.for_model(lm, **overrides)
@@ -126,7 +127,7 @@ class Editor(ABC):
         if not reqs:
             raise EditRequestError("no training requests given")
         hp = self._resolve_hparams(lm, hparams, {})
-        key = checkpoint_key(lm, self.name, hp.to_dict(), reqs)
+        key = {**checkpoint_key(lm, self.name, hp.to_dict(), reqs), "format": self.checkpoint_format}
         if not force:
             found = find_checkpoint(key)
             if found is not None:
@@ -145,10 +146,12 @@ class Editor(ABC):
 
     def checkpoint(self, lm: LM, hp: Any) -> Checkpoint:
         """The checkpoint `apply` uses: the newest cached one for this base model and hyper-parameters."""
-        found = latest_checkpoint(lm, self.name, hp.to_dict())
+        skip = getattr(hp, "TRAINING_FIELDS", frozenset())
+        network = {k: v for k, v in hp.to_dict().items() if k not in skip}
+        found = latest_checkpoint(lm, self.name, network, self.checkpoint_format)
         if found is None:
             default = self.hparams(lm).to_dict()
-            sets = "".join(f" --set {k}={_cli_value(v)}" for k, v in hp.to_dict().items() if default.get(k) != v)
+            sets = "".join(f" --set {k}={_cli_value(v)}" for k, v in network.items() if default.get(k) != v)
             raise CheckpointError(
                 f"method {self.name!r} needs a trained editor for {lm.name} with these hyper-parameters; "
                 f"train one with: editlab train {self.name} --model {lm.name} --data counterfact-train{sets}"

@@ -86,8 +86,10 @@ def find_checkpoint(key: dict[str, Any]) -> Checkpoint | None:
     return ckpt
 
 
-def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any]) -> Checkpoint | None:
-    """Newest checkpoint for this base model, method and hyper-parameters (any training data)."""
+def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any], fmt: int = 1) -> Checkpoint | None:
+    """Newest checkpoint for this base model and method (any training data) whose hyper-parameters agree
+    with `hparams` on every key `hparams` has (callers leave out training-only fields), and whose
+    network format is `fmt` (a key without one is format 1)."""
     root = cache_dir("checkpoints", method, str(lm.base_fingerprint)[:16])
     found = []
     want = json.loads(json.dumps(hparams, default=str))
@@ -99,7 +101,9 @@ def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any]) -> Checkpoi
         except (OSError, ValueError):
             continue
         k = meta.get("key", {})
-        if k.get("model") == lm.base_fingerprint and k.get("hparams") == want:
+        have = k.get("hparams") or {}
+        if (k.get("model") == lm.base_fingerprint and k.get("format", 1) == fmt
+                and all(have.get(name) == value for name, value in want.items())):
             found.append((meta.get("created", 0), folder))
     if not found:
         return None

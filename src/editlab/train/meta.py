@@ -159,8 +159,12 @@ def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir
     if workdir is not None:
         saved = _load_state(workdir)
         if saved is not None:
-            net.load_state_dict(saved["net"])
-            opt.load_state_dict(saved["opt"])
+            try:
+                net.load_state_dict(saved["net"])
+                opt.load_state_dict(saved["opt"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"the resumable training state in {workdir} does not fit this editor "
+                                      f"({str(e).splitlines()[0][:120]}); train with --force") from None
             step, best_loss, bad, history = saved["step"], saved["best_loss"], saved["bad"], list(saved["history"])
             best_state, elapsed, resumed = saved.get("best"), float(saved.get("elapsed", 0.0)), True
     size = min(hp.edits_per_step, len(train))
@@ -185,7 +189,7 @@ def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir
             step += 1
             running = total if running is None else 0.95 * running + 0.05 * total
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", val=f"{best_loss:.3f}" if val else "-")
+            bar.set_postfix(loss=f"{running:.3f}", val=f"{best_loss:.3f}" if best_loss < float("inf") else "-")
             if step % hp.val_every == 0 or step == hp.steps:
                 entry: dict[str, Any] = {"step": step, "train_loss": round(running, 5),
                                          "seconds": round(time.perf_counter() - t0, 1)}

@@ -28,6 +28,7 @@ class GradientEditorNet(nn.Module):
 
     tokens: ClassVar[str] = "nonzero"  # which tokens' factors the net sees (see capture_factors)
     joint: ClassVar[bool] = False  # training edits: all examples of a micro-batch as one edit (MALMEN)
+    label_smoothing: float = 0.0  # of the training edit loss (KE: 0.1); reported NLLs are plain
 
     def __init__(self, lm: LM, hp: Any) -> None:
         super().__init__()
@@ -35,9 +36,11 @@ class GradientEditorNet(nn.Module):
         self.shapes = {p: matrix_shape(lm, p) for p in self.paths}
 
     # -- what a method defines
-    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, training: bool) -> dict[str, Any]:
+    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, rows: Sequence[int],
+               training: bool) -> dict[str, Any]:
         """Per module path: the weight delta (out, in layout, dense or (left, right) factors) of ONE edit
-        made of `examples` together, from their gradient factors."""
+        made of `examples` together, from their gradient factors; example j's tokens have batch row
+        `rows[j]` in the factors."""
         raise NotImplementedError
 
     def param_groups(self, hp: Any) -> list[dict[str, Any]]:
@@ -53,12 +56,13 @@ class GradientEditorNet(nn.Module):
         return hp.cedit * edit_nll + hp.cloc * loc_kl
 
     # -- shared
-    def factors(self, lm: LM, examples: Sequence[Example], hp: Any, extra: Sequence[tuple[str, str]] = ()
-                ) -> tuple[dict[str, Factors], torch.Tensor, Scored]:
+    def factors(self, lm: LM, examples: Sequence[Example], hp: Any, extra: Sequence[tuple[str, str]] = (),
+                max_tokens: int | None = None) -> tuple[dict[str, Factors], torch.Tensor, Scored]:
         """Gradient factors of the edits in `examples` (row i = example i) on the unedited model; texts
-        `extra` ride along in the same forward (rows after the edits)."""
+        `extra` ride along in the same forward (rows after the edits). Training texts are cut to
+        `max_tokens`; an edit request never is (its prompt was checked against the context)."""
         pairs = [ex.edit for ex in examples]
-        scored = encode_pairs(lm, pairs + list(extra), hp.max_tokens)
+        scored = encode_pairs(lm, pairs + list(extra), max_tokens or 1_000_000)
         facts, hidden = capture_factors(lm, self.paths, scored, n_edit_rows=len(pairs), tokens=self.tokens)
         return facts, hidden, scored
 
@@ -73,7 +77,7 @@ class GradientEditorNet(nn.Module):
                 loc_owner += [g] * len(examples[i].loc)
                 equiv += examples[i].equiv
                 eq_owner += [g] * len(examples[i].equiv)
-        facts, hidden, scored = self.factors(lm, examples, hp, loc)
+        facts, hidden, scored = self.factors(lm, examples, hp, loc, hp.max_tokens)
         if training:
             self.update_statistics(facts)
         n_edit = len(examples)
@@ -82,7 +86,7 @@ class GradientEditorNet(nn.Module):
         owners = [torch.nonzero(owner == g)[:, 0] for g in range(len(groups))]
         with torch.set_grad_enabled(training):
             per_group = [self.deltas(lm, [examples[i] for i in members],
-                                     {p: f.of_rows(members) for p, f in facts.items()}, training=training)
+                                     {p: f.of_rows(members) for p, f in facts.items()}, rows=members, training=training)
                          for members in groups]
             fns = {p: grouped_fn([d[p] for d in per_group], owners if len(groups) > 1 else [None], self.shapes[p][0])
                    for p in self.paths}
@@ -93,9 +97,12 @@ class GradientEditorNet(nn.Module):
             lo = batch.subset(len(equiv), len(equiv) + len(loc))
             eq_logp = answer_logprobs(lm, hid, eq)
             lo_logp = answer_logprobs(lm, hid, lo)
-            edit_nll = eq.per_text_mean(token_nll(eq_logp, eq)).mean()
+            nll = token_nll(eq_logp, eq)
+            edit_nll = eq.per_text_mean(nll).mean()
             loc_kl = (base_logp.exp() * (base_logp - lo_logp)).sum(-1).mean()
-            loss = self.combine(edit_nll, loc_kl, hp, training)
+            smooth = self.label_smoothing if training else 0.0
+            fit_nll = eq.per_text_mean((1 - smooth) * nll - smooth * eq_logp.mean(-1)).mean() if smooth else edit_nll
+            loss = self.combine(fit_nll, loc_kl, hp, training)
         with torch.no_grad():
             hit = (eq_logp.argmax(-1) == eq.targets.to(eq_logp.device)).float()
             edit_acc = (eq.per_text_mean(hit) == 1).float().mean()
@@ -113,13 +120,21 @@ class LearnedEditor(Editor):
     net_cls: ClassVar[type[GradientEditorNet]]
 
     def build_net(self, lm: LM, hp: Any) -> GradientEditorNet:
-        return self.net_cls(lm, hp)
+        return self.net_cls(lm, hp).to(lm.device)
 
     def train(self, lm: LM, requests: list[EditRequest], hp: Any, *, progress: bool = True,
               workdir: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        examples = examples_from_requests(requests)
         net = self.build_net(lm, hp)
-        result = train_editor(net, lm, examples_from_requests(requests), hp, workdir=workdir,
-                              progress=progress, name=self.name)
+        flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+        try:  # the LM is frozen: gradients reach the editor network only
+            for p in lm.model.parameters():
+                p.requires_grad_(False)
+            result = train_editor(net, lm, examples, hp, workdir=workdir, progress=progress, name=self.name)
+        finally:
+            for n, p in lm.model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+                p.grad = None
         return result.state, result.meta
 
     def load_net(self, lm: LM, hp: Any) -> GradientEditorNet:
@@ -138,7 +153,7 @@ class LearnedEditor(Editor):
                     for r in requests]
         facts, _, _ = net.factors(lm, examples, hp)
         with torch.no_grad():
-            deltas = net.deltas(lm, examples, facts, training=False)
+            deltas = net.deltas(lm, examples, facts, rows=list(range(len(examples))), training=False)
         patches = []
         for path, d in deltas.items():
             name = lm.param_name(path)

@@ -26,7 +26,15 @@ def _last_layers(lm: LM, n: int) -> list[int]:
 
 @dataclass
 class MetaHparams(Hparams):
-    """What every learned editor shares: which matrices it edits and how it is trained (`train/meta.py`)."""
+    """What every learned editor shares: which matrices it edits and how it is trained (`train/meta.py`).
+
+    `TRAINING_FIELDS` only shape training: an edit uses the newest checkpoint whose other fields (the
+    network's) equal its own, whatever schedule trained it; `fit` still caches per full set."""
+
+    TRAINING_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "steps", "edits_per_step", "accumulate", "lr", "grad_clip", "cedit", "cloc", "val_records", "val_every",
+        "patience", "max_tokens", "seed", "lr_lr", "edit_lr", "init_lambda", "margin_kl", "lr_alpha",
+        "objective", "label_smoothing"})
 
     layers: list[int] = field(default_factory=list)
     matrices: list[str] = field(default_factory=lambda: ["mlp_out"])
@@ -152,6 +160,7 @@ class KEHparams(MetaHparams):
     # "lagrangian": the paper's CE + alpha (KL - mu) with alpha >= 0 raised by gradient ascent;
     # "weighted": the MEND/EasyEdit port's cedit * NLL + cloc * KL
     objective: str = "lagrangian"
+    label_smoothing: float = 0.1  # of the edit loss while training (paper)
     steps: int = 200_000
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -164,6 +173,8 @@ class KEHparams(MetaHparams):
         for name in ("hidden", "cond_dim", "head_dim", "max_scale", "margin_kl", "lr_alpha"):
             self._check_positive(name, getattr(self, name))
         self._check_choice("objective", self.objective, ("lagrangian", "weighted"))
+        if not 0 <= self.label_smoothing < 1:
+            raise HparamsError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def _has_gate(lm: LM) -> bool:

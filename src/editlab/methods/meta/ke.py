@@ -42,8 +42,7 @@ class KENet(GradientEditorNet):
 
     def __init__(self, lm: LM, hp: KEHparams) -> None:
         super().__init__(lm, hp)
-        gen_state = torch.random.get_rng_state()
-        try:
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation that leaves the caller's RNG alone
             torch.manual_seed(hp.seed)
             emb = lm.model.get_input_embeddings().weight
             self.register_buffer("embed", emb.detach().clone().float(), persistent=False)
@@ -54,37 +53,32 @@ class KENet(GradientEditorNet):
                                             weight_norm(nn.Linear(hp.head_dim, 2 * sum(self.shapes[p]) + 1)))
                 for p in self.paths
             })
-        finally:
-            torch.random.set_rng_state(gen_state)
         self.tokenizer = lm.tokenizer
         self.max_scale = hp.max_scale
         self.register_buffer("kl_alpha", torch.zeros(()))
         self.register_buffer("margin", torch.tensor(float(hp.margin_kl)))
         self.objective, self.lr_alpha = hp.objective, hp.lr_alpha
+        self.label_smoothing = hp.label_smoothing
 
-    def condition(self, examples: Sequence[Example]) -> torch.Tensor:
-        texts = [f"{ex.old or ''} >> {ex.edit[1]} || {ex.edit[0]}" for ex in examples]
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][:64] or [0] for t in texts]
-        width = max(map(len, ids))
-        batch = torch.tensor([x + [x[-1]] * (width - len(x)) for x in ids])
-        lengths = torch.tensor([len(x) for x in ids])
-        out, _ = self.lstm(self.embed[batch])
-        keep = (torch.arange(width)[None, :] < lengths[:, None]).float()[..., None]
-        pooled = (out * keep).sum(1) / lengths[:, None].float()
-        return torch.tanh(self.cond(pooled))
+    def condition(self, example: Example) -> torch.Tensor:
+        """c for one edit (each edit alone, so that a batch never changes another edit's condition)."""
+        text = f"{example.old or ''} >> {example.edit[1]} || {example.edit[0]}"
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:64] or [0]
+        out, _ = self.lstm(self.embed[torch.tensor([ids], device=self.embed.device)])
+        return torch.tanh(self.cond(out[0].mean(0)))
 
-    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, training: bool) -> dict[str, Any]:
-        c = self.condition(examples)
-        rows = sorted(set(next(iter(factors.values())).rows.tolist()))
+    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, rows: Sequence[int],
+               training: bool) -> dict[str, Any]:
+        conds = [self.condition(ex) for ex in examples]
         out: dict[str, Any] = {}
         for p in self.paths:
             d_out, d_in = self.shapes[p]
             f = factors[p]
             total = None
-            for j, row in enumerate(rows[: len(examples)]):
+            for c, row in zip(conds, rows):
                 sel = f.rows == row
-                grad = f.delta[sel].T @ f.u[sel]  # [out, in]
-                h = self.heads[safe_name(p)](c[j])
+                grad = f.delta[sel].T @ f.u[sel]  # [out, in]; zero for an edit without gradient tokens
+                h = self.heads[safe_name(p)](c)
                 a_c, b_c, a_r, b_r, eta = torch.split(h, [d_in, d_in, d_out, d_out, 1])
                 A = torch.softmax(a_r, 0)[:, None] * a_c[None, :]
                 B = torch.softmax(b_r, 0)[:, None] * b_c[None, :]

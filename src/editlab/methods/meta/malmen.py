@@ -45,7 +45,8 @@ class MALMENNet(MENDNet):
     def param_groups(self, hp: MALMENHparams) -> list[dict[str, Any]]:
         return [{"params": list(self.nets.parameters()) + [self.alpha, self.log_lambda], "lr": hp.lr}]
 
-    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, training: bool) -> dict[str, Any]:
+    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, rows: Sequence[int],
+               training: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for i, p in enumerate(self.paths):
             f = factors[p]
@@ -54,7 +55,7 @@ class MALMENNet(MENDNet):
             u_t, d_t = self.nets[self.group[p]](z[:, :d_in], z[:, d_in:], self.mode[p])
             dv = -self.alpha[i] * (f.u * u_t).sum(-1, keepdim=True) * d_t  # [N, d_out]
             keys = f.u.double()
-            gram = keys @ keys.T + self.log_lambda[i].double().exp() * torch.eye(len(keys), dtype=torch.float64)
+            gram = keys @ keys.T + self.log_lambda[i].double().exp() * torch.eye(len(keys), dtype=torch.float64, device=keys.device)
             coef = torch.linalg.solve(gram, dv.double()).float()  # [N, d_out]
             out[p] = (coef.T, f.u)  # dW = coef^T @ U  ([out, N] @ [N, in])
         return out

@@ -57,7 +57,8 @@ class MENDNet(GradientEditorNet):
         for p in self.paths:
             self.norms[safe_name(p)].update(torch.cat([factors[p].u, factors[p].delta], -1))
 
-    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, training: bool) -> dict[str, Any]:
+    def deltas(self, lm: LM, examples: Sequence[Example], factors: dict[str, Factors], *, rows: Sequence[int],
+               training: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for i, p in enumerate(self.paths):
             f = factors[p]
