@@ -19,6 +19,7 @@ def test_catalogue_entry_agrees_with_its_editor(name):
     editor = get_editor(name)
     assert editor.hparams_cls is hparams_class(name)
     assert editor.supports_batch is can_batch(name)
+    assert editor.requires_training is bool(METHODS.entry(name).meta.get("trained"))  # `editlab train` reads it
     for alias in METHODS.entry(name).aliases:
         assert hparams_class(alias) is editor.hparams_cls
 
