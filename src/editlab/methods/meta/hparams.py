@@ -165,7 +165,8 @@ class KEHparams(MetaHparams):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # SmolLM2-135M on the CPU budget: down_proj of layers 27-29, larger lr; counterfact-train only.
-        "smollm2-135m": {"layers": [27, 28, 29], "lr": 1e-4, "steps": 600, "accumulate": 4, "val_every": 50},
+        "smollm2-135m": {"layers": [27, 28, 29], "lr": 1e-4, "steps": 800, "edits_per_step": 4, "accumulate": 1,
+                         "val_every": 100, "val_records": 40},
     }
 
     def validate(self, lm: LM) -> None:
