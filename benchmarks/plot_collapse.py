@@ -41,8 +41,8 @@ def load(dbs: list[str]) -> dict[str, list[tuple[int, dict[str, float]]]]:
     return out
 
 
-def table(runs: dict[str, list[tuple[int, dict[str, float]]]]) -> None:
-    keys = [k for k in METRICS if any(k in m for pts in runs.values() for _, m in pts)]
+def table(runs: dict[str, list[tuple[int, dict[str, float]]]], metrics: tuple[str, ...] = METRICS) -> None:
+    keys = [k for k in metrics if any(k in m for pts in runs.values() for _, m in pts)]
     print("| method | edits | " + " | ".join(keys) + " | s/ckpt |")
     print("|---|---|" + "---|" * (len(keys) + 1))
     for method, pts in runs.items():
@@ -51,14 +51,14 @@ def table(runs: dict[str, list[tuple[int, dict[str, float]]]]) -> None:
             print(f"| {method} | {n} | " + " | ".join(cells) + f" | {m.get('_eval_s', float('nan')):.0f} |")
 
 
-def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str) -> None:
+def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics: tuple[str, ...] = METRICS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in METRICS if any(k in m for pts in runs.values() for _, m in pts)]
-    cols = 4
+    keys = [k for k in metrics if any(k in m for pts in runs.values() for _, m in pts)]
+    cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.9 * rows), squeeze=False)
     base = next((pts[0][1] for pts in runs.values() if pts and pts[0][0] == 0), {})
@@ -87,13 +87,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dbs", nargs="+")
     ap.add_argument("--png", default=None)
+    ap.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to show (default: all)")
     args = ap.parse_args()
+    metrics = tuple(m for m in args.metrics.split(",") if m)
     runs = load(args.dbs)
     if not runs:
         raise SystemExit("no sequential runs in " + ", ".join(args.dbs))
-    table(runs)
+    table(runs, metrics)
     if args.png:
-        plot(runs, args.png)
+        plot(runs, args.png, metrics)
 
 
 if __name__ == "__main__":
