@@ -130,7 +130,7 @@ class MALMENHparams(MetaHparams):
         # SmolLM2-135M on the CPU budget: down_proj of layers 22-27 (method card), rank 256, 32 edits per
         # step; chosen on counterfact-train only (docs/methods.md "MALMEN").
         "smollm2-135m": {"layers": [22, 23, 24, 25, 26, 27], "rank": 256, "edits_per_step": 32,
-                         "lr": 1e-4, "edit_lr": 1e-4, "steps": 150, "val_every": 25, "val_records": 64},
+                         "lr": 1e-4, "edit_lr": 1e-4, "steps": 80, "val_every": 20, "val_records": 32},
     }
 
     @classmethod
@@ -165,7 +165,7 @@ class KEHparams(MetaHparams):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # SmolLM2-135M on the CPU budget: down_proj of layers 27-29, larger lr; counterfact-train only.
-        "smollm2-135m": {"layers": [27, 28, 29], "lr": 1e-4, "steps": 800, "edits_per_step": 4, "accumulate": 1,
+        "smollm2-135m": {"layers": [27, 28, 29], "lr": 1e-4, "steps": 600, "edits_per_step": 4, "accumulate": 1,
                          "val_every": 100, "val_records": 40},
     }
 
