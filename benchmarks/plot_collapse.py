@@ -72,6 +72,9 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
             ax.axhline(base[CHANCE[k]], color="#999", ls=":", lw=1, label="chance")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("number of edits", fontsize=8)
+        ys = [m[k] for pts in runs.values() for _, m in pts if m.get(k)]
+        if k == "ppl_wikitext" and ys and max(ys) > 100 * min(ys):
+            ax.set_yscale("log")  # a collapsed model's perplexity runs to millions
         if k not in ("ppl_wikitext", "nkl_fixed", "norm_growth_max"):
             ax.set_ylim(-0.02, 1.02)  # fractions on their whole range: small moves look small
         ax.spines[["top", "right"]].set_visible(False)
