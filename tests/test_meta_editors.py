@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from editlab.cli import app
 from editlab.data import load_requests
-from editlab.errors import CheckpointError, DataFormatError, HparamsError
+from editlab.errors import CheckpointError, DataFormatError, EditRequestError, HparamsError
 from editlab.methods import get_editor
 from editlab.methods.catalogue import METHODS
 from editlab.methods.meta.factors import added_outputs, capture_factors, encode_pairs
@@ -177,6 +177,8 @@ def test_training_data_without_usable_records_is_refused(lm):
         examples_from_requests([lonely])
     with pytest.raises(DataFormatError):
         get_editor("mend").fit(lm, [lonely], _hp("mend"), progress=False)
+    with pytest.raises(EditRequestError):
+        get_editor("mend").fit(lm, [FACT, "Paris is in France"], _hp("mend"), progress=False)
     with pytest.raises(HparamsError):
         get_editor("mend").hparams(lm, matrices=["attn"])
 

@@ -74,8 +74,4 @@ def train(method: TrainMethod, model: ModelOptions = ModelOptions(), data: Train
     for k, v in summary.items():
         table.add_row(k, str(v))
     console.print(table)
-    default = editor.hparams(lm).to_dict()
-    skip = getattr(hparams, "TRAINING_FIELDS", frozenset())
-    sets = "".join(f" --set {k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                   for k, v in hparams.to_dict().items() if k not in skip and default.get(k) != v)
-    console.print(f"use it with: editlab eval --method {name} --model {model.model}{sets} ...")
+    console.print(f"use it with: editlab eval --method {name} --model {model.model}{editor.network_sets(lm, hparams)} ...")

@@ -126,6 +126,9 @@ class Editor(ABC):
         reqs = list(train_requests)
         if not reqs:
             raise EditRequestError("no training requests given")
+        for i, r in enumerate(reqs):
+            if not isinstance(r, EditRequest):
+                raise EditRequestError(f"train_requests[{i}] is a {type(r).__name__}, not an EditRequest")
         hp = self._resolve_hparams(lm, hparams, {})
         key = {**checkpoint_key(lm, self.name, hp.to_dict(), reqs), "format": self.checkpoint_format}
         if not force:
@@ -144,17 +147,26 @@ class Editor(ABC):
         is where a resumable state may be kept while training."""
         raise NotImplementedError
 
-    def checkpoint(self, lm: LM, hp: Any) -> Checkpoint:
-        """The checkpoint `apply` uses: the newest cached one for this base model and hyper-parameters."""
+    def network_fields(self, hp: Any) -> dict[str, Any]:
+        """The hyper-parameters that define a learned editor's network (all but `TRAINING_FIELDS`): the
+        ones a checkpoint must match to serve an edit."""
         skip = getattr(hp, "TRAINING_FIELDS", frozenset())
-        network = {k: v for k, v in hp.to_dict().items() if k not in skip}
-        found = latest_checkpoint(lm, self.name, network, self.checkpoint_format)
+        return {k: v for k, v in hp.to_dict().items() if k not in skip}
+
+    def network_sets(self, lm: LM, hp: Any) -> str:
+        """` --set k=v` for each network field of `hp` that differs from the defaults for `lm`: what a
+        command needs to reach the same checkpoint."""
+        default = self.hparams(lm).to_dict()
+        return "".join(f" --set {k}={_cli_value(v)}" for k, v in self.network_fields(hp).items() if default.get(k) != v)
+
+    def checkpoint(self, lm: LM, hp: Any) -> Checkpoint:
+        """The checkpoint `apply` uses: the newest cached one for this base model and network."""
+        found = latest_checkpoint(lm, self.name, self.network_fields(hp), self.checkpoint_format)
         if found is None:
-            default = self.hparams(lm).to_dict()
-            sets = "".join(f" --set {k}={_cli_value(v)}" for k, v in network.items() if default.get(k) != v)
             raise CheckpointError(
                 f"method {self.name!r} needs a trained editor for {lm.name} with these hyper-parameters; "
-                f"train one with: editlab train {self.name} --model {lm.name} --data counterfact-train{sets}"
+                f"train one with: editlab train {self.name} --model {lm.name} --data counterfact-train"
+                f"{self.network_sets(lm, hp)}"
             )
         return found
 

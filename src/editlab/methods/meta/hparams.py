@@ -36,6 +36,10 @@ class MetaHparams(Hparams):
         "patience", "max_tokens", "seed", "lr_lr", "edit_lr", "init_lambda", "margin_kl", "lr_alpha",
         "objective", "label_smoothing"})
 
+    # editors train for up to hundreds of thousands of steps (KE's paper: 200k updates)
+    COUNT_BOUNDS: ClassVar[tuple[tuple[str, int], ...]] = tuple(
+        (name, 10_000_000 if name == "steps" else bound) for name, bound in Hparams.COUNT_BOUNDS)
+
     layers: list[int] = field(default_factory=list)
     matrices: list[str] = field(default_factory=lambda: ["mlp_out"])
     # training (MetaTrainer)
@@ -56,14 +60,22 @@ class MetaHparams(Hparams):
     def defaults_for(cls, lm: LM) -> dict[str, Any]:
         return {"layers": _last_layers(lm, 3)}
 
-    def validate(self, lm: LM) -> None:
-        self._check_layers("layers", self.layers, lm)
+    def check_counts(self, names: Any = None) -> None:
+        """Also the model-free choices (matrices), so that the CLI refuses them before the model loads."""
+        super().check_counts(names)
+        self._check_matrices()
+
+    def _check_matrices(self) -> None:
         if not self.matrices:
             raise HparamsError("matrices must name at least one of " + ", ".join(MATRICES))
         for m in self.matrices:
             self._check_choice("matrices", m, MATRICES)
         if len(set(self.matrices)) != len(self.matrices):
             raise HparamsError(f"matrices lists a matrix twice: {self.matrices}")
+
+    def validate(self, lm: LM) -> None:
+        self._check_layers("layers", self.layers, lm)
+        self._check_matrices()
         for name in ("steps", "edits_per_step", "accumulate", "lr", "val_every", "max_tokens"):
             self._check_positive(name, getattr(self, name))
         for name in ("grad_clip", "cedit", "cloc", "val_records", "patience"):
