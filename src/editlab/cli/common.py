@@ -226,14 +226,19 @@ def load_model(opts: ModelOptions) -> LM:
 
 
 @contextmanager
-def progress_bar(label: str, total: int) -> Iterator[Callable[[int, int, str], None]]:
-    """A progress bar on the console; yields the `progress(done, total, message)` callback the runners take."""
+def progress_bar(label: str, total: int, show_message: bool = False) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar on the console; yields the `progress(done, total, message)` callback the runners take.
+    With `show_message`, the callback's total replaces `total` and its message is shown after the ETA."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    extra = [TextColumn("{task.fields[info]}")] if show_message else []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as prog:
-        task = prog.add_task(label, total=total)
-        yield lambda i, n, msg: prog.update(task, completed=i)
+                  TextColumn("eta"), TimeRemainingColumn(), *extra, console=console, transient=False) as prog:
+        task = prog.add_task(label, total=total, info="")
+        if show_message:
+            yield lambda i, n, msg: prog.update(task, completed=i, total=n, info=msg)
+        else:
+            yield lambda i, n, msg: prog.update(task, completed=i)
 
 
 def exit_interrupted(db: Path) -> NoReturn:

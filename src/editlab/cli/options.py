@@ -27,6 +27,7 @@ _MODEL_PANEL = "Model"
 _DATA_PANEL = "Data"
 _HPARAM_PANEL = "Hyper-parameters"
 _RUN_PANEL = "Run"
+_EXEC_PANEL = "Executor"
 
 # --- single options, reused by every command that has them -------------------------------------------
 Model = Annotated[str, typer.Option(help="Model name (see `editlab models`) or local path", rich_help_panel=_MODEL_PANEL)]
@@ -67,6 +68,17 @@ Fluency = Annotated[bool, typer.Option(help="Also compute generation fluency (n-
 PplText = Annotated[Optional[Path], typer.Option(
     help="Sequential mode: text file for perplexity (default: the built-in corpus)", rich_help_panel=_RUN_PANEL)]
 Seed = Annotated[int, typer.Option(help="Random seed of the run", rich_help_panel=_RUN_PANEL)]
+Executor = Annotated[str, typer.Option(
+    help="Where the run is carried out: local (this process) or ray (Ray worker actors; see docs/scale.md)",
+    rich_help_panel=_EXEC_PANEL)]
+RayAddress = Annotated[Optional[str], typer.Option(
+    help="With --executor ray: unset starts a local Ray on this machine; auto, host:port or ray://host:port joins a cluster",
+    rich_help_panel=_EXEC_PANEL)]
+Workers = Annotated[int, typer.Option(help="With --executor ray: worker actors, each holding one copy of the model",
+                                      rich_help_panel=_EXEC_PANEL)]
+CpusPerWorker = Annotated[int, typer.Option(help="With --executor ray: CPU threads per worker", rich_help_panel=_EXEC_PANEL)]
+MaxRetries = Annotated[int, typer.Option(
+    help="With --executor ray: times a task whose worker died is given to a worker again", rich_help_panel=_EXEC_PANEL)]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks of errors")]
 
 
@@ -129,6 +141,24 @@ class RunOptions(OptionGroup):
     probes: Probes = None
     probe_budget: ProbeBudget = "quick"
     seed: Seed = 0
+
+
+@dataclass(frozen=True)
+class ExecutorOptions(OptionGroup):
+    """Where runs are carried out (`editlab.distributed.ExecutorSpec`)."""
+
+    executor: Executor = "local"
+    ray_address: RayAddress = None
+    workers: Workers = 2
+    cpus_per_worker: CpusPerWorker = 1
+    max_retries: MaxRetries = 3
+
+    def spec(self) -> Any:
+        """The checked `ExecutorSpec` (raises `OptionError`/`ExecutorError`; imports neither torch nor ray)."""
+        from ..distributed.spec import ExecutorSpec, check_executor
+
+        return check_executor(ExecutorSpec(self.executor, self.ray_address, self.workers, self.cpus_per_worker,
+                                           0.0, self.max_retries))
 
 
 F = TypeVar("F", bound=Callable[..., Any])

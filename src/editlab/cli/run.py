@@ -14,8 +14,8 @@ import typer
 from ..errors import EditlabError, OptionError
 from . import options
 from .common import (check_hparams_early, check_model_options, exit_interrupted, check_output_file, check_positive, console, err_console,
-                     hparam_overrides, load_model, run_with_progress, summary_table, user_warnings_reported)
-from .options import DataOptions, HparamOptions, ModelOptions, RunOptions, with_option_groups
+                     hparam_overrides, load_model, progress_bar, run_with_progress, summary_table, user_warnings_reported)
+from .options import DataOptions, ExecutorOptions, HparamOptions, ModelOptions, RunOptions, with_option_groups
 
 if TYPE_CHECKING:
     from ..runner import RunConfig
@@ -103,10 +103,13 @@ def run_configs(methods: list[str], data: DataOptions, hp: HparamOptions, run: R
             for m in methods]
 
 
-def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: HparamOptions, run: RunOptions) -> None:
+def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: HparamOptions, run: RunOptions,
+                executor: ExecutorOptions = ExecutorOptions()) -> None:
     """What `eval` and `compare` do: the same requests and options for each method, then a summary
     (with `--suite`, the suite's own data and protocol: `cli/suites.py`)."""
     if data.suite is not None:
+        if executor.executor != "local":
+            raise OptionError("--suite runs use the local executor for now; drop --executor ray (docs/scale.md)")
         from .suites import run_suite_methods
 
         return run_suite_methods(methods, data, model, hp, run)
@@ -119,6 +122,7 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
 
     check_model_options(model)
     configs = run_configs(methods, data, hp, run)
+    spec = executor.spec()
     if data.limit is not None:
         check_positive("--limit", data.limit)
     with user_warnings_reported():
@@ -127,6 +131,11 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
         cfg.validate(len(requests))
     store = Store(run.db)
     run_ids: list[str] = []
+    if spec.is_ray:
+        run_ids = run_ray(model, requests, configs, store, spec, run)
+        console.print(summary_table(store, run_ids, f"{data.data} on {model.model}"))
+        console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
+        return
     try:
         lm = load_model(model)
         with user_warnings_reported():
@@ -139,18 +148,34 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
     console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
 
 
+def run_ray(model: ModelOptions, requests: list[Any], configs: list[RunConfig], store: Any, spec: Any, run: RunOptions) -> list[str]:
+    """The configs on Ray workers (`editlab.distributed`), with one progress bar for all of them."""
+    from ..distributed.driver import run_on_ray
+
+    label = ", ".join(f"{c.method} ({c.mode})" for c in configs)
+    try:
+        with progress_bar(label, 1, show_message=True) as tick:
+            return run_on_ray({"name": model.model, "device": model.device, "dtype": model.dtype,
+                               "allow_hub": True if model.allow_hub else None},
+                              requests, configs, store, spec, run.resume, progress=tick)
+    except KeyboardInterrupt:
+        exit_interrupted(run.db)
+
+
 @with_option_groups
 def eval_(method: options.Method = options.DEFAULT_METHOD, data: DataOptions = DataOptions(),
-          model: ModelOptions = ModelOptions(), hp: HparamOptions = HparamOptions(), run: RunOptions = RunOptions()) -> None:
+          model: ModelOptions = ModelOptions(), hp: HparamOptions = HparamOptions(), run: RunOptions = RunOptions(),
+          executor: ExecutorOptions = ExecutorOptions()) -> None:
     """Run one method on a dataset and store every row in DB."""
-    run_methods([method], data, model, hp, run)
+    run_methods([method], data, model, hp, run, executor)
 
 
 @with_option_groups
 def compare(methods: options.Methods = options.DEFAULT_METHODS, data: DataOptions = DataOptions(),
-            model: ModelOptions = ModelOptions(), hp: HparamOptions = HparamOptions(), run: RunOptions = RunOptions()) -> None:
+            model: ModelOptions = ModelOptions(), hp: HparamOptions = HparamOptions(), run: RunOptions = RunOptions(),
+            executor: ExecutorOptions = ExecutorOptions()) -> None:
     """Run several methods on the same requests (same pre-edit values) and print a comparison."""
-    run_methods([m.strip() for m in methods.split(",") if m.strip()], data, model, hp, run)
+    run_methods([m.strip() for m in methods.split(",") if m.strip()], data, model, hp, run, executor)
 
 
 def demo(
@@ -211,8 +236,6 @@ def _warm_statistics(lm: Any) -> None:
     """Compute the covariance statistics of every layer the demo's ROME and MEMIT edit in one pass over
     the corpus (instead of one pass per method) before the first edit."""
     from ..methods import get_editor
-    from ..stats import second_moments
+    from ..stats import warm_statistics
 
-    rome, memit = get_editor("rome").hparams(lm), get_editor("memit").hparams(lm)
-    if (rome.corpus, rome.mom2_n_tokens) == (memit.corpus, memit.mom2_n_tokens):
-        second_moments(lm, {rome.layer, *memit.layers}, rome.corpus, rome.mom2_n_tokens)
+    warm_statistics(lm, [get_editor(m).hparams(lm) for m in ("rome", "memit")])

@@ -5,6 +5,6 @@ from editlab.lazyimport import lazy_exports
 
 __getattr__, __all__ = lazy_exports(__name__, {
     ".config": ("MODES", "RunConfig"),
-    ".runner": ("run", "shared_pre_edit"),
+    ".runner": ("RunPlan", "chunk_starts", "plan_run", "row_key", "run", "shared_pre_edit"),
     ".store": ("Row", "Store", "StoreError"),
 })

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Sequence
 
 from ..errors import EditlabError, EditRequestError
 from ..eval.metrics import PreEdit, evaluate_requests, pre_edit, summarize
@@ -98,6 +99,46 @@ def _measure_probes(probes: Sequence[Any], system: Any, lm: LM) -> dict[str, flo
     return out
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run is, as the store keeps it: its id and the fields of its `runs` row."""
+
+    run_id: str
+    fields: dict[str, Any]
+    hparams: Any  # the method's resolved Hparams
+
+
+def plan_run(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest]) -> RunPlan:
+    """Check `cfg` against the method and the model and name the run (before anything is edited)."""
+    if not requests:
+        raise EditRequestError("no requests to run")
+    cfg.validate(len(requests))
+    editor = get_editor(cfg.method)
+    if cfg.mode == "batch" and cfg.batch_size > 1 and not editor.supports_batch:
+        raise EditlabError(f"method {cfg.method!r} does not support batch edits; use --mode single or a batch method")
+    hp = editor.hparams(lm, **cfg.hparams)
+    run_id = run_id_for(lm, cfg, requests, hp.to_dict())
+    fields = dict(
+        model=lm.name, model_fingerprint=lm.base_fingerprint, method=cfg.method, mode=cfg.mode,
+        dataset=cfg.dataset, n_requests=len(requests), seed=cfg.seed, hparams=hp.to_dict(),
+        config={"batch_size": cfg.batch_size, "checkpoints": cfg.checkpoints, "generation": cfg.generation,
+                "fluency": cfg.fluency, **({"probes": list(cfg.probes), "probe_budget": cfg.probe_budget} if cfg.probes else {})},
+        versions=versions(),
+    )
+    return RunPlan(run_id, fields, hp)
+
+
+def chunk_starts(cfg: RunConfig, n_requests: int) -> list[int]:
+    """The first request index of each edit of a single or batch run (one edit per request or per batch)."""
+    size = cfg.batch_size if cfg.mode == "batch" else 1
+    return list(range(0, n_requests, size))
+
+
+def row_key(i: int, r: EditRequest) -> str:
+    """The store key of request `i`'s row in a single or batch run."""
+    return f"{i}:{r.case_id}"
+
+
 def run(
     lm: LM,
     requests: Sequence[EditRequest],
@@ -105,42 +146,42 @@ def run(
     store: Store,
     progress: Progress | None = None,
     resume: bool = True,
+    shard: Collection[int] | None = None,
 ) -> str:
     """Run `cfg` on `requests`, writing rows to `store`. Returns the run id. With `resume`, rows
-    already in the store for the same run are skipped."""
-    if not requests:
-        raise EditRequestError("no requests to run")
-    cfg.validate(len(requests))
-    editor = get_editor(cfg.method)
-    if cfg.mode == "batch" and cfg.batch_size > 1 and not editor.supports_batch:
-        raise EditlabError(f"method {cfg.method!r} does not support batch edits; use --mode single or a batch method")
+    already in the store for the same run are skipped. `shard` (single and batch modes) restricts the
+    work to the edits starting at these request indices (see `chunk_starts`); the run, its id and its
+    row keys stay those of all `requests`, so shards run anywhere fill one run between them."""
     if lm.active_edits:
         raise EditlabError("the model carries active edits; restore them before running")
-    hp = editor.hparams(lm, **cfg.hparams)
-    run_id = run_id_for(lm, cfg, requests, hp.to_dict())
-    existed = store.ensure_run(
-        run_id, model=lm.name, model_fingerprint=lm.base_fingerprint, method=cfg.method, mode=cfg.mode,
-        dataset=cfg.dataset, n_requests=len(requests), seed=cfg.seed, hparams=hp.to_dict(),
-        config={"batch_size": cfg.batch_size, "checkpoints": cfg.checkpoints, "generation": cfg.generation,
-                "fluency": cfg.fluency, **({"probes": list(cfg.probes), "probe_budget": cfg.probe_budget} if cfg.probes else {})},
-        versions=versions(),
-    )
+    plan = plan_run(lm, cfg, requests)
+    editor, hp, run_id = get_editor(cfg.method), plan.hparams, plan.run_id
+    if shard is not None and cfg.mode == "sequential":
+        raise EditlabError("a sequential run is one sequence of edits; it cannot be cut into shards")
+    existed = store.ensure_run(run_id, **plan.fields)
     done = store.done_keys(run_id)
     if existed and not resume and done:
         raise EditlabError(f"run {run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
-    pre = shared_pre_edit(lm, store, requests)
     tick = progress or (lambda i, n, msg: None)
-
-    def key_of(i: int, r: EditRequest) -> str:
-        return f"{i}:{r.case_id}"
+    key_of = row_key
 
     if cfg.mode in ("single", "batch"):
         size = cfg.batch_size if cfg.mode == "batch" else 1
-        for start in range(0, len(requests), size):
-            chunk = list(enumerate(requests))[start : start + size]
+        starts = chunk_starts(cfg, len(requests))
+        if shard is not None:
+            bad = sorted(set(shard) - set(starts))
+            if bad:
+                raise EditlabError(f"shard index {bad[0]} is not the first request of an edit of this run")
+            starts = sorted(set(shard))
+        mine = [r for s0 in starts for r in requests[s0 : s0 + size]]
+        pre = shared_pre_edit(lm, store, mine)
+        n_now = 0
+        for start in starts:
+            chunk = [(i, requests[i]) for i in range(start, min(start + size, len(requests)))]
             todo = [(i, r) for i, r in chunk if key_of(i, r) not in done]
+            n_now += len(chunk)
             if not todo:
-                tick(start + len(chunk), len(requests), "skipped (done)")
+                tick(n_now, len(mine), "skipped (done)")
                 continue
             batch_reqs = [r for _, r in chunk]
             t0 = time.perf_counter()
@@ -156,12 +197,13 @@ def run(
                 edit.restore()
             for (i, r), m in zip(todo, rows):
                 store.add_row(Row(run_id, key_of(i, r), r.case_id, "edit", len(chunk), t_edit / len(chunk), t_eval, m))
-            tick(start + len(chunk), len(requests), f"{cfg.method} {start + len(chunk)}/{len(requests)}")
+            tick(n_now, len(mine), f"{cfg.method} {n_now}/{len(mine)}")
         return run_id
 
     # sequential: a resumed run loads the edit stack saved at its newest finished checkpoint (see
     # stacks.py) and continues after it; without a usable one it re-applies the (deterministic) edits
     # from the first. Either way it evaluates only the missing checkpoints.
+    pre = shared_pre_edit(lm, store, requests)
     stacks = RunStacks(store.path, run_id)
     if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
         stacks.discard()  # a kill after the last row may have left one

@@ -357,3 +357,36 @@ def second_moments(
             memo[json.dumps(key, sort_keys=True)] = (t, count)
             _record(lm, l, key, count, path)
     return out
+
+
+def warm_statistics(lm: LM, hparams: Iterable[Any], progress: bool = True) -> int:
+    """Compute (or read) now the statistics that edits with each of `hparams` will read: one pass over
+    the corpus per (corpus, token count) for all the layers involved, instead of one per method.
+    Hparams without statistics (no `statistics_layers`) are ignored. Returns the number of layers."""
+    groups: dict[tuple[str, int], set[int]] = {}
+    for hp in hparams:
+        layers = getattr(hp, "statistics_layers", None)
+        if callable(layers):
+            groups.setdefault((str(hp.corpus), int(hp.mom2_n_tokens)), set()).update(layers())
+    for (corpus, n_tokens), layers in groups.items():
+        second_moments(lm, layers, corpus, n_tokens, progress=progress)
+    return sum(len(l) for l in groups.values())
+
+
+def shared_moments(lm: LM) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every statistic `lm` holds in memory, keyed as `second_moments` keys them, to hand to another
+    process with the same model (`install_moments`): a worker computes them once for all."""
+    return dict(lm.cache.get("second_moments", {}))
+
+
+def install_moments(lm: LM, moments: dict[str, tuple[torch.Tensor, int]]) -> None:
+    """Make statistics computed by another process (`shared_moments`) `lm`'s own: kept in memory, and
+    written to this machine's cache where it lacks them. Entries of another model are never looked up
+    (the key holds the model fingerprint), so they are only stored."""
+    memo = lm.cache.setdefault("second_moments", {})
+    for mkey, (t, count) in moments.items():
+        memo.setdefault(mkey, (t, count))
+        key = json.loads(mkey)
+        path = cache_path(key)
+        if not path.exists():
+            _save(path, key, t, count)

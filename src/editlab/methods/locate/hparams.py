@@ -54,6 +54,11 @@ class LocateHparams(Hparams):
     v_chunk_rows: int = 64
     v_cache_mb: int = 256
 
+    def statistics_layers(self) -> list[int]:
+        """The layers whose covariance statistics an edit reads (`stats.warm_statistics`)."""
+        layers = getattr(self, "layers", None)
+        return [int(l) for l in layers] if layers is not None else [int(getattr(self, "layer"))]
+
     def value_config(self) -> ValueOptConfig:
         from .shared import ValueOptConfig  # torch lives there; needed only when editing
 

@@ -1,0 +1,344 @@
+"""`--executor ray`: the driver cuts runs into tasks, hands them to worker actors and is the only
+writer of the result store.
+
+Order of work:
+
+1. connect (start a local Ray, or join `--ray-address`), check the cluster has the CPUs/GPUs asked for;
+2. start the workers: each actor loads the model once and keeps it; their editlab, torch and
+   transformers versions must equal the driver's (a node without editlab is named in the error);
+3. one worker names every run (`plan_run`: the same run ids as a local run) and the driver records
+   them, so `--resume` sees the rows already done;
+4. one worker computes the covariance statistics every run will read, once; they reach the other
+   workers through the object store (and each machine's statistics cache), never recomputed;
+5. tasks: a single/batch run is cut into shards of whole edits, a sequential run is one task (order
+   matters), and tasks of all runs share the workers. Each worker streams its rows back as it makes
+   them; the driver commits each at once (`Store.add_row`), so a Ctrl-C or a crash keeps every row
+   committed so far and `--resume` never re-runs it;
+6. a task whose worker dies (killed, out of memory, node lost) goes back to the queue with only its
+   edits that have no row yet; Ray restarts the actor (`max_restarts`), and after `max_retries` failures
+   of one task the run stops with `ExecutorError`. Rows are keyed by (run, request), so a row is never
+   stored twice whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import EditlabError, ExecutorError
+from ..requests import EditRequest
+from ..runner.config import RunConfig
+from ..runner.runner import RunPlan, chunk_starts, row_key
+from ..runner.store import Store
+from .spec import ExecutorSpec, local_cpus
+from .worker import EditWorker
+
+Progress = Callable[[int, int, str], None]
+TASKS_PER_WORKER = 4  # shards per worker and run: small enough to balance, large enough to amortise
+MAX_SHARD = 25  # edits per shard at most: a dead worker loses at most the edit it was making
+REVIVE_TRIES = 120  # pings (one per wait round) before a restarting worker is given up
+
+
+@dataclass
+class Task:
+    run: int  # index into the configs
+    shard: list[int] | None  # chunk starts (single/batch); None: the whole sequential run
+    units: int  # edits this task makes (progress)
+    attempts: int = 0
+    done_units: int = 0
+
+
+@dataclass
+class _Worker:
+    handle: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    revive_tries: int = 0
+
+
+def plan_tasks(cfg: RunConfig, n_requests: int, done: set[str], requests: Sequence[EditRequest], run: int,
+               n_workers: int) -> list[Task]:
+    """The tasks of one run: shards of the edits that still lack a row, or the whole sequence."""
+    if cfg.mode == "sequential":
+        if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+            return []
+        return [Task(run, None, max(cfg.checkpoints))]
+    size = cfg.batch_size if cfg.mode == "batch" else 1
+    todo = [s for s in chunk_starts(cfg, n_requests)
+            if any(row_key(i, requests[i]) not in done for i in range(s, min(s + size, n_requests)))]
+    if not todo:
+        return []
+    per = max(1, min(MAX_SHARD, -(-len(todo) // (n_workers * TASKS_PER_WORKER))))
+    return [Task(run, todo[k : k + per], sum(min(size, n_requests - s) for s in todo[k : k + per]))
+            for k in range(0, len(todo), per)]
+
+
+def _unwrap(ray: Any, e: BaseException) -> BaseException:
+    """The user's error inside a Ray task error (an `EditlabError` raised in a worker), else `e`."""
+    cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
+    return cause if isinstance(cause, BaseException) else e
+
+
+def _worker_failed(ray: Any, e: BaseException) -> bool:
+    """The worker process died or is unreachable (the task can run again elsewhere)."""
+    ex = ray.exceptions
+    kinds = tuple(k for k in (getattr(ex, n, None) for n in ("RayActorError", "ActorUnavailableError", "WorkerCrashedError",
+                                                            "NodeDiedError", "ObjectLostError")) if k)
+    return isinstance(e, kinds)
+
+
+def _start_error(e: BaseException, spec: ExecutorSpec) -> ExecutorError:
+    text = str(e)
+    where = spec.address or "this machine"
+    if "No module named 'editlab'" in text:
+        return ExecutorError(f"the Ray workers on {where} cannot import editlab; install the same editlab (pip install "
+                             "'editlab[ray]') on every node of the cluster")
+    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), type(e).__name__)
+    return ExecutorError(f"a Ray worker on {where} could not start: {last}")
+
+
+def _connect(ray: Any, spec: ExecutorSpec) -> bool:
+    """Start or join Ray; True when this call did (so the end of the run undoes it)."""
+    if ray.is_initialized():
+        return False
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
+    if spec.address is None:
+        ray.init(num_cpus=max(local_cpus(), spec.workers * spec.cpus_per_worker), include_dashboard=False, **quiet)
+        return True
+    try:
+        ray.init(address=spec.address, **quiet)
+    except Exception as e:  # ray raises ConnectionError, RuntimeError or its own types here
+        raise ExecutorError(f"cannot join the Ray cluster at {spec.address}: {e}") from None
+    return True
+
+
+def _check_resources(ray: Any, spec: ExecutorSpec) -> None:
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
+    if spec.workers * spec.cpus_per_worker > cpus:
+        raise ExecutorError(f"the Ray cluster has {cpus:g} CPUs; {spec.workers} workers x {spec.cpus_per_worker} CPUs "
+                            "need more (lower --workers or --cpus-per-worker, or add nodes)")
+    if spec.workers * spec.gpus_per_worker > gpus:
+        raise ExecutorError(f"the Ray cluster has {gpus:g} GPUs; {spec.workers} workers x {spec.gpus_per_worker:g} GPUs "
+                            "need more (lower --workers, or run on CPU)")
+
+
+def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: Sequence[RunConfig], store: Store,
+               spec: ExecutorSpec, resume: bool, progress: Progress | None = None) -> list[str]:
+    """Run every config on `requests` across the Ray workers; rows go to `store` as they are made.
+    Returns the run ids (those a local run gives). `model` holds `load_lm`'s arguments (name, device,
+    dtype, allow_hub); a model path is made absolute, as workers do not share the driver's folder."""
+    import ray
+
+    from .. import __version__
+
+    model = dict(model)
+    if Path(model["name"]).exists():
+        model["name"] = str(Path(model["name"]).resolve())
+    if str(model.get("device", "cpu")).startswith("cuda") and not spec.gpus_per_worker:
+        spec = ExecutorSpec(spec.executor, spec.address, spec.workers, spec.cpus_per_worker, 1.0, spec.max_retries)
+    tick = progress or (lambda i, n, msg: None)
+    started = _connect(ray, spec)
+    workers: list[_Worker] = []
+    try:
+        _check_resources(ray, spec)
+        actor = ray.remote(EditWorker).options(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
+                                               max_restarts=max(spec.max_retries, 1), max_task_retries=0)
+        requests_ref = ray.put(list(requests))
+        tick(0, 1, f"starting {spec.describe()}")
+        workers = [_Worker(actor.remote(model, spec.cpus_per_worker)) for _ in range(spec.workers)]
+        try:
+            infos = ray.get([w.handle.hello.remote() for w in workers])
+            ray.get([w.handle.set_requests.remote(requests_ref) for w in workers])
+        except Exception as e:
+            raise _start_error(e, spec) from None
+        from ..runner.runner import versions
+
+        mine = versions()
+        for w, info in zip(workers, infos):
+            w.info = info
+            diff = {k: (info.get(k), v) for k, v in mine.items() if k != "python" and info.get(k) != v}
+            if diff:
+                k, (theirs, ours) = next(iter(diff.items()))
+                raise ExecutorError(f"the Ray worker on {info.get('host')} has {k} {theirs}, the driver {ours} "
+                                    f"(editlab {__version__}); install the same versions on every node")
+        return _Run(ray, workers, requests, requests_ref, list(configs), store, spec, resume, tick).go()
+    finally:
+        for w in workers:
+            try:
+                ray.kill(w.handle, no_restart=True)
+            except Exception:
+                pass
+        if started:
+            ray.shutdown()
+
+
+class _Run:
+    """The driver's state between the start of the workers and the last committed row."""
+
+    def __init__(self, ray: Any, workers: list[_Worker], requests: Sequence[EditRequest], requests_ref: Any,
+                 configs: list[RunConfig], store: Store, spec: ExecutorSpec, resume: bool, tick: Progress) -> None:
+        self.ray, self.workers, self.requests, self.requests_ref, self.configs = ray, workers, requests, requests_ref, configs
+        self.store, self.spec, self.resume, self.tick = store, spec, resume, tick
+        self.rows = 0
+        self.t0 = time.perf_counter()
+
+    def _get(self, refs: Any) -> Any:
+        try:
+            return self.ray.get(refs)
+        except Exception as e:
+            raise _unwrap(self.ray, e) from None
+
+    def go(self) -> list[str]:
+        ray, store = self.ray, self.store
+        lead = self.workers[0].handle
+        self.tick(0, 1, "planning the runs")
+        plans: list[RunPlan] = self._get([lead.plan.remote(c) for c in self.configs])
+        self.plans = plans
+        tasks: list[Task] = []
+        for k, (cfg, plan) in enumerate(zip(self.configs, plans)):
+            cfg.validate(len(self.requests))  # the driver's copy gets the default checkpoints, as the worker's did
+            existed = store.ensure_run(plan.run_id, **plan.fields)
+            done = store.done_keys(plan.run_id)
+            if existed and not self.resume and done:
+                raise EditlabError(f"run {plan.run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
+            tasks += plan_tasks(cfg, len(self.requests), done, self.requests, k, len(self.workers))
+        self.total = sum(t.units for t in tasks)
+        if tasks:
+            self.tick(0, self.total, "computing the covariance statistics (once, on one worker)")
+            todo_cfgs = sorted({t.run for t in tasks})
+            moments = self._get(lead.warm.remote([self.configs[k] for k in todo_cfgs]))
+            self.moments_ref = ray.put(moments) if moments else None
+            if self.moments_ref is not None:
+                self._get([w.handle.install.remote(self.moments_ref) for w in self.workers[1:]])
+            fingerprint = plans[0].fields["model_fingerprint"]
+            self.pre_ref = ray.put(store.load_pre_edit(fingerprint))
+            self._dispatch(deque(tasks))
+        return [p.run_id for p in plans]
+
+    # ------------------------------------------------------------------ the work loop
+    def _submit(self, w: _Worker, t: Task) -> Any:
+        cfg, plan = self.configs[t.run], self.plans[t.run]
+        done = self.store.done_keys(plan.run_id)
+        if t.shard is not None:  # only the keys this shard could write
+            size = cfg.batch_size if cfg.mode == "batch" else 1
+            mine = {row_key(i, self.requests[i]) for s in t.shard for i in range(s, min(s + size, len(self.requests)))}
+            done &= mine
+        config = self.store.runs_config(plan.run_id)
+        return w.handle.run_task.options(num_returns="streaming").remote(
+            cfg, t.shard, str(Path(self.store.path).resolve()), True, done, self.pre_ref, config)
+
+    def _remaining(self, t: Task) -> Task | None:
+        """What of a failed task still has no row, as a new attempt (None: nothing left)."""
+        cfg, plan = self.configs[t.run], self.plans[t.run]
+        done = self.store.done_keys(plan.run_id)
+        if t.shard is None:
+            if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+                return None
+            return Task(t.run, None, t.units, t.attempts + 1, t.done_units)
+        size = cfg.batch_size if cfg.mode == "batch" else 1
+        left = [s for s in t.shard
+                if any(row_key(i, self.requests[i]) not in done for i in range(s, min(s + size, len(self.requests))))]
+        if not left:
+            return None
+        units = sum(min(size, len(self.requests) - s) for s in left)
+        return Task(t.run, left, units, t.attempts + 1, t.done_units + (t.units - units))
+
+    def _report(self) -> None:
+        done = sum(self.task_progress.values())
+        rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
+        alive = len(self.workers) - len(self.dead)
+        self.tick(min(done, self.total), self.total, f"{self.rows} rows, {rate:.2f} rows/s, {alive} workers")
+
+    def _dispatch(self, queue: deque[Task]) -> None:
+        ray = self.ray
+        idle = list(self.workers)
+        running: dict[Any, tuple[Task, _Worker]] = {}
+        reviving: dict[Any, _Worker] = {}
+        self.dead: list[_Worker] = []
+        self.task_progress: dict[int, int] = {}
+        while queue or running:
+            while idle and queue:
+                w, t = idle.pop(0), queue.popleft()
+                running[self._submit(w, t)] = (t, w)
+                self.task_progress[id(t)] = t.done_units
+            if not running and not reviving:
+                raise ExecutorError(f"every Ray worker died ({len(self.dead)}); rows committed so far are kept in "
+                                    f"{self.store.path}; rerun with --resume")
+            ready, _ = ray.wait(list(running) + list(reviving), num_returns=1, timeout=1.0)
+            for obj in ready:
+                if obj in reviving:
+                    self._revived(obj, reviving, idle)
+                    continue
+                t, w = running[obj]
+                try:
+                    msg = self.ray.get(next(obj))
+                except StopIteration:
+                    del running[obj]
+                    self.task_progress[id(t)] = t.done_units + t.units
+                    idle.append(w)
+                    self._report()
+                    continue
+                except Exception as e:
+                    if not _worker_failed(ray, e):
+                        raise _unwrap(ray, e) from None
+                    del running[obj]
+                    self._task_failed(t, w, e, queue, reviving)
+                    continue
+                self._handle(t, msg)
+
+    def _handle(self, t: Task, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "row":
+            if self.store.add_row(msg[1]):
+                self.rows += 1
+            if t.shard is not None:
+                self.task_progress[id(t)] = self.task_progress.get(id(t), 0) + 1
+        elif kind == "pre_edit":
+            self.store.save_pre_edit(msg[1], msg[2])
+        elif kind == "config":
+            self.store.update_run_config(msg[1], **msg[2])
+        elif kind == "tick" and t.shard is None:
+            self.task_progress[id(t)] = max(self.task_progress.get(id(t), 0), int(msg[1]))
+        self._report()
+
+    def _task_failed(self, t: Task, w: _Worker, e: BaseException, queue: deque[Task], reviving: dict[Any, _Worker]) -> None:
+        again = self._remaining(t)
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+        if again is not None:
+            if again.attempts > self.spec.max_retries:
+                raise ExecutorError(f"a task of run {self.plans[t.run].run_id} lost its worker {again.attempts} times "
+                                    f"(last: {reason}); rows committed so far are kept in {self.store.path}; "
+                                    "rerun with --resume")
+            queue.appendleft(again)
+            self.task_progress[id(again)] = again.done_units
+        self.task_progress.pop(id(t), None)
+        w.revive_tries = 0
+        reviving[w.handle.hello.remote()] = w
+        self.tick(min(sum(self.task_progress.values()), self.total), self.total,
+                  f"a worker died ({reason[:80]}); its task goes to another worker")
+
+    def _revived(self, ref: Any, reviving: dict[Any, _Worker], idle: list[_Worker]) -> None:
+        w = reviving.pop(ref)
+        try:
+            w.info = self.ray.get(ref)
+        except Exception as e:
+            if not _worker_failed(self.ray, e) or isinstance(e, self.ray.exceptions.ActorDiedError):
+                self.dead.append(w)  # restarts used up: this worker is gone for good
+                return
+            w.revive_tries += 1
+            if w.revive_tries >= REVIVE_TRIES:
+                self.dead.append(w)
+                return
+            time.sleep(0.5)
+            reviving[w.handle.hello.remote()] = w
+            return
+        # a restarted actor has only its model: these run before its next task (actor calls keep their order)
+        w.handle.set_requests.remote(self.requests_ref)
+        if self.moments_ref is not None:
+            w.handle.install.remote(self.moments_ref)
+        idle.append(w)

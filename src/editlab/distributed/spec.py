@@ -1,0 +1,109 @@
+"""Where a run is carried out (`--executor local|ray` and the Ray options), checked without torch or ray.
+
+Everything a user can get wrong here is answered before any data or model is read: an unknown
+executor, Ray options given to the local executor, worker counts out of range, Ray not installed, an
+address that is not `auto`, `host:port` or `ray://host:port`, and (for a `host:port` address) nothing
+listening there."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+
+from ..errors import ExecutorError, OptionError
+
+EXECUTORS = ("local", "ray")
+MAX_WORKERS = 4096
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """`executor`: local (this process, today's behaviour) or ray. With ray: `address` None starts a
+    local Ray on this machine, `auto` joins the cluster this machine belongs to, `host:port` or
+    `ray://host:port` joins that one; `workers` actors each load the model once and use
+    `cpus_per_worker` CPU threads (and `gpus_per_worker` GPUs); a task whose worker dies is given to a
+    worker again up to `max_retries` times."""
+
+    executor: str = "local"
+    address: str | None = None
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    max_retries: int = 3
+
+    @property
+    def is_ray(self) -> bool:
+        return self.executor == "ray"
+
+    def describe(self) -> str:
+        where = "a local Ray on this machine" if self.address is None else f"the Ray cluster at {self.address}"
+        return f"{self.workers} worker(s) on {where}"
+
+
+def ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def check_executor(spec: ExecutorSpec, *, defaults: ExecutorSpec = ExecutorSpec()) -> ExecutorSpec:
+    """Validate `spec` (raises `OptionError` / `ExecutorError`); returns it with the address normalised."""
+    if spec.executor not in EXECUTORS:
+        raise OptionError(f"unknown --executor {spec.executor!r}; use one of {', '.join(EXECUTORS)}")
+    if not spec.is_ray:
+        given = [name for name, value, default in (
+            ("--ray-address", spec.address, defaults.address), ("--workers", spec.workers, defaults.workers),
+            ("--cpus-per-worker", spec.cpus_per_worker, defaults.cpus_per_worker),
+            ("--max-retries", spec.max_retries, defaults.max_retries)) if value != default]
+        if given:
+            raise OptionError(f"{', '.join(given)} apply to --executor ray only; add --executor ray")
+        return spec
+    if not 1 <= spec.workers <= MAX_WORKERS:
+        raise OptionError(f"--workers must be between 1 and {MAX_WORKERS}, got {spec.workers}")
+    if not 1 <= spec.cpus_per_worker <= 1024:
+        raise OptionError(f"--cpus-per-worker must be between 1 and 1024, got {spec.cpus_per_worker}")
+    if not 0 <= spec.gpus_per_worker <= 64:
+        raise OptionError(f"GPUs per worker must be between 0 and 64, got {spec.gpus_per_worker}")
+    if not 0 <= spec.max_retries <= 100:
+        raise OptionError(f"--max-retries must be between 0 and 100, got {spec.max_retries}")
+    if not ray_installed():
+        raise ExecutorError("--executor ray needs the `ray` package: pip install 'editlab[ray]' "
+                            "(on this machine and on every node of the cluster)")
+    address = normalise_address(spec.address)
+    if address is not None and address != "auto":
+        check_reachable(address)
+    return ExecutorSpec(spec.executor, address, spec.workers, spec.cpus_per_worker, spec.gpus_per_worker, spec.max_retries)
+
+
+def normalise_address(address: str | None) -> str | None:
+    """None/"" (start a local Ray), "auto", "host:port" or "ray://host:port"; anything else raises."""
+    if address is None or not address.strip():
+        return None
+    address = address.strip()
+    if address == "auto":
+        return address
+    host_port = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host_port:
+        raise OptionError(f"--ray-address {address!r}: use auto, host:port (the head's GCS port, usually 6379) "
+                          "or ray://host:port (Ray client, usually 10001)")
+    return address
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Something accepts TCP connections at the address's host and port (a quick answer instead of
+    Ray's long connection retries)."""
+    host_port = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ExecutorError(f"cannot reach a Ray cluster at {address} ({reason}); start it with "
+                            "`ray start --head` there, or check the host and port") from None
+
+
+def local_cpus() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,97 @@
+"""The Ray worker: an actor that loads the model once and runs tasks (a run's shard of edits, or a whole
+sequential run) with the same `runner.run` as the local executor, streaming its rows back to the driver.
+
+The class is plain Python; `driver.py` turns it into an actor with `ray.remote`, so importing this
+module needs neither ray nor (until an actor starts) torch."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from typing import Any, Iterator, Sequence
+
+from .shard_store import Message, ShardStore
+
+_END = ("end",)
+
+
+class EditWorker:
+    """Holds one copy of the model and the run's requests; every method is called by the driver."""
+
+    def __init__(self, model: dict[str, Any], threads: int) -> None:
+        import torch
+
+        from ..models import load_lm
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.lm = load_lm(model["name"], device=model.get("device", "cpu"), dtype=model.get("dtype", "float32"),
+                          allow_hub=model.get("allow_hub"))
+        self.requests: list[Any] = []
+        self._fits_checked = False
+
+    def set_requests(self, requests: Sequence[Any]) -> int:
+        """The requests every run of this driver uses (sent again after a restart)."""
+        self.requests = list(requests)
+        self._fits_checked = False
+        return len(self.requests)
+
+    def hello(self) -> dict[str, Any]:
+        """Who this worker is: versions (the driver refuses a mismatch), host and process, model."""
+        from ..runner.runner import versions
+
+        return {**versions(), "host": socket.gethostname(), "pid": os.getpid(), "model": self.lm.name,
+                "fingerprint": self.lm.base_fingerprint}
+
+    def plan(self, cfg: Any) -> Any:
+        """The run's id and stored fields (`runner.plan_run`); first checks the prompts fit the model."""
+        from ..requests import check_fits
+        from ..runner.runner import plan_run
+
+        if not self._fits_checked:
+            check_fits(self.requests, self.lm)
+            self._fits_checked = True
+        return plan_run(self.lm, cfg, self.requests)
+
+    def warm(self, cfgs: Sequence[Any]) -> dict[str, Any]:
+        """Compute the covariance statistics every config will read, once, and hand them out (through
+        the object store) so no other worker recomputes them."""
+        from ..runner.runner import plan_run
+        from ..stats import shared_moments, warm_statistics
+
+        warm_statistics(self.lm, [plan_run(self.lm, c, self.requests).hparams for c in cfgs], progress=False)
+        return shared_moments(self.lm)
+
+    def install(self, moments: dict[str, Any]) -> int:
+        from ..stats import install_moments
+
+        install_moments(self.lm, moments)
+        return len(moments)
+
+    def run_task(self, cfg: Any, shard: list[int] | None, db_path: str, existed: bool, done: set[str],
+                 pre_edit: dict[tuple[str, str], list[int]], config: dict[str, Any]) -> Iterator[Message]:
+        """Run one task and yield its messages as they happen (a Ray streaming generator). The runner
+        works in a thread; an error there is raised here, after the messages it produced."""
+        from ..runner.runner import run
+
+        out: queue.Queue[Message] = queue.Queue()
+        store = ShardStore(db_path, existed, done, pre_edit, config, out.put)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                run(self.lm, self.requests, cfg, store, progress=lambda i, n, msg: out.put(("tick", i, n)),  # type: ignore[arg-type]
+                    resume=True, shard=shard)
+            except BaseException as e:  # handed to the generator, which raises it to the driver
+                failure.append(e)
+            finally:
+                out.put(_END)
+
+        thread = threading.Thread(target=work, name="editlab-task", daemon=True)
+        thread.start()
+        while (msg := out.get()) != _END:
+            yield msg
+        thread.join()
+        if failure:
+            raise failure[0]
