@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from . import edit, listing, pitfalls, results, run, serve, suites, trace, train
+from . import edit, listing, pitfalls, results, run, serve, suites, sweep, trace, train
 from .common import EditlabGroup
 from .options import Debug
 
@@ -37,6 +37,7 @@ def _global_options(debug: Debug = False) -> None:
 app.command("edit")(edit.edit)
 app.command("eval")(run.eval_)
 app.command("compare")(run.compare)
+app.command("sweep")(sweep.sweep)
 app.command("export")(results.export)
 app.command("report")(results.report)
 app.command("demo")(run.demo)

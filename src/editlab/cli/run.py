@@ -118,8 +118,6 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
     from ..data import load_requests
     from ..runner import Store
 
-    from ..requests import check_fits
-
     check_model_options(model)
     configs = run_configs(methods, data, hp, run)
     spec = executor.spec()
@@ -130,22 +128,30 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
     for cfg in configs:  # mode, batch size and checkpoints against the number of requests
         cfg.validate(len(requests))
     store = Store(run.db)
-    run_ids: list[str] = []
+    run_ids = execute_runs(model, requests, configs, store, spec, run)
+    console.print(summary_table(store, run_ids, f"{data.data} on {model.model}"))
+    console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
+
+
+def execute_runs(model: ModelOptions, requests: list[Any], configs: list[RunConfig], store: Any, spec: Any,
+                 run: RunOptions, labels: list[str] | None = None) -> list[str]:
+    """Carry out the runs on the chosen executor (all user input already checked): on Ray workers, or
+    here after loading the model and checking the prompts fit it. Ctrl-C keeps the finished rows."""
+    from ..requests import check_fits
+
+    labels = labels or [f"{c.method} ({c.mode})" for c in configs]
     if spec.is_ray:
-        run_ids = run_ray(model, requests, configs, store, spec, run)
-        console.print(summary_table(store, run_ids, f"{data.data} on {model.model}"))
-        console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
-        return
+        return run_ray(model, requests, configs, store, spec, run)
+    run_ids: list[str] = []
     try:
         lm = load_model(model)
         with user_warnings_reported():
             check_fits(requests, lm)
-        for cfg in configs:
-            run_ids.append(run_with_progress(lm, requests, cfg, store, run.resume, f"{cfg.method} ({cfg.mode})"))
+        for cfg, label in zip(configs, labels):
+            run_ids.append(run_with_progress(lm, requests, cfg, store, run.resume, label))
     except KeyboardInterrupt:
         exit_interrupted(run.db)
-    console.print(summary_table(store, run_ids, f"{data.data} on {model.model}"))
-    console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
+    return run_ids
 
 
 def run_ray(model: ModelOptions, requests: list[Any], configs: list[RunConfig], store: Any, spec: Any, run: RunOptions) -> list[str]:

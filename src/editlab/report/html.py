@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from ..errors import OptionError
 from ..eval.metrics import summarize
 from ..runner.store import Store
+from .sweeps import sweep_sections
 
 FAMILIES: dict[str, list[str]] = {
     "Reliability": ["efficacy_score", "rewrite_acc", "rewrite_gen_em"],
@@ -266,6 +267,7 @@ def write_report(db: str | Path, out: str | Path, title: str = "editlab report",
         parts += [f"<figure><img alt='{esc(n)}' src='{src}'></figure>" for n, src in _seq_plots(sequences)]
         parts.append("</div><p class='note'>retention_*: all edits made so far; newest_*: edits since the previous checkpoint; perplexity on a fixed text sample.</p></section>")
     parts += _suite_sections(store, runs)
+    parts += sweep_sections(store, _png)
     if trace_dirs:
         parts += _trace_section(trace_dirs)
     parts.append("<section><h2>Runs</h2><table class='meta'><tr><th>run</th><th>method</th><th>mode</th><th>dataset</th><th>requests</th><th>versions</th><th>hparams</th></tr>")

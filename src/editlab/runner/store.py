@@ -284,6 +284,25 @@ class Store:
                 d[k] = self._json(d[k], f"{k} of run {d['run_id']}")
         return out
 
+    # ------------------------------------------------------------ records beside the runs (e.g. sweeps)
+    def put_record(self, key: str, value: Any) -> None:
+        """Keep `value` (JSON) under `key`, replacing an earlier one, e.g. `sweep:<id>` for a sweep."""
+        if key == "schema_version":
+            raise StoreError("the key schema_version is the store's own")
+        text = json.dumps(value, default=str)
+
+        def put() -> None:
+            with self._write():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, text))
+
+        self._retry(put)
+
+    def records(self, prefix: str) -> dict[str, Any]:
+        """Every record whose key starts with `prefix`, by key."""
+        fetched = self._retry(lambda: self.db.execute(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ? ORDER BY key", (len(prefix), prefix)).fetchall())
+        return {k: self._json(v, f"record {k}") for k, v in fetched if k != "schema_version"}
+
     # ------------------------------------------------------------ rows
     def done_keys(self, run_id: str) -> set[str]:
         return self._retry(lambda: {r[0] for r in self.db.execute("SELECT row_key FROM rows WHERE run_id=?", (run_id,))})
