@@ -39,7 +39,8 @@ class ShiftWrapper(AdapterModule):
 
     def __init__(self, base_layer: torch.nn.Module, dim: int) -> None:
         super().__init__(base_layer)
-        self.shift = torch.nn.Parameter(torch.zeros(dim), requires_grad=False)
+        w = getattr(base_layer, "weight", None)
+        self.shift = torch.nn.Parameter(torch.zeros(dim, dtype=w.dtype if w is not None else None), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.shift
@@ -228,6 +229,29 @@ def test_edit_changes_prediction_and_restores_bit_exact(method, lm):
     assert lm.active_edits == [] and not edit.active
     assert abs(_target_logprob(lm, FACT) - lp0) < 1e-6
     edit.restore()  # idempotent
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("method", _all_methods())
+def test_low_precision_edit_keeps_dtypes_and_restores_bit_exact(method, dtype, corpus_file):
+    """In bf16 and fp16 every method edits (the prediction moves, nothing becomes inf/NaN), leaves every
+    weight in the model's dtype, and restores the weights bit for bit."""
+    CORPUS["path"] = str(corpus_file)
+    try:
+        low = load_lm("tiny-trained-llama", dtype=dtype)
+        editor = _editor(method, low)
+        before = _snapshot(low)
+        out0 = low.next_token_logprobs([FACT.prompt]).float()
+        edit = editor.apply(low, FACT, **_tiny_hp(method))
+        out1 = edit.lm.next_token_logprobs([FACT.prompt]).float()
+        assert torch.isfinite(out1).all(), f"{method} in {dtype}: the edited model gives non-finite log-probs"
+        assert float((out1 - out0).abs().max()) > 0, f"{method} in {dtype}: the edit did not change the prediction"
+        after = _snapshot(low)
+        assert all(after[k].dtype == before[k].dtype for k in before.keys() & after.keys())
+        edit.restore()
+        assert _same(before, _snapshot(low)) and low.active_edits == []
+    finally:
+        CORPUS.clear()
 
 
 @pytest.mark.parametrize("method", _all_methods())

@@ -23,6 +23,7 @@ def test_grid_values_split_outside_brackets_and_points_cover_the_grid() -> None:
     grid = parse_grid(["layer=3,4", "v_lr=0.1,0.5,1"])
     pts = grid_points(grid)
     assert len(pts) == 6 and pts[0] == {"layer": "3", "v_lr": "0.1"} and pts[-1] == {"layer": "4", "v_lr": "1"}
+    assert grid_points(grid, samples=6) == pts  # every flat index decodes to its point, in grid order
     drawn = grid_points(grid, samples=4, seed=1)
     assert len(drawn) == 4 and all(p in pts for p in drawn) and len({tuple(p.items()) for p in drawn}) == 4
     assert drawn == grid_points(grid, samples=4, seed=1)  # seeded
@@ -30,7 +31,7 @@ def test_grid_values_split_outside_brackets_and_points_cover_the_grid() -> None:
                       (["layer=3,,4"], "empty value"), (["layer=3", "layer=4"], "twice"), (["layer=3,3"], "repeats")):
         with pytest.raises(OptionError, match=text):
             parse_grid(bad)
-    with pytest.raises(OptionError, match="more than the 6 points"):
+    with pytest.raises(OptionError, match=r"more than the 6 point\(s\)"):
         grid_points(grid, samples=7)
 
 
@@ -43,9 +44,10 @@ def test_pareto_front_by_hand() -> None:
         {"efficacy": 0.9, "neighborhood": 0.5, "edit_time": 2.0},  # equal to the first: neither dominates
         {"efficacy": 0.4, "neighborhood": 0.4, "edit_time": 0.5},  # dominated on 2 objectives, not with time
         {"efficacy": None, "neighborhood": 0.9, "edit_time": 0.1},  # incomplete: never on the front
+        {"efficacy": float("nan"), "neighborhood": 0.95, "edit_time": 0.1},  # NaN: as incomplete
     ]
-    assert pareto_front(pts, [eff, nei]) == [True, True, False, True, False, False]
-    assert pareto_front(pts, [eff, nei, t]) == [True, True, False, True, True, False]
+    assert pareto_front(pts, [eff, nei]) == [True, True, False, True, False, False, False]
+    assert pareto_front(pts, [eff, nei, t]) == [True, True, False, True, True, False, False]
 
 
 def test_objective_values_of_single_and_sequential_runs() -> None:
@@ -92,7 +94,8 @@ def test_sweep_runs_every_point_records_the_front_and_reports_it(tmp_path: Path)
     (["--grid", "nope=1,2"], "--grid point nope=1"),
     (["--grid", "lr=1e-3,fast"], "--grid point lr=fast"),
     (["--grid", "lr=1e-3", "--objective", "speed"], "unknown --objective 'speed'"),
-    (["--grid", "lr=1e-3", "--samples", "3"], "more than the 1 points"),
+    (["--grid", "lr=1e-3", "--samples", "3"], "more than the 1 point(s)"),
+    (["--grid", "lr=1e-2,0.01"], "are the same hyper-parameters"),
     (["--grid", "lr=1e-3", "--suite", "portability"], "sweep runs on --data"),
 ])
 def test_sweep_mistakes_are_one_line_and_write_nothing(tmp_path: Path, extra: list[str], text: str) -> None:

@@ -98,14 +98,20 @@ def grid_points(grid: dict[str, list[str]], samples: int | None = None, seed: in
     if samples is not None:
         if samples < 1:
             raise OptionError(f"--samples must be at least 1, got {samples}")
+        if samples > MAX_TRIALS:
+            raise OptionError(f"--samples {samples} is more than {MAX_TRIALS} trials")
         if samples > size:
-            raise OptionError(f"--samples {samples} is more than the {size} points of the grid")
+            raise OptionError(f"--samples {samples} is more than the {size} point(s) of the grid")
     elif size > MAX_TRIALS:
         raise OptionError(f"the grid has {size} points (more than {MAX_TRIALS}); pass --samples N to draw N of them")
     keys = list(grid)
     if samples is None:
         return [dict(zip(keys, combo)) for combo in itertools.product(*grid.values())]
-    picked = sorted(random.Random(seed).sample(range(size), samples))
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    while len(chosen) < samples:  # any grid size (range(size) may not fit a C integer)
+        chosen.add(rng.randrange(size))
+    picked = sorted(chosen)
     out = []
     for flat in picked:
         point, rest = {}, flat
@@ -151,11 +157,11 @@ def objective_values(rows: Iterable[Any], mode: str, objectives: Sequence[Object
 
 def pareto_front(points: Sequence[dict[str, float | None]], objectives: Sequence[Objective]) -> list[bool]:
     """Which points no other point dominates (at least as good on every objective, better on one).
-    A point missing an objective's value is never on the front."""
+    A point missing an objective's value (None or NaN) is never on the front."""
     def better_or_equal(a: float, b: float, o: Objective) -> bool:
         return a >= b if o.maximize else a <= b
 
-    complete = [all(p.get(o.name) is not None for o in objectives) for p in points]
+    complete = [all(p.get(o.name) is not None and p[o.name] == p[o.name] for o in objectives) for p in points]  # NaN != NaN
     front = []
     for i, p in enumerate(points):
         if not complete[i]:
@@ -173,7 +179,8 @@ def pareto_front(points: Sequence[dict[str, float | None]], objectives: Sequence
     return front
 
 
-def sweep_id(method: str, dataset: str, points: Sequence[dict[str, str]], base: dict[str, Any], mode: str) -> str:
-    key = json.dumps({"method": method, "dataset": dataset, "points": list(points), "base": base, "mode": mode},
-                     sort_keys=True, default=str)
+def sweep_id(method: str, run_ids: Sequence[str], objectives: Sequence[str]) -> str:
+    """Names a sweep by its runs (each id already holds the model, data, hyper-parameters and seed) and
+    objectives: the same sweep again keeps its record, any other gets its own."""
+    key = json.dumps({"runs": list(run_ids), "objectives": list(objectives)})
     return f"sweep-{method}-" + hashlib.sha256(key.encode()).hexdigest()[:10]

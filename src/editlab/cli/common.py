@@ -191,6 +191,11 @@ def check_model_options(opts: ModelOptions) -> None:
 
     dtype_name(opts.dtype)
     check_device(opts.device)
+    if opts.device_map is not None:
+        if opts.device_map not in DEVICE_MAPS:
+            raise OptionError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {opts.device_map!r}")
+        if opts.device != "cpu":
+            raise OptionError("give --device or --device-map, not both (--device-map places the model itself)")
     check_model_source(opts.model, True if opts.allow_hub else None)
 
 
@@ -219,10 +224,30 @@ def check_positive(option: str, value: int, upper: int | None = None) -> None:
 
 # --- model, progress, summary ------------------------------------------------------------------------------
 def load_model(opts: ModelOptions) -> LM:
+    """The model of the options, after checking its weights fit the free memory (`models.estimate`)."""
     from ..models import load_lm
+    from ..models.estimate import check_memory
 
+    check_memory(opts.model, opts.dtype, opts.device, opts.device_map)  # a hub id or a .bin folder: not sized
     with console.status(f"loading {opts.model}"):
-        return load_lm(opts.model, device=opts.device, dtype=opts.dtype, allow_hub=True if opts.allow_hub else None)
+        lm = load_lm(opts.model, device=opts.device, dtype=opts.dtype, allow_hub=True if opts.allow_hub else None,
+                     device_map=opts.device_map)
+    if opts.device_map is not None:
+        console.print(f"--device-map {opts.device_map}: {placement(lm)}")
+    return lm
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def placement(lm: LM) -> str:
+    """Where accelerate put the model's parts, in one line: devices with the modules each holds."""
+    where: dict[str, list[str]] = {}
+    for module, device in (getattr(lm.model, "hf_device_map", None) or {"": str(lm.device)}).items():
+        where.setdefault(str(device), []).append(module or "the whole model")
+    if len(where) == 1:
+        return f"the whole model fits on {next(iter(where))} (nothing to spread)"
+    return "; ".join(f"{d}: {len(ms)} part(s) ({ms[0]} ... {ms[-1]})" for d, ms in where.items())
 
 
 @contextmanager

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, Optional
 
+import typer
 from rich.table import Table
 
+from . import options
+from ..errors import EditlabError
 from .common import console
 
 
@@ -49,12 +52,46 @@ def methods() -> None:
     console.print(_table("methods", ["name", "aliases", "family", "description"], rows))
 
 
-def models() -> None:
-    """List named models (any local Hugging Face folder works too)."""
+def models(
+    estimate: Annotated[Optional[str], typer.Option(
+        help="Estimate the memory NAME (a named model or a local folder) needs, from its files, without loading it")] = None,
+    dtype: options.Dtype = "float32",
+    device: options.Device = "cpu",
+    methods: Annotated[str, typer.Option(help="With --estimate: methods whose statistics and peak to show")] = "ft,rome,memit",
+) -> None:
+    """List named models (any local Hugging Face folder works too), or estimate one's memory."""
     from ..models import MODELS
 
-    rows = [(e.name, e.description) for e in registry_entries(MODELS)]
-    console.print(_table("models", ["name", "description"], rows))
+    if estimate is None:
+        rows = [(e.name, e.description) for e in registry_entries(MODELS)]
+        console.print(_table("models", ["name", "description"], rows))
+        return
+    from ..methods.catalogue import METHODS
+    from ..models.estimate import available_memory, gib
+    from ..models.estimate import estimate as estimate_memory
+    from ..models.sources import check_device, check_model_source
+
+    names = [METHODS.resolve(m.strip()) for m in methods.split(",") if m.strip()]
+    check_device(device)
+    check_model_source(estimate, None)
+    est = estimate_memory(estimate, dtype, names)  # CannotSizeError (an EditlabError) names what is missing
+    if est is None:
+        raise EditlabError(f"{estimate} is built in memory or is a hub id; only a named model or a local folder "
+                           "with safetensors weights can be estimated")
+    t = Table(title=f"memory estimate: {estimate} in {est.dtype} ({est.n_params / 1e6:,.0f}M parameters)",
+              caption="peak = (weights + statistics + scoring batch) x 1.25 (docs/scale.md)")
+    for c in ("", "bytes"):
+        t.add_column(c, justify="left" if not c else "right")
+    t.add_row("weights", gib(est.weights))
+    t.add_row("scoring batch (4096 tokens)", gib(est.scoring))
+    for m in names:
+        if m in est.statistics:
+            t.add_row(f"statistics ({m})", gib(est.statistics[m]))
+    for m in names:
+        t.add_row(f"peak ({m})", gib(est.peak(m)))
+    free = available_memory(device)
+    t.add_row(f"free on {device} now", "unknown" if free is None else gib(free))
+    console.print(t)
 
 
 def datasets() -> None:

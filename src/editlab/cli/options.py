@@ -33,6 +33,9 @@ _EXEC_PANEL = "Executor"
 Model = Annotated[str, typer.Option(help="Model name (see `editlab models`) or local path", rich_help_panel=_MODEL_PANEL)]
 Device = Annotated[str, typer.Option(help="Device, e.g. cpu or cuda", rich_help_panel=_MODEL_PANEL)]
 Dtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16", rich_help_panel=_MODEL_PANEL)]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    help="Spread a model too large for one device over the available ones (accelerate): auto, balanced, balanced_low_0 or sequential",
+    rich_help_panel=_MODEL_PANEL)]
 AllowHub = Annotated[bool, typer.Option(
     "--allow-hub", help="Allow downloading a model from the Hugging Face hub (also: EDITLAB_ALLOW_HUB=1)",
     rich_help_panel=_MODEL_PANEL)]
@@ -72,7 +75,7 @@ Executor = Annotated[str, typer.Option(
     help="Where the run is carried out: local (this process) or ray (Ray worker actors; see docs/scale.md)",
     rich_help_panel=_EXEC_PANEL)]
 RayAddress = Annotated[Optional[str], typer.Option(
-    help="With --executor ray: unset starts a local Ray on this machine; auto, host:port or ray://host:port joins a cluster",
+    help="With --executor ray: unset starts a local Ray on this machine; auto or host:port joins a cluster",
     rich_help_panel=_EXEC_PANEL)]
 Workers = Annotated[int, typer.Option(help="With --executor ray: worker actors, each holding one copy of the model",
                                       rich_help_panel=_EXEC_PANEL)]
@@ -108,6 +111,7 @@ class ModelOptions(OptionGroup):
     device: Device = "cpu"
     dtype: Dtype = "float32"
     allow_hub: AllowHub = False
+    device_map: DeviceMap = None
 
 
 @dataclass(frozen=True)
@@ -153,12 +157,16 @@ class ExecutorOptions(OptionGroup):
     cpus_per_worker: CpusPerWorker = 1
     max_retries: MaxRetries = 3
 
-    def spec(self) -> Any:
+    def spec(self, model: ModelOptions | None = None) -> Any:
         """The checked `ExecutorSpec` (raises `OptionError`/`ExecutorError`; imports neither torch nor ray)."""
         from ..distributed.spec import ExecutorSpec, check_executor
+        from ..errors import OptionError
 
-        return check_executor(ExecutorSpec(self.executor, self.ray_address, self.workers, self.cpus_per_worker,
+        spec = check_executor(ExecutorSpec(self.executor, self.ray_address, self.workers, self.cpus_per_worker,
                                            0.0, self.max_retries))
+        if spec.is_ray and model is not None and model.device_map is not None:
+            raise OptionError("--device-map applies to --executor local; a Ray worker holds one model copy on its own device")
+        return spec
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -120,7 +120,7 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
 
     check_model_options(model)
     configs = run_configs(methods, data, hp, run)
-    spec = executor.spec()
+    spec = executor.spec(model)
     if data.limit is not None:
         check_positive("--limit", data.limit)
     with user_warnings_reported():
@@ -162,7 +162,7 @@ def run_ray(model: ModelOptions, requests: list[Any], configs: list[RunConfig], 
     try:
         with progress_bar(label, 1, show_message=True) as tick:
             return run_on_ray({"name": model.model, "device": model.device, "dtype": model.dtype,
-                               "allow_hub": True if model.allow_hub else None},
+                               "allow_hub": True if model.allow_hub else None, "device_map": model.device_map},
                               requests, configs, store, spec, run.resume, progress=tick)
     except KeyboardInterrupt:
         exit_interrupted(run.db)

@@ -9,6 +9,7 @@ objectives, the data and the executor options."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Annotated, Any, Optional
 
 import typer
@@ -44,13 +45,18 @@ def sweep(method: options.Method = options.DEFAULT_METHOD, grid: Grid = None, sa
     objectives = parse_objectives(objective)
     base = run_configs([name], data, hp, run)[0]
     cls = hparams_class(name)
+    seen: dict[str, dict[str, str]] = {}
     for point in points:
         try:
-            cls.from_dict({**base.hparams, **point})
+            resolved = json.dumps(cls.from_dict({**base.hparams, **point}).to_dict(), sort_keys=True, default=str)
         except HparamsError as e:
             raise HparamsError(f"--grid point {_show(point)}: {e}") from None
+        if resolved in seen:  # e.g. lr=1e-2,0.01: one run twice
+            raise OptionError(f"--grid points {_show(seen[resolved])} and {_show(point)} are the same hyper-parameters; "
+                              "give each value once")
+        seen[resolved] = point
     check_model_options(model)
-    spec = executor.spec()
+    spec = executor.spec(model)
     if data.limit is not None:
         check_positive("--limit", data.limit)
     from ..data import load_requests
@@ -67,7 +73,7 @@ def sweep(method: options.Method = options.DEFAULT_METHOD, grid: Grid = None, sa
                   f"objectives {', '.join(o.name for o in objectives)}")
     run_ids = execute_runs(model, requests, configs, store, spec, run,
                            labels=[f"{name} {_show(p)}" for p in points])
-    sid = sweep_id(name, data.data, points, base.hparams, base.mode)
+    sid = sweep_id(name, run_ids, [o.name for o in objectives])
     record = summarize_sweep(store, run_ids, points, objectives)
     store.put_record(f"sweep:{sid}", {"method": name, "dataset": data.data, "n_requests": len(requests),
                                       "mode": base.mode, "base_hparams": base.hparams, "grid_keys": list(points[0]),

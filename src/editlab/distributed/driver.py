@@ -40,7 +40,8 @@ from .worker import EditWorker
 Progress = Callable[[int, int, str], None]
 TASKS_PER_WORKER = 4  # shards per worker and run: small enough to balance, large enough to amortise
 MAX_SHARD = 25  # edits per shard at most: a dead worker loses at most the edit it was making
-REVIVE_TRIES = 120  # pings (one per wait round) before a restarting worker is given up
+REVIVE_TIMEOUT_S = 900.0  # a restarting worker that has not answered by then is given up
+START_TIMEOUT_S = 900.0  # workers that have not loaded the model by then: the cluster cannot place them
 
 
 @dataclass
@@ -50,13 +51,14 @@ class Task:
     units: int  # edits this task makes (progress)
     attempts: int = 0
     done_units: int = 0
+    key: int = 0  # unique per attempt (progress accounting)
 
 
 @dataclass
 class _Worker:
     handle: Any
     info: dict[str, Any] = field(default_factory=dict)
-    revive_tries: int = 0
+    revive_deadline: float = 0.0
 
 
 def plan_tasks(cfg: RunConfig, n_requests: int, done: set[str], requests: Sequence[EditRequest], run: int,
@@ -85,9 +87,21 @@ def _unwrap(ray: Any, e: BaseException) -> BaseException:
 def _worker_failed(ray: Any, e: BaseException) -> bool:
     """The worker process died or is unreachable (the task can run again elsewhere)."""
     ex = ray.exceptions
-    kinds = tuple(k for k in (getattr(ex, n, None) for n in ("RayActorError", "ActorUnavailableError", "WorkerCrashedError",
-                                                            "NodeDiedError", "ObjectLostError")) if k)
+    kinds = tuple(k for k in (getattr(ex, n, None) for n in (
+        "RayActorError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError",
+        "OutOfMemoryError", "LocalRayletDiedError")) if k)
     return isinstance(e, kinds)
+
+
+def _state_lost(ray: Any, e: BaseException) -> bool:
+    """The task met a worker that Ray restarted since it was given the run's requests."""
+    from .worker import WorkerStateLost
+
+    return isinstance(_unwrap(ray, e), WorkerStateLost)
+
+
+def _reason(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
 
 
 def _start_error(e: BaseException, spec: ExecutorSpec) -> ExecutorError:
@@ -107,7 +121,10 @@ def _connect(ray: Any, spec: ExecutorSpec) -> bool:
     logging.getLogger("ray").setLevel(logging.ERROR)
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     if spec.address is None:
-        ray.init(num_cpus=max(local_cpus(), spec.workers * spec.cpus_per_worker), include_dashboard=False, **quiet)
+        try:
+            ray.init(num_cpus=max(local_cpus(), spec.workers * spec.cpus_per_worker), include_dashboard=False, **quiet)
+        except Exception as e:  # a port in use, no /dev/shm space, ...
+            raise ExecutorError(f"cannot start a local Ray on this machine: {_reason(e)}") from None
         return True
     try:
         ray.init(address=spec.address, **quiet)
@@ -117,6 +134,14 @@ def _connect(ray: Any, spec: ExecutorSpec) -> bool:
 
 
 def _check_resources(ray: Any, spec: ExecutorSpec) -> None:
+    """The cluster can place the workers: enough CPUs/GPUs in all, and one worker's share on some node
+    (an actor is never split over nodes; otherwise it would wait for a node forever)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if nodes and not any(n.get("CPU", 0) >= spec.cpus_per_worker and n.get("GPU", 0) >= spec.gpus_per_worker for n in nodes):
+        best = max(n.get("CPU", 0) for n in nodes)
+        raise ExecutorError(f"no node of the Ray cluster has {spec.cpus_per_worker} CPUs"
+                            f"{f' and {spec.gpus_per_worker:g} GPUs' if spec.gpus_per_worker else ''} for one worker "
+                            f"(the largest has {best:g} CPUs); lower --cpus-per-worker")
     have = ray.cluster_resources()
     cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
     if spec.workers * spec.cpus_per_worker > cpus:
@@ -139,8 +164,10 @@ def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: 
     model = dict(model)
     if Path(model["name"]).exists():
         model["name"] = str(Path(model["name"]).resolve())
-    if str(model.get("device", "cpu")).startswith("cuda") and not spec.gpus_per_worker:
-        spec = ExecutorSpec(spec.executor, spec.address, spec.workers, spec.cpus_per_worker, 1.0, spec.max_retries)
+    if str(model.get("device", "cpu")).startswith("cuda"):
+        model["device"] = "cuda"  # each actor sees only the GPU Ray gave it, as cuda:0
+        if not spec.gpus_per_worker:
+            spec = ExecutorSpec(spec.executor, spec.address, spec.workers, spec.cpus_per_worker, 1.0, spec.max_retries)
     tick = progress or (lambda i, n, msg: None)
     started = _connect(ray, spec)
     workers: list[_Worker] = []
@@ -152,8 +179,16 @@ def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: 
         tick(0, 1, f"starting {spec.describe()}")
         workers = [_Worker(actor.remote(model, spec.cpus_per_worker)) for _ in range(spec.workers)]
         try:
-            infos = ray.get([w.handle.hello.remote() for w in workers])
+            hellos = [w.handle.hello.remote() for w in workers]
+            ready, _ = ray.wait(hellos, num_returns=len(hellos), timeout=START_TIMEOUT_S)
+            if len(ready) < len(hellos):
+                raise ExecutorError(f"{len(hellos) - len(ready)} of {len(hellos)} Ray workers did not start within "
+                                    f"{START_TIMEOUT_S:.0f} s; the cluster may have no free node with "
+                                    f"{spec.cpus_per_worker} CPUs (see `ray status`)")
+            infos = ray.get(hellos)
             ray.get([w.handle.set_requests.remote(requests_ref) for w in workers])
+        except ExecutorError:
+            raise
         except Exception as e:
             raise _start_error(e, spec) from None
         from ..runner.runner import versions
@@ -186,18 +221,22 @@ class _Run:
         self.store, self.spec, self.resume, self.tick = store, spec, resume, tick
         self.rows = 0
         self.t0 = time.perf_counter()
+        self.moments_ref: Any = None
 
-    def _get(self, refs: Any) -> Any:
+    def _get(self, refs: Any, what: str) -> Any:
         try:
             return self.ray.get(refs)
         except Exception as e:
+            if _worker_failed(self.ray, e):
+                raise ExecutorError(f"a Ray worker died while {what} ({_reason(e)}); no row was written; "
+                                    "run the command again") from None
             raise _unwrap(self.ray, e) from None
 
     def go(self) -> list[str]:
         ray, store = self.ray, self.store
         lead = self.workers[0].handle
         self.tick(0, 1, "planning the runs")
-        plans: list[RunPlan] = self._get([lead.plan.remote(c) for c in self.configs])
+        plans: list[RunPlan] = self._get([lead.plan.remote(c) for c in self.configs], "planning the runs")
         self.plans = plans
         tasks: list[Task] = []
         for k, (cfg, plan) in enumerate(zip(self.configs, plans)):
@@ -211,10 +250,10 @@ class _Run:
         if tasks:
             self.tick(0, self.total, "computing the covariance statistics (once, on one worker)")
             todo_cfgs = sorted({t.run for t in tasks})
-            moments = self._get(lead.warm.remote([self.configs[k] for k in todo_cfgs]))
+            moments = self._get(lead.warm.remote([self.configs[k] for k in todo_cfgs]), "computing the statistics")
             self.moments_ref = ray.put(moments) if moments else None
             if self.moments_ref is not None:
-                self._get([w.handle.install.remote(self.moments_ref) for w in self.workers[1:]])
+                self._get([w.handle.install.remote(self.moments_ref) for w in self.workers[1:]], "receiving the statistics")
             fingerprint = plans[0].fields["model_fingerprint"]
             self.pre_ref = ray.put(store.load_pre_edit(fingerprint))
             self._dispatch(deque(tasks))
@@ -239,17 +278,23 @@ class _Run:
         if t.shard is None:
             if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
                 return None
-            return Task(t.run, None, t.units, t.attempts + 1, t.done_units)
+            return self._new(Task(t.run, None, t.units, t.attempts + 1, t.done_units))
         size = cfg.batch_size if cfg.mode == "batch" else 1
         left = [s for s in t.shard
                 if any(row_key(i, self.requests[i]) not in done for i in range(s, min(s + size, len(self.requests))))]
         if not left:
             return None
         units = sum(min(size, len(self.requests) - s) for s in left)
-        return Task(t.run, left, units, t.attempts + 1, t.done_units + (t.units - units))
+        return self._new(Task(t.run, left, units, t.attempts + 1, t.done_units + (t.units - units)))
+
+    def _new(self, t: Task) -> Task:
+        self.n_keys += 1
+        t.key = self.n_keys
+        self.progress[t.key] = t.done_units
+        return t
 
     def _report(self) -> None:
-        done = sum(self.task_progress.values())
+        done = sum(self.progress.values())
         rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
         alive = len(self.workers) - len(self.dead)
         self.tick(min(done, self.total), self.total, f"{self.rows} rows, {rate:.2f} rows/s, {alive} workers")
@@ -260,12 +305,14 @@ class _Run:
         running: dict[Any, tuple[Task, _Worker]] = {}
         reviving: dict[Any, _Worker] = {}
         self.dead: list[_Worker] = []
-        self.task_progress: dict[int, int] = {}
+        self.n_keys = 0
+        self.progress: dict[int, int] = {}
+        queue = deque(self._new(t) for t in queue)
+        self.t0 = time.perf_counter()  # rows/s over the editing, not the start-up
         while queue or running:
             while idle and queue:
                 w, t = idle.pop(0), queue.popleft()
                 running[self._submit(w, t)] = (t, w)
-                self.task_progress[id(t)] = t.done_units
             if not running and not reviving:
                 raise ExecutorError(f"every Ray worker died ({len(self.dead)}); rows committed so far are kept in "
                                     f"{self.store.path}; rerun with --resume")
@@ -279,17 +326,26 @@ class _Run:
                     msg = self.ray.get(next(obj))
                 except StopIteration:
                     del running[obj]
-                    self.task_progress[id(t)] = t.done_units + t.units
+                    self.progress[t.key] = t.done_units + t.units
                     idle.append(w)
                     self._report()
                     continue
                 except Exception as e:
+                    del running[obj]
+                    if _state_lost(ray, e):  # restarted while idle: same task, after its state again
+                        self._send_state(w)
+                        running[self._submit(w, t)] = (t, w)
+                        continue
                     if not _worker_failed(ray, e):
                         raise _unwrap(ray, e) from None
-                    del running[obj]
                     self._task_failed(t, w, e, queue, reviving)
                     continue
                 self._handle(t, msg)
+            now = time.monotonic()
+            for ref, w in list(reviving.items()):
+                if now > w.revive_deadline:  # never placed again (its node is gone): give it up
+                    del reviving[ref]
+                    self.dead.append(w)
 
     def _handle(self, t: Task, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
@@ -297,29 +353,37 @@ class _Run:
             if self.store.add_row(msg[1]):
                 self.rows += 1
             if t.shard is not None:
-                self.task_progress[id(t)] = self.task_progress.get(id(t), 0) + 1
+                self.progress[t.key] = self.progress.get(t.key, 0) + 1
         elif kind == "pre_edit":
             self.store.save_pre_edit(msg[1], msg[2])
         elif kind == "config":
             self.store.update_run_config(msg[1], **msg[2])
-        elif kind == "tick" and t.shard is None:
-            self.task_progress[id(t)] = max(self.task_progress.get(id(t), 0), int(msg[1]))
+        elif kind == "tick":
+            if t.shard is not None:
+                return  # shard progress is counted by rows
+            self.progress[t.key] = max(self.progress.get(t.key, 0), int(msg[1]))  # a sequence counts its edits
         self._report()
 
+    def _send_state(self, w: _Worker) -> None:
+        """A restarted actor has only its model: the requests and statistics again, before its next task
+        (calls to one actor run in order; they wait for a restart in progress)."""
+        w.handle.set_requests.options(max_task_retries=-1).remote(self.requests_ref)
+        if self.moments_ref is not None:
+            w.handle.install.options(max_task_retries=-1).remote(self.moments_ref)
+
     def _task_failed(self, t: Task, w: _Worker, e: BaseException, queue: deque[Task], reviving: dict[Any, _Worker]) -> None:
+        reason = _reason(e)
+        self.progress.pop(t.key, None)
         again = self._remaining(t)
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
         if again is not None:
             if again.attempts > self.spec.max_retries:
                 raise ExecutorError(f"a task of run {self.plans[t.run].run_id} lost its worker {again.attempts} times "
                                     f"(last: {reason}); rows committed so far are kept in {self.store.path}; "
                                     "rerun with --resume")
             queue.appendleft(again)
-            self.task_progress[id(again)] = again.done_units
-        self.task_progress.pop(id(t), None)
-        w.revive_tries = 0
-        reviving[w.handle.hello.remote()] = w
-        self.tick(min(sum(self.task_progress.values()), self.total), self.total,
+        w.revive_deadline = time.monotonic() + REVIVE_TIMEOUT_S
+        reviving[w.handle.hello.options(max_task_retries=-1).remote()] = w  # waits for Ray's restart
+        self.tick(min(sum(self.progress.values()), self.total), self.total,
                   f"a worker died ({reason[:80]}); its task goes to another worker")
 
     def _revived(self, ref: Any, reviving: dict[Any, _Worker], idle: list[_Worker]) -> None:
@@ -327,18 +391,12 @@ class _Run:
         try:
             w.info = self.ray.get(ref)
         except Exception as e:
-            if not _worker_failed(self.ray, e) or isinstance(e, self.ray.exceptions.ActorDiedError):
+            if not _worker_failed(self.ray, e):
+                raise _unwrap(self.ray, e) from None
+            if isinstance(e, self.ray.exceptions.ActorDiedError) or time.monotonic() > w.revive_deadline:
                 self.dead.append(w)  # restarts used up: this worker is gone for good
-                return
-            w.revive_tries += 1
-            if w.revive_tries >= REVIVE_TRIES:
-                self.dead.append(w)
-                return
-            time.sleep(0.5)
-            reviving[w.handle.hello.remote()] = w
+            else:
+                reviving[w.handle.hello.options(max_task_retries=-1).remote()] = w
             return
-        # a restarted actor has only its model: these run before its next task (actor calls keep their order)
-        w.handle.set_requests.remote(self.requests_ref)
-        if self.moments_ref is not None:
-            w.handle.install.remote(self.moments_ref)
+        self._send_state(w)
         idle.append(w)

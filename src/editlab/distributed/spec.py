@@ -2,8 +2,8 @@
 
 Everything a user can get wrong here is answered before any data or model is read: an unknown
 executor, Ray options given to the local executor, worker counts out of range, Ray not installed, an
-address that is not `auto`, `host:port` or `ray://host:port`, and (for a `host:port` address) nothing
-listening there."""
+address that is not `auto` or `host:port` (a Ray client `ray://` address cannot carry the streams of
+rows), and (for a `host:port` address) nothing listening there."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ CONNECT_TIMEOUT_S = 5.0
 @dataclass(frozen=True)
 class ExecutorSpec:
     """`executor`: local (this process, today's behaviour) or ray. With ray: `address` None starts a
-    local Ray on this machine, `auto` joins the cluster this machine belongs to, `host:port` or
-    `ray://host:port` joins that one; `workers` actors each load the model once and use
+    local Ray on this machine, `auto` joins the cluster this machine belongs to, `host:port` joins that one; `workers` actors each load the model once and use
     `cpus_per_worker` CPU threads (and `gpus_per_worker` GPUs); a task whose worker dies is given to a
     worker again up to `max_retries` times."""
 
@@ -77,25 +76,27 @@ def check_executor(spec: ExecutorSpec, *, defaults: ExecutorSpec = ExecutorSpec(
 
 
 def normalise_address(address: str | None) -> str | None:
-    """None/"" (start a local Ray), "auto", "host:port" or "ray://host:port"; anything else raises."""
+    """None/"" (start a local Ray), "auto" or "host:port"; anything else (a Ray client ray:// address too) raises."""
     if address is None or not address.strip():
         return None
     address = address.strip()
     if address == "auto":
         return address
-    host_port = address[len("ray://"):] if address.startswith("ray://") else address
-    host, sep, port = host_port.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host_port:
-        raise OptionError(f"--ray-address {address!r}: use auto, host:port (the head's GCS port, usually 6379) "
-                          "or ray://host:port (Ray client, usually 10001)")
+    if address.startswith("ray://"):
+        # Ray client cannot carry actor generators, which is how rows stream back to the driver
+        raise OptionError(f"--ray-address {address}: a Ray client address cannot stream rows back; run editlab on a "
+                          "node of the cluster with --ray-address auto (or the head's host:port)")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address:
+        raise OptionError(f"--ray-address {address!r}: use auto (the cluster this machine belongs to) or host:port "
+                          "(the head's GCS port, usually 6379)")
     return address
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Something accepts TCP connections at the address's host and port (a quick answer instead of
     Ray's long connection retries)."""
-    host_port = address[len("ray://"):] if address.startswith("ray://") else address
-    host, _, port = host_port.rpartition(":")
+    host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass

@@ -17,6 +17,15 @@ from .shard_store import Message, ShardStore
 _END = ("end",)
 
 
+class WorkerStateLost(RuntimeError):
+    """This worker was restarted by Ray and no longer holds the run's requests and statistics: the
+    driver sends them again and hands the task back (it is not the task's fault)."""
+
+
+class TaskCancelled(RuntimeError):
+    """The driver stopped listening to this task; the runner stops after its current edit."""
+
+
 class EditWorker:
     """Holds one copy of the model and the run's requests; every method is called by the driver."""
 
@@ -27,7 +36,7 @@ class EditWorker:
 
         torch.set_num_threads(max(1, int(threads)))
         self.lm = load_lm(model["name"], device=model.get("device", "cpu"), dtype=model.get("dtype", "float32"),
-                          allow_hub=model.get("allow_hub"))
+                          allow_hub=model.get("allow_hub"), device_map=model.get("device_map"))
         self.requests: list[Any] = []
         self._fits_checked = False
 
@@ -75,14 +84,21 @@ class EditWorker:
         works in a thread; an error there is raised here, after the messages it produced."""
         from ..runner.runner import run
 
+        if not self.requests:
+            raise WorkerStateLost("this worker was restarted and holds no requests")
         out: queue.Queue[Message] = queue.Queue()
         store = ShardStore(db_path, existed, done, pre_edit, config, out.put)
         failure: list[BaseException] = []
+        cancel = threading.Event()
+
+        def tick(i: int, n: int, msg: str) -> None:
+            if cancel.is_set():  # between edits: the runner restores what it applied on the way out
+                raise TaskCancelled("the driver stopped listening to this task")
+            out.put(("tick", i, n))
 
         def work() -> None:
             try:
-                run(self.lm, self.requests, cfg, store, progress=lambda i, n, msg: out.put(("tick", i, n)),  # type: ignore[arg-type]
-                    resume=True, shard=shard)
+                run(self.lm, self.requests, cfg, store, progress=tick, resume=True, shard=shard)  # type: ignore[arg-type]
             except BaseException as e:  # handed to the generator, which raises it to the driver
                 failure.append(e)
             finally:
@@ -90,8 +106,11 @@ class EditWorker:
 
         thread = threading.Thread(target=work, name="editlab-task", daemon=True)
         thread.start()
-        while (msg := out.get()) != _END:
-            yield msg
-        thread.join()
+        try:
+            while (msg := out.get()) != _END:
+                yield msg
+        finally:  # also when the stream is closed early: never leave a second thread editing the model
+            cancel.set()
+            thread.join()
         if failure:
             raise failure[0]

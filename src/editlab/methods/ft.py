@@ -94,37 +94,48 @@ def _trained_params(lm: LM, hp: FTHparams) -> dict[str, torch.nn.Parameter]:
 
 
 def _finetune(lm: LM, requests: list[EditRequest], hp: FTHparams) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Adam on fp32 master copies of the trained weights (mixed precision): the model computes in its
+    own dtype, the optimizer state and the updates stay fp32 and are cast into the weights after every
+    step, so bf16/fp16 models train without overflowing Adam's moments. On an fp32 model the masters
+    are the weights' exact values: the same steps as training the weights in place."""
     params = _trained_params(lm, hp)
     originals = {n: p.detach().clone() for n, p in params.items()}
+    masters = {n: p.detach().float().clone().requires_grad_(True) for n, p in params.items()}
     chunks = [requests[i : i + hp.batch_size] for i in range(0, len(requests), hp.batch_size)]
     batches = [encode_batch(lm, c, hp.objective) for c in chunks]
     for p in params.values():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(list(params.values()), lr=hp.lr)
+    opt = torch.optim.Adam(list(masters.values()), lr=hp.lr)
     losses: list[float] = []  # request-weighted mean loss per epoch
     try:
         for _ in range(hp.steps):
             total = 0.0
             for batch in batches:
                 opt.zero_grad()
+                for p in params.values():
+                    p.grad = None
                 loss = batch_loss(lm, batch)
                 total += float(loss.detach()) * batch.n_requests
                 if float(loss.detach()) >= hp.stop_nll:
                     loss.backward()
+                    for n, p in params.items():
+                        masters[n].grad = p.grad.float() if p.grad is not None else None
                     opt.step()
-                if hp.norm_constraint > 0:
-                    with torch.no_grad():
-                        for n, p in params.items():
-                            o = originals[n]
-                            p.copy_(torch.minimum(torch.maximum(p, o - hp.norm_constraint), o + hp.norm_constraint))
+                with torch.no_grad():
+                    for n, m in masters.items():
+                        if hp.norm_constraint > 0:
+                            o = originals[n].float()
+                            m.copy_(torch.minimum(torch.maximum(m, o - hp.norm_constraint), o + hp.norm_constraint))
+                        params[n].copy_(m)
             losses.append(total / len(requests))
             if losses[-1] < hp.stop_nll:
                 break
-        deltas = {n: (p.detach() - originals[n]).cpu() for n, p in params.items()}
+        deltas = {n: (p.detach().float() - originals[n].float()).cpu() for n, p in params.items()}  # cast on apply
     finally:
         with torch.no_grad():
             for n, p in params.items():
                 p.requires_grad_(False)
+                p.grad = None
                 p.copy_(originals[n])
     return deltas, {"losses": losses, "objective": hp.objective}
 
