@@ -2,6 +2,7 @@
 batch time, CounterFact evaluation throughput, covariance throughput, and peak memory of a ROME edit.
 
     python benchmarks/bench_core.py [--rome-edits 10] [--memit-batch 100] [--eval-records 40]
+        [--model smollm2-135m] [--device cuda] [--dtype bfloat16]   # GPU figures beside the CPU ones
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def main() -> None:
     ap.add_argument("--memit-batch", type=int, default=100)
     ap.add_argument("--eval-records", type=int, default=40)
     ap.add_argument("--skip-memit", action="store_true")
+    ap.add_argument("--model", default="smollm2-135m", help="e.g. a 1-2B model folder on a GPU machine")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     args = ap.parse_args()
 
     from editlab import get_editor, load_lm
@@ -77,7 +81,8 @@ def main() -> None:
 
     figures: dict[str, float] = {}
     figures["matmul_peak_gflops"] = matmul_peak_gflops()
-    lm, t_load = timed(load_lm, "smollm2-135m")
+    lm, t_load = timed(load_lm, args.model, device=args.device, dtype=args.dtype)
+    figures["model"], figures["device"], figures["dtype"] = args.model, args.device, args.dtype  # type: ignore[assignment]
     figures["load_s"] = t_load
 
     # covariance throughput for an early layer, in a throwaway cache so it is really computed
@@ -87,7 +92,7 @@ def main() -> None:
         old = os.environ.get("EDITLAB_HOME")
         os.environ["EDITLAB_HOME"] = tmp
         corpus = get_corpus()
-        fresh = load_lm("smollm2-135m")
+        fresh = load_lm(args.model, device=args.device, dtype=args.dtype)
         _, t_cov = timed(second_moments, fresh, [2], corpus, 30_000, progress=False)
         figures["covariance_tokens_per_s_layer2"] = 30_000 / t_cov
         if old is None:
@@ -136,7 +141,7 @@ def main() -> None:
 
     figures["rome_peak_rss_mb_fresh_process"] = rome_peak_memory(3)
     figures["this_process_peak_rss_mb"] = peak_rss_mb()
-    print(json.dumps({k: round(v, 3) for k, v in figures.items()}, indent=2))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -165,7 +165,6 @@ def test_cli_executor_errors_are_one_line(tmp_path: Path) -> None:
         (["--executor", "spark"], "unknown --executor"),
         (["--workers", "3"], "apply to --executor ray only"),
         (["--executor", "ray", "--ray-address", "nohost"], "--ray-address"),
-        (["--executor", "ray", "--suite", "portability"], "--suite runs use the local executor"),
         (["--executor", "ray", "--ray-address", "ray://head:10001"], "cannot stream rows back"),
         (["--executor", "ray", "--device-map", "auto"], "--device-map applies to --executor local"),
     ]
@@ -183,7 +182,9 @@ def test_a_restarted_worker_without_its_requests_says_so() -> None:
 
     w = EditWorker({"name": MODEL}, threads=1)
     with pytest.raises(WorkerStateLost):
-        next(w.run_task(RunConfig(method="ft-m"), [0], "x.db", False, set(), {}, {}))
+        next(w.run_task(RunConfig(method="ft-m"), [0], "x.db", {}, {}))
+    with pytest.raises(WorkerStateLost):
+        next(w.run_suite_task(None, {}, 0, [], "x.db", {}))
 
 
 def test_ctrl_c_keeps_the_committed_rows_and_resume_finishes_the_run(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,3 +206,26 @@ def test_ctrl_c_keeps_the_committed_rows_and_resume_finishes_the_run(local_ray, 
     (rid,) = run_on_ray({"name": MODEL}, requests, [cfg], store, ExecutorSpec("ray", workers=2), resume=True)
     after = {r[0]: r[1] for r in sqlite3.connect(tmp_path / "int.db").execute("SELECT row_key, created FROM rows")}
     assert len(after) == len(requests) and all(after[k] == t for k, t in kept.items())  # nothing re-run
+
+
+def test_a_suite_on_ray_fills_the_runs_a_local_suite_fills(local_ray, data_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from editlab.distributed.driver import run_suite_on_ray
+    from editlab.suites.runner import plan_suite, run_suite
+
+    monkeypatch.setenv("EDITLAB_HOME", str(local_ray))
+    plan = plan_suite("cfplus", ["ft-m"], limit=4)
+    hp = {"ft-m": {"layer": 0, "steps": 10, "lr": 0.01}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = Store(tmp_path / "local.db")
+        local_ids = run_suite(load_lm(MODEL), plan, local, hparams=hp)
+    finally:
+        torch.set_num_threads(threads)
+    remote = Store(tmp_path / "ray.db")
+    ray_ids = run_suite_on_ray({"name": MODEL}, plan, remote, ExecutorSpec("ray", workers=2), hparams=hp)
+    assert ray_ids == local_ids
+    for rid in local_ids.values():
+        assert _rows(remote, rid) == _rows(local, rid) and len(_rows(local, rid)) == 4, rid
+    again = run_suite_on_ray({"name": MODEL}, plan, remote, ExecutorSpec("ray", workers=1), hparams=hp, resume=True)
+    assert again == ray_ids and remote.count_rows() == local.count_rows()

@@ -240,6 +240,12 @@ def load_model(opts: ModelOptions) -> LM:
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def model_args(opts: ModelOptions) -> dict[str, Any]:
+    """`load_lm`'s arguments from the model options (what a Ray worker loads)."""
+    return {"name": opts.model, "device": opts.device, "dtype": opts.dtype,
+            "allow_hub": True if opts.allow_hub else None, "device_map": opts.device_map}
+
+
 def placement(lm: LM) -> str:
     """Where accelerate put the model's parts, in one line: devices with the modules each holds."""
     where: dict[str, list[str]] = {}

@@ -14,7 +14,7 @@ import typer
 from ..errors import EditlabError, OptionError
 from . import options
 from .common import (check_hparams_early, check_model_options, exit_interrupted, check_output_file, check_positive, console, err_console,
-                     hparam_overrides, load_model, progress_bar, run_with_progress, summary_table, user_warnings_reported)
+                     hparam_overrides, load_model, model_args, progress_bar, run_with_progress, summary_table, user_warnings_reported)
 from .options import DataOptions, ExecutorOptions, HparamOptions, ModelOptions, RunOptions, with_option_groups
 
 if TYPE_CHECKING:
@@ -108,11 +108,9 @@ def run_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: 
     """What `eval` and `compare` do: the same requests and options for each method, then a summary
     (with `--suite`, the suite's own data and protocol: `cli/suites.py`)."""
     if data.suite is not None:
-        if executor.executor != "local":
-            raise OptionError("--suite runs use the local executor for now; drop --executor ray (docs/scale.md)")
         from .suites import run_suite_methods
 
-        return run_suite_methods(methods, data, model, hp, run)
+        return run_suite_methods(methods, data, model, hp, run, executor)
     if data.on_bad != "stop" or data.suite_set:
         raise OptionError("--on-bad and --suite-set apply to --suite runs only")
     from ..data import load_requests
@@ -161,9 +159,7 @@ def run_ray(model: ModelOptions, requests: list[Any], configs: list[RunConfig], 
     label = ", ".join(f"{c.method} ({c.mode})" for c in configs)
     try:
         with progress_bar(label, 1, show_message=True) as tick:
-            return run_on_ray({"name": model.model, "device": model.device, "dtype": model.dtype,
-                               "allow_hub": True if model.allow_hub else None, "device_map": model.device_map},
-                              requests, configs, store, spec, run.resume, progress=tick)
+            return run_on_ray(model_args(model), requests, configs, store, spec, run.resume, progress=tick)
     except KeyboardInterrupt:
         exit_interrupted(run.db)
 

@@ -13,11 +13,11 @@ from rich.table import Table
 
 from ..errors import EditlabError, OptionError
 from .common import check_hparams_early, check_model_options, check_positive, console, exit_interrupted, \
-    hparam_overrides, load_model, progress_bar, user_warnings_reported
+    hparam_overrides, load_model, model_args, progress_bar, user_warnings_reported
 from .listing import _table, registry_entries
 
 if TYPE_CHECKING:
-    from .options import DataOptions, HparamOptions, ModelOptions, RunOptions
+    from .options import DataOptions, ExecutorOptions, HparamOptions, ModelOptions, RunOptions
 
 
 def suites() -> None:
@@ -52,14 +52,18 @@ def _check_suite_options(data: DataOptions, run: RunOptions) -> None:
                           "drop them, or run without --suite")
 
 
-def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: HparamOptions, run: RunOptions) -> None:
+def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions, hp: HparamOptions, run: RunOptions,
+                      executor: ExecutorOptions | None = None) -> None:
     """`eval --suite` / `compare --suite`: plan (all checks), then the model, then the suite, then a table."""
     from ..runner import Store
     from ..suites.runner import plan_suite, run_suite
 
     assert data.suite is not None
+    from .options import ExecutorOptions
+
     _check_suite_options(data, run)
     check_model_options(model)
+    spec = (executor or ExecutorOptions()).spec(model)
     if data.limit is not None:
         check_positive("--limit", data.limit)
     if data.on_bad not in ("stop", "skip"):
@@ -80,11 +84,19 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
     with user_warnings_reported():
         plan = plan_suite(data.suite, methods, limit=data.limit, on_bad=data.on_bad, options=options)
     store = Store(run.db)
+    label = f"{plan.suite.name}: {', '.join(methods)}"
     try:
-        lm = load_model(model)
-        with progress_bar(f"{plan.suite.name}: {', '.join(methods)}", len(plan.units)) as tick:
-            run_ids = run_suite(lm, plan, store, hparams={m: overrides for m in methods}, seed=run.seed, resume=run.resume,
-                                progress=tick)
+        if spec.is_ray:
+            from ..distributed.driver import run_suite_on_ray
+
+            with progress_bar(label, len(plan.units), show_message=True) as tick:
+                run_ids = run_suite_on_ray(model_args(model), plan, store, spec, hparams={m: overrides for m in methods},
+                                           seed=run.seed, resume=run.resume, progress=tick)
+        else:
+            lm = load_model(model)
+            with progress_bar(label, len(plan.units)) as tick:
+                run_ids = run_suite(lm, plan, store, hparams={m: overrides for m in methods}, seed=run.seed,
+                                    resume=run.resume, progress=tick)
     except KeyboardInterrupt:
         exit_interrupted(run.db)
     console.print(suite_table(store, run_ids, f"suite {plan.suite.name} on {model.model}"))

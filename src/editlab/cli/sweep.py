@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
 import typer
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from . import options
 from .common import check_model_options, check_positive, console, user_warnings_reported
-from .options import DataOptions, ExecutorOptions, HparamOptions, ModelOptions, RunOptions, with_option_groups
+from .options import DataOptions, ExecutorOptions, HparamOptions, ModelOptions, OptionGroup, RunOptions, with_option_groups
 
 Grid = Annotated[Optional[list[str]], typer.Option(
     "--grid", help="Hyper-parameter and its values, key=v1,v2,... (repeatable; lists in brackets: layers=[3,4],[4,5])")]
@@ -27,12 +28,21 @@ Objectives = Annotated[str, typer.Option(
                         "rephrase, locality, portability, edit_time")]
 
 
+@dataclass(frozen=True)
+class SweepOptions(OptionGroup):
+    """The grid and what its points are scored on."""
+
+    grid: Grid = None
+    samples: Samples = None
+    objective: Objectives = "efficacy,neighborhood"
+
+
 @with_option_groups
-def sweep(method: options.Method = options.DEFAULT_METHOD, grid: Grid = None, samples: Samples = None,
-          objective: Objectives = "efficacy,neighborhood", data: DataOptions = DataOptions(),
-          model: ModelOptions = ModelOptions(), hp: HparamOptions = HparamOptions(), run: RunOptions = RunOptions(),
-          executor: ExecutorOptions = ExecutorOptions()) -> None:
+def sweep(method: options.Method = options.DEFAULT_METHOD, points_: SweepOptions = SweepOptions(),
+          data: DataOptions = DataOptions(), model: ModelOptions = ModelOptions(), hp: HparamOptions = HparamOptions(),
+          run: RunOptions = RunOptions(), executor: ExecutorOptions = ExecutorOptions()) -> None:
     """Run METHOD over a grid of hyper-parameters on a tuning split; print every point and the Pareto front."""
+    grid, samples, objective = points_.grid, points_.samples, points_.objective
     from ..errors import HparamsError, OptionError
     from ..methods.catalogue import METHODS, hparams_class
     from ..sweep import grid_points, parse_grid, parse_objectives, sweep_id

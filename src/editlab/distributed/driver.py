@@ -27,7 +27,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import EditlabError, ExecutorError
 from ..requests import EditRequest
@@ -152,14 +153,15 @@ def _check_resources(ray: Any, spec: ExecutorSpec) -> None:
                             "need more (lower --workers, or run on CPU)")
 
 
-def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: Sequence[RunConfig], store: Store,
-               spec: ExecutorSpec, resume: bool, progress: Progress | None = None) -> list[str]:
-    """Run every config on `requests` across the Ray workers; rows go to `store` as they are made.
-    Returns the run ids (those a local run gives). `model` holds `load_lm`'s arguments (name, device,
-    dtype, allow_hub); a model path is made absolute, as workers do not share the driver's folder."""
+@contextmanager
+def _cluster(model: dict[str, Any], spec: ExecutorSpec, state: Any, tick: Progress) -> Iterator[tuple[Any, list[_Worker], Any, ExecutorSpec]]:
+    """Connect, start the workers (each loads the model once), check their versions, give them
+    `state` (the run's requests; a suite needs none); at the end kill them and undo the connection.
+    Yields (ray, workers, the state's object ref, the spec with the GPUs CUDA needs)."""
     import ray
 
     from .. import __version__
+    from ..runner.runner import versions
 
     model = dict(model)
     if Path(model["name"]).exists():
@@ -168,14 +170,13 @@ def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: 
         model["device"] = "cuda"  # each actor sees only the GPU Ray gave it, as cuda:0
         if not spec.gpus_per_worker:
             spec = ExecutorSpec(spec.executor, spec.address, spec.workers, spec.cpus_per_worker, 1.0, spec.max_retries)
-    tick = progress or (lambda i, n, msg: None)
     started = _connect(ray, spec)
     workers: list[_Worker] = []
     try:
         _check_resources(ray, spec)
         actor = ray.remote(EditWorker).options(num_cpus=spec.cpus_per_worker, num_gpus=spec.gpus_per_worker,
                                                max_restarts=max(spec.max_retries, 1), max_task_retries=0)
-        requests_ref = ray.put(list(requests))
+        state_ref = ray.put(state)
         tick(0, 1, f"starting {spec.describe()}")
         workers = [_Worker(actor.remote(model, spec.cpus_per_worker)) for _ in range(spec.workers)]
         try:
@@ -186,13 +187,11 @@ def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: 
                                     f"{START_TIMEOUT_S:.0f} s; the cluster may have no free node with "
                                     f"{spec.cpus_per_worker} CPUs (see `ray status`)")
             infos = ray.get(hellos)
-            ray.get([w.handle.set_requests.remote(requests_ref) for w in workers])
+            ray.get([w.handle.set_requests.remote(state_ref) for w in workers])
         except ExecutorError:
             raise
         except Exception as e:
             raise _start_error(e, spec) from None
-        from ..runner.runner import versions
-
         mine = versions()
         for w, info in zip(workers, infos):
             w.info = info
@@ -201,7 +200,7 @@ def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: 
                 k, (theirs, ours) = next(iter(diff.items()))
                 raise ExecutorError(f"the Ray worker on {info.get('host')} has {k} {theirs}, the driver {ours} "
                                     f"(editlab {__version__}); install the same versions on every node")
-        return _Run(ray, workers, requests, requests_ref, list(configs), store, spec, resume, tick).go()
+        yield ray, workers, state_ref, spec
     finally:
         for w in workers:
             try:
@@ -212,16 +211,41 @@ def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: 
             ray.shutdown()
 
 
-class _Run:
-    """The driver's state between the start of the workers and the last committed row."""
+def run_on_ray(model: dict[str, Any], requests: Sequence[EditRequest], configs: Sequence[RunConfig], store: Store,
+               spec: ExecutorSpec, resume: bool, progress: Progress | None = None) -> list[str]:
+    """Run every config on `requests` across the Ray workers; rows go to `store` as they are made.
+    Returns the run ids (those a local run gives). `model` holds `load_lm`'s arguments (name, device,
+    dtype, allow_hub); a model path is made absolute, as workers do not share the driver's folder."""
+    tick = progress or (lambda i, n, msg: None)
+    with _cluster(model, spec, list(requests), tick) as (ray, workers, requests_ref, spec):
+        return _EditRuns(ray, workers, requests_ref, store, spec, resume, tick, requests, list(configs)).go()
 
-    def __init__(self, ray: Any, workers: list[_Worker], requests: Sequence[EditRequest], requests_ref: Any,
-                 configs: list[RunConfig], store: Store, spec: ExecutorSpec, resume: bool, tick: Progress) -> None:
-        self.ray, self.workers, self.requests, self.requests_ref, self.configs = ray, workers, requests, requests_ref, configs
+
+def run_suite_on_ray(model: dict[str, Any], plan: Any, store: Store, spec: ExecutorSpec, *,
+                     hparams: dict[str, Any] | None = None, seed: int = 0, resume: bool = True,
+                     progress: Progress | None = None) -> dict[str, str]:
+    """`suites.runner.run_suite` across the Ray workers: the suite's units cut into shards, every
+    method (and the unedited pass) of a unit in the same task, as locally. Returns {method or
+    "unedited": run id}, those a local run gives."""
+    tick = progress or (lambda i, n, msg: None)
+    with _cluster(model, spec, [], tick) as (ray, workers, state_ref, spec):
+        return _SuiteRun(ray, workers, state_ref, store, spec, resume, tick, plan, dict(hparams or {}), seed).go()
+
+
+class _Dispatch:
+    """The driver's state between the start of the workers and the last committed row: the work loop,
+    shared by edit runs and suites, which say how to plan, submit and resume their tasks."""
+
+    label = "run"
+
+    def __init__(self, ray: Any, workers: list[_Worker], state_ref: Any, store: Store, spec: ExecutorSpec,
+                 resume: bool, tick: Progress) -> None:
+        self.ray, self.workers, self.state_ref = ray, workers, state_ref
         self.store, self.spec, self.resume, self.tick = store, spec, resume, tick
         self.rows = 0
         self.t0 = time.perf_counter()
         self.moments_ref: Any = None
+        self.total = 0
 
     def _get(self, refs: Any, what: str) -> Any:
         try:
@@ -232,61 +256,33 @@ class _Run:
                                     "run the command again") from None
             raise _unwrap(self.ray, e) from None
 
-    def go(self) -> list[str]:
-        ray, store = self.ray, self.store
-        lead = self.workers[0].handle
-        self.tick(0, 1, "planning the runs")
-        plans: list[RunPlan] = self._get([lead.plan.remote(c) for c in self.configs], "planning the runs")
-        self.plans = plans
-        tasks: list[Task] = []
-        for k, (cfg, plan) in enumerate(zip(self.configs, plans)):
-            cfg.validate(len(self.requests))  # the driver's copy gets the default checkpoints, as the worker's did
-            existed = store.ensure_run(plan.run_id, **plan.fields)
-            done = store.done_keys(plan.run_id)
-            if existed and not self.resume and done:
-                raise EditlabError(f"run {plan.run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
-            tasks += plan_tasks(cfg, len(self.requests), done, self.requests, k, len(self.workers))
-        self.total = sum(t.units for t in tasks)
-        if tasks:
-            self.tick(0, self.total, "computing the covariance statistics (once, on one worker)")
-            todo_cfgs = sorted({t.run for t in tasks})
-            moments = self._get(lead.warm.remote([self.configs[k] for k in todo_cfgs]), "computing the statistics")
-            self.moments_ref = ray.put(moments) if moments else None
-            if self.moments_ref is not None:
-                self._get([w.handle.install.remote(self.moments_ref) for w in self.workers[1:]], "receiving the statistics")
-            fingerprint = plans[0].fields["model_fingerprint"]
-            self.pre_ref = ray.put(store.load_pre_edit(fingerprint))
-            self._dispatch(deque(tasks))
-        return [p.run_id for p in plans]
+    def _share_statistics(self, moments: dict[str, Any]) -> None:
+        """Statistics one worker computed, to every other worker through the object store."""
+        self.moments_ref = self.ray.put(moments) if moments else None
+        if self.moments_ref is not None:
+            self._get([w.handle.install.remote(self.moments_ref) for w in self.workers[1:]], "receiving the statistics")
 
-    # ------------------------------------------------------------------ the work loop
+    def _run_of(self, t: Task) -> str:  # for messages
+        raise NotImplementedError
+
     def _submit(self, w: _Worker, t: Task) -> Any:
-        cfg, plan = self.configs[t.run], self.plans[t.run]
-        done = self.store.done_keys(plan.run_id)
-        if t.shard is not None:  # only the keys this shard could write
-            size = cfg.batch_size if cfg.mode == "batch" else 1
-            mine = {row_key(i, self.requests[i]) for s in t.shard for i in range(s, min(s + size, len(self.requests)))}
-            done &= mine
-        config = self.store.runs_config(plan.run_id)
-        return w.handle.run_task.options(num_returns="streaming").remote(
-            cfg, t.shard, str(Path(self.store.path).resolve()), True, done, self.pre_ref, config)
+        raise NotImplementedError
 
     def _remaining(self, t: Task) -> Task | None:
         """What of a failed task still has no row, as a new attempt (None: nothing left)."""
-        cfg, plan = self.configs[t.run], self.plans[t.run]
-        done = self.store.done_keys(plan.run_id)
-        if t.shard is None:
-            if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
-                return None
-            return self._new(Task(t.run, None, t.units, t.attempts + 1, t.done_units))
-        size = cfg.batch_size if cfg.mode == "batch" else 1
-        left = [s for s in t.shard
-                if any(row_key(i, self.requests[i]) not in done for i in range(s, min(s + size, len(self.requests))))]
-        if not left:
-            return None
-        units = sum(min(size, len(self.requests) - s) for s in left)
-        return self._new(Task(t.run, left, units, t.attempts + 1, t.done_units + (t.units - units)))
+        raise NotImplementedError
 
+    def _runs_state(self, run_ids: Sequence[str], keys: set[str] | None) -> dict[str, Any]:
+        """What a worker's `ShardStore` needs of each run: its done keys (those in `keys` when given),
+        its config; the runs exist (the driver made them)."""
+        out = {}
+        for rid in run_ids:
+            done = self.store.done_keys(rid)
+            out[rid] = {"existed": True, "done": done & keys if keys is not None else done,
+                        "config": self.store.runs_config(rid)}
+        return out
+
+    # ------------------------------------------------------------------ the work loop
     def _new(self, t: Task) -> Task:
         self.n_keys += 1
         t.key = self.n_keys
@@ -367,7 +363,7 @@ class _Run:
     def _send_state(self, w: _Worker) -> None:
         """A restarted actor has only its model: the requests and statistics again, before its next task
         (calls to one actor run in order; they wait for a restart in progress)."""
-        w.handle.set_requests.options(max_task_retries=-1).remote(self.requests_ref)
+        w.handle.set_requests.options(max_task_retries=-1).remote(self.state_ref)
         if self.moments_ref is not None:
             w.handle.install.options(max_task_retries=-1).remote(self.moments_ref)
 
@@ -377,7 +373,7 @@ class _Run:
         again = self._remaining(t)
         if again is not None:
             if again.attempts > self.spec.max_retries:
-                raise ExecutorError(f"a task of run {self.plans[t.run].run_id} lost its worker {again.attempts} times "
+                raise ExecutorError(f"a task {self._run_of(t)} lost its worker {again.attempts} times "
                                     f"(last: {reason}); rows committed so far are kept in {self.store.path}; "
                                     "rerun with --resume")
             queue.appendleft(again)
@@ -400,3 +396,124 @@ class _Run:
             return
         self._send_state(w)
         idle.append(w)
+
+
+class _EditRuns(_Dispatch):
+    """Single, batch and sequential runs of `runner.run` on the same requests."""
+
+    def __init__(self, ray: Any, workers: list[_Worker], state_ref: Any, store: Store, spec: ExecutorSpec,
+                 resume: bool, tick: Progress, requests: Sequence[EditRequest], configs: list[RunConfig]) -> None:
+        super().__init__(ray, workers, state_ref, store, spec, resume, tick)
+        self.requests, self.configs = requests, configs
+
+    def go(self) -> list[str]:
+        ray, store = self.ray, self.store
+        lead = self.workers[0].handle
+        self.tick(0, 1, "planning the runs")
+        plans: list[RunPlan] = self._get([lead.plan.remote(c) for c in self.configs], "planning the runs")
+        self.plans = plans
+        tasks: list[Task] = []
+        for k, (cfg, plan) in enumerate(zip(self.configs, plans)):
+            cfg.validate(len(self.requests))  # the driver's copy gets the default checkpoints, as the worker's did
+            existed = store.ensure_run(plan.run_id, **plan.fields)
+            done = store.done_keys(plan.run_id)
+            if existed and not self.resume and done:
+                raise EditlabError(f"run {plan.run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
+            tasks += plan_tasks(cfg, len(self.requests), done, self.requests, k, len(self.workers))
+        self.total = sum(t.units for t in tasks)
+        if tasks:
+            self.tick(0, self.total, "computing the covariance statistics (once, on one worker)")
+            todo_cfgs = sorted({t.run for t in tasks})
+            self._share_statistics(self._get(lead.warm.remote([self.configs[k] for k in todo_cfgs]), "computing the statistics"))
+            fingerprint = plans[0].fields["model_fingerprint"]
+            self.pre_ref = ray.put(store.load_pre_edit(fingerprint))
+            self._dispatch(deque(tasks))
+        return [p.run_id for p in plans]
+
+    def _run_of(self, t: Task) -> str:
+        return f"of run {self.plans[t.run].run_id}"
+
+    def _submit(self, w: _Worker, t: Task) -> Any:
+        cfg, plan = self.configs[t.run], self.plans[t.run]
+        keys = None
+        if t.shard is not None:  # only the keys this shard could write
+            size = cfg.batch_size if cfg.mode == "batch" else 1
+            keys = {row_key(i, self.requests[i]) for s in t.shard for i in range(s, min(s + size, len(self.requests)))}
+        return w.handle.run_task.options(num_returns="streaming").remote(
+            cfg, t.shard, str(Path(self.store.path).resolve()), self._runs_state([plan.run_id], keys), self.pre_ref)
+
+    def _remaining(self, t: Task) -> Task | None:
+        cfg, plan = self.configs[t.run], self.plans[t.run]
+        done = self.store.done_keys(plan.run_id)
+        if t.shard is None:
+            if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+                return None
+            return self._new(Task(t.run, None, t.units, t.attempts + 1, t.done_units))
+        size = cfg.batch_size if cfg.mode == "batch" else 1
+        left = [s for s in t.shard
+                if any(row_key(i, self.requests[i]) not in done for i in range(s, min(s + size, len(self.requests))))]
+        if not left:
+            return None
+        units = sum(min(size, len(self.requests) - s) for s in left)
+        return self._new(Task(t.run, left, units, t.attempts + 1, t.done_units + (t.units - units)))
+
+
+class _SuiteRun(_Dispatch):
+    """A pitfall suite: shards of units; each task runs every method (and the unedited pass) on its
+    units, in the local order (units outer, methods inner)."""
+
+    def __init__(self, ray: Any, workers: list[_Worker], state_ref: Any, store: Store, spec: ExecutorSpec,
+                 resume: bool, tick: Progress, plan: Any, hparams: dict[str, Any], seed: int) -> None:
+        super().__init__(ray, workers, state_ref, store, spec, resume, tick)
+        self.plan, self.hparams, self.seed = plan, hparams, seed
+
+    def go(self) -> dict[str, str]:
+        from ..suites.runner import check_resume
+
+        ray = self.ray
+        lead = self.workers[0].handle
+        self.tick(0, 1, "planning the suite's runs")
+        runs = self._get(lead.plan_suite.remote(self.plan, self.hparams, self.seed), "planning the runs")
+        self.run_ids = check_resume(self.store, runs, self.resume)
+        done = {m: self.store.done_keys(rid) for m, rid in self.run_ids.items()}
+        todo = [i for i, u in enumerate(self.plan.units) if any(u.key not in d for d in done.values())]
+        per = max(1, min(MAX_SHARD, -(-len(todo) // (len(self.workers) * TASKS_PER_WORKER)))) if todo else 1
+        tasks = [Task(0, todo[k : k + per], len(todo[k : k + per])) for k in range(0, len(todo), per)]
+        self.total = len(todo)
+        if tasks:
+            self.tick(0, self.total, "computing the covariance statistics (once, on one worker)")
+            self._share_statistics(self._get(lead.warm_suite.remote(self.plan, self.hparams), "computing the statistics"))
+            self.plan_ref = ray.put(self.plan)
+            self._dispatch(deque(tasks))
+        return self.run_ids
+
+    def _run_of(self, t: Task) -> str:
+        return f"of suite {self.plan.suite.name}"
+
+    def _keys(self, shard: Sequence[int]) -> list[str]:
+        return [self.plan.units[i].key for i in shard]
+
+    def _submit(self, w: _Worker, t: Task) -> Any:
+        keys = self._keys(t.shard or [])
+        return w.handle.run_suite_task.options(num_returns="streaming").remote(
+            self.plan_ref, self.hparams, self.seed, keys, str(Path(self.store.path).resolve()),
+            self._runs_state(list(self.run_ids.values()), set(keys)))
+
+    def _remaining(self, t: Task) -> Task | None:
+        done = {rid: self.store.done_keys(rid) for rid in self.run_ids.values()}
+        left = [i for i in (t.shard or []) if any(self.plan.units[i].key not in d for d in done.values())]
+        if not left:
+            return None
+        return self._new(Task(t.run, left, len(left), t.attempts + 1, t.done_units + (t.units - len(left))))
+
+    def _handle(self, t: Task, msg: tuple[Any, ...]) -> None:
+        if msg[0] == "row":  # progress counts units: a unit is done with its last method's row
+            if self.store.add_row(msg[1]):
+                self.rows += 1
+            self._report()
+            return
+        if msg[0] == "tick":  # the suite runner ticks once per unit of the shard
+            self.progress[t.key] = t.done_units + int(msg[1])
+            self._report()
+            return
+        super()._handle(t, msg)

@@ -39,11 +39,13 @@ class EditWorker:
                           allow_hub=model.get("allow_hub"), device_map=model.get("device_map"))
         self.requests: list[Any] = []
         self._fits_checked = False
+        self._has_state = False
 
     def set_requests(self, requests: Sequence[Any]) -> int:
-        """The requests every run of this driver uses (sent again after a restart)."""
+        """The requests every run of this driver uses (sent again after a restart; none for a suite)."""
         self.requests = list(requests)
         self._fits_checked = False
+        self._has_state = True
         return len(self.requests)
 
     def hello(self) -> dict[str, Any]:
@@ -78,16 +80,48 @@ class EditWorker:
         install_moments(self.lm, moments)
         return len(moments)
 
-    def run_task(self, cfg: Any, shard: list[int] | None, db_path: str, existed: bool, done: set[str],
-                 pre_edit: dict[tuple[str, str], list[int]], config: dict[str, Any]) -> Iterator[Message]:
-        """Run one task and yield its messages as they happen (a Ray streaming generator). The runner
-        works in a thread; an error there is raised here, after the messages it produced."""
+    def run_task(self, cfg: Any, shard: list[int] | None, db_path: str, runs: dict[str, Any],
+                 pre_edit: dict[tuple[str, str], list[int]]) -> Iterator[Message]:
+        """Run one task of an edit run (`runner.run` on a shard, or a whole sequence) and yield its
+        messages as they happen (a Ray streaming generator)."""
         from ..runner.runner import run
 
         if not self.requests:
             raise WorkerStateLost("this worker was restarted and holds no requests")
+        yield from self._stream(db_path, runs, pre_edit, lambda store, tick: run(
+            self.lm, self.requests, cfg, store, progress=tick, resume=True, shard=shard))
+
+    # --------------------------------------------------------------- pitfall suites
+    def plan_suite(self, plan: Any, hparams: dict[str, Any], seed: int) -> Any:
+        """The suite's runs: {method or unedited: (run id, runs-row fields)} (`suites.runner.suite_runs`)."""
+        from ..suites.runner import suite_runs
+
+        return suite_runs(self.lm, plan, hparams, seed)[0]
+
+    def warm_suite(self, plan: Any, hparams: dict[str, Any]) -> dict[str, Any]:
+        from ..methods import get_editor
+        from ..stats import shared_moments, warm_statistics
+
+        warm_statistics(self.lm, [get_editor(m).hparams(self.lm, **dict(hparams.get(m, {}))) for m in plan.methods],
+                        progress=False)
+        return shared_moments(self.lm)
+
+    def run_suite_task(self, plan: Any, hparams: dict[str, Any], seed: int, keys: list[str], db_path: str,
+                       runs: dict[str, Any]) -> Iterator[Message]:
+        """Run the suite on the units with these keys, streaming rows as they are made."""
+        from ..suites.runner import run_suite
+
+        if not self._has_state:
+            raise WorkerStateLost("this worker was restarted and holds no statistics")
+        yield from self._stream(db_path, runs, {}, lambda store, tick: run_suite(
+            self.lm, plan, store, hparams=hparams, seed=seed, resume=True, progress=tick, only=keys))
+
+    def _stream(self, db_path: str, runs: dict[str, Any], pre_edit: dict[tuple[str, str], list[int]],
+                work_fn: Any) -> Iterator[Message]:
+        """Run `work_fn(store, progress)` in a thread and yield what it writes to the store as messages;
+        an error there is raised here, after the messages it produced."""
         out: queue.Queue[Message] = queue.Queue()
-        store = ShardStore(db_path, existed, done, pre_edit, config, out.put)
+        store = ShardStore(db_path, runs, pre_edit, out.put)
         failure: list[BaseException] = []
         cancel = threading.Event()
 
@@ -98,7 +132,7 @@ class EditWorker:
 
         def work() -> None:
             try:
-                run(self.lm, self.requests, cfg, store, progress=tick, resume=True, shard=shard)  # type: ignore[arg-type]
+                work_fn(store, tick)
             except BaseException as e:  # handed to the generator, which raises it to the driver
                 failure.append(e)
             finally:

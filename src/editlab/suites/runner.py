@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from ..errors import EditlabError
 from ..paths import data_dir
@@ -107,31 +107,56 @@ def _run_id(lm: Any, plan: SuitePlan, method: str, hparams: Mapping[str, Any], s
     return f"{method}-suite-{plan.suite.name}-{digest}"
 
 
-def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, Mapping[str, Any]] | None = None,
-              seed: int = 0, resume: bool = True, progress: Progress | None = None) -> dict[str, str]:
-    """Run `plan` on `lm`; returns {method or "unedited": run id}. `hparams` maps a method to its
-    overrides. The model is restored after every unit; it must carry no edits when called."""
-    from ..methods import get_editor, restore_all
+def suite_runs(lm: Any, plan: SuitePlan, hparams: Mapping[str, Mapping[str, Any]] | None = None,
+               seed: int = 0) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, Any]]:
+    """The runs a suite fills, without running anything: ({method or "unedited": (run id, the fields
+    of its runs row)}, {method: resolved Hparams}). The same ids wherever it is computed."""
+    from ..methods import get_editor
     from ..runner.runner import versions
 
-    if lm.active_edits:
-        raise EditlabError("the model carries active edits; restore them before running a suite")
     suite, units = plan.suite, plan.units
     hparams = hparams or {}
     hps = {m: get_editor(m).hparams(lm, **dict(hparams.get(m, {}))) for m in plan.methods}
     config = {"suite": suite.name, "data": plan.data, "limit": plan.limit, "on_bad": plan.on_bad,
               "options": plan.options, "protocol": suite.protocol}
-    run_ids: dict[str, str] = {}
     vers = versions()
+    runs: dict[str, tuple[str, dict[str, Any]]] = {}
     for m in [UNEDITED, *plan.methods]:
         hp = hps[m].to_dict() if m in hps else {}
-        rid = _run_id(lm, plan, m, hp, seed)
-        existed = store.ensure_run(rid, model=lm.name, model_fingerprint=lm.base_fingerprint, method=m, mode="suite",
-                                   dataset=suite.name, n_requests=len(units), seed=seed, hparams=hp, config=config,
-                                   versions=vers)
+        runs[m] = (_run_id(lm, plan, m, hp, seed),
+                   dict(model=lm.name, model_fingerprint=lm.base_fingerprint, method=m, mode="suite", dataset=suite.name,
+                        n_requests=len(units), seed=seed, hparams=hp, config=config, versions=vers))
+    return runs, hps
+
+
+def check_resume(store: Any, runs: Mapping[str, tuple[str, dict[str, Any]]], resume: bool) -> dict[str, str]:
+    """Create the suite's runs in `store`; without `resume`, refuse a method run that already has rows.
+    Returns {method or "unedited": run id}."""
+    run_ids: dict[str, str] = {}
+    for m, (rid, fields) in runs.items():
+        existed = store.ensure_run(rid, **fields)
         if existed and not resume and m != UNEDITED and store.done_keys(rid):
             raise EditlabError(f"run {rid} already has rows in {store.path}; pass --resume to continue it")
         run_ids[m] = rid
+    return run_ids
+
+
+def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, Mapping[str, Any]] | None = None,
+              seed: int = 0, resume: bool = True, progress: Progress | None = None,
+              only: Collection[str] | None = None) -> dict[str, str]:
+    """Run `plan` on `lm`; returns {method or "unedited": run id}. `hparams` maps a method to its
+    overrides. `only` restricts the work to the units with these keys (the runs stay the whole
+    suite's, so shards run anywhere fill the same runs). The model is restored after every unit; it
+    must carry no edits when called."""
+    from ..methods import restore_all
+
+    if lm.active_edits:
+        raise EditlabError("the model carries active edits; restore them before running a suite")
+    suite = plan.suite
+    keys = None if only is None else set(only)
+    units = plan.units if keys is None else [u for u in plan.units if u.key in keys]
+    runs, hps = suite_runs(lm, plan, hparams, seed)
+    run_ids = check_resume(store, runs, resume)
     done = {m: store.done_keys(rid) for m, rid in run_ids.items()}
     tick = progress or (lambda i, n, msg: None)
     try:
