@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,8 +236,6 @@ def run_suite_on_ray(model: dict[str, Any], plan: Any, store: Store, spec: Execu
 class _Dispatch:
     """The driver's state between the start of the workers and the last committed row: the work loop,
     shared by edit runs and suites, which say how to plan, submit and resume their tasks."""
-
-    label = "run"
 
     def __init__(self, ray: Any, workers: list[_Worker], state_ref: Any, store: Store, spec: ExecutorSpec,
                  resume: bool, tick: Progress) -> None:
@@ -473,7 +472,8 @@ class _SuiteRun(_Dispatch):
         ray = self.ray
         lead = self.workers[0].handle
         self.tick(0, 1, "planning the suite's runs")
-        runs = self._get(lead.plan_suite.remote(self.plan, self.hparams, self.seed), "planning the runs")
+        self.plan_ref = ray.put(self.plan)  # the units travel once
+        runs = self._get(lead.plan_suite.remote(self.plan_ref, self.hparams, self.seed), "planning the runs")
         self.run_ids = check_resume(self.store, runs, self.resume)
         done = {m: self.store.done_keys(rid) for m, rid in self.run_ids.items()}
         todo = [i for i, u in enumerate(self.plan.units) if any(u.key not in d for d in done.values())]
@@ -482,8 +482,7 @@ class _SuiteRun(_Dispatch):
         self.total = len(todo)
         if tasks:
             self.tick(0, self.total, "computing the covariance statistics (once, on one worker)")
-            self._share_statistics(self._get(lead.warm_suite.remote(self.plan, self.hparams), "computing the statistics"))
-            self.plan_ref = ray.put(self.plan)
+            self._share_statistics(self._get(lead.warm_suite.remote(self.plan_ref, self.hparams), "computing the statistics"))
             self._dispatch(deque(tasks))
         return self.run_ids
 
@@ -508,8 +507,12 @@ class _SuiteRun(_Dispatch):
 
     def _handle(self, t: Task, msg: tuple[Any, ...]) -> None:
         if msg[0] == "row":  # progress counts units: a unit is done with its last method's row
-            if self.store.add_row(msg[1]):
+            row = msg[1]
+            if self.store.add_row(row):
                 self.rows += 1
+                if row.kind == "error":  # the worker's own warning does not reach this console
+                    warnings.warn(f"{row.run_id.split('-suite-')[0]} failed on {self.plan.suite.name} unit {row.row_key}: "
+                                  f"{row.metrics.get('error')} (recorded, left out of the means)", stacklevel=2)
             self._report()
             return
         if msg[0] == "tick":  # the suite runner ticks once per unit of the shard
