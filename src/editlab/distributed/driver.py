@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..errors import EditlabError, ExecutorError
 from ..requests import EditRequest
 from ..runner.config import RunConfig
-from ..runner.runner import RunPlan, chunk_starts, row_key
+from ..runner.runner import RunPlan, chunk_keys, chunk_size, chunk_starts
 from ..runner.store import Store
 from .spec import ExecutorSpec, local_cpus
 from .worker import EditWorker
@@ -70,9 +70,8 @@ def plan_tasks(cfg: RunConfig, n_requests: int, done: set[str], requests: Sequen
         if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
             return []
         return [Task(run, None, max(cfg.checkpoints))]
-    size = cfg.batch_size if cfg.mode == "batch" else 1
-    todo = [s for s in chunk_starts(cfg, n_requests)
-            if any(row_key(i, requests[i]) not in done for i in range(s, min(s + size, n_requests)))]
+    size = chunk_size(cfg)
+    todo = [s for s in chunk_starts(cfg, n_requests) if not done.issuperset(chunk_keys(cfg, requests, s))]
     if not todo:
         return []
     per = max(1, min(MAX_SHARD, -(-len(todo) // (n_workers * TASKS_PER_WORKER))))
@@ -436,8 +435,7 @@ class _EditRuns(_Dispatch):
         cfg, plan = self.configs[t.run], self.plans[t.run]
         keys = None
         if t.shard is not None:  # only the keys this shard could write
-            size = cfg.batch_size if cfg.mode == "batch" else 1
-            keys = {row_key(i, self.requests[i]) for s in t.shard for i in range(s, min(s + size, len(self.requests)))}
+            keys = {k for s in t.shard for k in chunk_keys(cfg, self.requests, s)}
         return w.handle.run_task.options(num_returns="streaming").remote(
             cfg, t.shard, str(Path(self.store.path).resolve()), self._runs_state([plan.run_id], keys), self.pre_ref)
 
@@ -448,9 +446,8 @@ class _EditRuns(_Dispatch):
             if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
                 return None
             return self._new(Task(t.run, None, t.units, t.attempts + 1, t.done_units))
-        size = cfg.batch_size if cfg.mode == "batch" else 1
-        left = [s for s in t.shard
-                if any(row_key(i, self.requests[i]) not in done for i in range(s, min(s + size, len(self.requests))))]
+        size = chunk_size(cfg)
+        left = [s for s in t.shard if not done.issuperset(chunk_keys(cfg, self.requests, s))]
         if not left:
             return None
         units = sum(min(size, len(self.requests) - s) for s in left)

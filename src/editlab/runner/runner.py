@@ -128,15 +128,24 @@ def plan_run(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest]) -> RunPlan
     return RunPlan(run_id, fields, hp)
 
 
+def chunk_size(cfg: RunConfig) -> int:
+    """Requests per edit of a single or batch run."""
+    return cfg.batch_size if cfg.mode == "batch" else 1
+
+
 def chunk_starts(cfg: RunConfig, n_requests: int) -> list[int]:
     """The first request index of each edit of a single or batch run (one edit per request or per batch)."""
-    size = cfg.batch_size if cfg.mode == "batch" else 1
-    return list(range(0, n_requests, size))
+    return list(range(0, n_requests, chunk_size(cfg)))
 
 
 def row_key(i: int, r: EditRequest) -> str:
     """The store key of request `i`'s row in a single or batch run."""
     return f"{i}:{r.case_id}"
+
+
+def chunk_keys(cfg: RunConfig, requests: Sequence[EditRequest], start: int) -> list[str]:
+    """The row keys of the edit that starts at request `start`."""
+    return [row_key(i, requests[i]) for i in range(start, min(start + chunk_size(cfg), len(requests)))]
 
 
 def run(
@@ -166,7 +175,7 @@ def run(
     key_of = row_key
 
     if cfg.mode in ("single", "batch"):
-        size = cfg.batch_size if cfg.mode == "batch" else 1
+        size = chunk_size(cfg)
         starts = chunk_starts(cfg, len(requests))
         if shard is not None:
             bad = sorted(set(shard) - set(starts))
