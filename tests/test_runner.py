@@ -154,13 +154,16 @@ def test_ctrl_c_keeps_rows_and_says_how_to_resume(tmp_path, monkeypatch):
 def test_killed_process_resumes_with_every_row_once(tmp_path):
     db = tmp_path / "r.db"
     cmd = [sys.executable, "-m", "editlab.cli", "eval", "--model", "tiny-trained-llama", "--method", "ft-m", "--data", "builtin",
-           "--limit", "12", "--db", str(db), "--set", "layer=0", "--set", "steps=10", "--set", "lr=0.01"]
+           "--limit", "12", "--db", str(db), "--set", "layer=0", "--set", "steps=300", "--set", "lr=0.0001",
+           "--set", "stop_nll=0"]
+    # stop_nll=0 makes every edit run all 300 steps (~0.8 s a row here): the 12 rows cannot all land
+    # between two polls, as they did on a fast CI machine with early-stopping 10-step edits
     env = dict(os.environ)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     n = 0
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.05)
         try:
             con = sqlite3.connect(db, timeout=1)
             n = con.execute("SELECT count(*) FROM rows").fetchone()[0]
