@@ -3,7 +3,8 @@ within tens of edits and MEMIT later, while methods that add parameters keep gen
 
     python benchmarks/sequential.py --methods grace,rome,memit --n 200 --checkpoints 10,50,100,200
 
-Records: the first --n records of the shipped counterfact_portability_gpt4.json (never used for tuning).
+Records: the first --n records of the shipped counterfact_portability_gpt4.json (never used for tuning),
+or, for tuning, --data counterfact-train --skip K (records K ... K+n-1 of the training split).
 Each method edits them one after the other; methods that can extend their previous edit (AlphaEdit's
 protected keys, GRACE's codebook, the other adapters' tables) do so with on=. At every checkpoint it
 prints, over ALL edits made so far:
@@ -32,6 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="alphaedit,memit,rome")
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--data", default="counterfact", help="dataset name (counterfact-train to tune)")
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first K records of --data")
     ap.add_argument("--checkpoints", default="10,50,100,200")
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--set", action="append", default=[], help="method:key=value override")
@@ -46,7 +49,7 @@ def main() -> None:
     from editlab.methods import restore_all
 
     lm = load_lm("smollm2-135m")
-    reqs = load_requests("counterfact", limit=args.n)
+    reqs = load_requests(args.data, limit=args.skip + args.n)[args.skip:]
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= len(reqs)} | {len(reqs)})
     wiki = (Path(os.environ["EDITLAB_DATA"]) / "wikitext" / "wikitext-2-raw-test.txt").read_text()
     windows = text_windows(lm, wiki, n_tokens=args.ppl_tokens)
@@ -80,7 +83,7 @@ def main() -> None:
                 system = prev.lm
                 point = (i, scores(system, i), perplexity(system, windows))
                 curve.append(point)
-                line = {"method": method, "edits": i, **point[1],
+                line = {"method": method, "data": f"{args.data}[{args.skip}:{args.skip + len(reqs)}]", "edits": i, **point[1],
                         "unedited": base_scores[i], "ppl": round(point[2], 2),
                         "ppl_unedited": round(base["ppl"], 2), "median_s_per_edit": round(med(times), 2),
                         "elapsed_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb())}

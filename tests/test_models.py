@@ -46,6 +46,25 @@ def test_next_token_logprobs_agree_with_score(tiny_lm):
         assert torch.isclose(row[s.target_ids[0]], s.logprobs[0], atol=1e-5)
 
 
+def test_next_token_and_score_in_one_pass_equal_the_separate_calls(tiny_lm, monkeypatch):
+    conts = ["Paris", "the capital of Italy"]
+    rows, scores = tiny_lm.next_token_and_score(PROMPTS, conts)
+    assert torch.allclose(rows, tiny_lm.next_token_logprobs(PROMPTS), atol=1e-5)
+    for c, got in zip(conts, scores):
+        for want, s in zip(tiny_lm.score(PROMPTS, [c] * len(PROMPTS)), got):
+            assert s.target_ids == want.target_ids and s.argmax_ids == want.argmax_ids
+            assert torch.allclose(s.logprobs, want.logprobs, atol=1e-5)
+    # and the prompts are run once: every next-token row is read inside a sequence that continues it
+    seen = []
+    real = type(tiny_lm).hidden_states
+    monkeypatch.setattr(type(tiny_lm), "hidden_states", lambda self, ids, mask: seen.append(int(mask.sum())) or real(self, ids, mask))
+    tiny_lm.next_token_and_score(PROMPTS, conts)
+    longest = {p: max(len(tiny_lm.encode_pair(p, c)[0]) + len(tiny_lm.encode_pair(p, c)[1]) for c in conts) for p in PROMPTS}
+    assert sum(seen) <= sum(len(tiny_lm.encode_pair(p, c)[0]) + len(tiny_lm.encode_pair(p, c)[1])
+                            for p in PROMPTS for c in conts)
+    assert sum(seen) >= sum(longest.values())
+
+
 def test_batched_generation_equals_one_at_a_time(tiny_lm):
     batched = tiny_lm.generate_ids(PROMPTS, 6)
     assert batched == [tiny_lm.generate_ids([p], 6)[0] for p in PROMPTS]

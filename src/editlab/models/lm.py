@@ -280,50 +280,54 @@ class LM:
     @torch.no_grad()
     def _score_positions(self, needs: list[tuple[tuple[int, ...], list[int]]]) -> list[torch.Tensor]:
         """For each (sequence, positions) return log-softmax rows [len(positions), V] at those positions."""
-        carriers, unique = self._carriers(s for s, _ in needs)
-        wanted: dict[int, set[int]] = {}  # the positions wanted per carrier
-        for seq, pos in needs:
-            wanted.setdefault(carriers[seq], set()).update(pos)
-        rows: dict[tuple[int, int], torch.Tensor] = {}
-        for keys, logits in self._logits_at(unique, wanted):
-            for k, row in zip(keys, torch.log_softmax(logits, dim=-1).cpu()):
-                rows[k] = row
-        return [torch.stack([rows[(carriers[seq], p)] for p in pos]) for seq, pos in needs]
+        return self._score_targets([], [], full=needs)[1]
 
     @torch.no_grad()
-    def _score_targets(self, needs: list[tuple[tuple[int, ...], list[int]]],
-                       targets: list[list[int]]) -> list[tuple[torch.Tensor, list[int]]]:
-        """For each (sequence, positions) and the token ids wanted at those positions: (log-probs of those
-        ids [len(positions)], argmax ids). Like `_score_positions`, but each batch is reduced to what was
-        asked (a log-sum-exp, an argmax and the wanted logits per position) instead of keeping full
-        vocabulary rows, so memory does not grow with the number of probes."""
-        carriers, unique = self._carriers(s for s, _ in needs)
+    def _score_targets(self, needs: list[tuple[tuple[int, ...], list[int]]], targets: list[list[int]],
+                       full: Sequence[tuple[tuple[int, ...], list[int]]] = ()
+                       ) -> tuple[list[tuple[torch.Tensor, list[int]]], list[torch.Tensor]]:
+        """For each (sequence, positions) of `needs` and the token ids wanted at those positions: (log-probs
+        of those ids [len(positions)], argmax ids); for each (sequence, positions) of `full`: log-softmax
+        rows [len(positions), V]. Both from one set of forward passes (a sequence that is a prefix of
+        another is computed inside it, so a prompt's next-token row comes with its targets' scores).
+        Each batch is reduced to what was asked (a log-sum-exp, an argmax and the wanted logits per
+        position) except the `full` rows, so memory does not grow with the number of scored targets."""
+        carriers, unique = self._carriers([s for s, _ in needs] + [s for s, _ in full])
         wanted: dict[int, dict[int, set[int]]] = {}  # carrier -> position -> token ids wanted there
         for (seq, pos), tgt in zip(needs, targets):
             at = wanted.setdefault(carriers[seq], {})
             for p, t in zip(pos, tgt):
                 at.setdefault(p, set()).add(int(t))
+        keep: set[tuple[int, int]] = set()
+        for seq, pos in full:
+            for p in pos:
+                wanted.setdefault(carriers[seq], {}).setdefault(p, set())
+                keep.add((carriers[seq], p))
         lse: dict[tuple[int, int], float] = {}
         top: dict[tuple[int, int], int] = {}
         picked: dict[tuple[int, int, int], float] = {}
+        rows_kept: dict[tuple[int, int], torch.Tensor] = {}
         for keys, logits in self._logits_at(unique, wanted):
-            norm = torch.logsumexp(logits, dim=-1).cpu().tolist()
+            norm = torch.logsumexp(logits, dim=-1)
             best = logits.argmax(-1).cpu().tolist()
             rows, cols, owners = [], [], []
             for j, key in enumerate(keys):
-                lse[key], top[key] = norm[j], best[j]
+                lse[key], top[key] = float(norm[j]), best[j]
+                if key in keep:
+                    rows_kept[key] = (logits[j] - norm[j]).cpu()
                 for t in wanted[key[0]][key[1]]:
                     rows.append(j)
                     cols.append(t)
                     owners.append((key[0], key[1], t))
-            vals = logits[torch.tensor(rows), torch.tensor(cols)].cpu().tolist()
-            picked.update(zip(owners, vals))
+            if rows:
+                vals = logits[torch.tensor(rows), torch.tensor(cols)].cpu().tolist()
+                picked.update(zip(owners, vals))
         out = []
         for (seq, pos), tgt in zip(needs, targets):
             ci = carriers[seq]
             lp = [picked[(ci, p, int(t))] - lse[(ci, p)] for p, t in zip(pos, tgt)]
             out.append((torch.tensor(lp, dtype=torch.float32), [top[(ci, p)] for p in pos]))
-        return out
+        return out, [torch.stack([rows_kept[(carriers[seq], p)] for p in pos]) for seq, pos in full]
 
     # ----------------------------------------------------------------- the LM calls
     @torch.no_grad()
@@ -350,14 +354,38 @@ class LM:
         """Teacher-forced log-probs and argmax predictions of each continuation after its prompt."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        needs, targets = self._teacher_forced(prompts, continuations)
+        return [ContinuationScore(target_ids=list(t_ids), logprobs=lp, argmax_ids=am)
+                for t_ids, (lp, am) in zip(targets, self._score_targets(needs, targets)[0])]
+
+    def _teacher_forced(self, prompts: Sequence[str], continuations: Sequence[str]
+                        ) -> tuple[list[tuple[tuple[int, ...], list[int]]], list[list[int]]]:
         needs, targets = [], []
         for p, c in zip(prompts, continuations):
             p_ids, t_ids = self.encode_pair(p, c)
             seq, pos = teacher_forcing(p_ids, t_ids)
             needs.append((tuple(seq), pos))
             targets.append(t_ids)
-        return [ContinuationScore(target_ids=list(t_ids), logprobs=lp, argmax_ids=am)
-                for t_ids, (lp, am) in zip(targets, self._score_targets(needs, targets))]
+        return needs, targets
+
+    def next_token_and_score(self, prompts: Sequence[str], continuations: Sequence[str]
+                             ) -> tuple[torch.Tensor, list[list[ContinuationScore]]]:
+        """`next_token_logprobs(prompts)` and, per continuation c, `score(prompts, [c] * len(prompts))`, in
+        one set of forward passes: each prompt's next-token row is read inside a sequence that continues
+        it, so a prompt is run once for its distribution and all its continuations (the playground's
+        probe: three passes' worth of rows become two). Same numbers as the separate calls, up to the
+        float noise of a different batch layout."""
+        needs, targets = self._teacher_forced([p for _ in continuations for p in prompts],
+                                              [c for c in continuations for _ in prompts])
+        full = []
+        for p in prompts:
+            ids = tuple(self.encode_prompt(p))
+            full.append((ids, [len(ids) - 1]))
+        scored, rows = self._score_targets(needs, targets, full=full)
+        n = len(prompts)
+        scores = [ContinuationScore(target_ids=list(t_ids), logprobs=lp, argmax_ids=am)
+                  for t_ids, (lp, am) in zip(targets, scored)]
+        return torch.cat(rows, dim=0) if rows else torch.zeros(0), [scores[i * n:(i + 1) * n] for i in range(len(continuations))]
 
     def logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[torch.Tensor]:
         """Per-token log-probabilities of each continuation given its prompt (list of 1-D tensors)."""

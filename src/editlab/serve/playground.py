@@ -32,6 +32,7 @@ from ..methods import get_editor
 from ..methods.catalogue import METHODS
 from ..methods.edit import Edit
 from ..methods.edit_folder import check_save_target
+from ..models.lm import LM
 from ..requests import EditRequest, _context_limit, check_fits
 
 PROBE_KINDS = ("paraphrase", "neighbour", "free")
@@ -159,16 +160,16 @@ class Playground:
                 raise RuntimeError("uncached measurements of another state")  # callers suspend the top edit first
             system = self.lm.edited
             prompts = list(dict.fromkeys(items[i] for i in missing))
-            probs = system.next_token_logprobs(prompts).float().exp()
             targets = [x for x in (new, true) if x]
-            scores = system.score([p for _ in targets for p in prompts], [x for x in targets for _ in prompts])
+            logprobs, scores = _next_and_scores(system, prompts, targets)
+            probs = logprobs.float().exp()
             tok = self.lm.tokenizer
             measured = {}
             for j, p in enumerate(prompts):
                 values, ids = probs[j].topk(self.top_k)
                 row: dict[str, Any] = {"prompt": p, "top": [[tok.decode([int(x)]), round(float(v), 6)] for v, x in zip(values, ids)]}
                 for n, (name, x) in enumerate((k, x) for k, x in (("p_new", new), ("p_true", true)) if x):
-                    row[name] = round(math.exp(float(scores[n * len(prompts) + j].logprobs.sum())), 6)
+                    row[name] = round(math.exp(float(scores[n][j].logprobs.sum())), 6)
                 measured[p] = (row, probs[j].clone())
             if 0 in missing:
                 row, dist = measured[prompt]
@@ -335,6 +336,17 @@ class Playground:
         hits = [g.strip().casefold().startswith(a.strip().casefold()) for g, (_, a) in zip(answers, questions)]
         rows.append(("portability (answer first)", len(questions), mean(hits)))
         return rows
+
+
+def _next_and_scores(system: Any, prompts: list[str], targets: list[str]) -> tuple[torch.Tensor, list[list[Any]]]:
+    """Next-token log-probs of `prompts` and the score of every target after every prompt. A plain `LM`
+    reads both from one set of forward passes (`LM.next_token_and_score`); an LM view (which may rewrite
+    prompts, so it must answer each call itself) is asked twice."""
+    if isinstance(system, LM):
+        return system.next_token_and_score(prompts, targets)
+    flat = system.score([p for _ in targets for p in prompts], [x for x in targets for _ in prompts])
+    n = len(prompts)
+    return system.next_token_logprobs(prompts), [flat[i * n:(i + 1) * n] for i in range(len(targets))]
 
 
 def _folder(folder: str) -> Path:
