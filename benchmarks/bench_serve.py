@@ -4,7 +4,7 @@ five new prompts, measured before and after the edit), then 200 probe requests (
 and one new prompt each) from 8 concurrent clients; prints median and p95 latency, errors, and whether
 the model's weights are unchanged by the probes.
 
-    python benchmarks/bench_serve.py [--requests 200] [--clients 8] [--model smollm2-135m]
+    python benchmarks/bench_serve.py [--requests 200] [--clients 8] [--model smollm2-135m] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def pct(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights' dtype (bfloat16 runs about 3x faster than float32 on CPUs with AVX512-BF16)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
@@ -45,7 +47,15 @@ def main() -> None:
     from editlab.serve import Playground, create_app
     from editlab.serve.app import STATIC
 
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, dtype=args.dtype)
+    # the target is the first edit with statistics cached: compute (or read) ROME's statistics first
+    from editlab.methods import get_editor
+    from editlab.stats import second_moments
+
+    hp = get_editor("rome").hparams(lm)
+    t = time.perf_counter()
+    second_moments(lm, hp.statistics_layers(), hp.corpus, hp.mom2_n_tokens)
+    print(f"{args.dtype}: ROME statistics ready in {time.perf_counter() - t:.1f} s (cached on disk after the first run)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
