@@ -33,6 +33,8 @@ def _ie_row(tr, pos) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights' dtype (bfloat16 runs about 3x faster than float32 on CPUs with AVX512-BF16)")
     ap.add_argument("--prompt", default="The Colosseum is located in the city of")
     ap.add_argument("--subject", default="Colosseum")
     ap.add_argument("--facts", type=int, default=40, help="known facts to average over (0: skip)")
@@ -49,7 +51,7 @@ def main() -> None:
     from editlab.tracing import CausalTracer, UnknownFactError, average_traces, known_by_model, load_knowns, parse_kinds
 
     print(f"torch threads: {torch.get_num_threads()}")
-    lm = load_lm(args.model)
+    lm = load_lm(args.model, dtype=args.dtype)
     tracer = CausalTracer(lm, samples=args.samples)
     t = _clock()
     std = tracer.noise_std
