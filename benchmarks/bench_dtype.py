@@ -5,7 +5,7 @@ forward-pass throughput of the model, so a user can decide whether the faster dt
 
 Each record is edited alone (single edits, restored after) in each dtype; prints efficacy, paraphrase
 and neighbourhood scores with the unedited model's values, the median seconds per edit, and tokens/s
-of a 50 x 10-token forward pass. Defaults use tuning records (counterfact-train), as this is a
+of a 50 x 10-token forward pass of the backbone (without the LM head). Defaults use tuning records (counterfact-train), as this is a
 precision comparison, not a reported result. Statistics are computed per dtype (the cache keys them
 by the weights) and timed apart.
 """
@@ -69,7 +69,7 @@ def main() -> None:
             return sum(vals) / len(vals) if vals else float("nan")
 
         scores = ", ".join(f"{k} {mean(rows, k):.3f} ({mean(base, k):.3f})" for k in METRICS)
-        print(f"{dtype}: forward {tps:.0f} tokens/s; statistics {stats_s:.1f} s; median {statistics.median(times):.2f} s "
+        print(f"{dtype}: backbone forward {tps:.0f} tokens/s; statistics {stats_s:.1f} s; median {statistics.median(times):.2f} s "
               f"per edit; edited (unedited): {scores}", flush=True)
 
 

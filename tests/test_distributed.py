@@ -195,7 +195,7 @@ def test_ctrl_c_keeps_the_committed_rows_and_resume_finishes_the_run(local_ray, 
     monkeypatch.setenv("EDITLAB_HOME", str(local_ray))
     requests = load_requests("builtin", limit=12)
     store = Store(tmp_path / "int.db")
-    # every edit runs all its steps (stop_nll=0), so the workers are still busy when row 3 lands
+    # every edit runs all its steps (stop_nll=0), so the workers are still busy when the run is interrupted
     cfg = RunConfig(method="ft-m", hparams={"steps": 60, "lr": 1e-4, "stop_nll": 0.0})
 
     def interrupt(i: int, n: int, msg: str) -> None:

@@ -86,6 +86,6 @@ def test_alphaedit_moves_wikitext_keys_only_through_the_null_space(smollm2, data
     bound = torch.linalg.matrix_norm(d, 2) * (generic @ p).norm(dim=1)
     assert (moved <= bound * (1 + 1e-4) + 1e-9).all()
     # the null space holds the share 1 - energy of the statistics' key energy; keys of unseen text carry
-    # about as much of theirs there (not more than 1.5 times it), so most of a generic key cannot move
+    # about as much of theirs there (not more than 1.5 times it): most of a generic key's energy cannot move
     share = float((generic @ p).norm(dim=1).pow(2).sum() / generic.norm(dim=1).pow(2).sum())
     assert hp.null_space == "energy" and share < 1.5 * (1 - hp.null_space_energy), share

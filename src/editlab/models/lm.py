@@ -310,11 +310,15 @@ class LM:
         for keys, logits in self._logits_at(unique, wanted):
             norm = torch.logsumexp(logits, dim=-1)
             best = logits.argmax(-1).cpu().tolist()
+            norms = norm.cpu().tolist()  # one device-to-host copy per batch, not one per position
+            kept = [j for j, key in enumerate(keys) if key in keep]
+            if kept:
+                at = torch.tensor(kept, device=logits.device)
+                for j, row in zip(kept, (logits[at] - norm[at, None]).cpu()):
+                    rows_kept[keys[j]] = row
             rows, cols, owners = [], [], []
             for j, key in enumerate(keys):
-                lse[key], top[key] = float(norm[j]), best[j]
-                if key in keep:
-                    rows_kept[key] = (logits[j] - norm[j]).cpu()
+                lse[key], top[key] = norms[j], best[j]
                 for t in wanted[key[0]][key[1]]:
                     rows.append(j)
                     cols.append(t)

@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +109,13 @@ class Playground:
 
     def _on_model_thread(self, fn: Callable[[], T]) -> T:
         """Run `fn` (model work; the caller holds the lock) on the model thread and return its result."""
-        return self._model_thread.submit(fn).result()
+        future = self._model_thread.submit(fn)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.done():  # interrupted while waiting: keep the lock until the work has finished
+                wait([future])
+            raise
 
     @contextmanager
     def _without_top(self) -> Iterator[None]:
