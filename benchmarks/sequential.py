@@ -50,6 +50,8 @@ def main() -> None:
 
     lm = load_lm("smollm2-135m")
     reqs = load_requests(args.data, limit=args.skip + args.n)[args.skip:]
+    if not reqs:
+        ap.error(f"--skip {args.skip} leaves no records of {args.data}")
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= len(reqs)} | {len(reqs)})
     wiki = (Path(os.environ["EDITLAB_DATA"]) / "wikitext" / "wikitext-2-raw-test.txt").read_text()
     windows = text_windows(lm, wiki, n_tokens=args.ppl_tokens)

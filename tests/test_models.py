@@ -54,6 +54,8 @@ def test_next_token_and_score_in_one_pass_equal_the_separate_calls(tiny_lm, monk
         for want, s in zip(tiny_lm.score(PROMPTS, [c] * len(PROMPTS)), got):
             assert s.target_ids == want.target_ids and s.argmax_ids == want.argmax_ids
             assert torch.allclose(s.logprobs, want.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tiny_lm.next_token_and_score([], conts)
     # and the prompts are run once: every next-token row is read inside a sequence that continues it
     seen = []
     real = type(tiny_lm).hidden_states

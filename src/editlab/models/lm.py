@@ -379,6 +379,8 @@ class LM:
         it, so a prompt is run once for its distribution and all its continuations (the playground's
         probe: three passes' worth of rows become two). Same numbers as the separate calls, up to the
         float noise of a different batch layout."""
+        if not prompts:
+            raise ValueError("next_token_and_score needs at least one prompt")
         needs, targets = self._teacher_forced([p for _ in continuations for p in prompts],
                                               [c for c in continuations for _ in prompts])
         full = []
@@ -389,7 +391,7 @@ class LM:
         n = len(prompts)
         scores = [ContinuationScore(target_ids=list(t_ids), logprobs=lp, argmax_ids=am)
                   for t_ids, (lp, am) in zip(targets, scored)]
-        return torch.cat(rows, dim=0) if rows else torch.zeros(0), [scores[i * n:(i + 1) * n] for i in range(len(continuations))]
+        return torch.cat(rows, dim=0), [scores[i * n:(i + 1) * n] for i in range(len(continuations))]
 
     def logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[torch.Tensor]:
         """Per-token log-probabilities of each continuation given its prompt (list of 1-D tensors)."""
