@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON-lines file to append results to")
     ap.add_argument("--plot", default=None, help="PNG path for the ES / perplexity curves")
     args = ap.parse_args()
+    if args.skip < 0 or args.n < 1:
+        ap.error("--skip must be >= 0 and --n >= 1")
 
     from editlab import get_editor, load_lm
     from editlab.data import load_requests

@@ -100,6 +100,7 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_no_row(local_ray, tmp_path
     requests = load_requests("builtin", limit=30)
     store = Store(tmp_path / "kill.db")
     killed: list[int] = []
+    rows_at_kill: list[int] = []
     messages: list[str] = []
 
     def progress(i: int, n: int, msg: str) -> None:
@@ -112,6 +113,7 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_no_row(local_ray, tmp_path
             if "EditWorker.run_task" in title:
                 os.kill(p.info["pid"], signal.SIGKILL)
                 killed.append(p.info["pid"])
+                rows_at_kill.append(int(head))
                 return
 
     # every edit runs all its steps (stop_nll=0), so the workers are still busy when row 3 lands
@@ -119,6 +121,7 @@ def test_a_worker_killed_mid_run_loses_and_duplicates_no_row(local_ray, tmp_path
     (rid,) = run_on_ray({"name": MODEL}, requests, [cfg], store, ExecutorSpec("ray", workers=2, max_retries=3),
                         resume=False, progress=progress)
     assert killed, "no worker was found to kill (the test did not exercise a failure)"
+    assert rows_at_kill[0] < len(requests), "the worker was killed after every row had landed"
     assert any("a worker died" in m for m in messages)
     rows = list(sqlite3.connect(tmp_path / "kill.db").execute("SELECT row_key, case_id FROM rows WHERE run_id=?", (rid,)))
     # every request has its row (the store's key makes a second copy impossible; none was lost)

@@ -213,3 +213,16 @@ def test_review_regressions_answer_400_not_500(client, lm, monkeypatch):
     r = client.post("/api/check", json={"paraphrases": ["The capital of France is " + "very " * 600]})
     assert r.status_code == 400 and "context" in r.json()["error"]
     assert [e["method"] for e in client.get("/api/stack").json()] == ["rome"]
+
+
+def test_closed_playground_refuses_model_work_and_leaves_the_model_alone(lm):
+    from editlab.errors import BusyError
+
+    restore_all(lm)
+    pg = Playground(lm)
+    assert pg.probe(prompt=FACT["prompt"])["after"]
+    fingerprint = lm.fingerprint()
+    pg.close()
+    with pytest.raises(BusyError, match="closed"):
+        pg.apply("rome", FACT["prompt"], FACT["subject"], FACT["target"])
+    assert lm.fingerprint() == fingerprint and not lm.active_edits

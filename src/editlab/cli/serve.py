@@ -63,7 +63,11 @@ def serve(model: ModelOptions = ModelOptions(),
     from ..serve import Playground, create_app
 
     lm = load_model(model)
-    app = create_app(Playground(lm))
+    playground = Playground(lm)
+    app = create_app(playground)
     shown = f"[{host}]" if ":" in host else host
     console.print(f"editlab playground on [bold]http://{shown}:{port}/[/] ({lm.name}); API docs at /docs; Ctrl-C stops it")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        playground.close()

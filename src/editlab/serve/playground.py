@@ -88,6 +88,11 @@ class Playground:
         self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = OrderedDict()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editlab-model")
 
+    def close(self) -> None:
+        """Stop the model thread once the work already handed to it has finished (the server has stopped).
+        Later model operations raise `BusyError`."""
+        self._model_thread.shutdown(wait=True)
+
     def status(self) -> dict[str, Any]:
         """What the playground is doing now (the page polls this while an edit runs)."""
         act = self._activity
@@ -109,7 +114,10 @@ class Playground:
 
     def _on_model_thread(self, fn: Callable[[], T]) -> T:
         """Run `fn` (model work; the caller holds the lock) on the model thread and return its result."""
-        future = self._model_thread.submit(fn)
+        try:
+            future = self._model_thread.submit(fn)
+        except RuntimeError:  # shut down by close()
+            raise BusyError("the playground has been closed; start it again to edit") from None
         try:
             return future.result()
         except BaseException:
