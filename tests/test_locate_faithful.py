@@ -263,3 +263,27 @@ def test_chunk_rows_must_be_positive():
         optimize_values(load_lm("tiny-llama"), [REQ], ["{}"], "model.layers.1.mlp.down_proj", cfg(chunk_rows=0))
     with pytest.raises(HparamsError):
         get_editor("rome").hparams(load_lm("tiny-llama"), v_chunk_rows=0)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_replaying_blocks_below_the_edit_layer_changes_no_delta(model):
+    """Blocks below the edited layer see the same inputs at every step, so after the first step they are
+    replayed rather than recomputed: the deltas, initial values and losses equal those of full passes,
+    and block 0 runs once per request chunk instead of once per step."""
+    lm = load_lm(model)
+    reqs = _four_requests(lm)
+    templates = ["{}", "One two three. {}"]
+    kw = dict(steps=6, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0)
+    calls = []
+    with hooks(lm.model, forward={lm.arch.block_path(0): lambda *_: calls.append(1)}):
+        full, init_f, info_f = optimize_values(lm, reqs, templates, lm.arch.mlp_out_path(2), cfg(layer_replay=False, **kw))
+        n_full = len(calls)
+        calls.clear()
+        fast, init_r, info_r = optimize_values(lm, reqs, templates, lm.arch.mlp_out_path(2), cfg(**kw))
+    assert info_r["steps"] == info_f["steps"] == [6] * 4
+    # one prefix pass, then every step runs block 0 (full) or only step 0 does (replayed; the once-per-LM
+    # check replays too)
+    assert n_full == 1 + 6 and len(calls) == 1 + 1
+    assert torch.allclose(init_r, init_f, atol=1e-6)
+    assert torch.allclose(fast, full, atol=1e-5, rtol=1e-5) and full.norm() > 0
+    assert info_r["final_loss"] == pytest.approx(info_f["final_loss"], rel=1e-5, abs=1e-7)

@@ -73,3 +73,32 @@ def capture(
             run()
         except StopForward:
             pass
+
+
+class ReplayBlock(torch.nn.Module):
+    """Stands in for a transformer block whose output is known: returns `output` (in the block's own
+    output structure) whatever it is given."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def blocks_replayed(model: torch.nn.Module, layers_path: str, n: int, output: Any) -> Iterator[None]:
+    """For the duration of the block, blocks 0 … n-1 of the ModuleList at `layers_path` return `output`
+    instead of computing: the model's forward then starts at block n with `output` as its input (the
+    blocks in between hand on the same value, which only the last one's successor reads). The original
+    blocks are put back whatever happens."""
+    blocks = model.get_submodule(layers_path)
+    originals = [blocks[j] for j in range(n)]
+    try:
+        for j in range(n):
+            blocks[j] = ReplayBlock(output)
+        yield
+    finally:
+        for j, module in enumerate(originals):
+            blocks[j] = module

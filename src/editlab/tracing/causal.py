@@ -19,6 +19,7 @@ whose result is known (both are checked against the plain computation in the tes
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from ..errors import UnsupportedArchitectureError
-from ..hooks import hooks, output_tensor, replace_output
+from ..hooks import blocks_replayed, hooks, output_tensor, replace_output
 from .kinds import DEFAULT_WINDOWS, KINDS, KindSpec, TracingError, UnknownFactError, parse_kinds  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -164,19 +165,6 @@ def answer_token(lm: LM, prompt: str, answer: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- machinery
-class _Replay(torch.nn.Module):
-    """Stands in for a block below the first restored layer: returns a stored state (the corrupted
-    run's, which the skipped blocks would have recomputed) in the block's own output structure."""
-
-    def __init__(self, state: torch.Tensor, template: Any) -> None:
-        super().__init__()
-        self.state = state
-        self.template = template
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.state if self.template is None else replace_output(self.template, self.state)
-
-
 @dataclass
 class _Restoration:
     token: int
@@ -427,8 +415,7 @@ class CausalTracer:
             rows = torch.tensor([s * R + r for s in range(S) for r in rs], device=lm.device)
             fwd[self._paths[kind][layer]] = self._patch_hook(rows, token - start, prep.clean[kind][layer][token])
         kwargs: dict[str, Any] = {}
-        swapped: dict[int, torch.nn.Module] = {}
-        layers = lm.module(lm.arch.layers)
+        replay = contextlib.nullcontext()
         if fast:
             first_run = min(min(r.layers) for r in chunk) + (1 if kind == "hidden" else 0)
             if token > 0:
@@ -438,21 +425,17 @@ class CausalTracer:
                         for k, v in prep.corrupted_kv]  # type: ignore[union-attr]
                 kwargs = {"cache": DynamicCache(data, config=lm.config), "use_cache": True}
             if first_run > 0:
-                # only the last replayed state is read; the blocks below it hand on the same tensor
+                # blocks below the first restored layer replay the corrupted run's output of the last of them
                 state = prep.corrupted_blocks[first_run - 1][:, start:].repeat_interleave(R, dim=0)
-                for j in range(first_run):
-                    swapped[j] = layers[j]
-                    layers[j] = _Replay(state, prep.block_templates[j])
+                template = prep.block_templates[first_run - 1]
+                replay = blocks_replayed(lm.model, lm.arch.layers, first_run,
+                                         state if template is None else replace_output(template, state))
             if first_run == 0:
                 fwd[lm.arch.embed] = self._noise_hook(prep.noise, prep.subj, start, R)
         else:
             fwd[lm.arch.embed] = self._noise_hook(prep.noise, prep.subj, 0, R)
-        try:
-            with torch.no_grad(), hooks(lm.model, forward=fwd):
-                hid = lm.backbone_forward(ids, mask, **kwargs)
-        finally:
-            for j, module in swapped.items():
-                layers[j] = module
+        with torch.no_grad(), replay, hooks(lm.model, forward=fwd):
+            hid = lm.backbone_forward(ids, mask, **kwargs)
         p = self._probs(hid[:, -1])[:, prep.answer_id].view(S, R).mean(0)
         return p.tolist()
 

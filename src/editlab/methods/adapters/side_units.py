@@ -225,17 +225,6 @@ def edit_is_own_rows(edit: Any, path: str) -> bool:
     return True
 
 
-class _Replay(torch.nn.Module):
-    """Stands in for a block during `FrozenPrefix` replays: returns that block's recorded output."""
-
-    def __init__(self, output: Any) -> None:
-        super().__init__()
-        self.output = output
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.output
-
-
 class FrozenPrefix:
     """Forward passes for training units in block `layer`: the blocks below it see the same inputs at
     every step and hold nothing that trains, so their outputs are recorded once per batch (one full
@@ -265,15 +254,10 @@ class FrozenPrefix:
         return outs, full
 
     def _replayed(self, outs: list[Any], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        blocks = self.lm.model.get_submodule(self.lm.arch.layers)
-        originals = [blocks[j] for j in range(self.layer)]
-        try:
-            for j in range(self.layer):
-                blocks[j] = _Replay(outs[j])
+        from ...hooks import blocks_replayed
+
+        with blocks_replayed(self.lm.model, self.lm.arch.layers, self.layer, outs[-1]):
             return self.lm.hidden_states(ids, mask)
-        finally:
-            for j in range(self.layer):
-                blocks[j] = originals[j]
 
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the batch (with gradients through blocks `layer..`)."""
