@@ -44,6 +44,8 @@ def main() -> None:
     if args.skip < 0 or args.n < 1:
         ap.error("--skip must be >= 0 and --n >= 1")
 
+    from tqdm import tqdm
+
     from editlab import get_editor, load_lm
     from editlab.data import load_requests
     from editlab.eval import evaluate_requests, pre_edit
@@ -80,7 +82,7 @@ def main() -> None:
         hp = ed.hparams(lm, **overrides)
         prev, times, curve = None, [], []
         t0 = time.perf_counter()
-        for i, r in enumerate(reqs, 1):
+        for i, r in enumerate(tqdm(reqs, desc=f"{method} edits", mininterval=10), 1):
             prev, t = timed(ed.apply, lm, r, hp, on=prev if ed.supports_on else None)
             times.append(t)
             if i in checkpoints:
