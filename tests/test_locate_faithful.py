@@ -287,3 +287,35 @@ def test_replaying_blocks_below_the_edit_layer_changes_no_delta(model):
     assert torch.allclose(init_r, init_f, atol=1e-6)
     assert torch.allclose(fast, full, atol=1e-5, rtol=1e-5) and full.norm() > 0
     assert info_r["final_loss"] == pytest.approx(info_f["final_loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("case", ["pmet-paths", "block-path-chunks", "no-cache-budget"])
+def test_replay_equals_full_passes_with_early_stops_chunks_and_paths(case):
+    """Requests stopping part-way (replayed rows are a subset of the recorded ones), several chunks,
+    PMET's two paths, MEMIT's whole-block path and runners rebuilt at every step (no replay there)."""
+    lm = load_lm("tiny-llama")
+    reqs = _four_requests(lm)
+    templates = ["{}", "One two three. {}"]
+    if case == "pmet-paths":
+        from editlab.methods.locate.pmet import mlp_module_path
+
+        paths = [f"{lm.arch.block_path(2)}.{lm.arch.attn_out}", mlp_module_path(lm, 2)]
+    else:
+        paths = lm.arch.block_path(2)
+    kw = dict(steps=8, lr=0.5, kl_factor=0.0625, weight_decay=0.0, clamp_norm_factor=10.0,
+              chunk_rows={"pmet-paths": 64, "block-path-chunks": 3, "no-cache-budget": 64}[case],
+              cache_mb=0 if case == "no-cache-budget" else 256)
+    hist = optimize_values(lm, reqs, templates, paths, cfg(**kw))[2]["loss_history"]
+    # a threshold at which some request stops part-way and another runs every step
+    kw["stop_loss"] = next(v + 1e-6 for h in hist[1:] for v in sorted(h) if v > 0
+                           and any(h2[r] < v + 1e-6 for h2 in hist[1:-1] for r in range(4))
+                           and any(all(h2[r] >= v + 1e-6 for h2 in hist) for r in range(4)))
+    full, init_f, info_f = optimize_values(lm, reqs, templates, paths, cfg(layer_replay=False, **kw))
+    fast, init_r, info_r = optimize_values(lm, reqs, templates, paths, cfg(**kw))
+    if case != "no-cache-budget":  # runners rebuilt at every step never replay
+        assert lm.cache["locate.suffix_replay_exact"] is True  # replay was checked and used on this model
+    assert any(n < 8 for n in info_f["steps"]) and 8 in info_f["steps"]
+    assert info_r["steps"] == info_f["steps"]
+    assert torch.allclose(init_r, init_f, atol=1e-6)
+    assert torch.allclose(fast, full, atol=1e-5, rtol=1e-5) and full.norm() > 0
+    assert info_r["final_loss"] == pytest.approx(info_f["final_loss"], rel=1e-5, abs=1e-7)

@@ -239,17 +239,12 @@ class FrozenPrefix:
         self._records: dict[int, list[Any]] = {}
 
     def _record(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[Any], torch.Tensor]:
+        """(outputs of block `layer`-1, one per call of it: exactly one where the backbone chains its
+        blocks), the batch's full final hidden states."""
         from ...hooks import hooks
 
-        outs: list[Any] = [None] * self.layer
-
-        def keep(j: int) -> Any:
-            def fn(_m: Any, _a: Any, out: Any) -> None:
-                outs[j] = out
-            return fn
-
-        layers = self.lm.arch.layers
-        with torch.no_grad(), hooks(self.lm.model, forward={f"{layers}.{j}": keep(j) for j in range(self.layer)}):
+        outs: list[Any] = []
+        with torch.no_grad(), hooks(self.lm.model, forward={self.lm.arch.block_path(self.layer - 1): lambda _m, _a, o: outs.append(o)}):
             full = self.lm.hidden_states(ids, mask)
         return outs, full
 
@@ -268,7 +263,7 @@ class FrozenPrefix:
             outs, full = self._record(ids, mask)
             try:
                 with torch.no_grad():
-                    same = all(o is not None for o in outs) and torch.allclose(
+                    same = len(outs) == 1 and torch.allclose(
                         self._replayed(outs, ids, mask), full, rtol=1e-5, atol=1e-5)
             except (AttributeError, TypeError, IndexError, RuntimeError):
                 same = False

@@ -145,15 +145,17 @@ class SuffixRunner:
     `replay_below=l`: nothing added during the runs sits below block l, so blocks 0 … l-1 give the same
     output at every call. The first call over all rows records block l-1's output and later calls
     replay it (`hooks.blocks_replayed`), computing only blocks l… . Whether a replayed pass equals a full
-    one is checked once per LM (on any difference it is never used for that LM)."""
+    one is checked once per LM (on any difference it is never used for that LM). Hooks on modules inside
+    the replayed blocks fire on the first call only."""
 
     def __init__(self, lm: LM, seqs: Sequence[Sequence[int]], edit_pos: Sequence[int], replay_below: int = 0) -> None:
         import copy
 
         self._copy = copy.deepcopy
         self.lm = lm
-        self._below = replay_below if replay_below > 0 and lm.cache.get(_REPLAY_CHECKED, True) else 0
+        self._below = 0
         self._state: tuple[torch.Tensor, Any] | None = None  # block l-1's output (tensor, structure)
+        self.replay_below(replay_below)
         self._cache_kw = lm.cache_kwarg
         plen = [int(e) for e in edit_pos]
         P = max(plen)
@@ -175,15 +177,20 @@ class SuffixRunner:
             self.full_mask = suf_mask.to(dev)
 
     def nbytes(self) -> int:
-        """Bytes held by the prefixes' KV cache."""
+        """Bytes held by the prefixes' KV cache and the recorded block output (once recorded)."""
+        state = 0 if self._state is None else self._state[0].numel() * self._state[0].element_size()
         if self.cache is None:
-            return 0
+            return state
         layers = getattr(self.cache, "layers", None)
         if layers is not None:
-            return sum(t.numel() * t.element_size() for layer in layers
-                       for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
-        return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(self.cache)
-                   if isinstance(t, torch.Tensor))
+            return state + sum(t.numel() * t.element_size() for layer in layers for t in
+                               (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+        return state + sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(self.cache)
+                           if isinstance(t, torch.Tensor))
+
+    def replay_below(self, layer: int) -> None:
+        """Replay blocks 0 … layer-1 from the second call on (0: never); set before the first call."""
+        self._below = layer if layer > 0 and self.lm.cache.get(_REPLAY_CHECKED, True) else 0
 
     def _kwargs(self, idx: torch.Tensor, every_row: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"position_ids": self.suf_pos[idx]}
@@ -218,7 +225,7 @@ class SuffixRunner:
                 again = self.lm.backbone_forward(ids, mask, **self._kwargs(idx, every_row))
             self.lm.cache[_REPLAY_CHECKED] = bool(torch.allclose(again.float(), hid.detach().float(), rtol=1e-4, atol=1e-5))
         if self.lm.cache[_REPLAY_CHECKED]:
-            self._state = (state, None if isinstance(got[0], torch.Tensor) else got[0])
+            self._state = (state, None if isinstance(got[0], torch.Tensor) else out)
         else:
             self._below = 0
         return hid
@@ -361,6 +368,7 @@ def optimize_values(
     runners: dict[int, tuple[SuffixRunner, list[int]]] = {}
     depths = [_depth(lm, path)[0] for path in paths]
     replay_below = min(depths) if cfg.layer_replay and max(depths) < 10**6 else 0
+    state_bytes = torch.empty(0, dtype=lm.dtype).element_size()
     budget = cfg.cache_mb * 2**20
     cached_bytes = [0]
 
@@ -376,10 +384,11 @@ def optimize_values(
             else:
                 # only the chunk's active rows: a rebuilt runner never holds finished requests
                 all_rows = rows if cached_bytes[0] >= budget else [i for r in chunks[c] for i in req_rows[r]]
-                runner = SuffixRunner(lm, [rows_ids[i] for i in all_rows], [row_edit_pos[i] for i in all_rows],
-                                      replay_below=replay_below)
-                size = runner.nbytes()
+                runner = SuffixRunner(lm, [rows_ids[i] for i in all_rows], [row_edit_pos[i] for i in all_rows])
+                # a kept runner also records one block output per suffix token for the replay
+                size = runner.nbytes() + (runner.suf_ids.numel() * dim * state_bytes if replay_below else 0)
                 if cached_bytes[0] + size <= budget:  # kept for the next steps while within the budget
+                    runner.replay_below(replay_below)  # a runner rebuilt at every step would record for nothing
                     runners[c] = (runner, all_rows)
                     cached_bytes[0] += size
                 else:
@@ -397,7 +406,7 @@ def optimize_values(
         def add_delta(k: int) -> Any:
             def fn(_m: Any, _i: Any, out: Any) -> Any:
                 h = output_tensor(out)
-                if first:
+                if first and k not in captured:  # the first pass (a replay check may run it again)
                     captured[k] = h[b, p].detach().float()
                 add = torch.zeros_like(h)
                 add[b, p] = delta[rq, k].to(h.dtype)
