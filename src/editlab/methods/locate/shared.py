@@ -213,7 +213,7 @@ class SuffixRunner:
         if not (self._below and every_row):
             return self.lm.backbone_forward(ids, mask, **self._kwargs(idx, every_row))
         got: list[Any] = []
-        with hooks(self.lm.model, forward={f"{self.lm.arch.layers}.{self._below - 1}": lambda _m, _i, o: got.append(o)}):
+        with hooks(self.lm.model, forward={self.lm.arch.block_path(self._below - 1): lambda _m, _i, o: got.append(o)}):
             hid = self.lm.backbone_forward(ids, mask, **self._kwargs(idx, every_row))
         if len(got) != 1:  # the block was not called once: replay could not stand in for it
             self._below = 0
