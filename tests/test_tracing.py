@@ -223,6 +223,11 @@ def test_average_traces_averages_indirect_effects_by_class():
     assert avg.low == pytest.approx(0.15) and avg.high == pytest.approx(0.9)
     assert avg.peak() == ("further tokens", 0, 4.5)
     assert avg.peak("last subject token") == ("last subject token", 1, 1.5)
+    assert (avg.samples, avg.noise_std) == (2, 1.0) and avg.to_dict()["samples"] == 2
+    c = _fake_trace([[0, 1], [0, 3]], (0, 1))
+    c.samples = 10  # traces made with other noise do not average into one figure
+    with pytest.raises(TracingError, match="different noise"):
+        average_traces([a, c])
 
 
 def test_known_facts_are_filtered_to_what_the_model_gets_right_and_averaged(tmp_path):
@@ -293,6 +298,7 @@ def test_cli_traces_one_prompt(tmp_path):
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "MLP indirect effect peaks at token" in result.output
+    assert "2 noise samples at 3x the embedding std is not ROME's protocol" in result.output.replace("\n", " ")
     for name in ("hidden.png", "mlp_w2.png", "attn_w2.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     data = json.loads((out / "trace.json").read_text())

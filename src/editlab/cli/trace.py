@@ -41,6 +41,9 @@ MinProb = Annotated[float, typer.Option(help="Refuse a prompt whose clean answer
 Out = Annotated[Path, typer.Option(help="Directory for the PNG heatmaps and trace.json / average.json")]
 
 
+PAPER_SAMPLES, PAPER_NOISE = 10, 3.0  # ROME's causal tracing (section 2.1, appendix B.1)
+
+
 @dataclass(frozen=True)
 class FactOptions(OptionGroup):
     """The one fact to trace (or use --data to average over many)."""
@@ -56,8 +59,8 @@ class TraceOptions(OptionGroup):
 
     kinds: Kinds = "hidden,mlp,attn"
     window: Window = None
-    samples: Samples = 10
-    noise: Noise = 3.0
+    samples: Samples = PAPER_SAMPLES
+    noise: Noise = PAPER_NOISE
     min_prob: MinProb = 0.01
     seed: options.Seed = 0
 
@@ -116,6 +119,9 @@ def trace(fact: FactOptions = FactOptions(), model: ModelOptions = ModelOptions(
     from ..tracing import CausalTracer
 
     tracer = CausalTracer(lm, samples=how.samples, noise_scale=how.noise, seed=how.seed, min_prob=how.min_prob)
+    if (how.samples, how.noise) != (PAPER_SAMPLES, PAPER_NOISE):
+        console.print(f"note: {how.samples} noise samples at {how.noise:g}x the embedding std is not ROME's protocol "
+                      f"({PAPER_SAMPLES} samples at {PAPER_NOISE:g}x); say so wherever these figures are quoted")
     specs = parse_kinds(kinds, window, tracer.n_layers)
     tracer.check_kinds(specs)
     if facts is None:

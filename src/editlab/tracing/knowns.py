@@ -92,6 +92,8 @@ class AverageTrace:
     low: float  # mean corrupted p(answer)
     high: float  # mean clean p(answer)
     seconds: float
+    samples: int = 0  # noise samples per fact (ROME: 10)
+    noise_std: float = 0.0  # std of the noise added to the subject's embeddings
 
     def peak(self, cls: str | None = None) -> tuple[str, int, float]:
         """(token class, layer, average indirect effect) of the largest effect, within one class if given."""
@@ -108,7 +110,7 @@ class AverageTrace:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "window": self.window, "classes": list(self.classes), "effect": self.effect.tolist(),
                 "counts": self.counts, "n_facts": self.n_facts, "low": self.low, "high": self.high,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "samples": self.samples, "noise_std": self.noise_std}
 
 
 def average_traces(traces: Sequence[TraceResult], seconds: float = 0.0) -> AverageTrace:
@@ -122,6 +124,8 @@ def average_traces(traces: Sequence[TraceResult], seconds: float = 0.0) -> Avera
     for tr in traces:
         if (tr.kind, tr.window) != (first.kind, first.window):
             raise TracingError("cannot average traces of different kinds or windows")
+        if (tr.samples, tr.noise_std) != (first.samples, first.noise_std):
+            raise TracingError("cannot average traces made with different noise (samples or std)")
         ie = tr.indirect_effect
         for c, pos in enumerate(token_classes(tr.subject_range, len(tr.tokens))):
             if pos:
@@ -130,7 +134,8 @@ def average_traces(traces: Sequence[TraceResult], seconds: float = 0.0) -> Avera
     effect = total / torch.tensor([max(1, n) for n in counts], dtype=torch.float32)[:, None]
     return AverageTrace(kind=first.kind, window=first.window, classes=CLASSES, effect=effect, counts=counts,
                         n_facts=len(traces), low=sum(t.low for t in traces) / len(traces),
-                        high=sum(t.high for t in traces) / len(traces), seconds=seconds)
+                        high=sum(t.high for t in traces) / len(traces), seconds=seconds, samples=first.samples,
+                        noise_std=first.noise_std)
 
 
 def trace_known_facts(tracer: CausalTracer, facts: Sequence[KnownFact], kinds: str | Sequence[str | KindSpec] = "hidden,mlp,attn",

@@ -89,7 +89,8 @@ def plot_average(avg: AverageTrace, path: str | Path) -> Path:
     ax.set_xticks([i + 0.5 for i in range(0, n_layers, step)])
     ax.set_xticklabels([str(i) for i in range(0, n_layers, step)])
     ax.set_xlabel("layer" + (" (centre of the window)" if avg.window > 1 else ""))
-    ax.set_title(f"Average indirect effect, {_what(avg.kind, avg.window)} ({avg.n_facts} facts)\n"
+    ax.set_title(f"Average indirect effect, {_what(avg.kind, avg.window)} ({avg.n_facts} facts, "
+                 f"{avg.samples} noise samples)\n"
                  f"mean corrupted p = {avg.low:.3f}, mean clean p = {avg.high:.3f}; (n) = facts with a token of that class",
                  fontsize=9)
     plt.colorbar(im, ax=ax)
