@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from editlab.cli import app
 from editlab.errors import DataFormatError, OutputPathError, UnsupportedArchitectureError
+from editlab.methods import get_editor
 from editlab.models import load_lm
 from editlab.tracing import (
     CLASSES,
@@ -351,6 +352,25 @@ def test_cli_averages_known_facts(tmp_path):
     assert "right for 2 of 2 facts" in result.output
     assert (out / "average_mlp_w2.png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads((out / "average.json").read_text())["mlp:2"]["n_facts"] == 1
+    # the average is kept per model, and `layer=auto` edits where its MLP effect at the last subject token peaks
+    avg = json.loads((out / "average.json").read_text())["mlp:2"]
+    row = avg["effect"][avg["classes"].index("last subject token")]
+    assert "layer=auto" in result.output
+    assert get_editor("rome").hparams(lm, layer="auto").layer == max(range(len(row)), key=row.__getitem__)
+
+
+def test_layer_auto_without_a_cached_trace_names_the_command_and_a_bad_cache_is_refused():
+    from editlab.cli.common import check_hparams_early
+    from editlab.tracing import NoTraceError, trace_cache_path
+
+    lm = load_lm("tiny-llama")
+    check_hparams_early("rome", {"layer": "auto"})  # accepted before the model loads
+    with pytest.raises(NoTraceError, match="editlab trace --model tiny-llama --data knowns --kinds mlp"):
+        get_editor("rome").hparams(lm, layer="auto")
+    assert get_editor("rome").hparams(lm, layer=1).layer == 1  # a given layer needs no trace
+    trace_cache_path(lm).write_text("{not json")
+    with pytest.raises(TracingError, match="delete it and trace again"):
+        get_editor("rome").hparams(lm, layer="auto")
 
 
 @pytest.mark.parametrize("args, needle", [

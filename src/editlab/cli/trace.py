@@ -181,10 +181,14 @@ def _trace_many(tracer: Any, facts: list[Any], limit: int | None, specs: list[An
         _, sl, sie = avg.peak("last subject token")
         table.add_row(label, cls, str(layer), f"{ie:+.3f}", f"layer {sl}: {sie:+.3f}", str(png))
     (out / "average.json").write_text(json.dumps({k: v.to_dict() for k, v in averages.items()}, indent=1))
+    from ..tracing.edit_layer import save_averages
+
+    cached = save_averages(tracer.lm, averages)  # what `layer=auto` reads
     console.print(table)
     seconds = next(iter(averages.values())).seconds
     console.print(f"{seconds:.0f} s in all, {seconds / len(chosen):.1f} s per fact")
     mlp = [a for a in averages.values() if a.kind == "mlp"]
     if mlp:
         _, sl, sie = mlp[0].peak("last subject token")
-        console.print(f"average MLP indirect effect at the last subject token peaks at layer {sl}: {sie:+.3f}")
+        console.print(f"average MLP indirect effect at the last subject token peaks at layer {sl}: {sie:+.3f}; "
+                      f"edits with --set layer=auto use the trace kept in {cached}")
