@@ -4,7 +4,7 @@ five new prompts, measured before and after the edit), then 200 probe requests (
 and one new prompt each) from 8 concurrent clients; prints median and p95 latency, errors, and whether
 the model's weights are unchanged by the probes.
 
-    python benchmarks/bench_serve.py [--requests 200] [--clients 8] [--model smollm2-135m] [--dtype bfloat16] [--cold]
+    python benchmarks/bench_serve.py [--requests 200] [--clients 8] [--model smollm2-135m] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def main() -> None:
                     help="weights' dtype (bfloat16 runs about 3x faster than float32 on CPUs with AVX512-BF16)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--cold", action="store_true", help="skip the warm-up (as `editlab serve --no-warm-up`)")
     args = ap.parse_args()
     import httpx
     import uvicorn
@@ -60,11 +59,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    playground = Playground(lm)
-    if not args.cold:
-        done = playground.warm_up("rome")  # as `editlab serve` does before it listens
-        print(f"warm-up before listening: {done['seconds']:.2f} s ({done['ran']})")
-    server = uvicorn.Server(uvicorn.Config(create_app(playground), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(Playground(lm)), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)

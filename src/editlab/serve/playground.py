@@ -46,7 +46,7 @@ MAX_TOP_K = 20
 MAX_CONTINUATION = 64
 CACHE_ENTRIES = 512  # measured prompts kept (each holds a next-token distribution: 4 bytes x vocabulary)
 T = TypeVar("T")
-WARM_UP = EditRequest.create("Danielle Darrieux's mother tongue is", "Danielle Darrieux", "English", "French")
+WARM_UP = EditRequest.create("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
 
 
 @dataclass(frozen=True)
