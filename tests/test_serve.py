@@ -226,19 +226,3 @@ def test_closed_playground_refuses_model_work_and_leaves_the_model_alone(lm):
     with pytest.raises(BusyError, match="closed"):
         pg.apply("rome", FACT["prompt"], FACT["subject"], FACT["target"])
     assert lm.fingerprint() == fingerprint and not lm.active_edits
-
-
-def test_warm_up_runs_a_throwaway_edit_only_on_cached_statistics_and_leaves_the_model_as_it_was(lm):
-    restore_all(lm)
-    pg = Playground(lm)
-    hp = {**ROME, "mom2_n_tokens": 301}  # statistics no earlier test cached
-    fingerprint = lm.fingerprint()
-    cold = pg.warm_up("rome", hparams=hp)
-    assert cold["ran"].startswith("forward pass") and cold["method"] == "rome"
-    pg.apply("rome", FACT["prompt"], FACT["subject"], FACT["target"], hparams=hp)  # computes the statistics
-    pg.undo()
-    warm = pg.warm_up("rome", hparams=hp)
-    assert warm["ran"] == "one rome edit, undone"
-    assert lm.fingerprint() == fingerprint and not lm.active_edits and pg.stack() == []
-    assert pg.status()["busy"] is False
-    pg.close()

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import EditlabError, OptionError
+from ..errors import OptionError
 from .common import check_model_options, console, load_model, print_warning
 from .options import ModelOptions, with_option_groups
 
@@ -50,9 +50,7 @@ def serve(model: ModelOptions = ModelOptions(),
           host: Annotated[str, typer.Option(help="Address to listen on (this machine only by default)")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
           allow_remote: Annotated[bool, typer.Option(
-              help="Allow a --host other than this machine: whoever reaches it can edit the model")] = False,
-          warm_up: Annotated[bool, typer.Option(
-              help="Before listening, make one ROME edit and undo it, so that the first edit starts warm")] = True) -> None:
+              help="Allow a --host other than this machine: whoever reaches it can edit the model")] = False) -> None:
     """Start the web playground: edit a fact, see what moved, undo it (JSON API at /docs)."""
     if not _is_local(host) and not allow_remote:
         raise OptionError(f"--host {host} is reachable from other machines; pass --allow-remote to serve there anyway")
@@ -66,13 +64,6 @@ def serve(model: ModelOptions = ModelOptions(),
 
     lm = load_model(model)
     playground = Playground(lm)
-    if warm_up:
-        with console.status("warming up: one ROME edit, undone"):
-            try:
-                done = playground.warm_up("rome")
-                console.print(f"warmed up in {done['seconds']:.1f} s ({done['ran']})")
-            except EditlabError as e:  # e.g. an architecture ROME cannot edit: serve anyway, cold
-                print_warning(f"warm-up skipped: {e}")
     app = create_app(playground)
     shown = f"[{host}]" if ":" in host else host
     console.print(f"editlab playground on [bold]http://{shown}:{port}/[/] ({lm.name}); API docs at /docs; Ctrl-C stops it")

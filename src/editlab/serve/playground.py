@@ -46,7 +46,6 @@ MAX_TOP_K = 20
 MAX_CONTINUATION = 64
 CACHE_ENTRIES = 512  # measured prompts kept (each holds a next-token distribution: 4 bytes x vocabulary)
 T = TypeVar("T")
-WARM_UP = EditRequest.create("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
 
 
 @dataclass(frozen=True)
@@ -138,38 +137,6 @@ class Playground:
             yield
         finally:
             top.reapply()
-
-    # ---------------------------------------------------------------- start-up
-    def warm_up(self, method: str = "rome", hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Before serving: one throwaway edit with `method` on the model thread, undone at once (the weights
-        are checked bit-identical), then one greedy continuation. The first edit a person makes then
-        starts warm: the method's one-time work (ROME's context templates, its statistics read from the
-        disk cache, the layer-replay check) is done and the model thread's kernels have run. When the
-        method's statistics are not cached yet only a forward pass runs: computing them takes minutes,
-        and the first edit does it with a progress display."""
-        from ..stats import statistics_cached
-
-        name = METHODS.resolve(method)
-        editor = get_editor(name)
-        hp = editor.hparams(self.lm, **dict(hparams or {}))
-
-        def work() -> dict[str, Any]:
-            t0 = time.perf_counter()
-            layers = getattr(hp, "statistics_layers", None)
-            if callable(layers) and not statistics_cached(self.lm, layers(), hp.corpus, hp.mom2_n_tokens):
-                ran = "forward pass (statistics not cached yet)"
-                self.lm.next_token_and_score([WARM_UP.prompt], [WARM_UP.target_new])
-            else:
-                before = self.lm.current_fingerprint()
-                editor.apply(self.lm, WARM_UP, hp).restore()
-                if self.lm.current_fingerprint() != before:  # restore is bit-exact; never serve a changed model
-                    raise EditStackError("the warm-up edit did not restore the weights exactly")
-                ran = f"one {name} edit, undone"
-            self.lm.generate([WARM_UP.prompt], self.continuation_tokens)
-            return {"method": name, "ran": ran, "seconds": round(time.perf_counter() - t0, 2)}
-
-        with self._exclusive(wait=True, activity=f"warming up ({name})"):
-            return self._on_model_thread(work)
 
     # ---------------------------------------------------------------- read-only views
     def info(self) -> dict[str, Any]:

@@ -9,6 +9,6 @@ __getattr__, __all__ = lazy_exports(__name__, {
     ".defaults": ("DEFAULT_N_TOKENS", "DEFAULT_SEED"),
     ".covariance": (
         "StatsCacheWarning", "cache_path", "compute_second_moments", "load_cached", "sample_windows",
-        "second_moments", "statistics_cached", "stats_provenance", "warm_statistics", "shared_moments", "install_moments",
+        "second_moments", "stats_provenance", "warm_statistics", "shared_moments", "install_moments",
     ),
 })

@@ -359,21 +359,6 @@ def second_moments(
     return out
 
 
-def statistics_cached(lm: LM, layers: Iterable[int], corpus: str | Path | Corpus | None = None,
-                      n_tokens: int = DEFAULT_N_TOKENS, dtype: torch.dtype = torch.float32,
-                      seq_len: int = DEFAULT_SEQ_LEN, seed: int = DEFAULT_SEED) -> bool:
-    """Whether `second_moments` with these arguments would only read (memory or the disk cache), not
-    compute: lets a caller warm up on cached statistics without starting a long pass over the corpus."""
-    corp = corpus if isinstance(corpus, Corpus) else get_corpus(corpus)
-    tok_digest = tokenizer_digest(lm.tokenizer)
-    memo = lm.cache.get("second_moments", {})
-    for l in set(int(x) for x in layers):
-        key = _key(lm, lm.arch.mlp_out_path(l), corp, n_tokens, dtype, seq_len, seed, tok_digest)
-        if json.dumps(key, sort_keys=True) not in memo and not cache_path(key).exists():
-            return False
-    return True
-
-
 def warm_statistics(lm: LM, hparams: Iterable[Any], progress: bool = True) -> int:
     """Compute (or read) now the statistics that edits with each of `hparams` will read: one pass over
     the corpus per (corpus, token count) for all the layers involved, instead of one per method.
