@@ -8,7 +8,7 @@ indirect effect at the last subject token and the edit scores; the layer each pi
 correlation, over (record, layer) pairs, between the traced effect and the edit's success (efficacy
 and paraphrase magnitude: mean p(new) - p(true)). One JSON line per (record, layer) goes to --out.
 
-    python benchmarks/layer_agreement.py [--n 10] [--layers 0,3,6,...,27] [--scan 500] [--out FILE]
+    python benchmarks/layer_agreement.py [--n 10] [--layers 0,3,6,...,27] [--scan 500] [--stats-tokens N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--min-prob", type=float, default=0.05,
                     help="clean p(true answer) a record needs to be traced (a barely known fact has little to restore)")
     ap.add_argument("--out", default=None, help="JSON-lines file for the (record, layer) rows")
+    ap.add_argument("--stats-tokens", type=int, default=None,
+                    help="covariance tokens for every layer of the sweep (default: the preset's; fewer make the "
+                         "statistics of many new layers affordable, the same for all layers)")
     args = ap.parse_args()
 
     from editlab import get_editor, load_lm
@@ -68,7 +71,8 @@ def main() -> None:
             break
     trace_s = time.perf_counter() - t0
     ed = get_editor("rome")
-    hps = {layer: ed.hparams(lm, layer=layer) for layer in layers}
+    stats = {} if args.stats_tokens is None else {"mom2_n_tokens": args.stats_tokens}
+    hps = {layer: ed.hparams(lm, layer=layer, **stats) for layer in layers}
     warm_statistics(lm, hps.values())
     pre = pre_edit(lm, chosen)
     rows, times = [], []
@@ -97,7 +101,7 @@ def main() -> None:
         peak = max(layers, key=lambda l: effects[i][l])
         best = max(mine, key=lambda r: r["efficacy_magnitude"])["layer"]
         per_record.append({"trace_peak": peak, "best_efficacy_layer": best})
-    emit_json_line({"records": len(chosen), "layers": layers, "layer_picked_by": pick,
+    emit_json_line({"records": len(chosen), "layers": layers, "stats_tokens": hps[layers[0]].mom2_n_tokens, "layer_picked_by": pick,
                     "pearson_trace_vs": {k: round(v, 3) for k, v in corr.items()},
                     "per_record": per_record, "trace_s": round(trace_s, 1),
                     "median_s_per_edit": round(med(times), 2)})
