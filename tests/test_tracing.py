@@ -368,9 +368,11 @@ def test_layer_auto_without_a_cached_trace_names_the_command_and_a_bad_cache_is_
     with pytest.raises(NoTraceError, match="editlab trace --model tiny-llama --data knowns --kinds mlp"):
         get_editor("rome").hparams(lm, layer="auto")
     assert get_editor("rome").hparams(lm, layer=1).layer == 1  # a given layer needs no trace
-    trace_cache_path(lm).write_text("{not json")
-    with pytest.raises(TracingError, match="delete it and trace again"):
-        get_editor("rome").hparams(lm, layer="auto")
+    for bad in ("{not json", '{"format": 1, "averages": {"mlp": {"kind": "mlp"}}}', '{"format": 1, "averages": [1]}',
+                '{"format": 1, "averages": {"mlp": "x"}}'):
+        trace_cache_path(lm).write_text(bad)
+        with pytest.raises(TracingError, match="delete it and trace again"):
+            get_editor("rome").hparams(lm, layer="AUTO")
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -181,7 +181,9 @@ def check_hparams_early(method: str, overrides: dict[str, Any]) -> None:
     (`Hparams.from_dict` / `Hparams.check_counts`)."""
     from ..methods.catalogue import hparams_class
 
-    if isinstance(overrides.get("layer"), str) and overrides["layer"].strip().lower() == "auto":
+    from ..tracing.edit_layer import is_auto
+
+    if is_auto(overrides.get("layer")):
         overrides = {**overrides, "layer": 0}  # resolved from the cached trace once the model is loaded
     hparams_class(method).from_dict(overrides)
 

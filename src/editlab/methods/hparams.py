@@ -48,11 +48,10 @@ class Hparams:
         if name:
             values.update(cls.PRESETS[name])
         values.update(overrides)
-        if isinstance(values.get("layer"), str) and values["layer"].strip().lower() == "auto" and "layer" in {
-                f.name for f in fields(cls)}:
-            from ..tracing.edit_layer import edit_layer_from_trace  # ROME's rule: the averaged MLP trace's peak
+        from ..tracing.edit_layer import edit_layer_from_trace, is_auto
 
-            values["layer"] = edit_layer_from_trace(lm).layer
+        if is_auto(values.get("layer")) and "layer" in {f.name for f in fields(cls)}:
+            values["layer"] = edit_layer_from_trace(lm).layer  # ROME's rule: the averaged MLP trace's peak
         hp = cls.from_dict(values)
         hp.validate(lm)
         return hp

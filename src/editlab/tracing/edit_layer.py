@@ -27,6 +27,11 @@ PEAK_CLASS = "last subject token"
 FORMAT = 1
 
 
+def is_auto(value: object) -> bool:
+    """Whether a hyper-parameter value asks for the traced layer ("auto", any case)."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
 class NoTraceError(TracingError):
     """`layer=auto` asked for, but no averaged MLP trace of this model is cached."""
 
@@ -66,11 +71,17 @@ def save_averages(lm: LM, averages: Mapping[str, AverageTrace]) -> Path:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """The cached averages, each checked to hold what `edit_layer_from_trace` reads."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         averages = data["averages"]
         if data.get("format") != FORMAT or not isinstance(averages, dict):
             raise ValueError("unknown format")
+        for label, a in averages.items():
+            if not (isinstance(a, dict) and isinstance(a.get("kind"), str) and isinstance(a.get("n_facts"), int)
+                    and isinstance(a.get("window"), int) and isinstance(a.get("classes"), list)
+                    and isinstance(a.get("effect"), list) and len(a["effect"]) == len(a["classes"])):
+                raise ValueError(f"entry {label!r} is not an averaged trace")
         return averages
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TracingError(f"the cached trace {path} cannot be read ({e}); delete it and trace again") from None
