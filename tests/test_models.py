@@ -161,3 +161,63 @@ def test_generation_stops_at_stop_strings_and_keeps_the_text_before_them():
     assert all(len(i) < 30 for i in ids)
     assert all(lm.tokenizer.decode(i).endswith(".") for i in ids)  # ids end with the token completing the stop
     assert lm.generate(prompts, 30, stop=["never there"]) == full
+
+
+# ------------------------------------------------------------------ shared prefixes (one KV cache, many suffixes)
+def test_shared_prefix_groups_by_hand():
+    from editlab.models.lm import shared_prefix_groups
+
+    ctx = tuple(range(100, 110))  # ten shared tokens
+    unique = [ctx + (1, 2), ctx + (1, 3), ctx + (7,), (5, 6, 7), ctx[:4] + (9, 9, 9, 9, 9, 9, 9)]
+    wanted = {0: {11}, 1: {10, 11}, 2: {10}, 3: {2}, 4: {10}}
+    groups, rest = shared_prefix_groups(unique, wanted, 8)
+    # 0, 1 and 2 share all ten context tokens, and their first wanted positions (10, 10, 10) cap it there
+    assert groups == [(10, [0, 1, 2])] and rest == [3, 4]
+    # a wanted position inside the common part shortens the prefix: the logits there come from the suffix
+    groups, _ = shared_prefix_groups(unique, {0: {11}, 1: {9}, 2: {10}}, 8)
+    assert groups == [(9, [0, 1, 2])]
+    assert shared_prefix_groups(unique, wanted, 11) == ([], [0, 1, 2, 3, 4])  # no group reaches 11 tokens
+    assert shared_prefix_groups(unique, wanted, 0) == ([], [0, 1, 2, 3, 4])  # turned off
+
+
+def _long_context_prompts(lm):
+    """Four prompts after one context of 100+ tokens (the tiny models' context is 256)."""
+    ctx = ""
+    while len(lm.encode_prompt(ctx)) < 100:
+        i = ctx.count("New Fact")
+        ctx += f"New Fact: item {i} is in box {i % 7}.\nPrompt: item {i} is in box {i % 7}\n\n"
+    return [ctx + q for q in ("item 3 is in box", "Where is item 1? In box", "item 5 is", "A")]
+
+
+def test_shared_prefix_scoring_equals_full_passes_and_runs_the_prefix_once(tiny_lm, monkeypatch):
+    prompts = _long_context_prompts(tiny_lm)
+    conts = ["3", "box 5", "the box"]
+    tiny_lm.min_shared_prefix = 0
+    want_rows, want = tiny_lm.next_token_and_score(prompts, conts)
+    tiny_lm.min_shared_prefix = 64
+    seen = []
+    real = type(tiny_lm).backbone_forward
+    monkeypatch.setattr(type(tiny_lm), "backbone_forward",
+                        lambda self, ids, mask, **kw: seen.append(ids.numel()) or real(self, ids, mask, **kw))
+    rows, got = tiny_lm.next_token_and_score(prompts, conts)
+    assert tiny_lm.cache["lm.shared_prefix_exact"] is True  # checked once against full passes, then trusted
+    assert torch.allclose(rows, want_rows, atol=1e-4)
+    for gs, ws in zip(got, want):
+        for g, w in zip(gs, ws):
+            assert g.target_ids == w.target_ids and g.argmax_ids == w.argmax_ids
+            assert torch.allclose(g.logprobs, w.logprobs, atol=1e-4)
+    seen.clear()
+    tiny_lm.next_token_and_score(prompts, conts)  # checked already: the prefix is run once, then suffixes only
+    full = sum(len(s) for s in tiny_lm._carriers([tuple(tiny_lm.encode_prompt(p)) for p in prompts])[1])
+    assert sum(seen) < full / 2
+
+
+def test_a_cache_that_cannot_be_reused_falls_back_to_full_passes(tiny_lm, monkeypatch):
+    prompts = _long_context_prompts(tiny_lm)
+    tiny_lm.min_shared_prefix = 0
+    want = tiny_lm.next_token_logprobs(prompts)
+    tiny_lm.min_shared_prefix = 64
+    monkeypatch.setattr(type(tiny_lm), "prefix_cache", lambda self, *a: (_ for _ in ()).throw(TypeError("no cache here")))
+    assert torch.allclose(tiny_lm.next_token_logprobs(prompts), want, atol=1e-5)
+    assert tiny_lm.cache["lm.shared_prefix_exact"] is False  # never tried again on this LM
+    assert torch.allclose(tiny_lm.next_token_logprobs(prompts), want, atol=1e-5)
