@@ -54,7 +54,8 @@ def main() -> None:
     per_record = {"unedited": unedited_rows}  # kept so any subset (e.g. the first 30) can be summarised later
     timing = {}
     sequential = [m for m in args.sequential_methods.split(",") if m]
-    for method in args.methods.split(",") + [m + "+seq" for m in sequential]:
+    single = [m for m in args.methods.split(",") if m]  # --methods "" runs only the sequential ones
+    for method in single + [m + "+seq" for m in sequential]:
         if method.endswith("+seq"):
             name = method.removesuffix("+seq")
             ed = get_editor(name)
@@ -101,7 +102,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"n": args.n, "results": results, "timing": timing, "rows": per_record,
                        "hparams": {m: get_editor(m).hparams(lm, **overrides.get(m, {})).to_dict()
-                                   for m in args.methods.split(",") + sequential}}, f, indent=2)
+                                   for m in dict.fromkeys(single + sequential)}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -221,3 +221,35 @@ def test_a_cache_that_cannot_be_reused_falls_back_to_full_passes(tiny_lm, monkey
     assert torch.allclose(tiny_lm.next_token_logprobs(prompts), want, atol=1e-5)
     assert tiny_lm.cache["lm.shared_prefix_exact"] is False  # never tried again on this LM
     assert torch.allclose(tiny_lm.next_token_logprobs(prompts), want, atol=1e-5)
+
+
+def test_generation_after_a_shared_prefix_gives_the_tokens_of_plain_generation(tiny_lm, monkeypatch):
+    prompts = _long_context_prompts(tiny_lm)
+    tiny_lm.min_shared_prefix = 0
+    want = tiny_lm.generate_ids(prompts, 12)
+    want_stop = tiny_lm.generate_ids(prompts, 12, stop=["\n"])
+    tiny_lm.min_shared_prefix = 64
+    assert tiny_lm.generate_ids(prompts, 12) == want  # checked once against plain generation, then trusted
+    if getattr(tiny_lm.config, "sliding_window", None):
+        # padding between the shared prefix and a shorter prompt's end takes slots of a sliding window that
+        # left padding leaves alone: the check sees the difference and the LM keeps plain generation
+        assert tiny_lm.cache["lm.shared_prefix_generation_exact"] is False
+        return
+    assert tiny_lm.cache["lm.shared_prefix_generation_exact"] is True
+    seen = []
+    real = type(tiny_lm).prefix_cache
+    monkeypatch.setattr(type(tiny_lm), "prefix_cache", lambda self, ids, *a: seen.append(ids.shape) or real(self, ids, *a))
+    assert tiny_lm.generate_ids(prompts, 12) == want
+    assert tiny_lm.generate_ids(prompts, 12, stop=["\n"]) == want_stop
+    assert seen and all(shape[0] == 1 and shape[1] >= 64 for shape in seen)  # the shared context ran once per call
+
+
+def test_generation_falls_back_when_the_cache_cannot_be_reused(tiny_lm, monkeypatch):
+    prompts = _long_context_prompts(tiny_lm)
+    tiny_lm.min_shared_prefix = 0
+    want = tiny_lm.generate_ids(prompts, 6)
+    tiny_lm.min_shared_prefix = 64
+    monkeypatch.setattr(type(tiny_lm), "prefix_cache", lambda self, *a: (_ for _ in ()).throw(TypeError("no cache here")))
+    assert tiny_lm.generate_ids(prompts, 6) == want
+    assert tiny_lm.cache["lm.shared_prefix_generation_exact"] is False
+    assert tiny_lm.generate_ids(prompts, 6) == want

@@ -469,17 +469,67 @@ class LM:
         encoded = [tuple(self.encode_prompt(p)) for p in prompts]
         eos = self.tokenizer.eos_token_id
         stops = [s for s in stop if s]
+        prefixes: dict[tuple[int, ...], Any] = {}  # shared prefix -> its KV cache, computed once per call
         for batch in self._batches([s + (0,) * max_new_tokens for s in encoded]):
             seqs = [encoded[i] for i in batch]
-            n = max(len(s) for s in seqs)
-            ids, mask = self.pad_left(seqs)  # left padding so that new tokens line up
-            gen = self._generate_batch(ids, mask, max_new_tokens, top_k, None if seed is None else seed + batch[0], stops)
+            plen = self._shared_generation_prefix(seqs)
+            ids, mask = self._pad_after(seqs, plen)  # left padding of what follows the prefix: new tokens line up
+            n = ids.shape[1]
+            args = (max_new_tokens, top_k, None if seed is None else seed + batch[0], stops)
+            if plen:
+                gen = self._generate_after_prefix(seqs, plen, ids, mask, args, prefixes)
+            else:
+                gen = self._generate_batch(ids, mask, *args)
             for r, i in enumerate(batch):
                 toks = gen[r, n:].tolist()
                 if eos is not None and eos in toks:
                     toks = toks[: toks.index(eos)]
                 out[i] = self._cut_at_stop(toks, stops) if stops else toks
         return out
+
+    def _generate_after_prefix(self, seqs: Sequence[tuple[int, ...]], plen: int, ids: torch.Tensor, mask: torch.Tensor,
+                               args: tuple[Any, ...], prefixes: dict[tuple[int, ...], Any]) -> torch.Tensor:
+        """`_generate_batch` of prompts sharing their first `plen` tokens, which run once (their KV cache
+        is kept in `prefixes` for the call). The first time on this LM the batch is also generated
+        plainly and compared token for token; on any difference or error the LM never does this again
+        and the plain result is used (both have the same width: prefix + padding + suffix)."""
+        checking = _GENERATION_PREFIX_EXACT not in self.cache
+        try:
+            key = seqs[0][:plen]
+            if key not in prefixes:
+                prefix = torch.tensor([key])
+                prefixes[key] = self.prefix_cache(prefix, torch.ones_like(prefix), torch.arange(plen)[None])
+            gen = self._generate_batch(ids, mask, *args, cache=prefixes[key])
+        except Exception:
+            if not checking:
+                raise
+            gen = None
+        if checking:
+            plain = self._generate_batch(*self.pad_left(seqs), *args)
+            n = ids.shape[1]
+            exact = gen is not None and gen.shape == plain.shape and torch.equal(gen[:, n:], plain[:, n:])
+            self.cache[_GENERATION_PREFIX_EXACT] = exact
+            return gen if exact else plain
+        return gen
+
+    def _shared_generation_prefix(self, seqs: Sequence[tuple[int, ...]]) -> int:
+        """Length of the token prefix the prompts of a generation batch share (all but each prompt's last
+        token), when it is long enough to run once (`min_shared_prefix`) and this LM's cache reproduces
+        plain generation; else 0."""
+        if len(seqs) < 2 or self.min_shared_prefix <= 0 or not self.cache.get(_GENERATION_PREFIX_EXACT, True):
+            return 0
+        plen = min(len(s) for s in seqs) - 1
+        for s in seqs[1:]:
+            plen = min(plen, _common(seqs[0], s))
+        return plen if plen >= self.min_shared_prefix else 0
+
+    def _pad_after(self, seqs: Sequence[tuple[int, ...]], plen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pad_left` of the prompts with the padding put after their shared first `plen` tokens."""
+        ids, mask = self.pad_left([s[plen:] for s in seqs])
+        if not plen:
+            return ids, mask
+        head = torch.tensor([seqs[0][:plen]]).expand(len(seqs), -1)
+        return torch.cat([head, ids], dim=1), torch.cat([torch.ones_like(head), mask], dim=1)
 
     def _cut_at_stop(self, toks: list[int], stops: Sequence[str]) -> list[int]:
         """`toks` up to the first token whose text completes a stop string (tokens after it, which a
@@ -492,7 +542,11 @@ class LM:
         return toks
 
     def _generate_batch(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, top_k: int | None,
-                        seed: int | None, stops: Sequence[str] = ()) -> torch.Tensor:
+                        seed: int | None, stops: Sequence[str] = (), cache: Any = None) -> torch.Tensor:
+        """`model.generate` on a left-padded batch; with `cache` (the KV cache of the batch's shared first
+        tokens, batch of one), a copy of it repeated per row, so generation runs only what follows."""
+        import copy
+
         from transformers import GenerationConfig, StoppingCriteriaList
 
         eos = self.tokenizer.eos_token_id
@@ -506,8 +560,13 @@ class LM:
         with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
             if seed is not None:
                 torch.manual_seed(seed)
+            kwargs: dict[str, Any] = {}
+            if cache is not None:
+                step = copy.deepcopy(cache)
+                step.batch_repeat_interleave(ids.shape[0])
+                kwargs[self.cache_kwarg] = step
             return self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                       generation_config=cfg, stopping_criteria=criteria)
+                                       generation_config=cfg, stopping_criteria=criteria, **kwargs)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 20, *, top_k: int | None = None,
                  seed: int | None = None, stop: Sequence[str] = ()) -> list[str]:
@@ -522,6 +581,7 @@ class LM:
 
 
 _SHARED_PREFIX_EXACT = "lm.shared_prefix_exact"  # LM cache key: whether a prefix's KV cache reproduces a full pass
+_GENERATION_PREFIX_EXACT = "lm.shared_prefix_generation_exact"  # ... and gives the tokens of plain generation
 
 
 def _wanted_keys(rows: Sequence[int], wanted: Mapping[int, Iterable[int]], offset: int
