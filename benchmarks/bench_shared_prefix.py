@@ -40,6 +40,8 @@ def main() -> None:
     for i, r in enumerate(reqs):
         edit = ike.apply(lm, r, hp)
         tokens.append(len(lm.encode_prompt(edit.lm.wrap([r.prompt], [0])[0])))
+        if i == 0:  # the once-per-LM check of the shared-prefix path runs here, untimed
+            evaluate_requests(edit.lm, [r], pre)
         rows = {}
         for setting in ((0, default) if i % 2 else (default, 0)):
             lm.min_shared_prefix = setting

@@ -518,10 +518,28 @@ class LM:
         plain generation; else 0."""
         if len(seqs) < 2 or self.min_shared_prefix <= 0 or not self.cache.get(_GENERATION_PREFIX_EXACT, True):
             return 0
+        if not self._generation_layout_safe():
+            return 0
         plen = min(len(s) for s in seqs) - 1
         for s in seqs[1:]:
             plen = min(plen, _common(seqs[0], s))
         return plen if plen >= self.min_shared_prefix else 0
+
+    def _generation_layout_safe(self) -> bool:
+        """Whether padding between a shared prefix and the rest of a prompt leaves generation unchanged:
+        not on models with sliding-window attention (the padding would take window slots that left padding
+        leaves alone, so a check that passes on short prompts says nothing about long ones), nor where
+        the backbone takes no position ids (positions would count the padding)."""
+        import inspect
+
+        key = "lm.generation_layout_safe"
+        if key not in self.cache:
+            cfg = self.model.config
+            text = getattr(cfg, "get_text_config", lambda: cfg)()
+            sliding = getattr(text, "sliding_window", None) or any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or ()))
+            takes_positions = "position_ids" in inspect.signature(self.backbone.forward).parameters
+            self.cache[key] = bool(takes_positions and not sliding)
+        return self.cache[key]
 
     def _pad_after(self, seqs: Sequence[tuple[int, ...]], plen: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`pad_left` of the prompts with the padding put after their shared first `plen` tokens."""
@@ -610,8 +628,9 @@ def shared_prefix_groups(unique: Sequence[tuple[int, ...]], wanted: Mapping[int,
     """([(prefix length, member indices)], other indices): groups of at least two sequences of `unique`
     whose first `prefix length` (≥ `min_len`) tokens are equal and contain none of their wanted
     positions. Sequences are taken in lexicographic order, so those with a common prefix are adjacent;
-    a sequence joins the open group while that keeps the group's prefix at least 3/4 as long as it was
-    (a query that shares only the first demonstrations starts a group of its own). Sequences with no
+    a sequence joins a one-member group whenever they share `min_len` tokens, and a larger group while
+    that keeps its prefix at least 3/4 as long as it was (a query that shares only the first
+    demonstrations starts a group of its own). Sequences with no
     wanted position are left to the plain path."""
     if min_len <= 0:
         return [], list(range(len(unique)))
@@ -633,7 +652,7 @@ def shared_prefix_groups(unique: Sequence[tuple[int, ...]], wanted: Mapping[int,
             continue
         if open_:
             joined = min(plen, _common(unique[open_[0]], unique[i]), first)
-            if joined >= min_len and joined * 4 >= plen * 3:
+            if joined >= min_len and (len(open_) == 1 or joined * 4 >= plen * 3):
                 open_.append(i)
                 plen = joined
                 continue
