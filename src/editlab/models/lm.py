@@ -207,6 +207,21 @@ class LM:
         cache = getattr(out, "cache", None)
         return cache if cache is not None else out.past_key_values
 
+    def shared_prefix_cache(self, tokens: Sequence[int]) -> Any:
+        """The KV cache of `tokens` run alone (a prefix shared by the rows that follow it)."""
+        ids = torch.tensor([list(tokens)])
+        return self.prefix_cache(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+
+    @staticmethod
+    def repeat_cache(cache: Any, rows: int) -> Any:
+        """A copy of a batch-of-one KV cache repeated for `rows` rows (a forward pass extends its cache
+        in place, so every batch gets its own)."""
+        import copy
+
+        step = copy.deepcopy(cache)
+        step.batch_repeat_interleave(rows)
+        return step
+
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden states of the backbone for a right-padded batch."""
         return self.backbone_forward(ids, mask)
@@ -294,8 +309,6 @@ class LM:
         first time on this LM, the first batch is also run in full and compared (`_SHARED_PREFIX_EXACT`):
         a model whose cache does not reproduce a full pass within its dtype's noise, or cannot be used
         this way at all (an error), never uses shared prefixes again."""
-        import copy
-
         cache = None
         for batch in self._batches([unique[i] for i in members]):  # full lengths: the cache copies grow with them
             rows = [members[b] for b in batch]
@@ -306,10 +319,8 @@ class LM:
             checking = _SHARED_PREFIX_EXACT not in self.cache
             try:
                 if cache is None:
-                    prefix = torch.tensor([unique[members[0]][:plen]])
-                    cache = self.prefix_cache(prefix, torch.ones_like(prefix), torch.arange(plen)[None])
-                step = copy.deepcopy(cache)
-                step.batch_repeat_interleave(len(rows))
+                    cache = self.shared_prefix_cache(unique[members[0]][:plen])
+                step = self.repeat_cache(cache, len(rows))
                 ids, mask = self.pad_right([unique[i][plen:] for i in rows])
                 full_mask = torch.cat([torch.ones(len(rows), plen, dtype=mask.dtype), mask], dim=1)
                 pos = (plen + torch.arange(ids.shape[1]))[None].expand(len(rows), -1)
@@ -497,8 +508,7 @@ class LM:
         try:
             key = seqs[0][:plen]
             if key not in prefixes:
-                prefix = torch.tensor([key])
-                prefixes[key] = self.prefix_cache(prefix, torch.ones_like(prefix), torch.arange(plen)[None])
+                prefixes[key] = self.shared_prefix_cache(key)
             gen = self._generate_batch(ids, mask, *args, cache=prefixes[key])
         except Exception:
             if not checking:
@@ -563,8 +573,6 @@ class LM:
                         seed: int | None, stops: Sequence[str] = (), cache: Any = None) -> torch.Tensor:
         """`model.generate` on a left-padded batch; with `cache` (the KV cache of the batch's shared first
         tokens, batch of one), a copy of it repeated per row, so generation runs only what follows."""
-        import copy
-
         from transformers import GenerationConfig, StoppingCriteriaList
 
         eos = self.tokenizer.eos_token_id
@@ -580,9 +588,7 @@ class LM:
                 torch.manual_seed(seed)
             kwargs: dict[str, Any] = {}
             if cache is not None:
-                step = copy.deepcopy(cache)
-                step.batch_repeat_interleave(ids.shape[0])
-                kwargs[self.cache_kwarg] = step
+                kwargs[self.cache_kwarg] = self.repeat_cache(cache, ids.shape[0])
             return self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                        generation_config=cfg, stopping_criteria=criteria, **kwargs)
 
