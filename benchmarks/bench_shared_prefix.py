@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--out", default=None, help="JSON-lines file to append the result to")
     args = ap.parse_args()
+    if args.n < 1:
+        ap.error("--n must be at least 1")
 
     from editlab import get_editor, load_lm
     from editlab.data import load_requests
