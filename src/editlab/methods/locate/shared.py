@@ -437,7 +437,12 @@ def optimize_values(
                 kreq.append(kl_row[i])
         trow_t = torch.tensor(trow, device=lm.device)
         tt_t = torch.tensor(tt, device=lm.device)
-        logp = torch.log_softmax(lm.head(hid[trow_t, torch.tensor(tp, device=lm.device)]).float(), -1)
+        # one head call for the target and the KL positions: the head's [vocab, d] weight is read once
+        # per pass (forward and backward) instead of twice, which on CPU is most of the head's cost
+        at_rows = torch.tensor(trow + kb, device=lm.device)
+        at_pos = torch.tensor(tp + kp, device=lm.device)
+        logp_all = torch.log_softmax(lm.head(hid[at_rows, at_pos]).float(), -1)
+        logp = logp_all[: len(tp)]
         tok_nll = -logp.gather(1, tt_t[:, None])[:, 0]
         row_nll = torch.zeros(len(rows), device=logp.device).index_add(0, trow_t, tok_nll)
         row_cnt = torch.zeros(len(rows), device=logp.device).index_add(0, trow_t, torch.ones_like(tok_nll))
@@ -446,7 +451,7 @@ def optimize_values(
         req_nll = req_nll / n_t
         req_kl = torch.zeros(n, device=logp.device)
         if kb:
-            kl_logp = torch.log_softmax(lm.head(hid[torch.tensor(kb, device=lm.device), torch.tensor(kp, device=lm.device)]).float(), -1)
+            kl_logp = logp_all[len(tp):]
             if first:  # δ = 0 at step 0: the unedited distribution
                 for j, r in enumerate(kreq):
                     kl_ref[r] = kl_logp[j].detach()
