@@ -8,6 +8,7 @@ import torch
 from editlab.errors import HparamsError
 from editlab.hooks import capture
 from editlab.methods import Edit, get_editor, restore_all
+from editlab.methods.adapters.ties import ties_merge, trim
 from editlab.methods.adapters.wise import WISEWrapper, pack_bits, shard_mask, unpack_bits
 from editlab.models import load_lm
 from editlab.requests import EditRequest
@@ -81,6 +82,49 @@ def test_wrapper_forward_by_hand():
     # a shard's newest row is its memory: a second row for shard 0 replaces D there
     w.update_rows(_table_rows(0, [0, 5], [5.0, 0.0], 1.5), torch.zeros(0, dtype=torch.long), {})
     assert torch.allclose(w(x)[0], base(x[0]) + torch.tensor([5.0, 0.0]))
+
+
+def test_ties_merge_by_hand():
+    d = torch.tensor([[3.0, -2.0, 0.0, 1.0], [1.0, 1.0, 0.0, -4.0]])
+    # signs elected from the sums [4, -1, 0, -3] -> [+, -, +, -]; the mean over the agreeing non-zero entries
+    assert torch.equal(ties_merge(d), torch.tensor([2.0, -2.0, 0.0, -4.0]))
+    # density 0.5 keeps 2 of 4 entries of each: [3, -2, 0, 0] and [0, 2, 0, -4] (from [1, 2, 0, -4])
+    d2 = torch.tensor([[3.0, -2.0, 0.0, 1.0], [1.0, 2.0, 0.0, -4.0]])
+    assert torch.equal(trim(d2[1], 0.5), torch.tensor([0.0, 2.0, 0.0, -4.0]))
+    assert torch.equal(ties_merge(d2, density=0.5), torch.tensor([3.0, 2.0, 0.0, -4.0]))
+    # weights [1, 3]: weighted [[2, 1], [12, -3]], sums [14, -2]; entry 0 (2 + 12) / 4, entry 1 -3 / 3
+    w = ties_merge(torch.tensor([[2.0, 1.0], [4.0, -1.0]]), weights=[1, 3])
+    assert torch.allclose(w, torch.tensor([3.5, -1.0]))
+    # one delta at density 1 is itself; a delta sparser than the density keeps all its entries
+    assert torch.equal(ties_merge(d[:1]), d[0])
+    assert torch.equal(trim(torch.tensor([0.0, 5.0, 0.0, 0.0]), 0.53), torch.tensor([0.0, 5.0, 0.0, 0.0]))
+    with pytest.raises(ValueError):
+        trim(d[0], 0.0)
+
+
+def test_wrapper_merges_full_groups_of_shards_by_hand():
+    base = torch.nn.Linear(3, 2, bias=False)
+    w = WISEWrapper(base, 2, 3, k=2, save_freq=1, merge_shards=2, density=1.0)
+    none = torch.zeros(0, dtype=torch.long)
+    w.update_rows(_table_rows(0, [0, 5], [1.0, 2.0], 1.5), none, {})
+    assert w.memory_groups() == [[0]]  # the group's second shard is not there yet: shard 0 alone
+    w.update_rows(_table_rows(1, [0, 1], [3.0, -1.0], 0.5), none, {})
+    assert w.memory_groups() == [[0, 1]]
+    deltas, eps = w.memories(torch.device("cpu"))
+    # entry 0: both +, mean 2; entry 1: -1 (shard 1 alone); entry 5: 2 (shard 0 alone); ε the smaller one
+    assert torch.equal(deltas[0], torch.tensor([[2.0, -1.0, 0.0], [0.0, 0.0, 2.0]])) and eps.tolist() == [0.5]
+    x = torch.tensor([[1.0, 0.0, 0.0]])  # D x = [2, 0], Δ = 2 > 0.5
+    assert torch.allclose(w(x), base(x) + torch.tensor([2.0, 0.0]))
+    w.update_rows(_table_rows(2, [2, 3], [4.0, 0.0], 0.7), none, {})
+    assert w.memory_groups() == [[0, 1], [2]] and w.memories(torch.device("cpu"))[0].shape[0] == 2
+    # the groups are derived from the rows: the config survives a rebuild, and without it nothing merges
+    rows = {t: getattr(w, t).clone() for t in WISEWrapper.tables}
+    again = WISEWrapper.from_config(base, w.config(), {})
+    again.update_rows(rows, none, {})
+    assert again.memory_groups() == [[0, 1], [2]]
+    old = WISEWrapper.from_config(base, {"d_out": 2, "d_in": 3, "k": 2}, {})
+    old.update_rows(rows, none, {})
+    assert old.memory_groups() == [[0], [1], [2]]
 
 
 def test_pack_bits_round_trip_and_seeded_masks():
@@ -198,7 +242,7 @@ def test_shards_roll_over_every_save_freq_edits(lm):
     # without retrieval a third shard would need merging: refused, model unchanged
     state = _snapshot(lm)
     edits.append(editor.apply(lm, FACTS[3], on=edits[-1], **hp))
-    with pytest.raises(HparamsError, match="TIES"):
+    with pytest.raises(HparamsError, match="retrieve=False"):
         editor.apply(lm, FACTS[4], on=edits[-1], **{**hp, "retrieve": False})
     assert lm.active_edits == edits and wrapper.n_rows == 4
     edits[-1].restore()
@@ -206,10 +250,43 @@ def test_shards_roll_over_every_save_freq_edits(lm):
     restore_all(lm)
 
 
+def test_merged_shards_keep_their_edits_and_restore_exactly(lm, tmp_path):
+    """save_freq 1, merge_freq 2: every two edits' shards become one TIES-merged memory. The merged
+    memory still gives both edits, restoring an edit un-merges bit-exactly, a saved sequence loads
+    back to the same outputs, and the merge settings cannot change within a sequence."""
+    editor = get_editor("wise")
+    hp = {**HP, "save_freq": 1, "merge_freq": 2, "merge_density": 1.0}
+    before = [_lp(lm, f) for f in FACTS[:3]]
+    states, outs, edits = [_snapshot(lm)], [lm.next_token_logprobs(UNRELATED)], []
+    for fact in FACTS[:3]:
+        edits.append(editor.apply(lm, fact, on=edits[-1] if edits else None, **hp))
+        states.append(_snapshot(lm))
+        outs.append(edits[-1].lm.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS[:3]]))
+    wrapper = lm.module(_path(lm))
+    assert wrapper.shard.tolist() == [0, 1, 2] and wrapper.memory_groups() == [[0, 1], [2]]
+    after = [_lp(edits[-1].lm, f) for f in FACTS[:3]]
+    assert all(a > b + 2.0 for a, b in zip(after, before)), (before, after)  # merged edits still answer
+    with pytest.raises(HparamsError, match="merge"):
+        editor.apply(lm, FACTS[3], on=edits[-1], **{**hp, "merge_freq": 4})
+    assert lm.active_edits == edits
+    for i, e in enumerate(edits):
+        e.save(tmp_path / f"e{i}")
+    edits[-1].restore()
+    assert wrapper.memory_groups() == [[0, 1]]
+    edits[-2].restore()
+    assert wrapper.memory_groups() == [[0]] and _same(states[1], _snapshot(lm))
+    restore_all(lm)
+    loaded = [Edit.load(tmp_path / f"e{i}", lm) for i in range(3)]
+    assert torch.equal(loaded[-1].lm.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS[:3]]), outs[-1])
+    restore_all(lm)
+    assert _same(states[0], _snapshot(lm))
+
+
 @pytest.mark.parametrize("bad", [
     {"layer": 4}, {"act_margin": [0.1, -0.2, 0.1]}, {"act_margin": [0.1, 0.2]}, {"mask_ratio": 0.0},
-    {"mask_ratio": 1.5}, {"act_ratio": 0.0}, {"norm_constraint": -1.0}, {"merge_freq": 1000}, {"n_iter": 0},
-    {"margin_scale": "log"}, {"save_freq": 0},
+    {"mask_ratio": 1.5}, {"act_ratio": 0.0}, {"norm_constraint": -1.0}, {"merge_freq": 1001}, {"n_iter": 0},
+    {"margin_scale": "log"}, {"save_freq": 0}, {"merge_freq": -500}, {"merge_freq": 1000, "retrieve": False},
+    {"merge_density": 0.0}, {"merge_density": 1.5},
 ])
 def test_bad_hparams_raise_and_change_nothing(lm, bad):
     before = _snapshot(lm)

@@ -159,7 +159,10 @@ class WISEHparams(Hparams):
     margin_scale: str = "relative"  # "relative": fractions of median ‖W_v a(x)‖; "absolute": raw norms
     act_ratio: float = 0.88  # ε = act_ratio · smallest edit activation of the shard
     save_freq: int = 500  # edits per shard
-    merge_freq: int = 0  # TIES merging of shards: not implemented, must be 0
+    # TIES merging (retrieve=True): every merge_freq edits (a multiple of save_freq) the shards opened
+    # since the last merge become one side memory; 0 keeps every shard a memory of its own
+    merge_freq: int = 0
+    merge_density: float = 0.53  # TIES keep ratio per shard, over all entries of its delta (the reference's)
     retrieve: bool = True  # keep shards as separate side memories and route to the most active one
     irr_tokens: int = 256  # at most this many irrelevant tokens per edit
     # random prefixes the edit is also trained under, as [length, count] groups sampled from the model
@@ -168,11 +171,11 @@ class WISEHparams(Hparams):
     seed: int = 0  # shard masks
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # EasyEdit hparams/WISE/llama-7b.yaml where it applies (merge_freq 1000 / TIES is not implemented;
-        # save_freq 500 means 200-edit sequences never open a second shard anyway)
+        # EasyEdit hparams/WISE/llama-7b.yaml (save_freq 500 means 200-edit sequences never open a second
+        # shard, so the merge every 1000 edits never happens in them)
         "paper": {"mask_ratio": 0.2, "edit_lr": 1.0, "n_iter": 70, "norm_constraint": 1.0,
                   "act_margin": [5.0, 20.0, 10.0], "margin_scale": "absolute", "act_ratio": 0.88,
-                  "save_freq": 500, "retrieve": True},
+                  "save_freq": 500, "merge_freq": 1000, "merge_density": 0.53, "retrieve": True},
         # tuned on the first 20 counterfact-train records, 20 sequential edits (tuning split, not results):
         # lr 1.0 saturates the ±1 clip in one step (Δ ≈ 150 vs ‖W_v a‖ ≈ 85) and one 500-edit shard lets
         # later edits overwrite earlier ones (retention 0.44 at lr 0.3); shards of 5 edits at lr 0.3 kept
@@ -202,9 +205,14 @@ class WISEHparams(Hparams):
             raise HparamsError(f"act_ratio must be in (0, 1], got {self.act_ratio}")
         if self.save_freq < 1:
             raise HparamsError(f"save_freq must be >= 1, got {self.save_freq}")
-        if self.merge_freq != 0:
-            raise HparamsError("merge_freq: TIES merging of WISE shards is not implemented in editlab; use "
-                               "merge_freq=0 (shards stay separate side memories, retrieve=True)")
+        if self.merge_freq < 0 or self.merge_freq % self.save_freq:
+            raise HparamsError(f"merge_freq must be 0 (no merging) or a positive multiple of save_freq "
+                               f"({self.save_freq}), got {self.merge_freq}")
+        if self.merge_freq and not self.retrieve:
+            raise HparamsError("merge_freq with retrieve=False (shards merged into the one side memory) is not "
+                               "implemented; use retrieve=True")
+        if not 0 < self.merge_density <= 1:
+            raise HparamsError(f"merge_density must be in (0, 1], got {self.merge_density}")
         parse_template_groups(self.context_templates)
         if self.irr_tokens < 1:
             raise HparamsError(f"irr_tokens must be >= 1, got {self.irr_tokens}")

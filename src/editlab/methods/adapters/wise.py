@@ -38,7 +38,16 @@ new mask; earlier shards stay as separate side memories (WISE-Retrieve). One `WI
 path holds the whole sequence as table rows, one row per edit: the shard id, the shard's mask packed as
 bits, the shard's masked values *after* this edit, the running activation minimum and the threshold.
 A shard's side memory is its newest row, so restoring an edit just drops its row (nothing is
-recomputed or subtracted: exact). An edit costs 4·mask_ratio + 1/8 bytes per weight entry (≈ 0.8 MB on
+recomputed or subtracted: exact).
+
+Merging (`merge_freq`, WISE-Retrieve). Every `merge_freq` edits (a multiple of `save_freq`) the
+`merge_freq / save_freq` shards opened since the last merge become one side memory: the TIES merge
+(`ties.py`: trim each shard's delta to `merge_density` of its entries, elect a sign per entry, mean of
+the agreeing entries) of their deltas, routed with the smallest of their thresholds, as the reference
+keeps the smallest edit activation of the merged shards. Which shards form a merged memory follows from
+the rows alone (shard ids and how many edits each holds), so the merged memory is derived when the
+memories are built, never stored: restoring the edit that completed a group un-merges it exactly, and
+a saved sequence reloads the same memories. An edit costs 4·mask_ratio + 1/8 bytes per weight entry (≈ 0.8 MB on
 SmolLM2's 576 x 1536 projection, vs 3.5 MB for a dense delta).
 
 On SmolLM2 (counterfact-train, tuning split). The paper's SGD rate 1.0 moves Δ by roughly
@@ -58,9 +67,12 @@ Departures (and why)
 - The side memory's output is computed as `base(x) + D a(x)` (not `(W_v + D) a(x)`): the same map up to
   rounding, it needs no second copy of the weight, and it works unchanged when the wrapped module is
   itself another adapter.
-- Not implemented: TIES merging of shards (`merge_freq` must be 0) and hence single-memory WISE with
-  more than one shard (`retrieve=False` is refused once a second shard would start). "Edits" count
-  apply calls (a batch is one edit). Context templates (random model-sampled prefixes, shared with
+- Not implemented: single-memory WISE with more than one shard (`retrieve=False` is refused once a
+  second shard would start, and with `merge_freq`): its reference folds each merge into the previous
+  merged memory with fixed weights 0.4 / 0.6. "Edits" count apply calls (a batch is one edit).
+- The reference's density 0.53 counts over all entries of a shard's delta, of which only `mask_ratio`
+  (0.2) can be non-zero, so with its defaults the trim keeps every trained entry and the merge is the
+  sign election and the mean where shards' masks overlap. Context templates (random model-sampled prefixes, shared with
   ROME/MEMIT) are optional (`context_templates`, off by default) and seeded.
 - The shard threshold uses a running minimum: an earlier edit's activation is not re-measured after
   later edits of its shard have moved D (that would need every edit's activations kept as state).
@@ -83,6 +95,7 @@ from .hparams import WISEHparams
 from .inject import TableAdapter, register_wrapper
 from ..locate.shared import context_templates, parse_template_groups
 from .queries import token_inputs
+from .ties import ties_merge
 
 # Irrelevant text when a request brings no neighbourhood / locality probes: plain statements on varied
 # topics, so the router learns to stay quiet on ordinary text.
@@ -130,9 +143,13 @@ class WISEWrapper(TableAdapter):
     registered_name = "wise"
     tables: ClassVar[tuple[str, ...]] = ("shard", "mask", "values", "act_min", "threshold")
 
-    def __init__(self, base_layer: torch.nn.Module, d_out: int, d_in: int, k: int) -> None:
+    def __init__(self, base_layer: torch.nn.Module, d_out: int, d_in: int, k: int, *, save_freq: int = 0,
+                 merge_shards: int = 0, density: float = 1.0) -> None:
         super().__init__(base_layer)
         self.d_out, self.d_in, self.k = int(d_out), int(d_in), int(k)
+        # TIES merging: every `merge_shards` consecutive shards (ids g·m … g·m + m − 1) become one side
+        # memory once the last of them holds `save_freq` edits; 0 = every shard stays its own memory
+        self.save_freq, self.merge_shards, self.density = int(save_freq), int(merge_shards), float(density)
         device = next(iter(base_layer.parameters()), torch.zeros(0)).device
         n_bytes = (self.d_out * self.d_in + 7) // 8
         self.add_table("shard", (), torch.long, device)
@@ -145,11 +162,15 @@ class WISEWrapper(TableAdapter):
 
     # ------------------------------------------------------------------ state
     def config(self) -> dict[str, Any]:
-        return {"d_out": self.d_out, "d_in": self.d_in, "k": self.k}
+        return {"d_out": self.d_out, "d_in": self.d_in, "k": self.k, "save_freq": self.save_freq,
+                "merge_shards": self.merge_shards, "density": self.density}
 
     @classmethod
     def from_config(cls, base_layer: torch.nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "WISEWrapper":
-        w = cls(base_layer, int(config["d_out"]), int(config["d_in"]), int(config["k"]))
+        # edits saved before merging existed carry no merge settings: their shards were never merged
+        w = cls(base_layer, int(config["d_out"]), int(config["d_in"]), int(config["k"]),
+                save_freq=int(config.get("save_freq", 0)), merge_shards=int(config.get("merge_shards", 0)),
+                density=float(config.get("density", 1.0)))
         w.load_adapter_state(tensors)
         return w
 
@@ -177,15 +198,47 @@ class WISEWrapper(TableAdapter):
         flat[mask] = values
         return flat.view(self.d_out, self.d_in)
 
+    def memory_groups(self) -> list[list[int]]:
+        """The side memories as groups of table rows (each shard's newest row), in shard order: one row
+        for a shard on its own, `merge_shards` rows for shards merged into one memory. A group merges
+        when its last shard is full (`save_freq` edits), as the reference merges right after that edit;
+        it is derived from the rows alone, so dropping a row (restore) un-merges exactly."""
+        newest = self.shard_rows()
+        count: dict[int, int] = {}
+        for sh in self.shard.tolist():
+            count[int(sh)] = count.get(int(sh), 0) + 1
+        m = self.merge_shards
+        groups: list[list[int]] = []
+        seen: set[int] = set()
+        for sh in sorted(newest):
+            if sh in seen:
+                continue
+            first = sh - sh % m if m else sh
+            members = list(range(first, first + m)) if m else [sh]
+            last = members[-1]
+            if m and all(x in newest for x in members) and count.get(last, 0) >= self.save_freq:
+                groups.append([newest[x] for x in members])
+                seen.update(members)
+            else:
+                groups.append([newest[sh]])
+                seen.add(sh)
+        return groups
+
     def memories(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(deltas [S, out, in], thresholds [S]) of every shard's current side memory, or None."""
+        """(deltas [S, out, in], thresholds [S]) of every side memory, or None. A merged memory is the
+        TIES merge (`density`) of its shards' deltas, with the smallest of their thresholds (the
+        reference keeps the smallest edit activation of the merged shards)."""
         if self.n_rows == 0:
             return None
         if self._memories is None or self._memories[0].device != device:
-            rows = sorted(self.shard_rows().values())
-            deltas = torch.stack([self.dense_delta(r) for r in rows]).to(device)
-            eps = self.threshold[rows].float().to(device)
-            self._memories = (deltas, eps)
+            deltas, eps = [], []
+            for rows in self.memory_groups():
+                if len(rows) == 1:
+                    deltas.append(self.dense_delta(rows[0]))
+                else:
+                    deltas.append(ties_merge([self.dense_delta(r) for r in rows], self.density))
+                eps.append(min(float(self.threshold[r]) for r in rows))
+            self._memories = (torch.stack(deltas).to(device), torch.tensor(eps, device=device))
         return self._memories
 
     # ------------------------------------------------------------------ forward
@@ -251,13 +304,22 @@ class WISEEditor(Editor):
         d_out, d_in = weight.shape
         k = max(1, round(hp.mask_ratio * d_out * d_in))
         patches: list[Patch] = []
+        merge_shards = hp.merge_freq // hp.save_freq if hp.merge_freq else 0
         if on is not None and isinstance(current, WISEWrapper):
             wrapper = current
             if wrapper.k != k:
                 raise HparamsError(f"mask_ratio={hp.mask_ratio} gives {k} entries per shard, but the WISE memory "
                                    f"this edit extends uses {wrapper.k}: keep mask_ratio fixed within a sequence")
+            if wrapper.merge_shards != merge_shards or merge_shards and (
+                    wrapper.density != hp.merge_density or wrapper.save_freq != hp.save_freq):
+                raise HparamsError(
+                    f"the WISE memory this edit extends merges every {wrapper.merge_shards} shards of "
+                    f"{wrapper.save_freq} edits at density {wrapper.density}; this edit asks for merge_freq="
+                    f"{hp.merge_freq}, save_freq={hp.save_freq}, merge_density={hp.merge_density}: keep them fixed "
+                    "within a sequence")
         else:
-            wrapper = WISEWrapper(current, d_out, d_in, k)
+            wrapper = WISEWrapper(current, d_out, d_in, k, save_freq=hp.save_freq, merge_shards=merge_shards,
+                                  density=hp.merge_density)
             patches.append(ModuleSwap(path, wrapper))
 
         shard, mask, values, act_min = self._shard_for(wrapper, hp, k)
@@ -291,7 +353,8 @@ class WISEEditor(Editor):
             "shard": torch.tensor([shard]), "mask": pack_bits(mask)[None], "values": values[None].clone(),
             "act_min": torch.tensor([act_min]), "threshold": torch.tensor([eps]),
         }))
-        info = {"path": path, "shard": shard, "edits_in_memory": wrapper.n_rows + 1, "scale": scale,
+        info = {"path": path, "shard": shard, "edits_in_memory": wrapper.n_rows + 1,
+                "memories_before": len(wrapper.memory_groups()) if wrapper.n_rows else 0, "scale": scale,
                 "margins": [alpha, beta, gamma], "threshold": eps, "edit_act_min": float(act_edit.min()),
                 "irr_act_max": float(act_irr.max()), "irr_routed": float((act_irr > eps).float().mean()),
                 "loss_first": losses[0][0], "loss_last": losses[-1][0], "ce_first": losses[0][1],
@@ -311,8 +374,9 @@ class WISEEditor(Editor):
                 return last, mask, values, act_min
             if not hp.retrieve:
                 raise HparamsError(f"the WISE memory holds {used} edits (save_freq={hp.save_freq}): a new shard "
-                                   "would need TIES merging into one memory (retrieve=False), which is not "
-                                   "implemented; use retrieve=True or a larger save_freq")
+                                   "would need the single-memory variant (retrieve=False: shards TIES-merged "
+                                   "into the one side memory), which is not implemented; use retrieve=True "
+                                   "(merging with merge_freq works there) or a larger save_freq")
             shard = last + 1
         else:
             shard = 0
