@@ -107,24 +107,30 @@ def test_wrapper_merges_full_groups_of_shards_by_hand():
     w = WISEWrapper(base, 2, 3, k=2, save_freq=1, merge_shards=2, density=1.0)
     none = torch.zeros(0, dtype=torch.long)
     w.update_rows(_table_rows(0, [0, 5], [1.0, 2.0], 1.5), none, {})
-    assert w.memory_groups() == [[0]]  # the group's second shard is not there yet: shard 0 alone
+    assert w.memory_groups() == [([0], False)]  # the group's second shard is not there yet: shard 0 alone
     w.update_rows(_table_rows(1, [0, 1], [3.0, -1.0], 0.5), none, {})
-    assert w.memory_groups() == [[0, 1]]
+    assert w.memory_groups() == [([0, 1], True)]
     deltas, eps = w.memories(torch.device("cpu"))
     # entry 0: both +, mean 2; entry 1: -1 (shard 1 alone); entry 5: 2 (shard 0 alone); ε the smaller one
     assert torch.equal(deltas[0], torch.tensor([[2.0, -1.0, 0.0], [0.0, 0.0, 2.0]])) and eps.tolist() == [0.5]
     x = torch.tensor([[1.0, 0.0, 0.0]])  # D x = [2, 0], Δ = 2 > 0.5
     assert torch.allclose(w(x), base(x) + torch.tensor([2.0, 0.0]))
     w.update_rows(_table_rows(2, [2, 3], [4.0, 0.0], 0.7), none, {})
-    assert w.memory_groups() == [[0, 1], [2]] and w.memories(torch.device("cpu"))[0].shape[0] == 2
+    assert w.memory_groups() == [([0, 1], True), ([2], False)] and w.memories(torch.device("cpu"))[0].shape[0] == 2
     # the groups are derived from the rows: the config survives a rebuild, and without it nothing merges
     rows = {t: getattr(w, t).clone() for t in WISEWrapper.tables}
     again = WISEWrapper.from_config(base, w.config(), {})
     again.update_rows(rows, none, {})
-    assert again.memory_groups() == [[0, 1], [2]]
+    assert again.memory_groups() == [([0, 1], True), ([2], False)]
     old = WISEWrapper.from_config(base, {"d_out": 2, "d_in": 3, "k": 2}, {})
     old.update_rows(rows, none, {})
-    assert old.memory_groups() == [[0], [1], [2]]
+    assert old.memory_groups() == [([0], False), ([1], False), ([2], False)]
+    # merge_freq == save_freq: every full shard is a merge of one, trimmed to the density (2 of 6 entries:
+    # shard 0's [1, 2] keeps 2 of its 2 non-zero entries; at density 1/6 only the larger one)
+    one = WISEWrapper(base, 2, 3, k=2, save_freq=1, merge_shards=1, density=1 / 6)
+    one.update_rows(_table_rows(0, [0, 5], [1.0, 2.0], 1.5), none, {})
+    assert one.memory_groups() == [([0], True)]
+    assert torch.equal(one.memories(torch.device("cpu"))[0][0], torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
 
 
 def test_pack_bits_round_trip_and_seeded_masks():
@@ -263,18 +269,22 @@ def test_merged_shards_keep_their_edits_and_restore_exactly(lm, tmp_path):
         states.append(_snapshot(lm))
         outs.append(edits[-1].lm.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS[:3]]))
     wrapper = lm.module(_path(lm))
-    assert wrapper.shard.tolist() == [0, 1, 2] and wrapper.memory_groups() == [[0, 1], [2]]
+    assert wrapper.shard.tolist() == [0, 1, 2] and wrapper.memory_groups() == [([0, 1], True), ([2], False)]
     after = [_lp(edits[-1].lm, f) for f in FACTS[:3]]
     assert all(a > b + 2.0 for a, b in zip(after, before)), (before, after)  # merged edits still answer
-    with pytest.raises(HparamsError, match="merge"):
-        editor.apply(lm, FACTS[3], on=edits[-1], **{**hp, "merge_freq": 4})
-    assert lm.active_edits == edits
+    for change in ({"merge_freq": 4}, {"merge_density": 0.5}, {"save_freq": 2}):
+        with pytest.raises(HparamsError, match="keep them fixed"):
+            editor.apply(lm, FACTS[3], on=edits[-1], **{**hp, **change})
+    assert lm.active_edits == edits and _same(states[-1], _snapshot(lm))
     for i, e in enumerate(edits):
         e.save(tmp_path / f"e{i}")
+    probe = UNRELATED + [f.prompt for f in FACTS[:3]]
     edits[-1].restore()
-    assert wrapper.memory_groups() == [[0, 1]]
+    assert wrapper.memory_groups() == [([0, 1], True)]
+    assert torch.equal(edits[-2].lm.next_token_logprobs(probe), outs[2])  # the routing memories follow the rows
     edits[-2].restore()
-    assert wrapper.memory_groups() == [[0]] and _same(states[1], _snapshot(lm))
+    assert wrapper.memory_groups() == [([0], False)] and _same(states[1], _snapshot(lm))
+    assert torch.equal(edits[0].lm.next_token_logprobs(probe), outs[1])
     restore_all(lm)
     loaded = [Edit.load(tmp_path / f"e{i}", lm) for i in range(3)]
     assert torch.equal(loaded[-1].lm.next_token_logprobs(UNRELATED + [f.prompt for f in FACTS[:3]]), outs[-1])

@@ -207,10 +207,10 @@ class WISEHparams(Hparams):
             raise HparamsError(f"save_freq must be >= 1, got {self.save_freq}")
         if self.merge_freq < 0 or self.merge_freq % self.save_freq:
             raise HparamsError(f"merge_freq must be 0 (no merging) or a positive multiple of save_freq "
-                               f"({self.save_freq}), got {self.merge_freq}")
+                               f"({self.save_freq}), got {self.merge_freq} (the paper preset merges every 1000 edits)")
         if self.merge_freq and not self.retrieve:
             raise HparamsError("merge_freq with retrieve=False (shards merged into the one side memory) is not "
-                               "implemented; use retrieve=True")
+                               "implemented; use retrieve=True, or merge_freq=0 for one unmerged memory")
         if not 0 < self.merge_density <= 1:
             raise HparamsError(f"merge_density must be in (0, 1], got {self.merge_density}")
         parse_template_groups(self.context_templates)

@@ -29,6 +29,8 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     k = int(density * delta.numel())
     if k == 0:
         return torch.zeros_like(delta)
+    if int(torch.count_nonzero(delta)) <= k:  # every non-zero entry is among the k largest: nothing to cut
+        return delta
     flat = delta.reshape(-1)
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.abs().float().topk(k).indices] = True

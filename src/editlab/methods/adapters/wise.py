@@ -38,7 +38,8 @@ new mask; earlier shards stay as separate side memories (WISE-Retrieve). One `WI
 path holds the whole sequence as table rows, one row per edit: the shard id, the shard's mask packed as
 bits, the shard's masked values *after* this edit, the running activation minimum and the threshold.
 A shard's side memory is its newest row, so restoring an edit just drops its row (nothing is
-recomputed or subtracted: exact).
+recomputed or subtracted: exact). An edit costs 4·mask_ratio + 1/8 bytes per weight entry (≈ 0.8 MB on
+SmolLM2's 576 x 1536 projection, vs 3.5 MB for a dense delta).
 
 Merging (`merge_freq`, WISE-Retrieve). Every `merge_freq` edits (a multiple of `save_freq`) the
 `merge_freq / save_freq` shards opened since the last merge become one side memory: the TIES merge
@@ -47,8 +48,8 @@ the agreeing entries) of their deltas, routed with the smallest of their thresho
 keeps the smallest edit activation of the merged shards. Which shards form a merged memory follows from
 the rows alone (shard ids and how many edits each holds), so the merged memory is derived when the
 memories are built, never stored: restoring the edit that completed a group un-merges it exactly, and
-a saved sequence reloads the same memories. An edit costs 4·mask_ratio + 1/8 bytes per weight entry (≈ 0.8 MB on
-SmolLM2's 576 x 1536 projection, vs 3.5 MB for a dense delta).
+a saved sequence reloads the same memories. With `merge_freq == save_freq` each full shard is a
+"merge" of one, trimmed to `merge_density` as the reference trims it.
 
 On SmolLM2 (counterfact-train, tuning split). The paper's SGD rate 1.0 moves Δ by roughly
 lr · mask_ratio · ‖a‖² ≈ 70 per step here, so D saturates the clip at once; the "smollm2-135m" preset uses
@@ -70,10 +71,11 @@ Departures (and why)
 - Not implemented: single-memory WISE with more than one shard (`retrieve=False` is refused once a
   second shard would start, and with `merge_freq`): its reference folds each merge into the previous
   merged memory with fixed weights 0.4 / 0.6. "Edits" count apply calls (a batch is one edit).
+  Context templates (random model-sampled prefixes, shared with ROME/MEMIT) are optional
+  (`context_templates`, off by default) and seeded.
 - The reference's density 0.53 counts over all entries of a shard's delta, of which only `mask_ratio`
   (0.2) can be non-zero, so with its defaults the trim keeps every trained entry and the merge is the
-  sign election and the mean where shards' masks overlap. Context templates (random model-sampled prefixes, shared with
-  ROME/MEMIT) are optional (`context_templates`, off by default) and seeded.
+  sign election and the mean where shards' masks overlap.
 - The shard threshold uses a running minimum: an earlier edit's activation is not re-measured after
   later edits of its shard have moved D (that would need every edit's activations kept as state).
 """
@@ -198,9 +200,9 @@ class WISEWrapper(TableAdapter):
         flat[mask] = values
         return flat.view(self.d_out, self.d_in)
 
-    def memory_groups(self) -> list[list[int]]:
-        """The side memories as groups of table rows (each shard's newest row), in shard order: one row
-        for a shard on its own, `merge_shards` rows for shards merged into one memory. A group merges
+    def memory_groups(self) -> list[tuple[list[int], bool]]:
+        """The side memories as (table rows, merged) in shard order: rows are each shard's newest row,
+        one for a shard on its own, `merge_shards` for shards merged into one memory. A group merges
         when its last shard is full (`save_freq` edits), as the reference merges right after that edit;
         it is derived from the rows alone, so dropping a row (restore) un-merges exactly."""
         newest = self.shard_rows()
@@ -208,7 +210,7 @@ class WISEWrapper(TableAdapter):
         for sh in self.shard.tolist():
             count[int(sh)] = count.get(int(sh), 0) + 1
         m = self.merge_shards
-        groups: list[list[int]] = []
+        groups: list[tuple[list[int], bool]] = []
         seen: set[int] = set()
         for sh in sorted(newest):
             if sh in seen:
@@ -217,10 +219,10 @@ class WISEWrapper(TableAdapter):
             members = list(range(first, first + m)) if m else [sh]
             last = members[-1]
             if m and all(x in newest for x in members) and count.get(last, 0) >= self.save_freq:
-                groups.append([newest[x] for x in members])
+                groups.append(([newest[x] for x in members], True))
                 seen.update(members)
             else:
-                groups.append([newest[sh]])
+                groups.append(([newest[sh]], False))
                 seen.add(sh)
         return groups
 
@@ -232,11 +234,11 @@ class WISEWrapper(TableAdapter):
             return None
         if self._memories is None or self._memories[0].device != device:
             deltas, eps = [], []
-            for rows in self.memory_groups():
-                if len(rows) == 1:
-                    deltas.append(self.dense_delta(rows[0]))
-                else:
+            for rows, merged in self.memory_groups():
+                if merged:  # a group of one (merge_freq == save_freq) is still trimmed, as the reference does
                     deltas.append(ties_merge([self.dense_delta(r) for r in rows], self.density))
+                else:
+                    deltas.append(self.dense_delta(rows[0]))
                 eps.append(min(float(self.threshold[r]) for r in rows))
             self._memories = (torch.stack(deltas).to(device), torch.tensor(eps, device=device))
         return self._memories
@@ -316,7 +318,7 @@ class WISEEditor(Editor):
                     f"the WISE memory this edit extends merges every {wrapper.merge_shards} shards of "
                     f"{wrapper.save_freq} edits at density {wrapper.density}; this edit asks for merge_freq="
                     f"{hp.merge_freq}, save_freq={hp.save_freq}, merge_density={hp.merge_density}: keep them fixed "
-                    "within a sequence")
+                    "within a sequence (merge_freq=0 for a memory made without merging)")
         else:
             wrapper = WISEWrapper(current, d_out, d_in, k, save_freq=hp.save_freq, merge_shards=merge_shards,
                                   density=hp.merge_density)
