@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editlab.errors import HparamsError
+from editlab.errors import EditMismatchError, HparamsError
 from editlab.hooks import capture
 from editlab.methods import Edit, get_editor, restore_all
 from editlab.methods.adapters.ties import ties_merge, trim
@@ -122,6 +122,9 @@ def test_wrapper_merges_full_groups_of_shards_by_hand():
     again = WISEWrapper.from_config(base, w.config(), {})
     again.update_rows(rows, none, {})
     assert again.memory_groups() == [([0, 1], True), ([2], False)]
+    for bad in ({"merge_shards": -1}, {"density": 0.0}, {"density": 2.0}, {"merge_shards": 2, "save_freq": 0}):
+        with pytest.raises(EditMismatchError, match="merge settings"):
+            WISEWrapper.from_config(base, {**w.config(), **bad}, {})
     old = WISEWrapper.from_config(base, {"d_out": 2, "d_in": 3, "k": 2}, {})
     old.update_rows(rows, none, {})
     assert old.memory_groups() == [([0], False), ([1], False), ([2], False)]

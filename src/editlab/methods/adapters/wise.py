@@ -87,7 +87,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...errors import HparamsError
+from ...errors import EditMismatchError, HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
 from ..base import Editor
@@ -170,9 +170,13 @@ class WISEWrapper(TableAdapter):
     @classmethod
     def from_config(cls, base_layer: torch.nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "WISEWrapper":
         # edits saved before merging existed carry no merge settings: their shards were never merged
+        save_freq, merge_shards = int(config.get("save_freq", 0)), int(config.get("merge_shards", 0))
+        density = float(config.get("density", 1.0))
+        if save_freq < 0 or merge_shards < 0 or not 0 < density <= 1 or (merge_shards and save_freq < 1):
+            raise EditMismatchError(f"WISE memory config has invalid merge settings (save_freq={save_freq}, "
+                                    f"merge_shards={merge_shards}, density={density}): the saved edit is damaged")
         w = cls(base_layer, int(config["d_out"]), int(config["d_in"]), int(config["k"]),
-                save_freq=int(config.get("save_freq", 0)), merge_shards=int(config.get("merge_shards", 0)),
-                density=float(config.get("density", 1.0)))
+                save_freq=save_freq, merge_shards=merge_shards, density=density)
         w.load_adapter_state(tensors)
         return w
 
