@@ -266,3 +266,59 @@ def test_generation_falls_back_when_the_cache_cannot_be_reused(tiny_lm, monkeypa
     assert tiny_lm.generate_ids(prompts, 6) == want
     assert tiny_lm.cache.get("lm.shared_prefix_generation_exact") is not True  # never tried again (or never tried)
     assert tiny_lm.generate_ids(prompts, 6) == want
+
+
+def _input_grad(lm, backend=None):
+    """Gradient of a loss on the final hidden states with respect to the token embeddings' output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ids, mask = lm.pad_right([lm.encode_prompt(p) for p in PROMPTS])
+    got = {}
+
+    def keep(_m, _i, out):
+        got["emb"] = out.detach().requires_grad_()
+        return got["emb"]
+    emb = lm.model.get_input_embeddings()
+    handle = emb.register_forward_hook(keep)
+    try:
+        ctx = sdpa_kernel(backend) if backend is not None else torch.enable_grad()
+        with ctx:
+            hid = lm.backbone_forward(ids, mask)
+        (hid.float() * mask[..., None]).pow(2).sum().backward()
+    finally:
+        handle.remove()
+    return got["emb"].grad.float().clone(), hid.detach().float()
+
+
+def test_half_precision_gradients_on_cpu_use_the_math_attention_and_nothing_else_changes():
+    """In bf16 on CPU a pass that keeps gradients runs attention on the math backend (faster there, and
+    nearer float32); passes without gradients and float32 passes keep PyTorch's choice, so no metric
+    moves; `grad_attention = "default"` gives PyTorch's choice back."""
+    from torch.nn.attention import SDPBackend
+
+    lm = load_lm("tiny-trained-llama", dtype="bfloat16")
+    lm.model.requires_grad_(False)
+    assert lm.model.config._attn_implementation == "sdpa"
+    g_auto, h_auto = _input_grad(lm)
+    lm.grad_attention = "default"
+    g_math, h_math = _input_grad(lm, SDPBackend.MATH)
+    g_flash, _ = _input_grad(lm, SDPBackend.FLASH_ATTENTION)
+    g_default, _ = _input_grad(lm)
+    assert torch.equal(g_auto, g_math) and torch.equal(h_auto, h_math)
+    assert torch.equal(g_default, g_flash)  # PyTorch's own choice on CPU is the flash kernel
+    assert not torch.equal(g_auto, g_flash)  # so the test can tell which backend ran
+    lm.grad_attention = "math"
+    ids, mask = lm.pad_right([lm.encode_prompt(p) for p in PROMPTS])
+    with torch.no_grad():
+        plain = lm.backbone_forward(ids, mask)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = lm.backbone_forward(ids, mask)
+    assert torch.equal(plain, flash)  # without gradients: PyTorch's choice, untouched
+
+    f32 = load_lm("tiny-trained-llama")
+    f32.model.requires_grad_(False)
+    g32, _ = _input_grad(f32)
+    g32_flash, _ = _input_grad(f32, SDPBackend.FLASH_ATTENTION)
+    assert torch.equal(g32, g32_flash)  # float32 keeps PyTorch's choice
