@@ -226,3 +226,24 @@ def test_closed_playground_refuses_model_work_and_leaves_the_model_alone(lm):
     with pytest.raises(BusyError, match="closed"):
         pg.apply("rome", FACT["prompt"], FACT["subject"], FACT["target"])
     assert lm.fingerprint() == fingerprint and not lm.active_edits
+
+
+def test_before_and_after_from_one_paired_pass_equal_the_separate_passes(client, lm, monkeypatch):
+    """A weight-delta edit's before and after are measured in one pass of twice the rows; the page
+    shows the same numbers as when they are measured apart (restore, measure, reapply)."""
+    import editlab.serve.playground as playground
+
+    calls = []
+    real = lm.paired_next_token_and_score
+    monkeypatch.setattr(lm, "paired_next_token_and_score", lambda *a: calls.append(a) or real(*a))
+    paired = client.post("/api/edit", json=FACT).json()
+    assert len(calls) == 1  # both states of every prompt in one call
+    assert client.post("/api/undo").json()["bit_exact"] is True
+    monkeypatch.setattr(playground, "pairable", lambda _lm: False)
+    apart = client.post("/api/edit", json=FACT).json()
+    assert len(calls) == 1
+    for side in ("before", "after"):
+        for a, b in zip(paired[side], apart[side]):
+            assert same_top(a["top"], b["top"]) and a.get("continuation") == b.get("continuation")
+            assert a["p_new"] == pytest.approx(b["p_new"], abs=1e-4) and a["p_true"] == pytest.approx(b["p_true"], abs=1e-4)
+    assert [r["moved"] for r in paired["after"]] == [r["moved"] for r in apart["after"]]

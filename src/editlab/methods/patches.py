@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
@@ -118,6 +118,16 @@ class WeightLedger:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.originals.values())
 
+    def replay_into(self, key: int, out: torch.Tensor, patches: Sequence["WeightDelta"]) -> torch.Tensor:
+        """Write into `out` the original value of parameter `key` plus `patches`' deltas added in order:
+        the arithmetic of taking patches off (`WeightDelta.revert`), so the value is bit-identical to
+        the parameter's after such a revert."""
+        with torch.no_grad():
+            out.copy_(self.originals[key])
+            for below in patches:
+                out.add_(below.dense(out))
+        return out
+
 
 class WeightDelta(Patch):
     kind = "weight_delta"
@@ -163,11 +173,7 @@ class WeightDelta(Patch):
         if stack[-1] is not self:
             raise EditMismatchError(f"internal: patch on {self.name} is not the last one applied to it")
         stack.pop()
-        p = ledger.params[key]
-        with torch.no_grad():
-            p.copy_(ledger.originals[key])
-            for below in stack:  # replay in the original order: bit-identical to the state before
-                p.add_(below.dense(p))
+        ledger.replay_into(key, ledger.params[key], stack)  # in the original order: bit-identical to the state before
         if not stack:
             del ledger.applied[key]
             del ledger.originals[key]

@@ -300,25 +300,33 @@ class LM:
                 carriers.setdefault(seq[:k], idx)
         return carriers, unique
 
-    def _logits_at(self, unique: list[tuple[int, ...]], wanted: Mapping[int, Iterable[int]]
+    def _logits_at(self, unique: list[tuple[int, ...]], wanted: Mapping[int, Iterable[int]], doubled: bool = False
                    ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         """Per batch of `unique` sequences: the (sequence index, position) keys wanted there and the
         float32 logits [len(keys), V] at those positions. Sequences that share a long token prefix
         (`min_shared_prefix` tokens or more before their first wanted position: an in-context edit's
         demonstrations, a few-shot task's examples) run that prefix once and only their own suffixes
-        after its KV cache; the rest run as right-padded batches."""
-        groups, rest = shared_prefix_groups(unique, wanted, self.min_shared_prefix) if self._share_prefixes() else ([], list(range(len(unique))))
+        after its KV cache; the rest run as right-padded batches. `doubled`: every batch runs as twice its
+        rows (see `_score_targets_halves`; never through a shared prefix, whose cache is one row)."""
+        share = self._share_prefixes() and not doubled
+        groups, rest = shared_prefix_groups(unique, wanted, self.min_shared_prefix) if share else ([], list(range(len(unique))))
         for plen, members in groups:
             yield from self._logits_after_prefix(unique, wanted, plen, members)
         for batch in self._batches([unique[i] for i in rest]):
-            yield from self._plain_logits(unique, wanted, [rest[b] for b in batch])
+            yield from self._plain_logits(unique, wanted, [rest[b] for b in batch], doubled)
 
-    def _plain_logits(self, unique: list[tuple[int, ...]], wanted: Mapping[int, Iterable[int]], rows: list[int]
-                      ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+    def _plain_logits(self, unique: list[tuple[int, ...]], wanted: Mapping[int, Iterable[int]], rows: list[int],
+                      doubled: bool = False) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         keys, b_idx, p_idx = _wanted_keys(rows, wanted, 0)
-        if keys:
-            ids, mask = self.pad_right([unique[i] for i in rows])
+        if not keys:
+            return
+        ids, mask = self.pad_right([unique[i] for i in rows])
+        if not doubled:
             yield keys, self.head(self.hidden_states(ids, mask)[b_idx, p_idx]).float()
+            return
+        hid = self.hidden_states(torch.cat([ids, ids]), torch.cat([mask, mask]))
+        first = [(ci + len(unique), p) for ci, p in keys]
+        yield first + keys, self.head(torch.cat([hid[b_idx, p_idx], hid[b_idx + len(rows), p_idx]])).float()
 
     def _share_prefixes(self) -> bool:
         return self.min_shared_prefix > 0 and self.cache.get(_SHARED_PREFIX_EXACT, True)
@@ -365,17 +373,27 @@ class LM:
         """For each (sequence, positions) return log-softmax rows [len(positions), V] at those positions."""
         return self._score_targets([], [], full=needs)[1]
 
-    @torch.no_grad()
     def _score_targets(self, needs: list[tuple[tuple[int, ...], list[int]]], targets: list[list[int]],
                        full: Sequence[tuple[tuple[int, ...], list[int]]] = ()
                        ) -> tuple[list[tuple[torch.Tensor, list[int]]], list[torch.Tensor]]:
+        return self._score_targets_halves(needs, targets, full, 1)[0]
+
+    @torch.no_grad()
+    def _score_targets_halves(self, needs: list[tuple[tuple[int, ...], list[int]]], targets: list[list[int]],
+                              full: Sequence[tuple[tuple[int, ...], list[int]]], halves: int
+                              ) -> list[tuple[list[tuple[torch.Tensor, list[int]]], list[torch.Tensor]]]:
         """For each (sequence, positions) of `needs` and the token ids wanted at those positions: (log-probs
         of those ids [len(positions)], argmax ids); for each (sequence, positions) of `full`: log-softmax
         rows [len(positions), V]. Both from one set of forward passes (a sequence that is a prefix of
         another is computed inside it, so a prompt's next-token row comes with its targets' scores).
         Each batch is reduced to what was asked (a log-sum-exp, an argmax and the wanted logits per
-        position) except the `full` rows, so memory does not grow with the number of scored targets."""
+        position) except the `full` rows, so memory does not grow with the number of scored targets.
+        With `halves=2` every batch runs doubled (`paired_next_token_and_score`) and the result is one
+        such pair per half; the first half's rows are keyed by sequence index + len(unique)."""
+        if halves not in (1, 2):
+            raise ValueError(f"halves must be 1 or 2, got {halves}")
         carriers, unique = self._carriers([s for s, _ in needs] + [s for s, _ in full])
+        shift = len(unique)
         wanted: dict[int, dict[int, set[int]]] = {}  # carrier -> position -> token ids wanted there
         for (seq, pos), tgt in zip(needs, targets):
             at = wanted.setdefault(carriers[seq], {})
@@ -386,11 +404,14 @@ class LM:
             for p in pos:
                 wanted.setdefault(carriers[seq], {}).setdefault(p, set())
                 keep.add((carriers[seq], p))
+        if halves == 2:
+            wanted.update({ci + shift: at for ci, at in list(wanted.items())})
+            keep |= {(ci + shift, p) for ci, p in keep}
         lse: dict[tuple[int, int], float] = {}
         top: dict[tuple[int, int], int] = {}
         picked: dict[tuple[int, int, int], float] = {}
         rows_kept: dict[tuple[int, int], torch.Tensor] = {}
-        for keys, logits in self._logits_at(unique, wanted):
+        for keys, logits in self._logits_at(unique, wanted, doubled=halves == 2):
             norm = torch.logsumexp(logits, dim=-1)
             best = logits.argmax(-1).cpu().tolist()
             norms = norm.cpu().tolist()  # one device-to-host copy per batch, not one per position
@@ -409,12 +430,15 @@ class LM:
             if rows:
                 vals = logits[torch.tensor(rows), torch.tensor(cols)].cpu().tolist()
                 picked.update(zip(owners, vals))
-        out = []
-        for (seq, pos), tgt in zip(needs, targets):
-            ci = carriers[seq]
-            lp = [picked[(ci, p, int(t))] - lse[(ci, p)] for p, t in zip(pos, tgt)]
-            out.append((torch.tensor(lp, dtype=torch.float32), [top[(ci, p)] for p in pos]))
-        return out, [torch.stack([rows_kept[(carriers[seq], p)] for p in pos]) for seq, pos in full]
+        result = []
+        for offset in ([shift, 0] if halves == 2 else [0]):
+            out = []
+            for (seq, pos), tgt in zip(needs, targets):
+                ci = carriers[seq] + offset
+                lp = [picked[(ci, p, int(t))] - lse[(ci, p)] for p, t in zip(pos, tgt)]
+                out.append((torch.tensor(lp, dtype=torch.float32), [top[(ci, p)] for p in pos]))
+            result.append((out, [torch.stack([rows_kept[(carriers[seq] + offset, p)] for p in pos]) for seq, pos in full]))
+        return result
 
     # ----------------------------------------------------------------- the LM calls
     @torch.no_grad()
@@ -462,6 +486,20 @@ class LM:
         it, so a prompt is run once for its distribution and all its continuations (the playground's
         probe: three passes' worth of rows become two). Same numbers as the separate calls, up to the
         float noise of a different batch layout."""
+        return self._next_token_and_score(prompts, continuations, halves=1)[0]
+
+    def paired_next_token_and_score(self, prompts: Sequence[str], continuations: Sequence[str]
+                                    ) -> list[tuple[torch.Tensor, list[list[ContinuationScore]]]]:
+        """`next_token_and_score` of the first and of the second half of doubled batches, from one set of
+        forward passes: every batch runs as one batch of twice its rows (the same rows twice), and the
+        results of its first half and of its second half come back apart, `[first, second]`. On a plain
+        model both are equal; it is for a forward that treats the two halves differently
+        (`methods.paired.without_and_with_top`: the model without and with its newest edit), where one
+        pass of 2B rows costs less than two of B (on CPU a pass's fixed cost is reading the weights)."""
+        return self._next_token_and_score(prompts, continuations, halves=2)
+
+    def _next_token_and_score(self, prompts: Sequence[str], continuations: Sequence[str], halves: int
+                              ) -> list[tuple[torch.Tensor, list[list[ContinuationScore]]]]:
         if not prompts:
             raise ValueError("next_token_and_score needs at least one prompt")
         needs, targets = self._teacher_forced([p for _ in continuations for p in prompts],
@@ -470,11 +508,13 @@ class LM:
         for p in prompts:
             ids = tuple(self.encode_prompt(p))
             full.append((ids, [len(ids) - 1]))
-        scored, rows = self._score_targets(needs, targets, full=full)
         n = len(prompts)
-        scores = [ContinuationScore(target_ids=list(t_ids), logprobs=lp, argmax_ids=am)
-                  for t_ids, (lp, am) in zip(targets, scored)]
-        return torch.cat(rows, dim=0), [scores[i * n:(i + 1) * n] for i in range(len(continuations))]
+        out = []
+        for scored, rows in self._score_targets_halves(needs, targets, full, halves):
+            scores = [ContinuationScore(target_ids=list(t_ids), logprobs=lp, argmax_ids=am)
+                      for t_ids, (lp, am) in zip(targets, scored)]
+            out.append((torch.cat(rows, dim=0), [scores[i * n:(i + 1) * n] for i in range(len(continuations))]))
+        return out
 
     def logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[torch.Tensor]:
         """Per-token log-probabilities of each continuation given its prompt (list of 1-D tensors)."""

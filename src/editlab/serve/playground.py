@@ -3,8 +3,9 @@ it (apply, probe, undo, save, load, a short pitfall check), as plain Python so t
 share one implementation.
 
 Concurrency: probes, checks and edits that compare against the state before the newest edit take that
-edit off and put it back (`Edit.restore` + `Edit.reapply`, bit-exact), so every operation that touches
-the model holds one lock; a second edit, undo, save or load that arrives while one runs is refused at
+edit off and put it back (`Edit.restore` + `Edit.reapply`, bit-exact) — or, for an edit made of weight
+deltas, run both states in one pass of twice the rows (`methods.paired`, about a pass's fixed cost
+less) — so every operation that touches the model holds one lock; a second edit, undo, save or load that arrives while one runs is refused at
 once with `BusyError` (the page shows "busy"), and probes wait their turn. Nothing is ever observed
 half-edited. The work itself runs on one dedicated model thread, whichever request thread asked for
 it: torch's OpenMP pool is per calling thread, and on a small CPU the pool of the thread that ran the
@@ -36,6 +37,7 @@ from ..methods import get_editor
 from ..methods.catalogue import METHODS
 from ..methods.edit import Edit
 from ..methods.edit_folder import check_save_target
+from ..methods.paired import pairable, without_and_with_top
 from ..models.lm import LM
 from ..requests import EditRequest, _context_limit, check_fits
 
@@ -184,22 +186,12 @@ class Playground:
                 raise RuntimeError("uncached measurements of another state")  # callers suspend the top edit first
             system = self.lm.edited
             prompts = list(dict.fromkeys(items[i] for i in missing))
-            targets = [x for x in (new, true) if x]
-            logprobs, scores = _next_and_scores(system, prompts, targets)
-            probs = logprobs.float().exp()
-            tok = self.lm.tokenizer
-            measured = {}
-            for j, p in enumerate(prompts):
-                values, ids = probs[j].topk(self.top_k)
-                row: dict[str, Any] = {"prompt": p, "top": [[tok.decode([int(x)]), round(float(v), 6)] for v, x in zip(values, ids)]}
-                for n, (name, x) in enumerate((k, x) for k, x in (("p_new", new), ("p_true", true)) if x):
-                    row[name] = round(math.exp(float(scores[n][j].logprobs.sum())), 6)
-                measured[p] = (row, probs[j].clone())
-            if 0 in missing:
+            measured = self._rows(prompts, *_next_and_scores(system, prompts, [x for x in (new, true) if x]), new, true)
+            if 0 in missing:  # the main prompt's row also holds its greedy continuation
                 row, dist = measured[prompt]
-                measured_main = ({**row, "continuation": system.generate([prompt], self.continuation_tokens)[0]}, dist)
+                main_row = ({**row, "continuation": system.generate([prompt], self.continuation_tokens)[0]}, dist)
             for i in missing:
-                self._cache[keys[i]] = measured_main if i == 0 else measured[items[i]]
+                self._cache[keys[i]] = main_row if i == 0 else measured[items[i]]
         out = []
         for key, kind in zip(keys, ["prompt"] + [p.kind for p in probes]):
             self._cache.move_to_end(key)
@@ -209,11 +201,50 @@ class Playground:
             self._cache.popitem(last=False)
         return out
 
+    def _rows(self, prompts: Sequence[str], logprobs: torch.Tensor, scores: list[list[Any]], new: str | None,
+              true: str | None) -> dict[str, tuple[dict[str, Any], torch.Tensor]]:
+        """Per prompt: its row (top-k next tokens, p_new, p_true) and its next-token probabilities."""
+        probs = logprobs.float().exp()
+        tok = self.lm.tokenizer
+        measured = {}
+        for j, p in enumerate(prompts):
+            values, ids = probs[j].topk(self.top_k)
+            row: dict[str, Any] = {"prompt": p, "top": [[tok.decode([int(x)]), round(float(v), 6)] for v, x in zip(values, ids)]}
+            for n, (name, x) in enumerate((k, x) for k, x in (("p_new", new), ("p_true", true)) if x):
+                row[name] = round(math.exp(float(scores[n][j].logprobs.sum())), 6)
+            measured[p] = (row, probs[j].clone())
+        return measured
+
+    def _measure_both(self, main: tuple[str, str | None, str | None], probes: Sequence[Probe],
+                      below: tuple[str, ...]) -> None:
+        """Cache the prompts' measurements before and after the newest edit that either state lacks, both
+        from one set of passes of twice the rows (`methods.paired`; the newest edit is weight deltas)."""
+        current = tuple(e.id for e in self.lm.active_edits)
+        prompt, new, true = main
+        items = [prompt] + [p.prompt for p in probes]
+        keys_before, keys_after = self._keys(main, probes, below), self._keys(main, probes, current)
+        missing = [i for i in range(len(items)) if keys_before[i] not in self._cache or keys_after[i] not in self._cache]
+        if not missing:
+            return
+        prompts = list(dict.fromkeys(items[i] for i in missing))
+        with without_and_with_top(self.lm):
+            halves = self.lm.paired_next_token_and_score(prompts, [x for x in (new, true) if x])
+            both = [self._rows(prompts, logprobs, scores, new, true) for logprobs, scores in halves]
+            conts = self.lm.generate([prompt, prompt], self.continuation_tokens) if 0 in missing else ["", ""]
+        for keys, measured, cont in zip((keys_before, keys_after), both, conts):
+            for i in missing:
+                if keys[i] in self._cache:  # a value already shown stays as it was
+                    continue
+                row, dist = measured[items[i]]
+                self._cache[keys[i]] = ({**row, "continuation": cont}, dist) if i == 0 else (row, dist)
+
     def _report(self, main: tuple[str, str | None, str | None], probes: Sequence[Probe], compare: bool) -> dict[str, Any]:
+        below = tuple(e.id for e in self.lm.active_edits[:-1])
+        if compare and pairable(self.lm):
+            self._measure_both(main, probes, below)
         after = self._measure(main, probes)
         if not compare:
             return {"before": None, "after": [row for row, _ in after]}
-        below = tuple(e.id for e in self.lm.active_edits[:-1])
         if all(key in self._cache for key in self._keys(main, probes, below)):
             before = self._measure(main, probes, below)  # from the cache: the top edit stays where it is
         else:
