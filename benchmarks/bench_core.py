@@ -76,9 +76,15 @@ def main() -> None:
 
     from editlab import get_editor, load_lm
     from editlab.data import load_requests
+    from editlab.errors import EditlabError
     from editlab.eval import evaluate_requests, pre_edit
+    from editlab.models.loading import check_dtype_on_device, resolve_device, resolve_dtype
     from editlab.stats import get_corpus, second_moments
 
+    try:  # a device or dtype this machine lacks: one line, before any work
+        check_dtype_on_device(resolve_dtype(args.dtype), resolve_device(args.device))
+    except EditlabError as e:
+        raise SystemExit(f"bench_core: {e}")
     figures: dict[str, float] = {}
     figures["matmul_peak_gflops"] = matmul_peak_gflops()
     lm, t_load = timed(load_lm, args.model, device=args.device, dtype=args.dtype)
@@ -136,8 +142,15 @@ def main() -> None:
         memit.apply(lm, reqs[:2]).restore()  # statistics cached
         e, t = timed(memit.apply, lm, reqs[: args.memit_batch])
         figures[f"memit_batch{args.memit_batch}_s"] = t
+        figures[f"memit_batch{args.memit_batch}_s_per_edit"] = t / args.memit_batch
         figures["memit_mean_opt_steps"] = sum(e.info["steps"]) / len(e.info["steps"])
         e.restore()
+        single = []
+        for r in reqs[: args.rome_edits]:  # one fact per edit, as ROME's figure
+            e, t = timed(memit.apply, lm, r)
+            single.append(t)
+            e.restore()
+        figures["memit_median_s_per_edit"] = med(single)
 
     figures["rome_peak_rss_mb_fresh_process"] = rome_peak_memory(3)
     figures["this_process_peak_rss_mb"] = peak_rss_mb()

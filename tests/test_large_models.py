@@ -107,3 +107,33 @@ def test_sharded_and_unsizable_folders(model_dir, tmp_path: Path, monkeypatch) -
     assert check_memory(str(binary), "float32", "cpu") is None  # cannot be sized: not refused
     res = CliRunner().invoke(app, ["models", "--estimate", str(binary)])
     assert res.exit_code == 2 and "no model.safetensors" in res.output
+
+
+def test_a_dtype_the_device_cannot_compute_is_refused_before_loading(model_dir, tmp_path: Path, monkeypatch) -> None:
+    """bf16 on a GPU older than Ampere: one line naming the device, its compute capability and what to use
+    instead, from the library and from the CLI, before any weight is read."""
+    import torch
+
+    import editlab.models
+    import editlab.models.loading as loading
+    from editlab.errors import DtypeError
+
+    folder, _ = model_dir
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.raises(DtypeError, match=r"cuda:0 \(compute capability 7.0; bfloat16 needs 8.0"):
+        loading.check_dtype_on_device(torch.bfloat16, torch.device("cuda:0"))
+    loading.check_dtype_on_device(torch.float16, torch.device("cuda:0"))  # float16 runs there
+    loading.check_dtype_on_device(torch.bfloat16, torch.device("cpu"))  # CPUs run bf16
+
+    cuda = torch.device("cuda:0")
+    monkeypatch.setattr(loading, "resolve_device", lambda device: cuda if device else torch.device("cpu"))  # as on a GPU machine
+    loads: list[str] = []
+    monkeypatch.setattr(editlab.models, "load_lm", lambda *a, **k: loads.append("x"))
+    db = tmp_path / "r.db"
+    res = CliRunner().invoke(app, ["eval", "--model", str(folder), "--method", "rome", "--device", "cuda",
+                                   "--dtype", "bf16", "--limit", "1", "--db", str(db)])
+    assert res.exit_code == 2 and "use --dtype float16 or float32" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and loads == [] and not db.exists()
+    with pytest.raises(DtypeError, match="compute capability 7.0"):
+        loading.load_lm(str(folder), device="cuda:0", dtype="bfloat16")

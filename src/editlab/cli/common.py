@@ -191,10 +191,11 @@ def check_hparams_early(method: str, overrides: dict[str, Any]) -> None:
 def check_model_options(opts: ModelOptions) -> None:
     """dtype, device (present on this machine and torch build) and model source (a registered name, a
     local folder, a cached or allowed hub id), all without loading anything."""
-    from ..models.sources import check_device, check_model_source, dtype_name
+    from ..models.sources import check_device, check_dtype_for_device, check_model_source, dtype_name
 
     dtype_name(opts.dtype)
     check_device(opts.device)
+    check_dtype_for_device(opts.dtype, opts.device)
     if opts.device_map is not None:
         if opts.device_map not in DEVICE_MAPS:
             raise OptionError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {opts.device_map!r}")

@@ -84,6 +84,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     raise DeviceError(f"device type {dev.type!r} is not supported by editlab; use cpu, cuda, cuda:N or mps")
 
 
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
+    """`DtypeError` where `device` cannot compute in `dtype`: bfloat16 on a CUDA GPU before compute
+    capability 8.0 (Ampere) or on an MPS device whose macOS lacks it. CPUs run all three (float16 and
+    bfloat16 slowly where the CPU has no such instructions). Cheap: no model is touched."""
+    if dtype != torch.bfloat16 or device.type == "cpu":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise DtypeError(f"bfloat16 is not supported by {device} (compute capability {major}.{minor}; bfloat16 needs 8.0 "
+                         "or newer); use --dtype float16 or float32")
+    if device.type == "mps":
+        try:
+            torch.ones(1, dtype=dtype, device=device)
+        except (RuntimeError, TypeError) as e:
+            raise DtypeError(f"bfloat16 is not supported by {device} here ({one_line(str(e))}); use --dtype float16 or float32") from None
+
+
 def one_line(text: str) -> str:
     """Library messages (transformers') span several lines; editlab errors are one line."""
     return " ".join(text.split())
@@ -204,8 +221,12 @@ def load_lm(
     torch_dtype = resolve_dtype(dtype)
     if device_map is None:
         device = resolve_device(device)
+        check_dtype_on_device(torch_dtype, device)
     elif not isinstance(device_map, (str, dict)):
         raise DeviceError(f"device_map must be 'auto', a device name or a mapping; got {type(device_map).__name__}")
+    elif torch.cuda.is_available():  # the map may use any of them
+        for i in range(torch.cuda.device_count()):
+            check_dtype_on_device(torch_dtype, torch.device("cuda", i))
     if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise OptionError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
     name_or_path = check_model_source(name_or_path, allow_hub)

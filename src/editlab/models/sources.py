@@ -52,6 +52,17 @@ def check_device(device: str | None) -> None:
         resolve_device(device)
 
 
+def check_dtype_for_device(dtype: str, device: str | None) -> None:
+    """The named dtype can be computed on the named device (`loading.check_dtype_on_device`)."""
+    if device is None or device.strip().startswith("cpu") or dtype_name(dtype) != "bfloat16":
+        return  # only bfloat16 depends on the device
+    import torch
+
+    from .loading import check_dtype_on_device, resolve_device
+
+    check_dtype_on_device(getattr(torch, dtype_name(dtype)), resolve_device(device))
+
+
 def _path_of(target: str, *args: Any, **kwargs: Any) -> Callable[[], Path]:
     """A registry factory calling "module:function"(*args) when the model's folder is needed."""
     def factory() -> Path:
