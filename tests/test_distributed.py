@@ -214,6 +214,36 @@ def test_ctrl_c_keeps_the_committed_rows_and_resume_finishes_the_run(local_ray, 
     assert len(after) == len(requests) and all(after[k] == t for k, t in kept.items())  # nothing re-run
 
 
+def test_pitfalls_on_ray_fill_the_runs_a_local_pitfalls_run_fills(local_ray, data_root, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`editlab pitfalls --executor ray`: a suite and the collapse run (sequential edits with probes at
+    the checkpoints) give the run ids and rows of the local run; a resume adds nothing."""
+    from editlab.pitfalls import plan as plan_mod
+    from editlab.pitfalls.plan import Budget, plan_pitfalls
+    from editlab.pitfalls.run import run_pitfalls, run_pitfalls_on_ray
+
+    monkeypatch.setenv("EDITLAB_HOME", str(local_ray))
+    monkeypatch.setitem(plan_mod.BUDGETS, "quick", Budget("quick", {"distortion": 2}, stream=3, checkpoints=(0, 1, 3),
+                                                          probes=("nkl", "norm"), probe_budget="quick"))
+    plan = plan_pitfalls(["ft-m"], "quick", only=["distortion", "collapse"], hparams={"layer": 0, "steps": 10, "lr": 0.01})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = Store(tmp_path / "local.db")
+        local_runs = run_pitfalls(load_lm(MODEL), plan, local)
+    finally:
+        torch.set_num_threads(threads)
+    remote = Store(tmp_path / "ray.db")
+    ray_runs = run_pitfalls_on_ray({"name": MODEL}, plan, remote, ExecutorSpec("ray", workers=2))
+    assert ray_runs == local_runs and set(ray_runs.collapse) == {"ft-m"}
+    ids = list(local_runs.suites["distortion"].values()) + list(local_runs.collapse.values())
+    for rid in ids:
+        assert _rows(remote, rid) == _rows(local, rid) and _rows(local, rid), rid
+    assert sorted(r.n_edits for r in remote.rows(ray_runs.collapse["ft-m"])) == [0, 1, 3]
+    again = run_pitfalls_on_ray({"name": MODEL}, plan, remote, ExecutorSpec("ray", workers=1), resume=True)
+    assert again == ray_runs and remote.count_rows() == local.count_rows()
+
+
 def test_a_suite_on_ray_fills_the_runs_a_local_suite_fills(local_ray, data_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from editlab.distributed.driver import run_suite_on_ray
     from editlab.suites.runner import plan_suite, run_suite

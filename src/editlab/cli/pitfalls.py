@@ -14,8 +14,8 @@ import typer
 from ..errors import OptionError
 from . import options
 from .common import (check_hparams_early, check_model_options, check_output_file, console, exit_interrupted,
-                     hparam_overrides, load_model, progress_bar, user_warnings_reported)
-from .options import HparamOptions, ModelOptions, OptionGroup, with_option_groups
+                     hparam_overrides, load_model, model_args, progress_bar, user_warnings_reported)
+from .options import ExecutorOptions, HparamOptions, ModelOptions, OptionGroup, with_option_groups
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ def pitfalls(
     run: PitfallsOptions = PitfallsOptions(),
     model: ModelOptions = ModelOptions(),
     hp: HparamOptions = HparamOptions(),
+    executor: ExecutorOptions = ExecutorOptions(),
 ) -> None:
     """Run every pitfall suite and the collapse probes for METHODS; write one HTML report."""
     from ..pitfalls.plan import plan_pitfalls
@@ -48,6 +49,7 @@ def pitfalls(
     if sections is not None and not sections:
         raise OptionError("--only is empty; name at least one section")
     check_model_options(model)
+    spec = executor.spec(model)
     overrides = hparam_overrides(hp)
     for m in names:
         check_hparams_early(m, overrides)
@@ -55,15 +57,19 @@ def pitfalls(
     with user_warnings_reported():
         plan = plan_pitfalls(names, budget, only=sections, hparams=overrides, seed=seed)
     from ..pitfalls.report import write_pitfalls_report
-    from ..pitfalls.run import run_pitfalls
+    from ..pitfalls.run import run_pitfalls, run_pitfalls_on_ray
     from ..runner import Store
 
     store = Store(db)
     t0 = time.perf_counter()
     try:
-        lm = load_model(model)
-        with user_warnings_reported():
-            runs = run_pitfalls(lm, plan, store, resume=resume, progress=progress_bar)
+        if spec.is_ray:  # rows/s and the workers in the bars' messages
+            runs = run_pitfalls_on_ray(model_args(model), plan, store, spec, resume=resume,
+                                       progress=lambda label, total: progress_bar(label, total, show_message=True))
+        else:
+            lm = load_model(model)
+            with user_warnings_reported():
+                runs = run_pitfalls(lm, plan, store, resume=resume, progress=progress_bar)
     except KeyboardInterrupt:
         exit_interrupted(db)
     path = write_pitfalls_report(db, runs, out, budget=budget, model=model.model, seconds=time.perf_counter() - t0)
