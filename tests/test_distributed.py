@@ -265,3 +265,25 @@ def test_a_suite_on_ray_fills_the_runs_a_local_suite_fills(local_ray, data_root,
         assert _rows(remote, rid) == _rows(local, rid) and len(_rows(local, rid)) == 4, rid
     again = run_suite_on_ray({"name": MODEL}, plan, remote, ExecutorSpec("ray", workers=1), hparams=hp, resume=True)
     assert again == ray_ids and remote.count_rows() == local.count_rows()
+
+
+def test_a_sweep_on_ray_records_the_points_and_front_a_local_sweep_records(local_ray, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDITLAB_HOME", str(local_ray))
+    base = ["sweep", "--method", "ft-m", "--model", MODEL, "--grid", "lr=1e-4,1e-2", "--grid", "steps=2,6",
+            "--limit", "3", "--objective", "efficacy,neighborhood"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker (--cpus-per-worker 1)
+    try:
+        local = CliRunner().invoke(app, base + ["--db", str(tmp_path / "local.db")])
+    finally:
+        torch.set_num_threads(threads)
+    assert local.exit_code == 0, local.output
+    remote = CliRunner().invoke(app, base + ["--db", str(tmp_path / "ray.db"), "--executor", "ray", "--workers", "2"])
+    assert remote.exit_code == 0, remote.output
+    a, b = Store.open_readonly(tmp_path / "local.db"), Store.open_readonly(tmp_path / "ray.db")
+    ids = sorted(r["run_id"] for r in a.runs())
+    assert len(ids) == 4 and ids == sorted(r["run_id"] for r in b.runs())
+    for rid in ids:
+        assert _rows(b, rid) == _rows(a, rid) and len(_rows(a, rid)) == 3, rid
+    assert a.records("sweep:") == b.records("sweep:")  # the same trials, values and Pareto front

@@ -253,3 +253,21 @@ def test_jsonl_corpus_errors(tmp_path):
         file_corpus(p)
     with pytest.raises(DataFormatError, match="not found"):
         file_corpus(tmp_path / "missing.txt")
+
+
+def test_statistics_of_a_bf16_model_are_summed_in_float64(corpus_file):
+    """The keys of a bfloat16 model enter the sums exactly (upcast) and the sums are float64: the second
+    moment equals a float64 computation by hand on the same keys, far closer than a bfloat16 sum."""
+    lm = load_lm("tiny-llama", dtype="bfloat16")
+    corpus = file_corpus(corpus_file)
+    got = second_moments(lm, [1], corpus, n_tokens=300, seq_len=64, progress=False)[1]
+    want, n = _hand_moment(lm, 1, corpus, 300)
+    assert n == 300 and got.dtype == torch.float32
+    rows = []
+    head = list(lm.prefix_ids)
+    with torch.no_grad(), hooks(lm.model, pre={lm.arch.mlp_out_path(1): lambda m, i: rows.append(i[0][0, max(1, len(head)):])}):
+        for w in sample_windows(lm, corpus, 300, 64):
+            lm.model(torch.tensor([head + list(w.ids)]))
+    k = torch.cat(rows)
+    in_bf16 = (k.T @ k) / k.shape[0]  # what summing in the model's dtype would give
+    assert _rel(got, want) < 1e-5 < _rel(in_bf16, want)
