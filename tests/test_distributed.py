@@ -287,3 +287,28 @@ def test_a_sweep_on_ray_records_the_points_and_front_a_local_sweep_records(local
     for rid in ids:
         assert _rows(b, rid) == _rows(a, rid) and len(_rows(a, rid)) == 3, rid
     assert a.records("sweep:") == b.records("sweep:")  # the same trials, values and Pareto front
+
+
+def test_an_address_where_something_else_listens_is_refused_quickly() -> None:
+    """A port held by a service that is not Ray (Ray's own connection retries never end there): refused
+    in one line after the handshake's timeout, whether the service stays silent or hangs up."""
+    import socket
+    import threading
+
+    from editlab.distributed.spec import check_reachable
+
+    with socket.socket() as silent, socket.socket() as rude:
+        for s in (silent, rude):
+            s.bind(("127.0.0.1", 0))
+            s.listen(4)
+
+        def hang_up() -> None:
+            conn, _ = rude.accept()
+            conn.close()
+        threading.Thread(target=hang_up, daemon=True).start()
+        for s in (silent, rude):
+            address = f"127.0.0.1:{s.getsockname()[1]}"
+            t = time.perf_counter()
+            with pytest.raises(ExecutorError, match=f"something answers at {address} but not as a Ray cluster"):
+                check_reachable(address, timeout=0.5)
+            assert time.perf_counter() - t < 5

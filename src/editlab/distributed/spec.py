@@ -93,17 +93,37 @@ def normalise_address(address: str | None) -> str | None:
     return address
 
 
+# HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers
+# with a SETTINGS frame of its own (frame header: 3 bytes length, type 0x4, flags, stream 0)
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Something accepts TCP connections at the address's host and port (a quick answer instead of
-    Ray's long connection retries)."""
+    """A Ray cluster's GCS answers at the address's host and port: it accepts a TCP connection and
+    speaks gRPC (HTTP/2). A quick answer instead of Ray's connection retries, which never end where
+    another service holds the port."""
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ExecutorError(f"cannot reach a Ray cluster at {address} ({reason}); start it with "
                             "`ray start --head` there, or check the host and port") from None
+    header = b""
+    with conn:
+        try:
+            conn.settimeout(timeout)
+            conn.sendall(_H2_PREFACE)
+            while len(header) < 9:
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:  # a timeout, or the connection reset: nothing answered as gRPC does
+            pass
+    if len(header) < 9 or header[3] != 0x04:
+        raise ExecutorError(f"something answers at {address} but not as a Ray cluster (no gRPC answer within "
+                            f"{timeout:g} s); give the address `ray start --head` printed (port 6379 by default)")
 
 
 def local_cpus() -> int:
