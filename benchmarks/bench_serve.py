@@ -59,7 +59,11 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(Playground(lm)), host="127.0.0.1", port=port, log_level="warning"))
+    playground = Playground(lm)
+    t = time.perf_counter()
+    playground.prepare("rome")  # as `editlab serve` does before it listens
+    print(f"prepared rome (context templates) in {time.perf_counter() - t:.2f} s, before listening")
+    server = uvicorn.Server(uvicorn.Config(create_app(playground), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)

@@ -247,3 +247,21 @@ def test_before_and_after_from_one_paired_pass_equal_the_separate_passes(client,
             assert same_top(a["top"], b["top"]) and a.get("continuation") == b.get("continuation")
             assert a["p_new"] == pytest.approx(b["p_new"], abs=1e-4) and a["p_true"] == pytest.approx(b["p_true"], abs=1e-4)
     assert [r["moved"] for r in paired["after"]] == [r["moved"] for r in apart["after"]]
+
+
+def test_prepare_does_the_first_edits_once_only_work_ahead(lm):
+    """`editlab serve` prepares the page's default method before it listens: ROME's context templates are
+    sampled then, and the first edit reuses them (the same object), weights untouched."""
+    restore_all(lm)
+    lm.cache.clear()
+    fingerprint = lm.fingerprint()
+    playground = Playground(lm)
+    try:
+        playground.prepare("rome")
+        kept = {k: v for k, v in lm.cache.items() if isinstance(k, tuple) and k[0] == "context_templates"}
+        assert len(kept) == 1 and lm.fingerprint() == fingerprint and lm.active_edits == []
+        playground.apply(**{**FACT, "hparams": {k: v for k, v in ROME.items() if k != "context_templates"}})
+        assert all(lm.cache[k] is v for k, v in kept.items())
+    finally:
+        playground.close()
+        restore_all(lm)

@@ -64,6 +64,8 @@ def serve(model: ModelOptions = ModelOptions(),
 
     lm = load_model(model)
     playground = Playground(lm)
+    with console.status("preparing rome (the page's default method)"):
+        playground.prepare("rome")
     app = create_app(playground)
     shown = f"[{host}]" if ":" in host else host
     console.print(f"editlab playground on [bold]http://{shown}:{port}/[/] ({lm.name}); API docs at /docs; Ctrl-C stops it")

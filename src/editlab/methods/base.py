@@ -34,6 +34,12 @@ class Editor(ABC):
     def hparams(self, lm: LM, **overrides: Any) -> Hparams:
         return self.hparams_cls.for_model(lm, **overrides)
 
+    def prepare(self, lm: LM, hp: Any) -> None:
+        """Do ahead what this method's first edit on `lm` computes once and keeps (ROME's context
+        templates, ...), so that edit is no slower than the next: a server calls it when it starts.
+        Never anything of minutes (statistics are computed by the first edit that needs them, or by
+        `editlab stats`). Default: nothing."""
+
     def _resolve_hparams(self, lm: LM, hparams: Hparams | Mapping[str, Any] | None, overrides: dict[str, Any]) -> Hparams:
         if hparams is None:
             return self.hparams(lm, **overrides)

@@ -90,6 +90,15 @@ class Playground:
         self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = OrderedDict()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editlab-model")
 
+    def prepare(self, method: str = "rome") -> None:
+        """Do ahead, on the model thread, what `method`'s first edit would compute once (its context
+        templates, about a second on SmolLM2 on CPU): the page's default method's first edit is then no
+        slower than the next. The server calls it before it listens; statistics are not computed here."""
+        editor = get_editor(METHODS.resolve(method))
+        hp = editor.hparams(self.lm)
+        with self._exclusive(wait=True, activity=f"preparing {editor.name}"):
+            self._on_model_thread(lambda: editor.prepare(self.lm, hp))
+
     def close(self) -> None:
         """Stop the model thread once the work already handed to it has finished (the server has stopped).
         Later model operations raise `BusyError`."""

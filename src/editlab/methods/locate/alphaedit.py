@@ -40,6 +40,7 @@ from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import second_moments
 from ..base import Editor
+from .shared import PreparesContextTemplates
 from ..edit import Edit
 from ..patches import Patch, SolverState, WeightDelta
 from .hparams import L2_MODES, NULL_SPACE_MODES, AlphaEditHparams  # noqa: F401 (re-exported)
@@ -136,7 +137,7 @@ def _previous_keys(lm: LM, on: Edit | None) -> tuple[dict[int, torch.Tensor], in
     return total, len(chain)
 
 
-class AlphaEditEditor(Editor):
+class AlphaEditEditor(PreparesContextTemplates, Editor):
     name = "alphaedit"
     hparams_cls = AlphaEditHparams
     supports_batch = True

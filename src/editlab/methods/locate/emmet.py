@@ -27,6 +27,7 @@ from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import second_moments
 from ..base import Editor
+from .shared import PreparesContextTemplates
 from .hparams import LAMBDA_MODES, EMMETHparams  # noqa: F401 (re-exported)
 from .spread import spread_over_layers
 
@@ -55,7 +56,7 @@ def emmet_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mu:
     return r.T @ x, {"lambda": reg, "pseudo_inverse": pinv, "cond_D": cond}
 
 
-class EMMETEditor(Editor):
+class EMMETEditor(PreparesContextTemplates, Editor):
     name = "emmet"
     hparams_cls = EMMETHparams
     supports_batch = True

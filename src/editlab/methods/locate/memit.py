@@ -19,6 +19,7 @@ from ...models.lm import LM
 from ...requests import EditRequest
 from ...stats import second_moments
 from ..base import Editor
+from .shared import PreparesContextTemplates
 from .hparams import MEMITHparams
 from .spread import spread_over_layers
 
@@ -32,7 +33,7 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, wei
     return torch.linalg.solve(a, k.T @ resid.double()).T
 
 
-class MEMITEditor(Editor):
+class MEMITEditor(PreparesContextTemplates, Editor):
     name = "memit"
     hparams_cls = MEMITHparams
     supports_batch = True

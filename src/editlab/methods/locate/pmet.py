@@ -26,7 +26,7 @@ from ...stats import second_moments
 from ..base import Editor
 from .memit import memit_update
 from .hparams import PMETHparams
-from .shared import optimize_values, refuse_post_mlp_norm
+from .shared import PreparesContextTemplates, optimize_values, refuse_post_mlp_norm
 from .spread import template_set, write_targets
 
 
@@ -36,7 +36,7 @@ def mlp_module_path(lm: LM, layer: int) -> str:
     return lm.arch.mlp_out_path(layer).rsplit(".", 1)[0]
 
 
-class PMETEditor(Editor):
+class PMETEditor(PreparesContextTemplates, Editor):
     name = "pmet"
     hparams_cls = PMETHparams
     supports_batch = True

@@ -27,6 +27,7 @@ from ..base import Editor
 from ..patches import LowRank
 from .hparams import KEY_MODES, ROMEHparams, parse_template_groups  # noqa: F401 (re-exported)
 from .shared import (
+    PreparesContextTemplates,
     capture_at_subject,
     context_templates,
     flat_mean,
@@ -99,7 +100,7 @@ def rome_solve(lm: LM, req: EditRequest, hp: ROMEHparams) -> ROMESolve:
                      lam, u)
 
 
-class ROMEEditor(Editor):
+class ROMEEditor(PreparesContextTemplates, Editor):
     name = "rome"
     hparams_cls = ROMEHparams
     supports_batch = False

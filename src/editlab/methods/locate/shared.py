@@ -69,6 +69,15 @@ def context_templates(lm: LM, groups: Sequence[tuple[int, int]], seed: int = 0) 
     return out_groups
 
 
+class PreparesContextTemplates:
+    """`Editor.prepare` for methods whose hyper-parameters name `context_templates` (ROME and the MEMIT
+    family): the templates are sampled from the model once (about a second on SmolLM2 on CPU) and kept
+    in `lm.cache`; put before `Editor` in the bases."""
+
+    def prepare(self, lm: LM, hp: Any) -> None:
+        context_templates(lm, parse_template_groups(hp.context_templates), hp.seed)
+
+
 def flat_mean(x: torch.Tensor) -> torch.Tensor:
     """ROME's k*: mean over all templates. x: [n, T, d] -> [n, d]."""
     return x.mean(1)
