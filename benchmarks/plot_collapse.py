@@ -6,6 +6,9 @@ Runs come from `editlab eval --mode sequential --probes ...` (one database per m
     editlab eval --method rome --data counterfact --limit 200 --mode sequential \\
         --checkpoints 0,10,25,50,100,200 --probes perplexity,downstream,nkl,norm --db out/collapse-rome.db
     python benchmarks/plot_collapse.py out/collapse-*.db --png docs/collapse.png
+    python benchmarks/plot_collapse.py out/collapse-new.db docs/collapse_points.jsonl --png docs/collapse.png
+
+(`--export FILE.jsonl` appends the points read to a JSON-lines file; such a file is read like a database.)
 
 Records: the first 200 shipped CounterFact portability records (never used for tuning); checkpoint 0 is
 the unedited model, measured by the same probes.
@@ -24,10 +27,23 @@ CHANCE = {"sst2": "sst2_chance", "rte": "rte_chance", "boolq": "boolq_chance"}
 
 
 def load(dbs: list[str]) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """Checkpoints per method from result databases, or from JSON-lines files written by `--export`
+    (one line per method and checkpoint: method, n_edits, metrics, and where the values come from)."""
+    import json
+
     from editlab.runner import Store
 
     out: dict[str, list[tuple[int, dict[str, float]]]] = {}
     for db in dbs:
+        if db.endswith(".jsonl"):
+            with open(db) as f:
+                for line in f:
+                    if line.strip():
+                        rec = json.loads(line)
+                        out.setdefault(rec["method"], []).append((int(rec["n_edits"]), dict(rec["metrics"])))
+            for pts in out.values():
+                pts.sort(key=lambda p: p[0])
+            continue
         store = Store.open_readonly(db)
         for run in store.runs():
             if run["mode"] != "sequential":
@@ -39,6 +55,19 @@ def load(dbs: list[str]) -> dict[str, list[tuple[int, dict[str, float]]]]:
                 out[label] = pts
         store.close()
     return out
+
+
+def export(runs: dict[str, list[tuple[int, dict[str, float]]]], path: str, source: str) -> None:
+    """Append the points (the plotted metrics and seconds per checkpoint) to a JSON-lines file, so a
+    later figure can put new runs beside these without their databases."""
+    import json
+
+    with open(path, "a") as f:
+        for method, pts in runs.items():
+            for n, m in pts:
+                keep = {k: m[k] for k in (*METRICS, *CHANCE.values(), "_eval_s") if m.get(k) is not None}
+                f.write(json.dumps({"method": method, "n_edits": n, "metrics": keep, "source": source}) + "\n")
+    print(f"appended {sum(len(p) for p in runs.values())} points to {path}")
 
 
 def table(runs: dict[str, list[tuple[int, dict[str, float]]]], metrics: tuple[str, ...] = METRICS) -> None:
@@ -91,12 +120,16 @@ def main() -> None:
     ap.add_argument("dbs", nargs="+")
     ap.add_argument("--png", default=None)
     ap.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to show (default: all)")
+    ap.add_argument("--export", default=None, help="append the points to this JSON-lines file (an input of later plots)")
+    ap.add_argument("--source", default="", help="with --export: where the points come from (a date, a command)")
     args = ap.parse_args()
     metrics = tuple(m for m in args.metrics.split(",") if m)
     runs = load(args.dbs)
     if not runs:
         raise SystemExit("no sequential runs in " + ", ".join(args.dbs))
     table(runs, metrics)
+    if args.export:
+        export(runs, args.export, args.source)
     if args.png:
         plot(runs, args.png, metrics)
 
