@@ -312,3 +312,20 @@ def test_an_address_where_something_else_listens_is_refused_quickly() -> None:
             with pytest.raises(ExecutorError, match=f"something answers at {address} but not as a Ray cluster"):
                 check_reachable(address, timeout=0.5)
             assert time.perf_counter() - t < 5
+
+
+def test_workers_with_other_versions_are_refused_before_any_row(local_ray, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose editlab (or torch, transformers) differs from the driver's would make other numbers:
+    the run stops with one line naming the package and both versions, and nothing is written."""
+    import editlab.runner.runner as runner_mod
+    from editlab.distributed.driver import run_on_ray
+
+    monkeypatch.setenv("EDITLAB_HOME", str(local_ray))
+    real = runner_mod.versions()
+    monkeypatch.setattr(runner_mod, "versions", lambda: {**real, "editlab": "0.0.0-driver"})  # the driver's only
+    store = Store(tmp_path / "v.db")
+    reqs = load_requests("builtin", limit=2)
+    with pytest.raises(ExecutorError, match=rf"has editlab {real['editlab']}, the driver 0.0.0-driver .*install the same versions"):
+        run_on_ray({"name": MODEL}, reqs, [RunConfig(method="ft-m")], store, ExecutorSpec("ray", workers=1), resume=False)
+    assert store.count_rows() == 0
