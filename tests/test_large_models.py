@@ -119,10 +119,11 @@ def test_a_dtype_the_device_cannot_compute_is_refused_before_loading(model_dir, 
     from editlab.errors import DtypeError
 
     folder, _ = model_dir
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    capability = {0: (7, 0), 1: (8, 6)}  # an old GPU beside an Ampere one
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
     with pytest.raises(DtypeError, match=r"cuda:0 \(compute capability 7.0; bfloat16 needs 8.0"):
         loading.check_dtype_on_device(torch.bfloat16, torch.device("cuda:0"))
+    loading.check_dtype_on_device(torch.bfloat16, torch.device("cuda:1"))  # the device asked for, not the current one
     loading.check_dtype_on_device(torch.float16, torch.device("cuda:0"))  # float16 runs there
     loading.check_dtype_on_device(torch.bfloat16, torch.device("cpu"))  # CPUs run bf16
 

@@ -109,6 +109,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise ExecutorError(f"cannot reach a Ray cluster at {address} ({reason}); start it with "
                             "`ray start --head` there, or check the host and port") from None
+    if os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true"):
+        conn.close()  # a TLS cluster does not answer a plaintext handshake; Ray's own connection says more
+        return
     header = b""
     with conn:
         try:

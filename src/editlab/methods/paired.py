@@ -11,9 +11,11 @@ exactly the weights a restore would leave — and nothing else changes. Run the 
 (`LM.paired_next_token_and_score`, or generation of the same prompt twice) and the halves are the
 before and after of the separate passes, up to the float noise of a different batch size.
 
-Only an edit made of weight deltas (ROME, MEMIT, FT, AlphaEdit, MEND, ...) can be compared this way;
-`pairable` says whether the newest edit is one. An odd batch inside the block is an error, never a
-silently wrong half."""
+Only an edit made of weight deltas (ROME, MEMIT, FT, AlphaEdit, MEND, ...; a solver state beside
+them changes nothing in the model) can be compared this way; `pairable` says whether the newest edit
+is one. Inside the block every forward is read as two halves, so run only the same rows twice there;
+an odd batch is an error. A parameter held by several modules (tied embeddings and LM head) is
+replaced in each of them."""
 
 from __future__ import annotations
 
@@ -22,23 +24,24 @@ from typing import Any, Iterator
 
 import torch
 
-from .patches import WeightDelta, WeightLedger
+from .patches import SolverState, WeightDelta, WeightLedger
 
 
 def pairable(lm: Any) -> bool:
-    """Whether `lm`'s newest active edit consists of weight deltas only (and there is one)."""
+    """Whether `lm`'s newest active edit changes the model by weight deltas only (and there is one)."""
     top = lm.active_edits[-1] if lm.active_edits else None
-    return bool(top is not None and top.patches and all(isinstance(p, WeightDelta) for p in top.patches)
-                and top.lm is lm)
+    return bool(top is not None and any(isinstance(p, WeightDelta) for p in top.patches)
+                and all(isinstance(p, (WeightDelta, SolverState)) for p in top.patches) and top.lm is lm)
 
 
-def _owners(model: torch.nn.Module, params: dict[int, torch.nn.Parameter]) -> dict[int, tuple[torch.nn.Module, str]]:
-    """Parameter identity -> (the module holding it, its attribute name there)."""
-    out: dict[int, tuple[torch.nn.Module, str]] = {}
+def _owners(model: torch.nn.Module, params: dict[int, torch.nn.Parameter]) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """Parameter identity -> every (module holding it, its attribute name there): a tied parameter has
+    several."""
+    out: dict[int, list[tuple[torch.nn.Module, str]]] = {}
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None and id(p) in params:
-                out[id(p)] = (module, name)
+                out.setdefault(id(p), []).append((module, name))
     return out
 
 
@@ -49,9 +52,10 @@ def without_and_with_top(lm: Any) -> Iterator[None]:
         raise ValueError("the newest edit is not made of weight deltas only: measure before and after apart")
     top = lm.active_edits[-1]
     ledger = WeightLedger.of(lm)
-    mine = {id(p) for p in top.patches}
+    deltas = [p for p in top.patches if isinstance(p, WeightDelta)]
+    mine = {id(p) for p in deltas}
     without: dict[int, torch.Tensor] = {}
-    for key in {p._key for p in top.patches}:
+    for key in {p._key for p in deltas}:
         stack = ledger.applied[key]
         below = [d for d in stack if id(d) not in mine]
         if len(below) + sum(id(d) in mine for d in stack) != len(stack) or stack[: len(below)] != below:
@@ -59,8 +63,9 @@ def without_and_with_top(lm: Any) -> Iterator[None]:
         without[key] = ledger.replay_into(key, torch.empty_like(ledger.originals[key]), below)
     owners = _owners(lm.model, {k: ledger.params[k] for k in without})
     per_module: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
-    for key, (module, name) in owners.items():
-        per_module.setdefault(id(module), (module, {}))[1][name] = without[key]
+    for key, held in owners.items():
+        for module, name in held:
+            per_module.setdefault(id(module), (module, {}))[1][name] = without[key]
     inside = [False]
 
     def hook_for(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> Any:

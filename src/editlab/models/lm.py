@@ -259,11 +259,12 @@ class LM:
     def pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_batch(seqs, self.pad_id, "left")
 
-    def _batches(self, seqs: list[tuple[int, ...]], overhead: int = 24) -> Iterator[list[int]]:
+    def _batches(self, seqs: list[tuple[int, ...]], overhead: int = 24, budget: int | None = None) -> Iterator[list[int]]:
         """Indices of `seqs` split into right-padded batches that minimize padded tokens plus a fixed
         per-batch overhead (in token equivalents), each within max_batch_tokens. Sequences are sorted
         by length and cut into contiguous runs by dynamic programming, so short prompts are not
-        padded to the length of long ones."""
+        padded to the length of long ones. `budget`: tokens per batch instead of max_batch_tokens."""
+        limit = self.max_batch_tokens if budget is None else budget
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         lens = [len(seqs[i]) for i in order]
         n = len(lens)
@@ -272,7 +273,7 @@ class LM:
         for j in range(1, n + 1):
             for i in range(j - 1, -1, -1):  # batch order[i:j]; its width is lens[i]
                 size = (j - i) * lens[i]
-                if size > self.max_batch_tokens and j - i > 1:
+                if size > limit and j - i > 1:
                     break
                 c = best[i] + size + overhead
                 if c < best[j]:
@@ -312,7 +313,8 @@ class LM:
         groups, rest = shared_prefix_groups(unique, wanted, self.min_shared_prefix) if share else ([], list(range(len(unique))))
         for plen, members in groups:
             yield from self._logits_after_prefix(unique, wanted, plen, members)
-        for batch in self._batches([unique[i] for i in rest]):
+        budget = max(1, self.max_batch_tokens // 2) if doubled else None  # a doubled batch stays within the budget
+        for batch in self._batches([unique[i] for i in rest], budget=budget):
             yield from self._plain_logits(unique, wanted, [rest[b] for b in batch], doubled)
 
     def _plain_logits(self, unique: list[tuple[int, ...]], wanted: Mapping[int, Iterable[int]], rows: list[int],

@@ -90,7 +90,7 @@ def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
     bfloat16 slowly where the CPU has no such instructions). Cheap: no model is touched."""
     if dtype != torch.bfloat16 or device.type == "cpu":
         return
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] < 8:
         major, minor = torch.cuda.get_device_capability(device)
         raise DtypeError(f"bfloat16 is not supported by {device} (compute capability {major}.{minor}; bfloat16 needs 8.0 "
                          "or newer); use --dtype float16 or float32")
@@ -224,9 +224,14 @@ def load_lm(
         check_dtype_on_device(torch_dtype, device)
     elif not isinstance(device_map, (str, dict)):
         raise DeviceError(f"device_map must be 'auto', a device name or a mapping; got {type(device_map).__name__}")
-    elif torch.cuda.is_available():  # the map may use any of them
-        for i in range(torch.cuda.device_count()):
-            check_dtype_on_device(torch_dtype, torch.device("cuda", i))
+    elif torch.cuda.is_available():  # the GPUs the map may place layers on
+        if isinstance(device_map, dict):
+            used = {torch.device(f"cuda:{v}" if isinstance(v, int) else v) for v in device_map.values()
+                    if isinstance(v, int) or str(v).startswith("cuda")}
+        else:
+            used = set() if device_map == "cpu" else {torch.device("cuda", i) for i in range(torch.cuda.device_count())}
+        for dev in sorted(used, key=str):
+            check_dtype_on_device(torch_dtype, dev)
     if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise OptionError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
     name_or_path = check_model_source(name_or_path, allow_hub)

@@ -235,6 +235,8 @@ class Playground:
         missing = [i for i in range(len(items)) if keys_before[i] not in self._cache or keys_after[i] not in self._cache]
         if not missing:
             return
+        if 0 in missing and 2 * (len(self.lm.encode_prompt(prompt)) + self.continuation_tokens) > self.lm.max_batch_tokens:
+            return  # the two continuations do not fit one generation batch: measured apart (restore, reapply)
         prompts = list(dict.fromkeys(items[i] for i in missing))
         with without_and_with_top(self.lm):
             halves = self.lm.paired_next_token_and_score(prompts, [x for x in (new, true) if x])
