@@ -266,3 +266,15 @@ def test_prepare_does_the_first_edits_once_only_work_ahead(lm):
     finally:
         playground.close()
         restore_all(lm)
+
+
+def test_a_pair_too_long_for_one_batch_is_measured_apart(client, lm, monkeypatch):
+    """Prompt and continuation twice over the token budget: the playground measures before and after
+    apart (restore, reapply) instead of failing after the edit is in."""
+    n = len(lm.encode_prompt(FACT["prompt"])) + client.app.state.playground.continuation_tokens
+    monkeypatch.setattr(lm, "max_batch_tokens", 2 * n - 1)
+    r = client.post("/api/edit", json=FACT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["after"][0]["top"][0][0].strip() == "Rome" != body["before"][0]["top"][0][0].strip()
+    assert len(body["stack"]) == 1 and client.post("/api/probe", json={"probes": [{"prompt": "Rome is", "kind": "free"}]}).status_code == 200
