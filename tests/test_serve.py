@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from editlab.cli import app as cli_app
+from editlab.errors import BusyError
 from editlab.methods import restore_all
 from editlab.methods.catalogue import METHODS
 from editlab.models import load_lm
@@ -278,3 +279,74 @@ def test_a_pair_too_long_for_one_batch_is_measured_apart(client, lm, monkeypatch
     body = r.json()
     assert body["after"][0]["top"][0][0].strip() == "Rome" != body["before"][0]["top"][0][0].strip()
     assert len(body["stack"]) == 1 and client.post("/api/probe", json={"probes": [{"prompt": "Rome is", "kind": "free"}]}).status_code == 200
+
+
+GRACE = dict(METHODS.entry("grace").meta["tiny_hparams"])
+
+
+def test_a_second_edit_of_the_same_method_extends_it_or_stacks_a_new_one(client, lm):
+    fp = lm.fingerprint()
+    fact = {**FACT, "method": "grace", "hparams": GRACE, "probes": []}
+    first = client.post("/api/edit", json=fact)
+    assert first.status_code == 200 and first.json()["extended"] is False and "not_extended" not in first.json()
+    # the same layer: the codebook grows
+    second = client.post("/api/edit", json={**fact, "prompt": "The capital of Spain is", "subject": "Spain"})
+    assert second.status_code == 200 and second.json()["extended"] is True
+    # another layer cannot extend the codebook at layer 2: a new GRACE edit goes on top, and the page is told why
+    other = {**fact, "prompt": "The capital of Italy is", "subject": "Italy", "hparams": {**GRACE, "layer": 1}}
+    refused = client.post("/api/edit", json={**other, "extend": True})
+    assert refused.status_code == 400 and "codebook" in refused.json()["error"]
+    assert len(client.get("/api/stack").json()) == 2
+    third = client.post("/api/edit", json=other)
+    assert third.status_code == 200, third.text
+    body = third.json()
+    assert body["extended"] is False and "codebook" in body["not_extended"] and len(body["stack"]) == 3
+    assert body["after"][0]["top"][0][0].strip() == "Rome"
+    # false stacks a new edit even where extending would work
+    fourth = client.post("/api/edit", json={**other, "target": "Berlin", "extend": False})
+    assert fourth.status_code == 200 and fourth.json()["extended"] is False and "not_extended" not in fourth.json()
+    # a method that cannot extend refuses true before touching the model
+    assert client.post("/api/edit", json={**FACT, "extend": True}).status_code == 400
+    assert len(lm.active_edits) == 4
+    while lm.active_edits:
+        assert client.post("/api/undo").json()["bit_exact"] is True
+    assert lm.fingerprint() == fp
+
+
+def test_an_edit_waits_for_a_running_probe_and_a_second_change_is_refused(lm, monkeypatch):
+    restore_all(lm)
+    pg = Playground(lm)
+    probing, go = threading.Event(), threading.Event()
+    report = pg._report
+
+    def slow_first_report(*args, **kwargs):
+        if not probing.is_set():
+            probing.set()
+            assert go.wait(30)
+        return report(*args, **kwargs)
+
+    monkeypatch.setattr(pg, "_report", slow_first_report)
+    results: dict[str, object] = {}
+    probe = threading.Thread(target=lambda: results.setdefault("probe", pg.probe(prompt="The capital of France is")))
+    probe.start()
+    assert probing.wait(30)
+    fact = {k: FACT[k] for k in ("prompt", "subject", "target", "target_true")}
+    edit = threading.Thread(target=lambda: results.setdefault("edit", pg.apply("rome", hparams=ROME, **fact)))
+    edit.start()
+    for _ in range(3000):  # the edit has passed the write gate and waits for the probe to finish
+        if pg._write is not None:
+            break
+        threading.Event().wait(0.01)
+    assert pg._write == "applying rome"
+    with pytest.raises(BusyError, match="applying rome"):
+        pg.undo()
+    go.set()
+    probe.join(60)
+    edit.join(120)
+    # the probe saw the model before the edit, whole
+    assert same_top(results["probe"]["after"][0]["top"], results["edit"]["before"][0]["top"])
+    assert results["edit"]["after"][0]["top"][0][0].strip() == "Rome" and len(lm.active_edits) == 1
+    assert pg.status()["busy"] is False and pg._write is None
+    pg.undo()
+    pg.close()
+    assert not lm.active_edits

@@ -36,6 +36,9 @@ class EditBody(BaseModel):
     target_true: Optional[str] = None
     hparams: dict[str, Any] = Field(default_factory=dict)
     probes: list[ProbeItem] = Field(default_factory=list)
+    extend: Optional[bool] = Field(
+        default=None, description="extend the newest edit (true), stack a new edit (false), or extend when the "
+                                  "newest edit is of the same method and can be extended (null)")
 
 
 class ProbeBody(BaseModel):
@@ -95,7 +98,7 @@ def create_app(playground: Playground) -> FastAPI:
     def edit(body: EditBody) -> dict[str, Any]:
         """Apply one edit on top of the stack; report the prompt and the probes before and after it."""
         return playground.apply(body.method, body.prompt, body.subject, body.target, body.target_true, body.hparams,
-                                [p.model_dump() for p in body.probes])
+                                [p.model_dump() for p in body.probes], body.extend)
 
     @app.post("/api/probe")
     def probe(body: ProbeBody) -> dict[str, Any]:

@@ -5,9 +5,11 @@ share one implementation.
 Concurrency: probes, checks and edits that compare against the state before the newest edit take that
 edit off and put it back (`Edit.restore` + `Edit.reapply`, bit-exact) — or, for an edit made of weight
 deltas, run both states in one pass of twice the rows (`methods.paired`, about a pass's fixed cost
-less) — so every operation that touches the model holds one lock; a second edit, undo, save or load that arrives while one runs is refused at
-once with `BusyError` (the page shows "busy"), and probes wait their turn. Nothing is ever observed
-half-edited. The work itself runs on one dedicated model thread, whichever request thread asked for
+less) — so every operation that touches the model holds one lock. Reads (probes, checks) queue for it.
+Writes (edit, undo, save, load) go through a gate first: a write that arrives while another write is
+running or waiting is refused at once with `BusyError` (the page shows "busy"); one that arrives while
+reads run waits for them (they take a fraction of a second), and reads that arrive after it wait behind
+it, so a stream of probes cannot starve an edit. Nothing is ever observed half-edited. The work itself runs on one dedicated model thread, whichever request thread asked for
 it: torch's OpenMP pool is per calling thread, and on a small CPU the pool of the thread that ran the
 previous request keeps spinning for a while and takes cores from the next (a ROME edit measured 40 %
 slower on a fresh request thread than on the thread that ran the last one).
@@ -83,7 +85,9 @@ class Playground:
         self.lm = lm
         self.top_k = _check_int("top_k", top_k, MAX_TOP_K)
         self.continuation_tokens = _check_int("continuation_tokens", continuation_tokens, MAX_CONTINUATION)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model: held by whatever operation is using it
+        self._write_gate = threading.Lock()  # held by the one write running or waiting for the model
+        self._write: str | None = None  # what that write is
         self._fingerprints: dict[str, str] = {}  # edit id -> weights fingerprint before it (undo check)
         self._activity: tuple[str, float] | None = None  # what holds the lock, since when
         self._stack: list[dict[str, Any]] = [_describe(e) for e in lm.active_edits]  # between operations; read without the lock
@@ -113,15 +117,32 @@ class Playground:
     # ---------------------------------------------------------------- locking
     @contextmanager
     def _exclusive(self, wait: bool, activity: str) -> Iterator[None]:
-        if not self._lock.acquire(blocking=wait):
-            raise BusyError(f"busy: {self._activity[0] if self._activity else 'another operation'} is running; "
-                            "try again when it has finished")
+        """Hold the model for one operation. `wait=True` (a read, or preparing): queue behind any write
+        running or waiting, then for the model. `wait=False` (a write): refused with `BusyError` while
+        another write runs or waits; otherwise wait for the reads in progress."""
+        if wait:
+            with self._write_gate:  # a pending write goes first
+                pass
+            self._lock.acquire()
+        else:
+            if not self._write_gate.acquire(blocking=False):
+                raise BusyError(f"busy: {self._write or 'another change'} is running; try again when it has finished")
+            self._write = activity
+            try:
+                self._lock.acquire()
+            except BaseException:
+                self._write = None
+                self._write_gate.release()
+                raise
         self._activity = (activity, time.perf_counter())
         try:
             yield
         finally:
             self._activity = None
             self._lock.release()
+            if not wait:
+                self._write = None
+                self._write_gate.release()
 
     def _on_model_thread(self, fn: Callable[[], T]) -> T:
         """Run `fn` (model work; the caller holds the lock) on the model thread and return its result."""
@@ -277,28 +298,55 @@ class Playground:
 
     # ---------------------------------------------------------------- operations
     def apply(self, method: str, prompt: str, subject: str, target: str, target_true: str | None = None,
-              hparams: Mapping[str, Any] | None = None, probes: Sequence[Mapping[str, Any] | str] | None = None) -> dict[str, Any]:
-        """Validate everything, apply the edit on top of the stack, and report before/after."""
+              hparams: Mapping[str, Any] | None = None, probes: Sequence[Mapping[str, Any] | str] | None = None,
+              extend: bool | None = None) -> dict[str, Any]:
+        """Validate everything, apply the edit on top of the stack, and report before/after.
+
+        `extend`: whether the edit extends the newest one (`apply(..., on=newest)`: one codebook, memory
+        or sequence grows) or is a new edit stacked on top of it. None (the default) extends when the
+        newest edit is of the same method and can be extended with these hyper-parameters (another
+        layer or module, another adapter shape, a prompt the sequence already holds, ...), and otherwise
+        stacks a new edit, saying why in `not_extended`. True insists (an edit that cannot be extended is
+        refused with the method's reason); False always stacks a new edit."""
         req = EditRequest.create(prompt, subject, target, target_true or None)
         name = METHODS.resolve(method)
         parsed = Probe.parse(probes)
         if hparams is not None and not isinstance(hparams, Mapping):
             raise HparamsError(f"hparams must be a mapping of name to value, got {type(hparams).__name__}")
+        if extend is not None and not isinstance(extend, bool):
+            raise EditRequestError(f"extend must be true, false or null (decide), got {extend!r}")
         editor = get_editor(name)
+        if extend and not editor.supports_on:
+            raise EditRequestError(f"{name} edits cannot extend an earlier edit; stack a new one (extend false)")
         hp = editor.hparams(self.lm, **dict(hparams or {}))
         check_fits(req, self.lm, reserve=self.continuation_tokens)
         self._check_lengths([p.prompt for p in parsed])
 
         def work() -> dict[str, Any]:
             top = self.lm.active_edits[-1] if self.lm.active_edits else None
-            on = top if editor.supports_on and top is not None and top.method == name else None
+            same = editor.supports_on and top is not None and top.method == name
+            if extend and not same:
+                raise EditStackError(f"nothing to extend: the newest edit is "
+                                     f"{'not there' if top is None else f'a {top.method} edit'}, not a {name} one")
+            on = top if same and extend is not False else None
             before_fp = self.lm.current_fingerprint()
             t0 = time.perf_counter()
-            edit = editor.apply(self.lm, req, hp, on=on)
+            not_extended = None
+            try:
+                edit = editor.apply(self.lm, req, hp, on=on)
+            except (EditStackError, HparamsError, EditRequestError) as e:
+                if on is None or extend:
+                    raise
+                # the method refused to extend (and changed nothing): stack a new edit instead
+                not_extended = " ".join(str(e).split())
+                on = None
+                edit = editor.apply(self.lm, req, hp)
             seconds = time.perf_counter() - t0
             self._fingerprints[edit.id] = before_fp
             report = self._report((req.prompt, req.target_new, req.target_true), parsed, compare=True)
-            return {"edit": _describe(edit), "seconds": round(seconds, 3), **report, "stack": self._snapshot()}
+            out = {"edit": _describe(edit), "extended": on is not None, "seconds": round(seconds, 3), **report,
+                   "stack": self._snapshot()}
+            return {**out, "not_extended": not_extended} if not_extended else out
 
         with self._exclusive(wait=False, activity=f"applying {name}"):
             return self._on_model_thread(work)

@@ -138,10 +138,12 @@ $("apply").addEventListener("click", () => busy("applying", async () => {
   const r = await api("edit", {
     method: $("method").value, prompt: $("prompt").value, subject: $("subject").value, target: $("target").value,
     target_true: $("target-true").value || null, hparams: hparamsFromForm(), probes: lastProbes,
+    extend: $("extend").value === "" ? null : $("extend").value === "true",
   });
   renderReport(r);
   renderStack(r.stack);
-  $("status").textContent = `applied in ${r.seconds} s`;
+  $("status").textContent = `applied in ${r.seconds} s` + (r.extended ? ", extending the newest edit" : "") +
+    (r.not_extended ? ` as a new edit (could not extend the newest: ${r.not_extended})` : "");
 }));
 
 $("probe").addEventListener("click", () => busy("probing", async () => {
