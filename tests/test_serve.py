@@ -165,7 +165,14 @@ def test_the_page_is_served_and_light(client):
     assert r.status_code == 200 and "editlab playground" in r.text
     for name in ("app.js", "style.css"):
         assert client.get(f"/static/{name}").status_code == 200
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    # nothing the API page needs comes from another machine (it must work offline)
+    import re
+    assert not [u for u in re.findall(r'(?:src|href|url)\s*[:=]\s*["\']([^"\']+)', docs.text) if "//" in u]
+    for name in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert client.get(f"/docs-assets/{name}").status_code == 200
+    assert client.get("/openapi.json").json()["paths"]["/api/edit"]
     weight = sum(p.stat().st_size for p in STATIC.iterdir())
     assert weight < 300_000
 

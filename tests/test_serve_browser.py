@@ -112,3 +112,20 @@ def test_apply_then_undo_in_the_page(server, browser, tmp_path):
     wait.until(lambda d: idle(d) and d.find_element(By.ID, "error").text)
     assert "does not occur in prompt" in browser.find_element(By.ID, "error").text
     assert not lm.active_edits
+
+
+def test_the_api_page_renders_from_this_machine(server, browser, tmp_path):
+    """/docs draws every endpoint with Swagger UI's files served by the playground itself (no CDN):
+    the headless browser is kept from loading anything from elsewhere."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    browser.execute_cdp_cmd("Network.enable", {})
+    # the server is plain http on 127.0.0.1; every CDN is https (FastAPI's default page fails this test)
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["https://*"]})
+    browser.get(url + "docs")
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 8)
+    paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/api/edit", "/api/probe", "/api/undo"} <= paths
+    browser.save_screenshot(str(tmp_path / "docs.png"))

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -61,9 +62,20 @@ class CheckBody(BaseModel):
     portability: list[QuestionItem] = Field(default_factory=list)
 
 
+def swagger_assets() -> Path | None:
+    """The folder of Swagger UI's script and stylesheet from the `swagger-ui-bundle-v2` package, so `/docs`
+    works without the internet (FastAPI's default page loads them from a CDN); None where it is absent."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(str(swagger_ui_path))
+    return path if (path / "swagger-ui-bundle.js").is_file() and (path / "swagger-ui.css").is_file() else None
+
+
 def create_app(playground: Playground) -> FastAPI:
     """The FastAPI app serving `playground` (one model, its edit stack) and the page."""
-    app = FastAPI(title="editlab playground", version=__version__,
+    app = FastAPI(title="editlab playground", version=__version__, docs_url=None, redoc_url=None,
                   description="Edit a fact in a language model, see what moved, undo it. Every call the page makes.")
     app.state.playground = playground
 
@@ -128,6 +140,22 @@ def create_app(playground: Playground) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    assets = swagger_assets()
+    if assets is not None:
+        app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """The API's interactive documentation, served from this machine (no CDN)."""
+        if assets is None:
+            return HTMLResponse("<!doctype html><title>editlab playground API</title><p>Swagger UI is not installed "
+                                "(<code>pip install swagger-ui-bundle-v2</code>); the API's description is at "
+                                f"<a href='{app.openapi_url}'>{app.openapi_url}</a>.</p>")
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="editlab playground API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
