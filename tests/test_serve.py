@@ -157,7 +157,7 @@ def test_two_edits_at_once_end_consistent(client, lm):
     while lm.active_edits:
         assert client.post("/api/undo").status_code == 200
     assert lm.fingerprint() == fp
-    assert client.get("/api/status").json() == {"busy": False, "activity": None, "seconds": None, "edits": 0}
+    assert client.get("/api/status").json() == {"busy": False, "activity": None, "seconds": None, "edits": 0, "progress": None}
 
 
 def test_the_page_is_served_and_light(client):

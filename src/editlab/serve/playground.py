@@ -41,6 +41,7 @@ from ..methods.edit import Edit
 from ..methods.edit_folder import check_save_target
 from ..methods.paired import pairable, without_and_with_top
 from ..models.lm import LM
+from ..progress import watching
 from ..requests import EditRequest, _context_limit, check_fits
 
 PROBE_KINDS = ("paraphrase", "neighbour", "free")
@@ -90,6 +91,7 @@ class Playground:
         self._write: str | None = None  # what that write is
         self._fingerprints: dict[str, str] = {}  # edit id -> weights fingerprint before it (undo check)
         self._activity: tuple[str, float] | None = None  # what holds the lock, since when
+        self._progress: tuple[str, int, int] | None = None  # a long computation inside it: task, done, total
         self._stack: list[dict[str, Any]] = [_describe(e) for e in lm.active_edits]  # between operations; read without the lock
         self._cache: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = OrderedDict()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="editlab-model")
@@ -110,9 +112,13 @@ class Playground:
 
     def status(self) -> dict[str, Any]:
         """What the playground is doing now (the page polls this while an edit runs)."""
-        act = self._activity
+        act, prog = self._activity, self._progress
         return {"busy": act is not None, "activity": act[0] if act else None,
-                "seconds": round(time.perf_counter() - act[1], 1) if act else None, "edits": len(self._stack)}
+                "seconds": round(time.perf_counter() - act[1], 1) if act else None, "edits": len(self._stack),
+                "progress": None if prog is None else {"task": prog[0], "done": prog[1], "total": prog[2]}}
+
+    def _watch(self, task: str, done: int, total: int) -> None:
+        self._progress = (task, done, total)
 
     # ---------------------------------------------------------------- locking
     @contextmanager
@@ -138,7 +144,7 @@ class Playground:
         try:
             yield
         finally:
-            self._activity = None
+            self._activity = self._progress = None
             self._lock.release()
             if not wait:
                 self._write = None
@@ -332,15 +338,17 @@ class Playground:
             before_fp = self.lm.current_fingerprint()
             t0 = time.perf_counter()
             not_extended = None
-            try:
-                edit = editor.apply(self.lm, req, hp, on=on)
-            except (EditStackError, HparamsError, EditRequestError) as e:
-                if on is None or extend:
-                    raise
-                # the method refused to extend (and changed nothing): stack a new edit instead
-                not_extended = " ".join(str(e).split())
-                on = None
-                edit = editor.apply(self.lm, req, hp)
+            with watching(self._watch):  # statistics computed the first time: the page shows how far
+                try:
+                    edit = editor.apply(self.lm, req, hp, on=on)
+                except (EditStackError, HparamsError, EditRequestError) as e:
+                    if on is None or extend:
+                        raise
+                    # the method refused to extend (and changed nothing): stack a new edit instead
+                    not_extended = " ".join(str(e).split())
+                    on = None
+                    edit = editor.apply(self.lm, req, hp)
+            self._progress = None
             seconds = time.perf_counter() - t0
             self._fingerprints[edit.id] = before_fp
             report = self._report((req.prompt, req.target_new, req.target_true), parsed, compare=True)

@@ -36,6 +36,7 @@ from ..errors import StatsCacheError
 from ..hooks import capture
 from ..models.lm import LM
 from ..paths import cache_dir
+from ..progress import report as report_progress
 from .corpus import Corpus, get_corpus
 from .defaults import DEFAULT_N_TOKENS, DEFAULT_SEED
 
@@ -254,7 +255,10 @@ def accumulate_moments(
 
         return pre
 
+    task = f"covariance statistics of layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
     bar = tqdm(total=count, desc=f"covariance L{','.join(map(str, layers))}", unit="tok", disable=not progress, leave=False)
+    done = 0
+    report_progress(task, done, count)
     start = time.perf_counter()
     hooks_in = {p: make_hook(l) for l, p in paths.items()}
     with torch.no_grad():
@@ -264,7 +268,9 @@ def accumulate_moments(
             counted[:, :skip] = 0
             current_mask[:] = [counted.bool()]
             capture(lm.model, lambda: lm.backbone_forward(ids, mask), inputs=hooks_in, stop_after=paths[layers[-1]])
+            done += int(counted.sum())
             bar.update(int(counted.sum()))
+            report_progress(task, done, count)
             for c in marks:
                 if on_checkpoint and c not in reported and len(snaps[c]) == len(layers):
                     reported.add(c)

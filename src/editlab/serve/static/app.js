@@ -38,7 +38,14 @@ async function busy(label, fn) {
   showError(null);
   $("status").textContent = label + "…";
   const poll = setInterval(async () => {
-    try { const s = await api("status"); if (s.busy) $("status").textContent = `${s.activity}… ${s.seconds} s`; } catch (e) { /* keep polling */ }
+    try {
+      const s = await api("status");
+      if (s.busy) {
+        const p = s.progress;
+        $("status").textContent = `${s.activity}… ${s.seconds} s` +
+          (p && p.total ? ` — ${p.task}: ${Math.floor((100 * p.done) / p.total)} % (computed once, then cached)` : "");
+      }
+    } catch (e) { /* keep polling */ }
   }, 500);
   try { return await fn(); } catch (e) { showError(e); } finally {
     clearInterval(poll);
