@@ -39,6 +39,23 @@ def test_plan_refuses_mistakes_before_any_model(data_root):
         plan_pitfalls(["nope"], only=["conflict"])
     with pytest.raises(OptionError, match="no method"):
         plan_pitfalls([], only=["conflict"])
+    with pytest.raises(OptionError, match="--on-bad must be stop or skip"):
+        plan_pitfalls(["rome"], only=["conflict"], on_bad="maybe")
+
+
+def test_records_lacking_a_field_are_skipped_or_stop_the_run_as_asked(data_root):
+    from editlab.suites.base import RecordFieldError
+
+    # zsRE's subject-replace record 17 names a subject its question does not contain (full budget: 34 per split)
+    with pytest.warns(UserWarning, match="record 17"):
+        skipped = plan_pitfalls(["rome"], "full", only=["portability"])
+    units = skipped.suite_plans["zsre"].units  # the first 34 usable records of each split
+    assert len(units) == 3 * 34 and "subject_replace:17" not in {u.key for u in units}
+    with pytest.raises(RecordFieldError, match="record 17: subject 'Rio Grande 463'"):
+        plan_pitfalls(["rome"], "full", only=["portability"], on_bad="stop")
+    res = CliRunner().invoke(app, ["pitfalls", "--method", "rome", "--budget", "full", "--only", "portability",
+                                   "--on-bad", "stop"])
+    assert res.exit_code == 2 and "record 17" in res.output and "Traceback" not in res.output, res.output
 
 
 def test_plan_reads_each_suite_at_the_budget(data_root):

@@ -27,6 +27,8 @@ class PitfallsOptions(OptionGroup):
         help="Comma-separated sections to run (portability, multihop, conflict, distortion, specificity, dialogue, "
              "collapse); default all")] = None
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML report to write")] = Path("pitfalls.html")
+    on_bad: Annotated[str, typer.Option(
+        "--on-bad", help="Suite records lacking a field a metric needs: skip them (default: counted, warned) or stop")] = "skip"
     db: options.Db = Path("pitfalls.db")
     resume: options.Resume = False
     seed: options.Seed = 0
@@ -55,7 +57,7 @@ def pitfalls(
         check_hparams_early(m, overrides)
     check_output_file(out, "--out")
     with user_warnings_reported():
-        plan = plan_pitfalls(names, budget, only=sections, hparams=overrides, seed=seed)
+        plan = plan_pitfalls(names, budget, only=sections, hparams=overrides, seed=seed, on_bad=run.on_bad)
     from ..pitfalls.report import write_pitfalls_report
     from ..pitfalls.run import run_pitfalls, run_pitfalls_on_ray
     from ..runner import Store

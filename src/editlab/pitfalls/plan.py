@@ -102,11 +102,13 @@ def plan_pitfalls(methods: Sequence[str], budget: str = "quick", *, only: Sequen
                   hparams: Mapping[str, Any] | None = None, seed: int = 0, on_bad: str = "skip") -> PitfallsPlan:
     """Resolve methods, budget and sections (`only`: a subset of `section_names()`), read every suite's
     data and the collapse stream, check the probes' data. Raises editlab's named errors, no model needed.
-    Records lacking a field are skipped with a warning (`on_bad="skip"`), so one odd record does not
-    stop a long run."""
+    Records lacking a field are skipped with a warning (`on_bad="skip"`, the default), so one odd record
+    does not stop a long run; `on_bad="stop"` refuses the run instead, naming the record and field."""
     from ..methods.catalogue import METHODS
 
     b = budget_named(budget)
+    if on_bad not in ("stop", "skip"):
+        raise OptionError(f"--on-bad must be stop or skip, got {on_bad!r}")
     if not methods:
         raise OptionError("no method given; name at least one (see `editlab methods`)")
     names = [METHODS.resolve(m) for m in methods]
