@@ -180,3 +180,23 @@ def test_default_checkpoints_start_at_zero_with_probes():
     plain = RunConfig("ft-m", mode="sequential")
     plain.validate(12)
     assert plain.checkpoints == [1, 10, 12]
+
+
+def test_reports_plot_each_probes_headline_metrics_from_the_registry():
+    """The run report and the pitfalls report read the curves to draw from the probes themselves: every
+    headline metric is one a probe returns and the metric registry knows, and a sequential run's
+    downstream points are drawn (with their chance level), not only the few a report once listed."""
+    from editlab.probes import PROBES, chance_metric, headline_metrics
+    from editlab.report.html import _seq_plots
+    from editlab.suites.metrics import METRICS
+
+    heads = headline_metrics()
+    assert {"ppl_wikitext", "ppl_corpus", "sst2", "rte", "boolq", "nq", "gsm8k_extract", "nkl_fixed"} <= set(heads)
+    for name in PROBES.names():
+        probe = PROBES.get(name)
+        assert set(probe.headline) <= set(probe.metrics) and all(m in METRICS for m in probe.headline)
+    assert chance_metric("sst2") == "sst2_chance" and chance_metric("nq") is None
+    points = [(n, {"retention_rewrite_acc": 1 - n / 20, "sst2": 0.6 - n / 100, "sst2_chance": 0.51, "rte": 0.5,
+                   "ppl_corpus": 30.0 + n}) for n in (0, 5, 10)]
+    drawn = [k for k, png in _seq_plots([{"run": {"method": "rome", "run_id": "r", "mode": "sequential"}, "points": points}])]
+    assert drawn == ["retention_rewrite_acc", "ppl_corpus", "sst2", "rte"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import EditlabError
+from ..probes import PROBES, chance_metric, headline_metrics
 from ..runner.store import Store
 from .plan import SECTIONS, Section
 from .run import PitfallsRuns
@@ -26,9 +27,7 @@ from .run import PitfallsRuns
 COLORS = ["#8c8c8c", "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1"]
 UNEDITED = "unedited"
 # collapse metrics plotted against the number of edits, in this order (those present)
-COLLAPSE_PLOTS = ("retention_efficacy_score", "retention_rewrite_acc", "ppl_wikitext", "ppl_corpus", "nkl_fixed",
-                  "norm_growth_max", "gsm8k_extract", "sst2", "rte", "boolq", "nq")
-CHANCE = {"sst2": "sst2_chance", "rte": "rte_chance", "boolq": "boolq_chance"}
+RETENTION_PLOTS = ("retention_efficacy_score", "retention_rewrite_acc")  # then every probe's headline metrics
 
 
 @dataclass
@@ -242,15 +241,15 @@ def _collapse_block(store: Store, block: Block, run_ids: dict[str, str]) -> None
     block.notes.append("Collapsed (WikiText-2 perplexity above twice the unedited value): " +
                        (", ".join(collapsed) if collapsed else "none"))
     plt = _plt()
-    for k in COLLAPSE_PLOTS:
+    for k in (*RETENTION_PLOTS, *headline_metrics()):
         if not any(k in mt for pts in points.values() for _, mt in pts):
             continue
         fig, ax = plt.subplots(figsize=(4.0, 2.7))
         for j, (m, pts) in enumerate(points.items(), 1):
             xy = [(n, mt[k]) for n, mt in pts if k in mt]
             ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ms=3, label=m, color=COLORS[j % len(COLORS)])
-        if k in CHANCE and CHANCE[k] in base:
-            ax.axhline(base[CHANCE[k]], color="#999", ls=":", lw=1, label="chance")
+        if chance_metric(k) in base:
+            ax.axhline(base[chance_metric(k)], color="#999", ls=":", lw=1, label="chance")
         if k in base and k not in ("nkl_fixed", "norm_growth_max"):
             ax.axhline(base[k], color="#555", ls="--", lw=1, label="unedited")
         if k.startswith("retention_") or _is_fraction(k):
@@ -272,7 +271,7 @@ def _floors(base: dict[str, float], store: Store, run_ids: dict[str, str]) -> di
         info = ((runs.get(rid) or {}).get("config") or {}).get("probe_info", {}).get("downstream", {}) or info
     sizes = info.get("sizes", {}) if isinstance(info, dict) else {}
     out = {}
-    for task, chance_key in [*CHANCE.items(), ("nq", None), ("gsm8k_extract", None)]:
+    for task, chance_key in [(t, chance_metric(t)) for t in PROBES.get("downstream").headline]:
         if task not in base:
             continue
         chance = base.get(chance_key, 0.0) if chance_key else 0.0

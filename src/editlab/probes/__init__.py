@@ -46,6 +46,19 @@ def parse_probes(text: str | Sequence[str] | None) -> list[str]:
     return out
 
 
+def headline_metrics() -> list[str]:
+    """Every registered probe's headline metrics (what reports plot against the number of edits), in
+    registry order: the one list the run report and the pitfalls report both read."""
+    return [m for name in PROBES.names() for m in PROBES.get(name).headline]
+
+
+def chance_metric(metric: str) -> str | None:
+    """The metric holding `metric`'s chance level (`sst2` -> `sst2_chance`), where it has one."""
+    from ..suites.metrics import METRICS
+
+    return f"{metric}_chance" if f"{metric}_chance" in METRICS else None
+
+
 def get_probes(names: Sequence[str], budget: str = "quick", data_root: Path | None = None) -> list[Probe]:
     """Instances of the named probes with `budget`, each checked for its data (`ProbeError` if missing)."""
     if budget not in BUDGET_NAMES:
@@ -56,4 +69,5 @@ def get_probes(names: Sequence[str], budget: str = "quick", data_root: Path | No
     return probes
 
 
-__all__ = ["BUDGET_NAMES", "DEFAULT_PROBES", "PROBES", "Probe", "ProbeError", "get_probes", "parse_probes"]
+__all__ = ["BUDGET_NAMES", "DEFAULT_PROBES", "PROBES", "Probe", "ProbeError", "chance_metric", "get_probes", "headline_metrics",
+           "parse_probes"]

@@ -37,11 +37,13 @@ class ProbeError(EditlabError, ValueError):
 
 class Probe(ABC):
     """A registered probe. Subclasses set `name`, `description`, `metrics` (the metric names
-    `measure` returns) and `files` (data files relative to the data folder it needs)."""
+    `measure` returns), `headline` (those of them a report plots against the number of edits; the rest
+    are in its tables) and `files` (data files relative to the data folder it needs)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]
+    headline: ClassVar[tuple[str, ...]] = ()
     files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, budget: str = "quick", data_root: Path | None = None) -> None:

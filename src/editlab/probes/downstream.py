@@ -328,6 +328,7 @@ class Downstream(Probe):
     name = "downstream"
     description = "general ability: SST-2, RTE, BoolQ, NQ-open, GSM8K answer extraction (MEH prompts), with chance levels"
     metrics: ClassVar[tuple[str, ...]] = tuple(m for t in TASKS for m in _task_metrics(t))
+    headline: ClassVar[tuple[str, ...]] = ("gsm8k_extract", "sst2", "rte", "boolq", "nq")
     files: ClassVar[tuple[str, ...]] = tuple(FILES[t] for t in TASKS)
     SIZES: ClassVar[dict[str, dict[str, int]]] = SIZES
 

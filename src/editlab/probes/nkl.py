@@ -22,6 +22,7 @@ class NeighbourhoodKL(Probe):
     name = "nkl"
     description = "KL(edited || unedited) of the next-token distribution on 100 fixed unrelated prompts"
     metrics: ClassVar[tuple[str, ...]] = ("nkl_fixed", "nkl_fixed_top1")
+    headline: ClassVar[tuple[str, ...]] = ("nkl_fixed",)
     files = ("counterfact/counterfact-val.json",)
 
     def read_prompts(self) -> list[str]:

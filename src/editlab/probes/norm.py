@@ -18,6 +18,7 @@ class NormGrowth(Probe):
     description = "|W_c - W_0|_F / |W_0|_F of every weight matrix the active edits changed (max, mean)"
     metrics: ClassVar[tuple[str, ...]] = ("norm_growth_max", "norm_growth_mean", "norm_ratio_max", "norm_ratio_mean",
                                           "matrices_changed")
+    headline: ClassVar[tuple[str, ...]] = ("norm_growth_max",)
 
     def prepare(self, lm: Any) -> None:
         pass  # the ledger holds the originals of whatever the edits touch

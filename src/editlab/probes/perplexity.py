@@ -36,6 +36,7 @@ class Perplexity(Probe):
     name = "perplexity"
     description = "WikiText-2 test and default-corpus perplexity in 512-token windows; collapse flag"
     metrics: ClassVar[tuple[str, ...]] = ("ppl_wikitext", "ppl_corpus", "collapsed")
+    headline: ClassVar[tuple[str, ...]] = ("ppl_wikitext", "ppl_corpus")
     files = ("wikitext/wikitext-2-raw-test.txt",)
 
     def prepare(self, lm: Any) -> None:

@@ -24,9 +24,9 @@ FAMILIES: dict[str, list[str]] = {
 }
 TABLE_KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "cf_score", "rewrite_acc", "rephrase_acc",
               "locality_acc", "portability_acc", "rewrite_gen_em", "rephrase_gen_em", "fluency"]
-SEQ_KEYS = ["retention_rewrite_acc", "retention_efficacy_score", "retention_rephrase_acc", "retention_locality_acc",
-            "newest_rewrite_acc", "perplexity", "ppl_wikitext", "nkl_fixed", "norm_growth_max", "gsm8k_extract"]
-UNBOUNDED = {"perplexity", "ppl_wikitext", "nkl_fixed", "norm_growth_max"}  # not fractions: no 0..1 axis
+# a sequential run's own curves; then every probe's headline metrics, from the probe registry
+RUN_SEQ_KEYS = ["retention_rewrite_acc", "retention_efficacy_score", "retention_rephrase_acc", "retention_locality_acc",
+                "newest_rewrite_acc", "perplexity"]
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
 
 
@@ -95,14 +95,26 @@ def _bar_charts(summaries: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def _fraction(key: str) -> bool:
+    """Whether `key` lies in [0, 1] (retention and accuracy curves, registered fractions): a 0..1 axis."""
+    from ..suites.metrics import METRICS
+
+    if key in METRICS:
+        info = METRICS.entry(key).meta
+        return info.get("lo") == 0 and info.get("hi") == 1
+    return key != "perplexity"
+
+
 def _seq_plots(sequences: list[dict[str, Any]]) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..probes import chance_metric, headline_metrics
+
     out = []
-    keys = [k for k in SEQ_KEYS if any(k in m for s in sequences for _, m in s["points"])]
+    keys = [k for k in (*RUN_SEQ_KEYS, *headline_metrics()) if any(k in m for s in sequences for _, m in s["points"])]
     for k in keys:
         fig, ax = plt.subplots(figsize=(4.2, 2.8))
         for j, s in enumerate(sequences):
@@ -113,8 +125,11 @@ def _seq_plots(sequences: list[dict[str, Any]]) -> list[tuple[str, str]]:
             base = next((m.get("perplexity_base") for s in sequences for _, m in s["points"] if m.get("perplexity_base")), None)
             if base:
                 ax.axhline(base, color="#999", ls="--", lw=1, label="unedited")
-        elif k not in UNBOUNDED:
+        elif _fraction(k):
             ax.set_ylim(-0.05, 1.05)
+        chance = next((m[chance_metric(k)] for s in sequences for _, m in s["points"] if chance_metric(k) in m), None)
+        if chance is not None:
+            ax.axhline(chance, color="#999", ls=":", lw=1, label="chance")
         ax.set_xlabel("number of edits", fontsize=8)
         ax.set_title(k, fontsize=9)
         ax.spines[["top", "right"]].set_visible(False)
