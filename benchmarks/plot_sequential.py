@@ -3,6 +3,12 @@ per method, on the same records): retention, locality and perplexity against the
 beside the unedited model's value on the same records.
 
     python benchmarks/plot_sequential.py runs1.jsonl runs2.jsonl --plot docs/sequential.png
+
+The rows of docs/sequential.png (every method on the same 200 records) are in docs/sequential_adapters.jsonl
+and docs/sequential_locate.jsonl:
+
+    python benchmarks/plot_sequential.py docs/sequential_adapters.jsonl docs/sequential_locate.jsonl \
+        --skip "earlier preset" --plot docs/sequential.png
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--skip", action="append", default=[], help="leave out methods whose name contains this")
     args = ap.parse_args()
     rows = [json.loads(l) for f in args.files for l in open(f) if l.strip()]
+    rows = [r for r in rows if not any(s in r["method"] for s in args.skip)]
     rows.sort(key=lambda r: (r["method"], r["edits"]))
     print("| method | edits | ES | retention | rephrase | locality | perplexity | s / edit |")
     print("|---|---|---|---|---|---|---|---|")
@@ -32,11 +40,13 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for m in sorted({r["method"] for r in rows}):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    styles = ["-", "--", ":", "-."]
+    for i, m in enumerate(sorted({r["method"] for r in rows})):
         pts = [r for r in rows if r["method"] == m]
-        for ax, key in zip(axes, ("retention", "locality", "ppl")):
-            ax.plot([p["edits"] for p in pts], [p[key] for p in pts], marker="o", label=m)
+        for ax, key in zip(axes, ("retention", "locality", "ppl")):  # line styles tell coinciding curves apart
+            ax.plot([p["edits"] for p in pts], [p[key] for p in pts], marker="o", ms=4, ls=styles[i % len(styles)],
+                    label=m)
     last = max(rows, key=lambda r: r["edits"])
     axes[2].axhline(last["ppl_unedited"], color="k", linestyle="--", label="unedited")
     axes[1].axhline(1.0, color="k", linestyle="--", label="unedited")
@@ -44,7 +54,7 @@ def main() -> None:
     axes[1].set(xlabel="edits so far", ylabel="neighbourhood token accuracy", title="Locality")
     axes[2].set(xlabel="edits so far", ylabel="WikiText-2 perplexity", title="General ability")
     for ax in axes:
-        ax.legend()
+        ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
     print(f"plot: {args.plot}")
