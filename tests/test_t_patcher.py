@@ -301,3 +301,15 @@ def test_stacks_with_an_adapter_inside_the_wrapped_block(lm, hp):
         for e in reversed(edits):
             e.restore()
         assert _same(snap, _snapshot(lm)) and dict(lm.model.named_modules()) == modules
+
+
+def test_extending_at_another_layer_is_refused_and_changes_nothing(lm, hp):
+    from editlab.errors import EditStackError
+
+    first = get_editor("t-patcher").apply(lm, FACTS[0], **hp)
+    snap = _snapshot(lm)
+    modules = dict(lm.model.named_modules())
+    with pytest.raises(EditStackError, match="no t-patcher units"):
+        get_editor("t-patcher").apply(lm, FACTS[1], on=first, **{**hp, "layer": 0})
+    assert _same(snap, _snapshot(lm)) and dict(lm.model.named_modules()) == modules and lm.active_edits == [first]
+    first.restore()

@@ -361,3 +361,17 @@ def test_real_model_edit_routes_only_its_own_tokens(smollm2):
         assert edit.info["irr_act_max"] < edit.info["threshold"] < edit.info["edit_act_min"]
         after = edit.lm.next_token_logprobs(unrelated)
         assert sum(torch.equal(a, b) for a, b in zip(after, base)) >= 2  # untouched where nothing routes
+
+
+def test_extending_at_another_layer_is_refused_and_changes_nothing(lm):
+    """on= names the edit to extend: a WISE memory at another layer is not one (GRACE, MELO, T-Patcher
+    and CaliNET refuse the same), instead of silently opening a second memory."""
+    from editlab.errors import EditStackError
+
+    first = get_editor("wise").apply(lm, FACTS[0], **HP)
+    state = _snapshot(lm)
+    modules = dict(lm.model.named_modules())
+    with pytest.raises(EditStackError, match="no WISE memory"):
+        get_editor("wise").apply(lm, FACTS[1], on=first, **{**HP, "layer": 1})
+    assert _same(state, _snapshot(lm)) and dict(lm.model.named_modules()) == modules and lm.active_edits == [first]
+    first.restore()

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ...errors import EditMismatchError, HparamsError
+from ...errors import EditMismatchError, EditStackError, HparamsError
 from ...hooks import output_tensor, replace_output
 from ...models.lm import LM
 from ..patches import ModuleSwap, Patch, TableUpdate
@@ -177,15 +177,20 @@ def mlp_dims(lm: LM, layer: int) -> tuple[int, int]:
 class Site:
     """Where an edit's new units go: the wrapper at `path` and whether this edit installs it.
 
-    `extend` (an edit with `on=` whose method's wrapper is the outermost module at `path`): the rows go
-    into that wrapper. Otherwise a fresh empty wrapper goes around whatever is at `path` now (the base
-    MLP, or another adapter's wrapper, which it then wraps)."""
+    `extend` (an edit with `on=`): the rows go into the method's wrapper, which must be the outermost
+    module at `path` (`EditStackError` otherwise: another layer than the extended edit's, or another
+    adapter wrapped it since), as GRACE, MELO and WISE refuse the same case. Without it a fresh empty
+    wrapper goes around whatever is at `path` now (the base MLP, or another adapter's wrapper, which it
+    then wraps)."""
 
     def __init__(self, lm: LM, layer: int, owner: str, activation: str, extend: bool) -> None:
         self.lm = lm
         self.path = mlp_path(lm, layer)
         current = lm.model.get_submodule(self.path)
-        if extend and isinstance(current, SideUnits) and current.owner == owner:
+        if extend and not (isinstance(current, SideUnits) and current.owner == owner):
+            raise EditStackError(f"on= edit has no {owner} units at {self.path}: extend it with the same layer it was "
+                                 "made with, or apply without on=")
+        if extend:
             if current.activation != activation:
                 raise HparamsError(f"activation={activation!r} differs from the {current.activation!r} units of "
                                    f"the {owner} edit being extended at {self.path}")

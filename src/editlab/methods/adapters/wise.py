@@ -87,7 +87,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...errors import EditMismatchError, HparamsError
+from ...errors import EditMismatchError, EditStackError, HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
 from ..base import Editor
@@ -311,7 +311,11 @@ class WISEEditor(Editor):
         k = max(1, round(hp.mask_ratio * d_out * d_in))
         patches: list[Patch] = []
         merge_shards = hp.merge_freq // hp.save_freq if hp.merge_freq else 0
-        if on is not None and isinstance(current, WISEWrapper):
+        if on is not None and not (isinstance(current, WISEWrapper) and any(
+                isinstance(p, (ModuleSwap, TableUpdate)) and p.path == path for p in on.patches)):
+            raise EditStackError(f"on= edit has no WISE memory at {path}: extend it with the same layer it was made "
+                                 "with, or apply without on=")
+        if on is not None:
             wrapper = current
             if wrapper.k != k:
                 raise HparamsError(f"mask_ratio={hp.mask_ratio} gives {k} entries per shard, but the WISE memory "
