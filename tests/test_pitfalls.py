@@ -99,6 +99,27 @@ def test_run_and_report_on_the_tiny_model(data_root, tiny_budget, tmp_path):
     assert not re.search(r'src="(?!data:)', html) and "<script" not in html  # one self-contained file
     assert "unedited (0 edits)" in html and "ft-m (3 edits)" in html
     assert '<td>ppl_wikitext</td><td class="dir">↓</td>' in html
+    assert "distortion-mle: not in the quick budget" in html  # every suite is accounted for in the report
+
+
+def test_every_suite_is_planned_or_says_why_not(data_root):
+    """`editlab pitfalls` covers every registered suite: the batch-only and 100-case suites run in the full
+    budget for the methods that can do them, and are named with the reason wherever they do not run."""
+    from editlab.suites import SUITES
+
+    in_sections = {s for sec in plan_mod.SECTIONS for s in sec.suites}
+    assert in_sections == set(SUITES.names())
+    quick = plan_pitfalls(["rome"], "quick", only=["multihop", "distortion"])
+    assert set(quick.suite_plans) == {"mquake", "distortion"}
+    assert set(quick.notes) == {"mquake-batch", "distortion-mle"} and "not in the quick budget" in quick.notes["mquake-batch"]
+    full = plan_pitfalls(["rome", "memit"], "full", only=["distortion"])
+    assert full.suite_plans["distortion"].methods == ["rome", "memit"]
+    assert full.suite_plans["distortion-mle"].methods == ["memit"]  # ROME edits one request at a time
+    assert "'rome'" in full.notes["distortion-mle"] and "is not run" not in full.notes["distortion-mle"]
+    alone = plan_pitfalls(["rome"], "full", only=["distortion", "multihop"])
+    assert "distortion-mle" not in alone.suite_plans and alone.notes["distortion-mle"].endswith("distortion-mle is not run")
+    batch = alone.suite_plans["mquake-batch"]  # others edit the 100 cases in sequence
+    assert len(batch.units) == 1 and len(batch.units[0].data) == 100
 
 
 def test_cli_pitfalls_end_to_end_and_bad_input(data_root, tiny_budget, tmp_path):

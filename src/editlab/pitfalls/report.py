@@ -295,6 +295,8 @@ def build_blocks(store: Store, runs: PitfallsRuns) -> list[Block]:
             for suite in sec.suites:
                 if suite in runs.suites:
                     _suite_block(store, block, suite, runs.suites[suite])
+                if suite in runs.notes:  # not run, or not for every method: say why
+                    block.notes.append(f"{suite}: {runs.notes[suite]}")
         if block.tables:
             blocks.append(block)
     return blocks

@@ -21,6 +21,7 @@ class PitfallsRuns:
 
     suites: dict[str, dict[str, str]] = field(default_factory=dict)
     collapse: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # suite -> why it (or a method of it) did not run
 
 
 def _no_progress(label: str, total: int) -> ContextManager[Callable[[int, int, str], None]]:
@@ -35,7 +36,7 @@ def run_pitfalls(lm: Any, plan: PitfallsPlan, store: Store, *, resume: bool = Fa
     from ..suites.runner import run_suite
 
     bar = progress or _no_progress
-    out = PitfallsRuns()
+    out = PitfallsRuns(notes=dict(plan.notes))
     if plan.stream:  # a probe that cannot run on this model says so now, not after every suite has run
         from ..probes import get_probes
 
@@ -61,7 +62,7 @@ def run_pitfalls_on_ray(model: dict[str, Any], plan: PitfallsPlan, store: Store,
     from ..distributed.driver import run_on_ray, run_suite_on_ray
 
     bar = progress or _no_progress
-    out = PitfallsRuns()
+    out = PitfallsRuns(notes=dict(plan.notes))
     hparams = {m: dict(plan.hparams) for m in plan.methods}
     for name, sp in plan.suite_plans.items():
         with bar(f"{name}: {', '.join(plan.methods)}", len(sp.units)) as tick:
