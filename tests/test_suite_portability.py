@@ -74,7 +74,7 @@ def _run(lm, suite, units, tmp_path, method="ft", hparams=FT):
     return store, ids, rows
 
 
-def _check_rows(suite, units, rows, expected):
+def _check_rows(suite, units, rows, expected, margins=("NM+",)):
     assert set(rows["ft"]) == set(rows["unedited"]) == {u.key for u in units}
     for u in units:
         post, pre = rows["ft"][u.key], rows["unedited"][u.key]
@@ -84,7 +84,9 @@ def _check_rows(suite, units, rows, expected):
                                                                         "relation_specificity", "forgetfulness",
                                                                         "locality_first_alias")}, u.key
         assert set(post) <= set(suite.metrics)
-        assert all(0.0 <= v <= 1.0 for v in list(post.values()) + list(pre.values())), (u.key, post)
+        fractions = [v for k, v in [*post.items(), *pre.items()] if k.rsplit(".", 1)[-1] not in margins]
+        assert all(0.0 <= v <= 1.0 for v in fractions), (u.key, post)
+        assert all(-1.0 <= v <= 1.0 for k, v in [*post.items(), *pre.items()] if k.rsplit(".", 1)[-1] in margins)
 
 
 def test_counterfact_protocol(lm, data_root, tmp_path):
@@ -95,13 +97,31 @@ def test_counterfact_protocol(lm, data_root, tmp_path):
 
     def expected(u):
         port = u.split
-        return {"ES", "PS", "NS", "edit_succ", "rephrase", port} | ({"other_attribution"} if u.data["aux"] else set())
+        return ({"ES", "PS", "NS", "edit_succ", "rephrase", port} | ({"other_attribution"} if u.data["aux"] else set())
+                | ({"NS+", "NM+"} if u.data["distracting"] else set()))
 
     store, ids, rows = _run(lm, suite, units, tmp_path)
     _check_rows(suite, units, rows, expected)
-    assert any(u.data["aux"] for u in units)
+    assert any(u.data["aux"] for u in units) and {len(u.data["distracting"]) for u in units} == {0, 10}
     summary = suite_summary(store, ids["ft"], suite)
     assert summary["n"] == 6 and 0 <= summary["one_hop.Score"] <= 1 and "subject_replace.Score" in summary
+    assert 0 <= summary["one_hop.Score+"] <= 1 and 0 <= summary["one_hop.NS+"] <= 1
+
+
+def test_counterfact_distracting_neighbours_by_hand(lm, data_root):
+    """NS+ / NM+ of a unit: the CounterFact+ distracting prompts of the same edit (its statement, then a
+    neighbour prompt), scored as g(true) against g(new) with mean token probabilities, by hand."""
+    from editlab.suites.scoring import mean_token_probs
+
+    unit = next(u for u in CounterFactSuite().load(data_root, 1) if u.key == "one_hop:4482")
+    req, prompts = unit.data["request"], unit.data["distracting"]
+    assert prompts[0].startswith("Spike Hughes originates from Philadelphia.")  # the edit statement first
+    row, _ = CounterFactSuite().unedited(lm, unit)
+    g_true = mean_token_probs(lm, prompts, [req.target_true] * len(prompts))
+    g_new = mean_token_probs(lm, prompts, [req.target_new] * len(prompts))
+    diffs = [t - n for t, n in zip(g_true, g_new)]
+    assert row["one_hop.NS+"] == pytest.approx(sum(d > 0 for d in diffs) / 10)
+    assert row["one_hop.NM+"] == pytest.approx(sum(diffs) / 10)
 
 
 def test_zsre_protocol(lm, data_root, tmp_path):

@@ -52,7 +52,7 @@ from ..eval.fluency import generation_fluency
 from ..eval.metrics import evaluate_requests, generation_prompts, pre_edit
 from ..requests import EditRequest
 from .base import Editing, RecordFieldError, Suite, Unit, field_at, split_units, text_at
-from .scoring import harmonic_mean
+from .scoring import harmonic_mean, mean_token_probs, neighbourhood_scores
 
 
 def loaded_request(loader: Callable[[dict[str, Any], Path, int], EditRequest], rec: dict[str, Any], path: Path,
@@ -146,7 +146,8 @@ class CounterFactSuite(_SingleEditSuite):
              "unrelated_relation": "counterfact/counterfact_distracting_neighbor.json"}
     splits = ("one_hop", "subject_replace")
     metrics = tuple(f"{s}.{m}" for s in ("one_hop", "subject_replace")
-                    for m in ("ES", "PS", "NS", "Score", "edit_succ", "rephrase", s, "other_attribution", "fluency"))
+                    for m in ("ES", "PS", "NS", "NS+", "NM+", "Score", "Score+", "edit_succ", "rephrase", s,
+                              "other_attribution", "fluency"))
     protocol = "single edit per record: score θ, edit, score θ', restore (spec sections 1, 2.3, 2.6)"
     aux_metric = "other_attribution"
 
@@ -171,8 +172,13 @@ class CounterFactSuite(_SingleEditSuite):
             probe = (template.replace("{}", alias), new)  # = .format(alias)
         req = loaded_request(counterfact_full, rec, path, i, where).with_probes(portability=[probe])
         aux = None
+        distracting: list[str] = []
         other = context.get(case)
         if other is not None and other.get("requested_rewrite") == rec.get("requested_rewrite"):
+            # CounterFact+'s distracting neighbours of the same edit: its statement, then a neighbour prompt
+            found = other.get("distracting_neighborhood_prompts")
+            if isinstance(found, list):
+                distracting = [p for p in found if isinstance(p, str) and p.strip()]
             ur = other.get("unrelated_relation")
             if isinstance(ur, dict) and isinstance(ur.get("question"), str) and isinstance(ur.get("object"), str) \
                     and ur["question"].strip() and ur["object"].strip():
@@ -180,14 +186,29 @@ class CounterFactSuite(_SingleEditSuite):
                 # (one extra sequence) and its locality probe
                 aux = EditRequest.create(req.prompt, req.subject, req.target_new, None, req.case_id,
                                          locality=[(ur["question"], ur["object"])])
-        return Unit(key=f"{split}:{case}", split=split, data={"request": req, "aux": aux})
+        return Unit(key=f"{split}:{case}", split=split, data={"request": req, "aux": aux, "distracting": distracting})
+
+    def _row(self, unit: Unit, system: Any, pre: Any) -> dict[str, float]:
+        """The shared scores, plus NS+ and NM+ on the record's CounterFact+ distracting neighbours (where
+        the CounterFact+ file holds the same edit): 1[g(true) > g(new)] and g(true) − g(new) per prompt,
+        g the mean token probability, as the `specificity-plus` suite computes them."""
+        out = super()._row(unit, system, pre)
+        req: EditRequest = unit.data["request"]
+        prompts = unit.data.get("distracting") or []
+        if prompts and req.target_true:
+            g = mean_token_probs(system, [p for p in prompts for _ in (0, 1)],
+                                 [t for _ in prompts for t in (req.target_true, req.target_new)])
+            ns, nm = neighbourhood_scores(g[0::2], g[1::2])
+            out[f"{unit.split}.NS+"], out[f"{unit.split}.NM+"] = ns, nm
+        return out
 
     def summarize(self, rows: Sequence[dict[str, float]]) -> dict[str, float]:
         out = super().summarize(rows)
         for split in self.splits:
-            keys = [f"{split}.{m}" for m in ("ES", "PS", "NS")]
-            if all(k in out for k in keys):
-                out[f"{split}.Score"] = harmonic_mean(out[k] for k in keys)
+            for score, ns in (("Score", "NS"), ("Score+", "NS+")):  # Score+: CounterFact+'s, with NS+
+                keys = [f"{split}.{m}" for m in ("ES", "PS", ns)]
+                if all(k in out for k in keys):
+                    out[f"{split}.{score}"] = harmonic_mean(out[k] for k in keys)
         return out
 
 

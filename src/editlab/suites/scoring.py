@@ -27,6 +27,12 @@ def _prompts(prompts: Sequence[str]) -> list[str]:
     return [probe_prompt(p) for p in prompts]
 
 
+def neighbourhood_scores(g_true: Sequence[float], g_new: Sequence[float]) -> tuple[float, float]:
+    """(NS, NM) of one record's prompts: share with g(true) > g(new), mean margin g(true) − g(new)."""
+    diffs = [t - n for t, n in zip(g_true, g_new)]
+    return sum(d > 0 for d in diffs) / len(diffs), sum(diffs) / len(diffs)
+
+
 def mean_token_probs(system: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
     """`g(target | prompt)` for each pair, in one batched scoring pass."""
     if not prompts:
@@ -117,4 +123,4 @@ def answer_match(output: str, golds: Iterable[str], *, strict: bool = False) -> 
 
 
 __all__ = ["probe_prompt", "agreement", "answer_match", "argmax_ids", "fact_probs", "harmonic_mean", "js_divergence", "kl_divergence",
-           "mean_token_probs", "normalize_answer", "normalize_dist", "token_accuracies"]
+           "mean_token_probs", "neighbourhood_scores", "normalize_answer", "normalize_dist", "token_accuracies"]

@@ -31,13 +31,7 @@ import torch
 from ..data.io import read_records
 from ..requests import EditRequest
 from .base import Editing, RecordFieldError, Suite, Unit, collect_units, field_at, text_at
-from .scoring import harmonic_mean, mean_token_probs
-
-
-def neighbourhood_scores(g_true: Sequence[float], g_new: Sequence[float]) -> tuple[float, float]:
-    """(NS, NM) of one record's prompts: share with g(true) > g(new), mean margin g(true) − g(new)."""
-    diffs = [t - n for t, n in zip(g_true, g_new)]
-    return sum(d > 0 for d in diffs) / len(diffs), sum(diffs) / len(diffs)
+from .scoring import harmonic_mean, mean_token_probs, neighbourhood_scores
 
 
 def next_token_kl(post_logprobs: torch.Tensor, pre_logprobs: torch.Tensor) -> torch.Tensor:
