@@ -56,7 +56,7 @@ from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
 from ...batching import teacher_forcing
 from .hparams import GRACEHparams
-from .inject import TableAdapter, register_wrapper
+from .inject import TableAdapter, linear_dims, register_wrapper
 from .queries import prompt_inputs
 
 SAME_INPUT = 1e-3  # inputs closer than this fraction of the key norm are one input (float rounding apart)
@@ -127,14 +127,6 @@ register_wrapper(GraceCodebook, "GRACE codebook: key/value/radius lookup per tok
 
 
 
-def _dims(lm: LM, module: torch.nn.Module) -> tuple[int, int]:
-    """(input width, output width) of a linear-like module (through other adapters' wrappers)."""
-    while not hasattr(module, "weight") and hasattr(module, "base_layer"):
-        module = module.base_layer
-    w = lm.arch.as_matrix(module.weight)  # [out, in] whatever the storage layout
-    return int(w.shape[1]), int(w.shape[0])
-
-
 class GRACEEditor(Editor):
     hparams_cls = GRACEHparams
     supports_batch: ClassVar[bool] = False
@@ -153,7 +145,7 @@ class GRACEEditor(Editor):
                                      "module it was made with, or apply without on=")
             book = current
         else:
-            d_in, d_out = _dims(lm, current)
+            d_in, d_out = linear_dims(lm, current)
             book = GraceCodebook(current, d_in, d_out)
             swap = ModuleSwap(path, book)
 

@@ -141,6 +141,15 @@ def register_wrapper(cls: type[AdapterModule], description: str) -> type[Adapter
     return cls
 
 
+def linear_dims(lm: Any, module: torch.nn.Module) -> tuple[int, int]:
+    """(input width, output width) of a linear-like module, through other adapters' wrappers (`base_layer`),
+    whatever its weight's storage layout (GPT-2's Conv1D included)."""
+    while not hasattr(module, "weight") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    w = lm.arch.as_matrix(module.weight)  # [out, in]
+    return int(w.shape[1]), int(w.shape[0])
+
+
 def set_module(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     """Put `module` at dotted `path` inside `model` (parent attribute or ModuleList index)."""
     parent_path, _, child = path.rpartition(".")

@@ -89,7 +89,7 @@ from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
 from .grace import SAME_INPUT, label_id
 from .hparams import MELOHparams
-from .inject import TableAdapter, register_wrapper
+from .inject import TableAdapter, linear_dims, register_wrapper
 from .queries import last_prompt_inputs
 
 NO_BLOCK = -1  # a point that routes to no block (its cluster's points were all dropped)
@@ -259,14 +259,6 @@ register_wrapper(MeloLoRA, "MELO: LoRA blocks routed per token by a vector datab
 
 
 
-def _dims(lm: LM, module: torch.nn.Module) -> tuple[int, int]:
-    """(input width, output width) of a linear-like module (through other adapters' wrappers)."""
-    while not hasattr(module, "weight") and hasattr(module, "base_layer"):
-        module = module.base_layer
-    w = lm.arch.as_matrix(module.weight)  # [out, in] whatever the storage layout
-    return int(w.shape[1]), int(w.shape[0])
-
-
 def _edit_keys(lm: LM, path: str, requests: list[EditRequest], key_tokens: str) -> list[torch.Tensor]:
     """Per request, the keys [n, d_in] its block is filed under: the input of `path` at the last prompt
     token (key_tokens "prompt"), plus, for "target", at every teacher-forced target position (the
@@ -429,7 +421,7 @@ class MELOEditor(Editor):
                                        f"lora_scale={current.scale}; an edit extending it must use the same")
                 wrappers.append(current)
             else:
-                d_in, d_out = _dims(lm, current)
+                d_in, d_out = linear_dims(lm, current)
                 w = MeloLoRA(current, d_in, d_out, hp.block_rank, hp.lora_scale)
                 wrappers.append(w)
                 swaps.append(ModuleSwap(path, w))
