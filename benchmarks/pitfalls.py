@@ -15,7 +15,8 @@ import time
 
 from editlab.runner.store import Store
 from editlab.suites import get_suite, metric_info
-from editlab.suites.runner import UNEDITED, metric_rows, plan_suite, run_suite, suite_summary
+from editlab.suites.runner import (UNEDITED, format_with_se, metric_rows, plan_suite, run_suite, suite_standard_errors,
+                                   suite_summary)
 
 
 def table(store: Store, suite_name: str, model: str) -> str:
@@ -24,11 +25,13 @@ def table(store: Store, suite_name: str, model: str) -> str:
             and store.count_rows(r["run_id"])]
     runs.sort(key=lambda r: (r["method"] != UNEDITED, r["created"]))
     sums = [suite_summary(store, r["run_id"], suite) for r in runs]
+    ses = [suite_standard_errors(store, r["run_id"]) for r in runs]
     names = metric_rows(sums)
     lines = ["| metric | " + " | ".join(r["method"] for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for name in names:
         arrow = {True: " ↑", False: " ↓", None: ""}[metric_info(name).higher_is_better]
-        lines.append(f"| {name}{arrow} | " + " | ".join("" if name not in s else f"{s[name]:.4g}" for s in sums) + " |")
+        lines.append(f"| {name}{arrow} | " + " | ".join("" if name not in s else format_with_se(s[name], e.get(name))
+                                                       for s, e in zip(sums, ses)) + " |")
     lines.append("| records | " + " | ".join(str(int(s["n"])) for s in sums) + " |")
     if any("errors" in s for s in sums):
         lines.append("| errors (left out) | " + " | ".join(str(int(s.get("errors", 0))) for s in sums) + " |")

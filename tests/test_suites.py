@@ -328,3 +328,22 @@ def test_report_puts_only_comparable_suite_runs_in_one_table(lm, data_root, tmp_
     html = write_report(tmp_path / "r.db", tmp_path / "r.html").read_text()
     assert html.count("Suite specificity-plus") == 2
     assert "limit 1" in html and "limit 2" in html
+
+
+def test_standard_errors_by_hand(tmp_path):
+    """sd/√n over the units that hold a metric (sample sd), beside each mean, as the spec's aggregation
+    rule asks; error rows and metrics held by a single unit get none."""
+    from editlab.runner.store import Row
+    from editlab.suites.runner import format_with_se, suite_standard_errors
+
+    store = Store(tmp_path / "se.db")
+    store.ensure_run("r", model="m", method="rome", mode="suite", dataset="cfplus", n_requests=5)
+    for i, (es, ns) in enumerate([(1.0, 0.5), (0.0, None), (1.0, None), (1.0, None)]):
+        metrics = {"ES": es} if ns is None else {"ES": es, "NS": ns}
+        store.add_row(Row("r", f"u{i}", None, "suite", 1, 1.0, 1.0, metrics))
+    store.add_row(Row("r", "bad", None, "error", 0, None, None, {"ES": 100.0}))
+    se = suite_standard_errors(store, "r")
+    # ES = [1, 0, 1, 1]: mean 0.75, sample sd = sqrt((3 * 0.25^2 + 0.75^2) / 3) = 0.5, se = 0.5 / 2
+    assert se == {"ES": pytest.approx(0.25)}
+    assert format_with_se(0.75, se["ES"]) == "0.75 ± 0.25" and format_with_se(0.5, None) == "0.5"
+    store.close()

@@ -106,14 +106,16 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
 def suite_table(store: Any, run_ids: dict[str, str], title: str) -> Table:
     """One row per metric, one column per run (the unedited model first), with each metric's direction."""
     from ..suites import get_suite, metric_info
-    from ..suites.runner import metric_rows, suite_summary
+    from ..suites.runner import format_with_se, metric_rows, suite_standard_errors, suite_summary
 
     runs = {r["run_id"]: r for r in store.runs()}
     first = runs[next(iter(run_ids.values()))]
     suite = get_suite(first["dataset"], (first.get("config") or {}).get("options"))
     summaries = {m: suite_summary(store, rid, suite) for m, rid in run_ids.items()}
+    errors = {m: suite_standard_errors(store, rid) for m, rid in run_ids.items()}
     names = metric_rows(list(summaries.values()))
-    t = Table(title=title, caption="↑ higher is better, ↓ lower; 'unedited' is the same records on the unedited model")
+    t = Table(title=title, caption="↑ higher is better, ↓ lower; ± the standard error over records; "
+                                   "'unedited' is the same records on the unedited model")
     t.add_column("metric", no_wrap=True)
     for m in summaries:
         t.add_column(m, justify="right")
@@ -122,7 +124,8 @@ def suite_table(store: Any, run_ids: dict[str, str], title: str) -> Table:
             better = {True: " ↑", False: " ↓", None: ""}[metric_info(name).higher_is_better]
         except EditlabError:  # a metric without metadata still prints
             better = ""
-        t.add_row(name + better, *[("" if name not in s else f"{s[name]:.4g}") for s in summaries.values()])
+        t.add_row(name + better, *[("" if name not in s else format_with_se(s[name], errors[m].get(name)))
+                                   for m, s in summaries.items()])
     t.add_row("records", *[f"{int(s['n'])}" for s in summaries.values()])
     if any("errors" in s for s in summaries.values()):
         t.add_row("errors (left out)", *[f"{int(s.get('errors', 0))}" for s in summaries.values()])

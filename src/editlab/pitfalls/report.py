@@ -74,9 +74,13 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}"
 
 
-def _table(columns: list[str], values: list[dict[str, float]], names: Sequence[str], edited: Sequence[bool]) -> Table:
-    """Rows `names`, one column per summary; the best edited value of each row (by direction, among
-    two or more edited columns) is marked."""
+def _table(columns: list[str], values: list[dict[str, float]], names: Sequence[str], edited: Sequence[bool],
+           ses: Sequence[dict[str, float]] | None = None) -> Table:
+    """Rows `names`, one column per summary (with its standard error where `ses` has one); the best edited
+    value of each row (by direction, among two or more edited columns) is marked."""
+    from ..suites.runner import format_with_se
+
+    errs = list(ses) if ses is not None else [{} for _ in values]
     t = Table(columns)
     for name in names:
         hib = direction(name)
@@ -85,7 +89,8 @@ def _table(columns: list[str], values: list[dict[str, float]], names: Sequence[s
         best = None
         if hib is not None and len(cand) > 1:
             best = max(cand) if hib else min(cand)
-        cells = [Cell(_fmt(x), best is not None and x == best and e) for x, e in zip(vals, edited)]
+        cells = [Cell("" if x is None else format_with_se(x, err.get(name)) if err.get(name) is not None else _fmt(x),
+                      best is not None and x == best and e) for x, e, err in zip(vals, edited, errs)]
         t.rows.append((name, {True: "↑", False: "↓", None: ""}[hib], cells))
     return t
 
@@ -107,12 +112,14 @@ def _plt() -> Any:
 
 # ------------------------------------------------------------------------------------------ suites
 def _suite_block(store: Store, block: Block, suite: str, run_ids: dict[str, str]) -> None:
-    from ..suites.runner import metric_rows, suite_summary
+    from ..suites.runner import metric_rows, suite_standard_errors, suite_summary
 
     order = [UNEDITED] + [m for m in run_ids if m != UNEDITED]
     sums = {m: suite_summary(store, run_ids[m]) for m in order}
     names = metric_rows(list(sums.values()))
-    t = _table(order, [sums[m] for m in order], names, [m != UNEDITED for m in order])
+    t = _table(order, [sums[m] for m in order], names, [m != UNEDITED for m in order],
+               [suite_standard_errors(store, run_ids[m]) for m in order])
+    t.notes.append("± the standard error over records (sd/√n).")
     t.rows.append(("records", "", [Cell(str(int(sums[m].get("n", 0)))) for m in order]))
     if any("errors" in s for s in sums.values()):
         t.rows.append(("errors (left out)", "", [Cell(str(int(sums[m].get("errors", 0)))) for m in order]))

@@ -220,9 +220,36 @@ def suite_summary(store: Store, run_id: str, suite: Suite | None = None) -> dict
     return out
 
 
+def suite_standard_errors(store: Store, run_id: str) -> dict[str, float]:
+    """Standard error sd/√n of every metric the run's units hold (sample sd over the units that have it,
+    at least two), as the spec's aggregation rule asks beside each mean. Dataset-level values that are
+    not a mean over units (harmonic-mean Scores) have none."""
+    import math
+
+    values: dict[str, list[float]] = {}
+    for r in store.rows(run_id):
+        if r.kind == "error":
+            continue
+        for k, v in r.metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                values.setdefault(k, []).append(float(v))
+    out = {}
+    for k, xs in values.items():
+        if len(xs) >= 2:
+            mean = sum(xs) / len(xs)
+            out[k] = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    return out
+
+
+def format_with_se(value: float, se: float | None) -> str:
+    """`0.8438 ± 0.031`: a dataset value and its standard error, as suite tables print them."""
+    return f"{value:.4g}" if se is None else f"{value:.4g} ± {se:.2g}"
+
+
 def metric_rows(summaries: Sequence[Mapping[str, float]]) -> list[str]:
     """The metric names of several summaries in first-seen order, without the `EXTRAS`."""
     return [k for k in dict.fromkeys(k for s in summaries for k in s) if k not in EXTRAS]
 
 
-__all__ = ["EXTRAS", "SuitePlan", "UNEDITED", "metric_rows", "plan_suite", "run_suite", "suite_summary"]
+__all__ = ["EXTRAS", "SuitePlan", "UNEDITED", "format_with_se", "metric_rows", "plan_suite", "run_suite",
+           "suite_standard_errors", "suite_summary"]
