@@ -21,9 +21,18 @@ import math
 
 from common import ROOT  # noqa: F401  (common puts src/ on the path)
 
-METRICS = ("retention_efficacy_score", "retention_rewrite_acc", "retention_locality_acc", "ppl_wikitext", "nkl_fixed",
-           "norm_growth_max", "gsm8k_extract", "sst2", "rte", "boolq", "nq")
-CHANCE = {"sst2": "sst2_chance", "rte": "rte_chance", "boolq": "boolq_chance"}
+from editlab.probes import chance_metric, headline_metrics  # noqa: E402
+from editlab.suites.metrics import METRICS as REGISTRY  # noqa: E402
+
+# retention of the run's own edits, then every probe's headline metrics (from the probe registry)
+METRICS = ("retention_efficacy_score", "retention_rewrite_acc", "retention_locality_acc", *headline_metrics())
+
+
+def _fraction(k: str) -> bool:
+    if k.startswith("retention_"):
+        return True
+    meta = REGISTRY.entry(k).meta if k in REGISTRY else {}
+    return meta.get("lo") == 0 and meta.get("hi") == 1
 
 
 def load(dbs: list[str]) -> dict[str, list[tuple[int, dict[str, float]]]]:
@@ -65,7 +74,8 @@ def export(runs: dict[str, list[tuple[int, dict[str, float]]]], path: str, sourc
     with open(path, "a") as f:
         for method, pts in runs.items():
             for n, m in pts:
-                keep = {k: m[k] for k in (*METRICS, *CHANCE.values(), "_eval_s") if m.get(k) is not None}
+                chances = [chance_metric(k) for k in METRICS if chance_metric(k)]
+                keep = {k: m[k] for k in (*METRICS, *chances, "_eval_s") if m.get(k) is not None}
                 f.write(json.dumps({"method": method, "n_edits": n, "metrics": keep, "source": source}) + "\n")
     print(f"appended {sum(len(p) for p in runs.values())} points to {path}")
 
@@ -90,21 +100,26 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
     cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.9 * rows), squeeze=False)
-    base = next((pts[0][1] for pts in runs.values() if pts and pts[0][0] == 0), {})
+    base: dict[str, float] = {}  # the unedited model (checkpoint 0), from whichever run measured each metric
+    for pts in runs.values():
+        if pts and pts[0][0] == 0:
+            for k, v in pts[0][1].items():
+                base.setdefault(k, v)
     for ax, k in zip(axes.flat, keys):
         for method, pts in runs.items():
             xy = [(n, m[k]) for n, m in pts if m.get(k) is not None]
             ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ms=3, label=method)
         if k in base and not k.startswith("retention_"):
             ax.axhline(base[k], color="#555", ls="--", lw=1, label="unedited")
-        if k in CHANCE and CHANCE[k] in base:
-            ax.axhline(base[CHANCE[k]], color="#999", ls=":", lw=1, label="chance")
-        ax.set_title(k, fontsize=9)
+        if chance_metric(k) in base:
+            ax.axhline(base[chance_metric(k)], color="#999", ls=":", lw=1, label="chance")
+        methods_with = [m for m, pts in runs.items() if any(k in mt for _, mt in pts)]
+        ax.set_title(k + ("" if len(methods_with) == len(runs) else f" ({', '.join(methods_with)})"), fontsize=9)
         ax.set_xlabel("number of edits", fontsize=8)
         ys = [m[k] for pts in runs.values() for _, m in pts if m.get(k)]
         if k == "ppl_wikitext" and ys and max(ys) > 100 * min(ys):
             ax.set_yscale("log")  # a collapsed model's perplexity runs to millions
-        if k not in ("ppl_wikitext", "nkl_fixed", "norm_growth_max"):
+        if _fraction(k):
             ax.set_ylim(-0.02, 1.02)  # fractions on their whole range: small moves look small
         ax.spines[["top", "right"]].set_visible(False)
     for ax in list(axes.flat)[len(keys):]:
