@@ -347,3 +347,18 @@ def test_standard_errors_by_hand(tmp_path):
     assert se == {"ES": pytest.approx(0.25)}
     assert format_with_se(0.75, se["ES"]) == "0.75 ± 0.25" and format_with_se(0.5, None) == "0.5"
     store.close()
+
+
+def test_cli_suite_warnings_are_one_line_each(data_root, tmp_path):
+    """A fallback announced while the suite runs (a model without a chat template: plain dialogue lines)
+    reaches the user as one `warning:` line, not a Python warning with its source line."""
+    from editlab.models import load_lm
+
+    assert not getattr(load_lm("tiny-trained-llama").tokenizer, "chat_template", None)
+    args = ["eval", "--suite", "dialogue", "--method", "ft-m", "--limit", "1", "--model", "tiny-trained-llama",
+            "--db", str(tmp_path / "d.db")] + [x for k, v in FT_M.items() for x in ("--set", f"{k}={v}")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if "chat template" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning:"), result.stderr
+    assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr

@@ -130,14 +130,22 @@ class EditlabGroup(TyperGroup):
 
 @contextmanager
 def user_warnings_reported() -> Iterator[None]:
-    """Warnings raised inside (e.g. skipped data records) printed as `warning:` lines on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
+    """Warnings raised inside (e.g. skipped data records, a model without a chat template, a unit a
+    method failed on) printed as one `warning:` line each on stderr as they happen, each text once."""
+    seen: set[str] = set()
+
+    def show(message: Any, *_: Any, **__: Any) -> None:
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print_warning(text)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
         for category in LIBRARY_NOISE:
             warnings.simplefilter("ignore", category)
+        warnings.showwarning = show
         yield
-    for w in caught:
-        print_warning(str(w.message))
 
 
 # --- hyper-parameters -----------------------------------------------------------------------------------

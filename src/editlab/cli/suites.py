@@ -56,7 +56,7 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
                       executor: ExecutorOptions | None = None) -> None:
     """`eval --suite` / `compare --suite`: plan (all checks), then the model, then the suite, then a table."""
     from ..runner import Store
-    from ..suites.runner import plan_suite, run_suite
+    from ..suites.runner import plan_suite
 
     assert data.suite is not None
     from .options import ExecutorOptions
@@ -86,21 +86,29 @@ def run_suite_methods(methods: list[str], data: DataOptions, model: ModelOptions
     store = Store(run.db)
     label = f"{plan.suite.name}: {', '.join(methods)}"
     try:
-        if spec.is_ray:
-            from ..distributed.driver import run_suite_on_ray
-
-            with progress_bar(label, len(plan.units), show_message=True) as tick:
-                run_ids = run_suite_on_ray(model_args(model), plan, store, spec, hparams={m: overrides for m in methods},
-                                           seed=run.seed, resume=run.resume, progress=tick)
-        else:
-            lm = load_model(model)
-            with progress_bar(label, len(plan.units)) as tick:
-                run_ids = run_suite(lm, plan, store, hparams={m: overrides for m in methods}, seed=run.seed,
-                                    resume=run.resume, progress=tick)
+        with user_warnings_reported():  # a unit a method failed on, a fallback: one line each, as they happen
+            run_ids = _run_plan(plan, store, spec, model, methods, overrides, run, label)
     except KeyboardInterrupt:
         exit_interrupted(run.db)
     console.print(suite_table(store, run_ids, f"suite {plan.suite.name} on {model.model}"))
     console.print(f"results in {run.db}; HTML report: editlab report {run.db} -o report.html")
+
+
+def _run_plan(plan: Any, store: Any, spec: Any, model: Any, methods: list[str], overrides: dict[str, Any], run: Any,
+              label: str) -> dict[str, str]:
+    """Run a checked suite plan on Ray or here, with a progress bar; the run ids per method."""
+    hparams = {m: overrides for m in methods}
+    if spec.is_ray:
+        from ..distributed.driver import run_suite_on_ray
+
+        with progress_bar(label, len(plan.units), show_message=True) as tick:
+            return run_suite_on_ray(model_args(model), plan, store, spec, hparams=hparams, seed=run.seed,
+                                    resume=run.resume, progress=tick)
+    from ..suites.runner import run_suite
+
+    lm = load_model(model)
+    with progress_bar(label, len(plan.units)) as tick:
+        return run_suite(lm, plan, store, hparams=hparams, seed=run.seed, resume=run.resume, progress=tick)
 
 
 def suite_table(store: Any, run_ids: dict[str, str], title: str) -> Table:
