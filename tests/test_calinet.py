@@ -46,7 +46,7 @@ def _same(a, b):
 def test_untrained_slots_are_an_exact_no_op(lm, hp, activation):
     hps = calinet.CaliNETHparams.for_model(lm, **{**hp, "activation": activation})
     base = lm.next_token_logprobs(PROBES)
-    site = Site(lm, hps.layer, "calinet", activation, extend=False)
+    site = Site(lm, hps.layer, "calinet", activation)
     rows = calinet.init_slots(lm, site, FACTS[:1], hps)
     assert float(rows["keys"].detach().abs().sum()) > 0 and float(rows["values"].detach().abs().sum()) == 0
     with site.training(rows), torch.no_grad():

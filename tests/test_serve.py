@@ -357,3 +357,40 @@ def test_an_edit_waits_for_a_running_probe_and_a_second_change_is_refused(lm, mo
     pg.undo()
     pg.close()
     assert not lm.active_edits
+
+
+def test_only_a_refusal_to_extend_is_retried_as_a_new_edit(lm, monkeypatch):
+    """Another error of an extending edit (here a hyper-parameter the method refuses late) is answered as
+    it is, after one attempt: the fallback is for `CannotExtendError` only."""
+    from editlab.errors import CannotExtendError, HparamsError
+    from editlab.serve import playground as module
+
+    restore_all(lm)
+    pg = Playground(lm)
+    first = pg.apply("grace", "The capital of France is", "France", "Rome", "Paris", hparams=GRACE)
+    assert first["extended"] is False
+    real, calls = module.get_editor, []
+
+    class Refusing:
+        def __init__(self, editor, error):
+            self._e, self._error = editor, error
+
+        def __getattr__(self, name):
+            return getattr(self._e, name)
+
+        def apply(self, lm_, req, hp, on=None):
+            calls.append(on)
+            if on is not None:
+                raise self._error
+            return self._e.apply(lm_, req, hp)
+
+    fact = ("The capital of Spain is", "Spain", "Oslo", "Madrid")
+    monkeypatch.setattr(module, "get_editor", lambda name: Refusing(real(name), HparamsError("late refusal")))
+    with pytest.raises(HparamsError, match="late refusal"):
+        pg.apply("grace", *fact, hparams=GRACE)
+    assert len(calls) == 1 and len(lm.active_edits) == 1
+    monkeypatch.setattr(module, "get_editor", lambda name: Refusing(real(name), CannotExtendError("other layer")))
+    out = pg.apply("grace", *fact, hparams=GRACE)
+    assert out["extended"] is False and out["not_extended"] == "other layer" and len(lm.active_edits) == 2
+    restore_all(lm)
+    pg.close()

@@ -19,7 +19,7 @@ from editlab.suites.knowedit import KnowEditSuite, aliases, mean_of_group_means
 from editlab.suites.metrics import METRICS
 from editlab.suites.portability import CounterFactSuite, ZsreSuite
 from editlab.suites.runner import SuitePlan, run_suite, suite_summary
-from editlab.suites.scoring import agreement, argmax_ids, token_accuracies
+from editlab.suites.scoring import agreement, argmax_ids, harmonic_mean, token_accuracies
 
 FT = {"layer": 0, "steps": 4, "lr": 0.01}
 
@@ -105,7 +105,8 @@ def test_counterfact_protocol(lm, data_root, tmp_path):
     assert any(u.data["aux"] for u in units) and {len(u.data["distracting"]) for u in units} == {0, 10}
     summary = suite_summary(store, ids["ft"], suite)
     assert summary["n"] == 6 and 0 <= summary["one_hop.Score"] <= 1 and "subject_replace.Score" in summary
-    assert 0 <= summary["one_hop.Score+"] <= 1 and 0 <= summary["one_hop.NS+"] <= 1
+    assert 0 <= summary["one_hop.NS+"] <= 1
+    assert summary["one_hop.Score+"] == pytest.approx(harmonic_mean([summary[f"one_hop.{m}"] for m in ("ES", "PS", "NS", "NS+")]))
 
 
 def test_counterfact_distracting_neighbours_by_hand(lm, data_root):

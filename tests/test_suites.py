@@ -362,3 +362,15 @@ def test_cli_suite_warnings_are_one_line_each(data_root, tmp_path):
     warned = [line for line in result.stderr.splitlines() if "chat template" in line]
     assert len(warned) == 1 and warned[0].startswith("warning:"), result.stderr
     assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
+
+
+def test_an_infinite_value_has_no_standard_error(tmp_path):
+    from editlab.runner.store import Row
+    from editlab.suites.runner import suite_standard_errors
+
+    store = Store(tmp_path / "se.db")
+    store.ensure_run("r", model="m", method="rome", mode="suite", dataset="cfplus", n_requests=2)
+    for i, v in enumerate([1.0, float("inf")]):
+        store.add_row(Row("r", f"u{i}", None, "suite", 1, 1.0, 1.0, {"NKL": v, "ES": float(i)}))
+    assert suite_standard_errors(store, "r") == {"ES": pytest.approx(0.5)}
+    store.close()

@@ -313,3 +313,18 @@ def test_extending_at_another_layer_is_refused_and_changes_nothing(lm, hp):
         get_editor("t-patcher").apply(lm, FACTS[1], on=first, **{**hp, "layer": 0})
     assert _same(snap, _snapshot(lm)) and dict(lm.model.named_modules()) == modules and lm.active_edits == [first]
     first.restore()
+
+
+def test_extending_needs_units_the_named_edit_made(lm, hp):
+    """on=B where B's units sit at another layer than the ones asked for: refused, even though the outermost
+    module there is an earlier T-Patcher edit's wrapper (A's), which must not silently take B's rows."""
+    from editlab.errors import CannotExtendError
+
+    a = get_editor("t-patcher").apply(lm, FACTS[0], **{**hp, "layer": 0})
+    b = get_editor("t-patcher").apply(lm, FACTS[1], **hp)  # default layer, a wrapper of its own
+    snap = _snapshot(lm)
+    with pytest.raises(CannotExtendError, match="no t-patcher units"):
+        get_editor("t-patcher").apply(lm, FACTS[2], on=b, **{**hp, "layer": 0})
+    assert _same(snap, _snapshot(lm)) and lm.active_edits == [a, b]
+    b.restore()
+    a.restore()

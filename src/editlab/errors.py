@@ -120,6 +120,13 @@ class EditStackError(EditlabError):
     """An edit was restored or extended out of stack order (only the newest active edit can be)."""
 
 
+class CannotExtendError(EditStackError, HparamsError, EditRequestError):
+    """This edit cannot extend the `on=` edit it names: another layer, module or adapter shape, a setting
+    that must stay fixed within a sequence, or a prompt the sequence already holds. Applied without `on=`
+    it would go on top as a new edit (the playground does that by default). Nothing was changed. It is
+    also an `EditStackError`, `HparamsError` or `EditRequestError`, whichever names the cause."""
+
+
 class BusyError(EditlabError, RuntimeError):
     """The playground is applying another edit; try again when it has finished (nothing was changed)."""
 

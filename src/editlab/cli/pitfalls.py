@@ -66,8 +66,9 @@ def pitfalls(
     t0 = time.perf_counter()
     try:
         if spec.is_ray:  # rows/s and the workers in the bars' messages
-            runs = run_pitfalls_on_ray(model_args(model), plan, store, spec, resume=resume,
-                                       progress=lambda label, total: progress_bar(label, total, show_message=True))
+            with user_warnings_reported():
+                runs = run_pitfalls_on_ray(model_args(model), plan, store, spec, resume=resume,
+                                           progress=lambda label, total: progress_bar(label, total, show_message=True))
         else:
             lm = load_model(model)
             with user_warnings_reported():

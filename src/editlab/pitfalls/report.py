@@ -304,7 +304,7 @@ def build_blocks(store: Store, runs: PitfallsRuns) -> list[Block]:
                     _suite_block(store, block, suite, runs.suites[suite])
                 if suite in runs.notes:  # not run, or not for every method: say why
                     block.notes.append(f"{suite}: {runs.notes[suite]}")
-        if block.tables:
+        if block.tables or (block.notes and sec.key != "collapse"):
             blocks.append(block)
     return blocks
 

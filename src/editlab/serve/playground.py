@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
-from ..errors import BusyError, EditRequestError, EditStackError, HparamsError, OutputPathError, PromptTooLongError
+from ..errors import (BusyError, CannotExtendError, EditRequestError, EditStackError, HparamsError, OutputPathError,
+                      PromptTooLongError)
 from ..methods import get_editor
 from ..methods.catalogue import METHODS
 from ..methods.edit import Edit
@@ -87,8 +88,8 @@ class Playground:
         self.top_k = _check_int("top_k", top_k, MAX_TOP_K)
         self.continuation_tokens = _check_int("continuation_tokens", continuation_tokens, MAX_CONTINUATION)
         self._lock = threading.Lock()  # the model: held by whatever operation is using it
-        self._write_gate = threading.Lock()  # held by the one write running or waiting for the model
-        self._write: str | None = None  # what that write is
+        self._gate = threading.Condition()  # guards `_write`; reads wait on it while a write is pending
+        self._write: str | None = None  # the one write (edit, undo, save, load) running or waiting for the model
         self._fingerprints: dict[str, str] = {}  # edit id -> weights fingerprint before it (undo check)
         self._activity: tuple[str, float] | None = None  # what holds the lock, since when
         self._progress: tuple[str, int, int] | None = None  # a long computation inside it: task, done, total
@@ -118,7 +119,7 @@ class Playground:
                 "progress": None if prog is None else {"task": prog[0], "done": prog[1], "total": prog[2]}}
 
     def _watch(self, task: str, done: int, total: int) -> None:
-        self._progress = (task, done, total)
+        self._progress = (task, done, total) if done < total else None  # finished: the edit goes on without it
 
     # ---------------------------------------------------------------- locking
     @contextmanager
@@ -127,18 +128,18 @@ class Playground:
         running or waiting, then for the model. `wait=False` (a write): refused with `BusyError` while
         another write runs or waits; otherwise wait for the reads in progress."""
         if wait:
-            with self._write_gate:  # a pending write goes first
-                pass
+            with self._gate:  # a pending write goes first
+                self._gate.wait_for(lambda: self._write is None)
             self._lock.acquire()
         else:
-            if not self._write_gate.acquire(blocking=False):
-                raise BusyError(f"busy: {self._write or 'another change'} is running; try again when it has finished")
-            self._write = activity
+            with self._gate:
+                if self._write is not None:
+                    raise BusyError(f"busy: {self._write} is running; try again when it has finished")
+                self._write = activity
             try:
                 self._lock.acquire()
             except BaseException:
-                self._write = None
-                self._write_gate.release()
+                self._end_write()
                 raise
         self._activity = (activity, time.perf_counter())
         try:
@@ -147,8 +148,12 @@ class Playground:
             self._activity = self._progress = None
             self._lock.release()
             if not wait:
-                self._write = None
-                self._write_gate.release()
+                self._end_write()
+
+    def _end_write(self) -> None:
+        with self._gate:
+            self._write = None
+            self._gate.notify_all()
 
     def _on_model_thread(self, fn: Callable[[], T]) -> T:
         """Run `fn` (model work; the caller holds the lock) on the model thread and return its result."""
@@ -341,10 +346,10 @@ class Playground:
             with watching(self._watch):  # statistics computed the first time: the page shows how far
                 try:
                     edit = editor.apply(self.lm, req, hp, on=on)
-                except (EditStackError, HparamsError, EditRequestError) as e:
+                except CannotExtendError as e:
                     if on is None or extend:
                         raise
-                    # the method refused to extend (and changed nothing): stack a new edit instead
+                    # the method refused to extend the newest edit (and changed nothing): stack a new edit instead
                     not_extended = " ".join(str(e).split())
                     on = None
                     edit = editor.apply(self.lm, req, hp)

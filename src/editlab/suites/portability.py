@@ -205,8 +205,10 @@ class CounterFactSuite(_SingleEditSuite):
     def summarize(self, rows: Sequence[dict[str, float]]) -> dict[str, float]:
         out = super().summarize(rows)
         for split in self.splits:
-            for score, ns in (("Score", "NS"), ("Score+", "NS+")):  # Score+: CounterFact+'s, with NS+
-                keys = [f"{split}.{m}" for m in ("ES", "PS", ns)]
+            # Score+ as CounterFact+ (and `specificity-plus`) defines it: ES, PS, NS and NS+; NS+ is the mean over
+            # the records that have CounterFact+'s prompts (76 of the first 100), the others over all records
+            for score, parts in (("Score", ("ES", "PS", "NS")), ("Score+", ("ES", "PS", "NS", "NS+"))):
+                keys = [f"{split}.{m}" for m in parts]
                 if all(k in out for k in keys):
                     out[f"{split}.{score}"] = harmonic_mean(out[k] for k in keys)
         return out

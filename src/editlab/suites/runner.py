@@ -231,11 +231,11 @@ def suite_standard_errors(store: Store, run_id: str) -> dict[str, float]:
         if r.kind == "error":
             continue
         for k, v in r.metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 values.setdefault(k, []).append(float(v))
     out = {}
     for k, xs in values.items():
-        if len(xs) >= 2:
+        if len(xs) >= 2 and all(math.isfinite(x) for x in xs):  # an infinite mean has no standard error
             mean = sum(xs) / len(xs)
             out[k] = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
     return out

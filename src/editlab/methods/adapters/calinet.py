@@ -156,6 +156,6 @@ class CaliNETEditor(Editor):
 
     def compute_patches(self, lm: LM, requests: list[EditRequest], hp: CaliNETHparams,
                         on: Any) -> tuple[list[Patch], dict[str, Any]]:
-        site = Site(lm, hp.layer, self.name, hp.activation, extend=on is not None)
+        site = Site(lm, hp.layer, self.name, hp.activation, on=on)
         rows, info = train_slots(lm, site, requests, hp)
         return site.patches(rows), {**info, "path": site.path, "extends": not site.fresh}

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...errors import EditStackError
+from ...errors import CannotExtendError
 from ...models.lm import LM
 from ...requests import EditRequest
 from ..base import Editor
@@ -141,7 +141,7 @@ class GRACEEditor(Editor):
         if on is not None:
             if not isinstance(current, GraceCodebook) or not any(
                     isinstance(p, (ModuleSwap, TableUpdate)) and p.path == path for p in on.patches):
-                raise EditStackError(f"on= edit has no GRACE codebook at {path}: extend it with the same layer and "
+                raise CannotExtendError(f"on= edit has no GRACE codebook at {path}: extend it with the same layer and "
                                      "module it was made with, or apply without on=")
             book = current
         else:

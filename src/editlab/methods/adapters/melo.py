@@ -79,7 +79,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...batching import teacher_forcing
-from ...errors import EditMismatchError, EditRequestError, EditStackError, HparamsError
+from ...errors import CannotExtendError, EditMismatchError
 from ...hooks import capture
 from ...models.lm import LM
 from ...requests import EditRequest
@@ -372,7 +372,7 @@ class _Database:
             if d <= SAME_INPUT * float(q.norm()):
                 # the very input of an earlier edit, now with another answer: both clusters would get
                 # radius 0 and the new block would never be reached
-                raise EditRequestError(
+                raise CannotExtendError(
                     "MELO: this prompt was already edited to another answer in this sequence; restore that "
                     "edit first (or start a new sequence without on=)")
             self._add_cluster(q, d / 2, label, block)
@@ -414,10 +414,10 @@ class MELOEditor(Editor):
             if on is not None:
                 if not isinstance(current, MeloLoRA) or not any(
                         isinstance(p, (ModuleSwap, TableUpdate)) and p.path == path for p in on.patches):
-                    raise EditStackError(f"on= edit has no MELO wrapper at {path}: extend it with the same layers and "
+                    raise CannotExtendError(f"on= edit has no MELO wrapper at {path}: extend it with the same layers and "
                                          "module it was made with, or apply without on=")
                 if (current.block_rank, current.scale) != (hp.block_rank, hp.lora_scale):
-                    raise HparamsError(f"the MELO wrapper at {path} has block_rank={current.block_rank} and "
+                    raise CannotExtendError(f"the MELO wrapper at {path} has block_rank={current.block_rank} and "
                                        f"lora_scale={current.scale}; an edit extending it must use the same")
                 wrappers.append(current)
             else:

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ...errors import EditMismatchError, EditStackError, HparamsError
+from ...errors import CannotExtendError, EditMismatchError, HparamsError
 from ...hooks import output_tensor, replace_output
 from ...models.lm import LM
 from ..patches import ModuleSwap, Patch, TableUpdate
@@ -177,23 +177,24 @@ def mlp_dims(lm: LM, layer: int) -> tuple[int, int]:
 class Site:
     """Where an edit's new units go: the wrapper at `path` and whether this edit installs it.
 
-    `extend` (an edit with `on=`): the rows go into the method's wrapper, which must be the outermost
-    module at `path` (`EditStackError` otherwise: another layer than the extended edit's, or another
-    adapter wrapped it since), as GRACE, MELO and WISE refuse the same case. Without it a fresh empty
+    `on` (the edit an `on=` edit extends): the rows go into the method's wrapper, which must be the
+    outermost module at `path` and one `on` made or extended (`CannotExtendError` otherwise: another layer
+    than the extended edit's, or another adapter wrapped it since), as GRACE, MELO and WISE refuse it. Without it a fresh empty
     wrapper goes around whatever is at `path` now (the base MLP, or another adapter's wrapper, which it
     then wraps)."""
 
-    def __init__(self, lm: LM, layer: int, owner: str, activation: str, extend: bool) -> None:
+    def __init__(self, lm: LM, layer: int, owner: str, activation: str, on: Any = None) -> None:
         self.lm = lm
         self.path = mlp_path(lm, layer)
         current = lm.model.get_submodule(self.path)
-        if extend and not (isinstance(current, SideUnits) and current.owner == owner):
-            raise EditStackError(f"on= edit has no {owner} units at {self.path}: extend it with the same layer it was "
-                                 "made with, or apply without on=")
-        if extend:
+        if on is not None and not (isinstance(current, SideUnits) and current.owner == owner and any(
+                isinstance(p, (ModuleSwap, TableUpdate)) and p.path == self.path for p in on.patches)):
+            raise CannotExtendError(f"on= edit has no {owner} units at {self.path}: extend it with the same layer it "
+                                    "was made with, or apply without on=")
+        if on is not None:
             if current.activation != activation:
-                raise HparamsError(f"activation={activation!r} differs from the {current.activation!r} units of "
-                                   f"the {owner} edit being extended at {self.path}")
+                raise CannotExtendError(f"activation={activation!r} differs from the {current.activation!r} units of "
+                                        f"the {owner} edit being extended at {self.path}")
             self.wrapper, self.fresh = current, False
         else:
             d_in, d_out = mlp_dims(lm, layer)

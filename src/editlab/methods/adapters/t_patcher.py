@@ -189,6 +189,6 @@ class TPatcherEditor(Editor):
 
     def compute_patches(self, lm: LM, requests: list[EditRequest], hp: TPatcherHparams,
                         on: Any) -> tuple[list[Patch], dict[str, Any]]:
-        site = Site(lm, hp.layer, self.name, hp.activation, extend=on is not None)
+        site = Site(lm, hp.layer, self.name, hp.activation, on=on)
         rows, info = train_units(lm, site, requests, hp)
         return site.patches(rows), {**info, "path": site.path, "extends": not site.fresh}

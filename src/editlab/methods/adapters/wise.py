@@ -87,7 +87,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...errors import EditMismatchError, EditStackError, HparamsError
+from ...errors import CannotExtendError, EditMismatchError, HparamsError
 from ...models.lm import LM
 from ...requests import EditRequest
 from ..base import Editor
@@ -313,16 +313,16 @@ class WISEEditor(Editor):
         merge_shards = hp.merge_freq // hp.save_freq if hp.merge_freq else 0
         if on is not None and not (isinstance(current, WISEWrapper) and any(
                 isinstance(p, (ModuleSwap, TableUpdate)) and p.path == path for p in on.patches)):
-            raise EditStackError(f"on= edit has no WISE memory at {path}: extend it with the same layer it was made "
+            raise CannotExtendError(f"on= edit has no WISE memory at {path}: extend it with the same layer it was made "
                                  "with, or apply without on=")
         if on is not None:
             wrapper = current
             if wrapper.k != k:
-                raise HparamsError(f"mask_ratio={hp.mask_ratio} gives {k} entries per shard, but the WISE memory "
+                raise CannotExtendError(f"mask_ratio={hp.mask_ratio} gives {k} entries per shard, but the WISE memory "
                                    f"this edit extends uses {wrapper.k}: keep mask_ratio fixed within a sequence")
             if wrapper.merge_shards != merge_shards or merge_shards and (
                     wrapper.density != hp.merge_density or wrapper.save_freq != hp.save_freq):
-                raise HparamsError(
+                raise CannotExtendError(
                     f"the WISE memory this edit extends merges every {wrapper.merge_shards} shards of "
                     f"{wrapper.save_freq} edits at density {wrapper.density}; this edit asks for merge_freq="
                     f"{hp.merge_freq}, save_freq={hp.save_freq}, merge_density={hp.merge_density}: keep them fixed "

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ...errors import EditMismatchError, EditStackError, HparamsError
+from ...errors import CannotExtendError, EditMismatchError
 from ...models.view import LMView
 from ...requests import _context_limit
 from .retriever import EditMemory, Retriever
@@ -168,9 +168,9 @@ def extension_of(on: Any, kind: type, method: str, embedder: str) -> int:
         return 0
     below = on.lm
     if not isinstance(below, kind):
-        raise EditStackError(f"on= must be a {method} edit (it holds no {method} view)")
+        raise CannotExtendError(f"on= must be a {method} edit (it holds no {method} view)")
     if below.memory.embedder != embedder:
-        raise HparamsError(f"embedder {embedder!r} differs from the extended edit's {below.memory.embedder!r}")
+        raise CannotExtendError(f"embedder {embedder!r} differs from the extended edit's {below.memory.embedder!r}")
     return len(below.memory)
 
 
@@ -187,7 +187,7 @@ def extend_below(view: Any, kind: type, method: str, same: Sequence[str] = ()) -
                                 "edit below it; apply or load that edit first")
     for key in same:
         if view.config.get(key) != below.config.get(key):
-            raise HparamsError(f"{method}: {key}={view.config.get(key)!r} differs from the extended edit's "
+            raise CannotExtendError(f"{method}: {key}={view.config.get(key)!r} differs from the extended edit's "
                                f"{below.config.get(key)!r}; every edit of a sequence (on=) keeps the first one's setting")
     view.memory = below.memory.joined(view.memory)
     view.inner = below.inner
