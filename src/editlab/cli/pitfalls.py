@@ -22,7 +22,7 @@ from .options import ExecutorOptions, HparamOptions, ModelOptions, OptionGroup, 
 class PitfallsOptions(OptionGroup):
     """What `editlab pitfalls` runs (budget, sections) and where its results go."""
 
-    budget: Annotated[str, typer.Option(help="quick (about 25 min for ROME on a 2-core CPU) or full (docs/pitfalls.md)")] = "quick"
+    budget: Annotated[str, typer.Option(help="quick (about 15 min for ROME on an idle 2-core CPU) or full (hours; docs/pitfalls.md)")] = "quick"
     only: Annotated[Optional[str], typer.Option(
         help="Comma-separated sections to run (portability, multihop, conflict, distortion, specificity, dialogue, "
              "collapse); default all")] = None

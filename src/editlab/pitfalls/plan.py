@@ -3,8 +3,8 @@ at a named budget, checked in full before any model loads (torch-free).
 
 A budget fixes, per suite, the number of records (per split where the suite has splits), and for the
 collapse run the length of the edit stream, its checkpoints and the probe budget. `quick` is sized to
-finish in about 20 minutes for ROME on a 2-core CPU with SmolLM2-135M (docs/pitfalls.md gives the
-measured time); `full` is the documented protocol sizes.
+finish in under 25 minutes for ROME on a 2-core CPU with SmolLM2-135M (14 min idle; docs/pitfalls.md
+gives the measured times); `full` is the documented protocol sizes.
 """
 
 from __future__ import annotations
