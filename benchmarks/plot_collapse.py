@@ -22,17 +22,10 @@ import math
 from common import ROOT  # noqa: F401  (common puts src/ on the path)
 
 from editlab.probes import chance_metric, headline_metrics  # noqa: E402
-from editlab.suites.metrics import METRICS as REGISTRY  # noqa: E402
+from editlab.suites.metrics import is_fraction  # noqa: E402
 
 # retention of the run's own edits, then every probe's headline metrics (from the probe registry)
 METRICS = ("retention_efficacy_score", "retention_rewrite_acc", "retention_locality_acc", *headline_metrics())
-
-
-def _fraction(k: str) -> bool:
-    if k.startswith("retention_"):
-        return True
-    meta = REGISTRY.entry(k).meta if k in REGISTRY else {}
-    return meta.get("lo") == 0 and meta.get("hi") == 1
 
 
 def load(dbs: list[str]) -> dict[str, list[tuple[int, dict[str, float]]]]:
@@ -119,7 +112,7 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
         ys = [m[k] for pts in runs.values() for _, m in pts if m.get(k)]
         if k == "ppl_wikitext" and ys and max(ys) > 100 * min(ys):
             ax.set_yscale("log")  # a collapsed model's perplexity runs to millions
-        if _fraction(k):
+        if is_fraction(k):
             ax.set_ylim(-0.02, 1.02)  # fractions on their whole range: small moves look small
         ax.spines[["top", "right"]].set_visible(False)
     for ax in list(axes.flat)[len(keys):]:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from ..errors import EditlabError
 from ..probes import PROBES, chance_metric, headline_metrics
+from ..suites.metrics import is_fraction
 from ..runner.store import Store
 from .plan import SECTIONS, Section
 from .run import PitfallsRuns
@@ -135,18 +136,9 @@ def _suite_block(store: Store, block: Block, suite: str, run_ids: dict[str, str]
         if uri:
             block.plots.append(("Distribution of the JS divergence D per record (lower is better)", uri))
     elif plot in ("bars", "relations"):
-        keys = [n for n in names if direction(n) is not None and _is_fraction(n)][:8]
+        keys = [n for n in names if direction(n) is not None and is_fraction(n)][:8]
         if keys:
             block.plots.append((f"{suite}: main metrics", _grouped_bars(keys, order, sums)))
-
-
-def _is_fraction(name: str) -> bool:
-    from ..suites import metric_info
-
-    try:
-        return metric_info(name).unit == "fraction"
-    except EditlabError:
-        return False
 
 
 def _grouped_bars(keys: list[str], order: list[str], sums: dict[str, dict[str, float]]) -> str:
@@ -259,7 +251,7 @@ def _collapse_block(store: Store, block: Block, run_ids: dict[str, str]) -> None
             ax.axhline(base[chance_metric(k)], color="#999", ls=":", lw=1, label="chance")
         if k in base and k not in ("nkl_fixed", "norm_growth_max"):
             ax.axhline(base[k], color="#555", ls="--", lw=1, label="unedited")
-        if k.startswith("retention_") or _is_fraction(k):
+        if is_fraction(k):
             ax.set_ylim(-0.03, 1.03)
         arrow = {True: " (↑ better)", False: " (↓ better)", None: ""}[direction(k)]
         title = k + arrow + (" · at floor" if k in floors else "")

@@ -95,16 +95,6 @@ def _bar_charts(summaries: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-def _fraction(key: str) -> bool:
-    """Whether `key` lies in [0, 1] (retention and accuracy curves, registered fractions): a 0..1 axis."""
-    from ..suites.metrics import METRICS
-
-    if key in METRICS:
-        info = METRICS.entry(key).meta
-        return info.get("lo") == 0 and info.get("hi") == 1
-    return key != "perplexity"
-
-
 def _seq_plots(sequences: list[dict[str, Any]]) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -112,6 +102,7 @@ def _seq_plots(sequences: list[dict[str, Any]]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     from ..probes import chance_metric, headline_metrics
+    from ..suites.metrics import is_fraction
 
     out = []
     keys = [k for k in (*RUN_SEQ_KEYS, *headline_metrics()) if any(k in m for s in sequences for _, m in s["points"])]
@@ -125,7 +116,7 @@ def _seq_plots(sequences: list[dict[str, Any]]) -> list[tuple[str, str]]:
             base = next((m.get("perplexity_base") for s in sequences for _, m in s["points"] if m.get("perplexity_base")), None)
             if base:
                 ax.axhline(base, color="#999", ls="--", lw=1, label="unedited")
-        elif _fraction(k):
+        elif is_fraction(k):
             ax.set_ylim(-0.05, 1.05)
         chance = next((m[chance_metric(k)] for s in sequences for _, m in s["points"] if chance_metric(k) in m), None)
         if chance is not None:

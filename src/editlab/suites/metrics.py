@@ -139,4 +139,15 @@ def metric_info(name: str) -> MetricInfo:
     return METRICS.get(base)
 
 
-__all__ = ["METRICS", "MetricInfo", "metric_info"]
+def is_fraction(name: str) -> bool:
+    """Whether a metric lies in [0, 1], for a 0..1 plot axis: a run's own retention / newest-edit curves
+    and every registered metric of unit "fraction" (a split prefix is allowed); anything else is not."""
+    if name.rsplit(".", 1)[-1].startswith(("retention_", "newest_")):
+        return True
+    try:
+        return metric_info(name).unit == "fraction"
+    except EditlabError:
+        return False
+
+
+__all__ = ["METRICS", "MetricInfo", "is_fraction", "metric_info"]
