@@ -56,7 +56,7 @@ from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
 from ...batching import teacher_forcing
 from .hparams import GRACEHparams
-from .inject import TableAdapter, linear_dims, register_wrapper
+from .inject import TableAdapter, linear_dims
 from .queries import prompt_inputs
 
 SAME_INPUT = 1e-3  # inputs closer than this fraction of the key norm are one input (float rounding apart)
@@ -123,7 +123,6 @@ class GraceCodebook(TableAdapter):
         return new.reshape(out.shape)
 
 
-register_wrapper(GraceCodebook, "GRACE codebook: key/value/radius lookup per token")
 
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...errors import EditMismatchError
-from ...registry import Registry
+from ...registry import Registry, lazy
 
 
 class AdapterModule(torch.nn.Module):
@@ -128,10 +128,21 @@ class TableAdapter(AdapterModule):
 
 
 WRAPPERS: Registry[type[AdapterModule]] = Registry("adapter wrapper", EditMismatchError)
+# The built-in wrappers are registered here, by name, with lazy factories: a saved edit names its wrapper,
+# and `Edit.load` in a fresh process must find it before anything has imported the method's module.
+for _name, _target, _description in (
+    ("grace-codebook", "grace:GraceCodebook", "GRACE codebook: key/value/radius lookup per token"),
+    ("melo-lora", "melo:MeloLoRA", "MELO: LoRA blocks routed per token by a vector database of edit clusters"),
+    ("wise", "wise:WISEWrapper", "WISE side memories beside an MLP output projection, routed per token"),
+    ("side-units", "side_units:SideUnits",
+     "side units (a small FFN of key/value rows) beside an MLP block: T-Patcher, CaliNET"),
+):
+    WRAPPERS.register(_name, _description, lazy(f"{__package__}.{_target}"))
 
 
 def register_wrapper(cls: type[AdapterModule], description: str) -> type[AdapterModule]:
-    """Register a wrapper class under its `registered_name` (idempotent for the same class)."""
+    """Register a wrapper class (a plug-in's; the built-ins are registered above) under its
+    `registered_name` (idempotent for the same class)."""
     name = cls.registered_name
     if name in WRAPPERS:
         if WRAPPERS.get(name) is not cls:

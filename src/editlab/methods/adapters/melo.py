@@ -89,7 +89,7 @@ from ..locate.shared import SuffixRunner
 from ..patches import ModuleSwap, Patch, TableUpdate
 from .grace import SAME_INPUT, label_id
 from .hparams import MELOHparams
-from .inject import TableAdapter, linear_dims, register_wrapper
+from .inject import TableAdapter, linear_dims
 from .queries import last_prompt_inputs
 
 NO_BLOCK = -1  # a point that routes to no block (its cluster's points were all dropped)
@@ -255,7 +255,6 @@ class MeloLoRA(TableAdapter):
         return flat_out.index_add(0, tok, delta.to(flat_out.dtype)).reshape(out.shape)
 
 
-register_wrapper(MeloLoRA, "MELO: LoRA blocks routed per token by a vector database of edit clusters")
 
 
 

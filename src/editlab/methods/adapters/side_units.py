@@ -42,7 +42,7 @@ from ...hooks import output_tensor, replace_output
 from ...models.lm import LM
 from ..patches import ModuleSwap, Patch, TableUpdate
 from .hparams import ACTIVATIONS
-from .inject import TableAdapter, register_wrapper, set_module
+from .inject import TableAdapter, set_module
 
 
 class SideUnits(TableAdapter):
@@ -155,7 +155,6 @@ class SideUnits(TableAdapter):
         return w
 
 
-register_wrapper(SideUnits, "side units (a small FFN of key/value rows) beside an MLP block: T-Patcher, CaliNET")
 
 
 # ---------------------------------------------------------------- shared by the editors

@@ -94,7 +94,7 @@ from ..base import Editor
 from ..ft import batch_loss, encode_batch
 from ..patches import ModuleSwap, Patch, TableUpdate
 from .hparams import WISEHparams
-from .inject import TableAdapter, register_wrapper
+from .inject import TableAdapter
 from ..locate.shared import context_templates, parse_template_groups
 from .queries import token_inputs
 from .ties import ties_merge
@@ -275,7 +275,6 @@ class WISEWrapper(TableAdapter):
         return torch.where(fire[..., None], base + chosen.to(base.dtype), base)
 
 
-register_wrapper(WISEWrapper, "WISE side memories beside an MLP output projection, routed per token")
 
 
 
