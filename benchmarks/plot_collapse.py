@@ -98,16 +98,23 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
         if pts and pts[0][0] == 0:
             for k, v in pts[0][1].items():
                 base.setdefault(k, v)
+    # one colour and marker per method, the same in every panel (tab10 alone repeats after ten methods)
+    palette = plt.get_cmap("tab20").colors
+    style = {m: {"color": palette[(2 * i) % 20 + (2 * i) // 20 % 2], "marker": "osD^v<>ph*"[i % 10]}
+             for i, m in enumerate(runs)}
     for ax, k in zip(axes.flat, keys):
         for method, pts in runs.items():
             xy = [(n, m[k]) for n, m in pts if m.get(k) is not None]
-            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ms=3, label=method)
+            ax.plot([x for x, _ in xy], [y for _, y in xy], ms=3, lw=1.2, label=method, **style[method])
         if k in base and not k.startswith("retention_"):
             ax.axhline(base[k], color="#555", ls="--", lw=1, label="unedited")
         if chance_metric(k) in base:
             ax.axhline(base[chance_metric(k)], color="#999", ls=":", lw=1, label="chance")
         methods_with = [m for m, pts in runs.items() if any(k in mt for _, mt in pts)]
-        ax.set_title(k + ("" if len(methods_with) == len(runs) else f" ({', '.join(methods_with)})"), fontsize=9)
+        missing = [m for m in runs if m not in methods_with]
+        note = "" if not missing else f" (not measured: {', '.join(missing)})" if len(missing) <= 3 else \
+            f" ({len(methods_with)} of {len(runs)} methods)"
+        ax.set_title(k + note, fontsize=9)
         ax.set_xlabel("number of edits", fontsize=8)
         ys = [m[k] for pts in runs.values() for _, m in pts if m.get(k)]
         if k == "ppl_wikitext" and ys and max(ys) > 100 * min(ys):
@@ -117,7 +124,7 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
         ax.spines[["top", "right"]].set_visible(False)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, frameon=False)
+    axes.flat[0].legend(fontsize=7, frameon=False, ncol=2 if len(runs) > 6 else 1)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     print(f"wrote {png}")
