@@ -100,7 +100,7 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
                 base.setdefault(k, v)
     # one colour and marker per method, the same in every panel (tab10 alone repeats after ten methods)
     palette = plt.get_cmap("tab20").colors
-    style = {m: {"color": palette[(2 * i) % 20 + (2 * i) // 20 % 2], "marker": "osD^v<>ph*"[i % 10]}
+    style = {m: {"color": palette[(2 * i) % 20 + (2 * i) // 20 % 2], "marker": "osD^v<>ph*"[(i + i // 10) % 10]}
              for i, m in enumerate(runs)}
     for ax, k in zip(axes.flat, keys):
         for method, pts in runs.items():

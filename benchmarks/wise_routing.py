@@ -57,16 +57,24 @@ def main() -> None:
     pre = pre_edit(lm, reqs)
     save = Path(args.save)
     done = save / "complete"  # written last: a folder without it is an interrupted run, made again
+    made = f"{len(reqs)} edits of {args.data}[{args.skip}:]\n"
     edit = None
     if done.exists():
+        if done.read_text() != made:
+            ap.error(f"{save} holds {done.read_text().strip()}, not {made.strip()}: give another --save")
         for i in range(len(reqs)):
             edit = Edit.load(save / f"{i:04d}", lm)
     else:
         for i, r in enumerate(tqdm(reqs, desc="wise edits", mininterval=10)):
             edit = ed.apply(lm, r, hp, on=edit)
             edit.save(save / f"{i:04d}")  # each edit of the sequence sits on the ones before it
-        done.write_text(f"{len(reqs)} edits of {args.data}[{args.skip}:]\n")
+        done.write_text(made)
     system = edit.lm
+    # shards as the saved sequence made them (not this call's --set): edit i is in shard i // save_freq
+    wrapper = next(m for m in lm.model.modules() if isinstance(m, WISEWrapper))
+    if wrapper.merge_shards:
+        ap.error(f"{save} was made with merge_freq: the `own` rule needs one memory per shard")
+    save_freq = wrapper.save_freq or hp.save_freq
 
     def pick(self: WISEWrapper, x: torch.Tensor, normalise: bool):
         mem = self.memories(x.device)
@@ -76,7 +84,7 @@ def main() -> None:
         side = torch.einsum("...i,soi->...so", x.float(), deltas)
         score = side.norm(dim=-1)
         fire = score > eps
-        key = score / eps if normalise else score
+        key = score / eps.clamp_min(1e-12) if normalise else score
         best = torch.where(fire, key, torch.full_like(key, -math.inf)).argmax(-1)
         chosen = torch.gather(side, -2, best[..., None, None].expand(*best.shape, 1, side.shape[-1]))[..., 0, :]
         return fire.any(-1), best, chosen
@@ -97,7 +105,7 @@ def main() -> None:
 
     original = WISEWrapper.route
     common_fields = {"data": f"{args.data}[{args.skip}:{args.skip + len(reqs)}]", "edits": len(reqs),
-                     "save_freq": hp.save_freq}
+                     "save_freq": save_freq}
     try:
         for rule, fn in (("largest", lambda self, x: pick(self, x, False)),
                          ("ratio", lambda self, x: pick(self, x, True))):
@@ -105,7 +113,7 @@ def main() -> None:
             emit_json_line({"rule": rule, **common_fields, **summary(evaluate_requests(system, reqs, pre))}, args.out)
         rows = []
         for i, r in enumerate(reqs):
-            WISEWrapper.route = own(i // hp.save_freq)
+            WISEWrapper.route = own(i // save_freq)
             rows += evaluate_requests(system, [r], pre)
         emit_json_line({"rule": "own", **common_fields, **summary(rows)}, args.out)
     finally:

@@ -142,7 +142,8 @@ for _name, _target, _description in (
 
 def register_wrapper(cls: type[AdapterModule], description: str) -> type[AdapterModule]:
     """Register a wrapper class (a plug-in's; the built-ins are registered above) under its
-    `registered_name` (idempotent for the same class)."""
+    `registered_name` (idempotent for the same class). A plug-in's module must be imported (so that this
+    runs) before `Edit.load` reads an edit that names its wrapper."""
     name = cls.registered_name
     if name in WRAPPERS:
         if WRAPPERS.get(name) is not cls:
