@@ -295,6 +295,60 @@ def test_merged_shards_keep_their_edits_and_restore_exactly(lm, tmp_path):
     assert _same(states[0], _snapshot(lm))
 
 
+def test_shard_rehearsal_keeps_every_edit_of_a_shard_and_measures_its_threshold_exactly(lm):
+    """With shard_rehearsal each edit of a shard is trained with the shard's earlier edits (their
+    requests come from the active edits below): all five edits of one shard hold (without it, on this
+    model, the third is overwritten: +0.1 nats), and act_min is the smallest Δ over every edit's target
+    positions under the final memory, recomputed here by hand."""
+    editor = get_editor("wise")
+    before = [_lp(lm, f) for f in FACTS]
+    edits = []
+    for fact in FACTS:
+        edits.append(editor.apply(lm, fact, on=edits[-1] if edits else None, **HP, shard_rehearsal=True))
+    assert [e.info["rehearsed"] for e in edits] == [0, 1, 2, 3, 4]
+    after = [_lp(edits[-1].lm, f) for f in FACTS]
+    assert all(a > b + 2.0 for a, b in zip(after, before)), (before, after)
+    wrapper = lm.module(_path(lm))
+    assert wrapper.shard.tolist() == [0] * 5
+    delta = wrapper.dense_delta(4)
+    acts = []
+    for fact in FACTS:
+        prompt, target = lm.encode_pair(fact.prompt, fact.target_new)
+        ids = torch.tensor([prompt + target[:-1]])
+        got = []
+        capture(lm.model, lambda: lm.backbone_forward(ids, torch.ones_like(ids)), inputs={_path(lm): got.append})
+        with torch.no_grad():
+            acts.append((got[0][0, len(prompt) - 1:].float() @ delta.T).norm(dim=-1).min())
+    assert float(wrapper.act_min[4]) == pytest.approx(float(torch.stack(acts).min()), rel=1e-4)
+    assert float(wrapper.threshold[4]) == pytest.approx(0.88 * float(wrapper.act_min[4]), rel=1e-6)
+    restore_all(lm)
+
+
+def test_replay_routes_each_edit_to_its_own_memory(lm):
+    """replay (one edit per shard here): each new shard is trained quiet at the older edits' answer
+    positions and to beat the older memories at its own, so every edit's last prompt token routes to
+    its own memory. Facts whose last-token inputs are far apart on this model (cosine < 0.2); without
+    replay the third one's prompt routes to the second memory."""
+    facts = [FACTS[0], FACTS[3], FACTS[1]]
+    before = [_lp(lm, f) for f in facts]
+    edits = []
+    for fact in facts:
+        edits.append(get_editor("wise").apply(lm, fact, on=edits[-1] if edits else None,
+                                              **HP, save_freq=1, replay=True))
+    assert [e.info["replayed"] for e in edits] == [0, 1, 2]
+    wrapper = lm.module(_path(lm))
+    for i, fact in enumerate(facts):
+        ids = torch.tensor([lm.encode_prompt(fact.prompt)])
+        got = []
+        capture(lm.model, lambda: lm.backbone_forward(ids, torch.ones_like(ids)), inputs={_path(lm): got.append})
+        with torch.no_grad():
+            fire, best, _ = wrapper.route(got[0][0, -1:])
+        assert bool(fire[0]) and int(best[0]) == i
+    after = [_lp(edits[-1].lm, f) for f in facts]
+    assert all(a > b + 2.0 for a, b in zip(after, before)), (before, after)
+    restore_all(lm)
+
+
 @pytest.mark.parametrize("bad", [
     {"layer": 4}, {"act_margin": [0.1, -0.2, 0.1]}, {"act_margin": [0.1, 0.2]}, {"mask_ratio": 0.0},
     {"mask_ratio": 1.5}, {"act_ratio": 0.0}, {"norm_constraint": -1.0}, {"merge_freq": 1001}, {"n_iter": 0},

@@ -164,6 +164,13 @@ class WISEHparams(Hparams):
     merge_freq: int = 0
     merge_density: float = 0.53  # TIES keep ratio per shard, over all entries of its delta (the reference's)
     retrieve: bool = True  # keep shards as separate side memories and route to the most active one
+    # editlab's addition, not the paper's: each new edit of a shard is trained together with the shard's
+    # earlier edits (their CE and activation margins), so later edits cannot overwrite them, and the
+    # shard's threshold is re-measured on all of them (see wise.py, "Shard rehearsal")
+    shard_rehearsal: bool = False
+    # the paper's Appendix B.3 replay: the other memories' edit tokens are irrelevant tokens of each new
+    # shard (its α / γ margins keep it quiet there); see wise.py, "Replay", for how it differs from the reference
+    replay: bool = False
     irr_tokens: int = 256  # at most this many irrelevant tokens per edit
     # random prefixes the edit is also trained under, as [length, count] groups sampled from the model
     # (ROME-style; the reference's "context templates"); [] trains on the bare prompt only
@@ -175,7 +182,8 @@ class WISEHparams(Hparams):
         # shard, so the merge every 1000 edits never happens in them)
         "paper": {"mask_ratio": 0.2, "edit_lr": 1.0, "n_iter": 70, "norm_constraint": 1.0,
                   "act_margin": [5.0, 20.0, 10.0], "margin_scale": "absolute", "act_ratio": 0.88,
-                  "save_freq": 500, "merge_freq": 1000, "merge_density": 0.53, "retrieve": True},
+                  "save_freq": 500, "merge_freq": 1000, "merge_density": 0.53, "retrieve": True,
+                  "shard_rehearsal": False, "replay": False},
         # tuned on the first 20 counterfact-train records, 20 sequential edits (tuning split, not results):
         # lr 1.0 saturates the ±1 clip in one step (Δ ≈ 150 vs ‖W_v a‖ ≈ 85) and one 500-edit shard lets
         # later edits overwrite earlier ones (retention 0.44 at lr 0.3); shards of 5 edits at lr 0.3 kept

@@ -41,6 +41,28 @@ A shard's side memory is its newest row, so restoring an edit just drops its row
 recomputed or subtracted: exact). An edit costs 4·mask_ratio + 1/8 bytes per weight entry (≈ 0.8 MB on
 SmolLM2's 576 x 1536 projection, vs 3.5 MB for a dense delta).
 
+Shard rehearsal (`shard_rehearsal`, editlab's addition; off in the paper preset). Every edit of a shard
+trains the same masked entries, and the paper trains only the new edit, so later edits of a shard
+overwrite earlier ones (on SmolLM2 that, not the router, is where most lost edits go: docs/benchmarks.md,
+"WISE routing"). With rehearsal the new edit is trained together with the shard's earlier edits (their CE
+and β/γ margins, their neighbourhoods among the irrelevant tokens); their requests come from the active
+WISE edits below, whose order is the row order. The shard's act_min is then the exact minimum over all
+its edits after this training, not a running minimum. A shard of `save_freq` edits costs up to
+`save_freq` requests per training step.
+
+Replay (`replay`, the paper's Appendix B.3; off by default). Once other side memories exist, the last
+prompt token of each of their edits (where its answer starts) gets its own term mean ReLU(Δ − α) and
+joins the maximum in the γ term, so the new shard stays quiet where an older memory must answer; and
+since an older memory cannot learn to be quiet on later edits (it is frozen), the new edit's tokens must
+beat, by γ, the largest Δ of any other memory that fires there (editlab's addition to B.3: the router
+picks the most active memory). The reference samples one
+earlier edit per merged group per step, only after a merge, with fixed margins 5 and 20, and adds a
+matching term that keeps one earlier edit of the current group active; here every earlier edit of every
+other shard is used at every step with this edit's α and γ, at its last prompt token only (the
+reference averages over tokens; the target tokens after the first are left out because two edits with
+the same new object share them, which no margin can separate), and the current shard's earlier edits
+are what shard rehearsal trains.
+
 Merging (`merge_freq`, WISE-Retrieve). Every `merge_freq` edits (a multiple of `save_freq`) the
 `merge_freq / save_freq` shards opened since the last merge become one side memory: the TIES merge
 (`ties.py`: trim each shard's delta to `merge_density` of its entries, elect a sign per entry, mean of
@@ -285,6 +307,40 @@ def irrelevant_texts(requests: list[EditRequest]) -> list[str]:
     return list(dict.fromkeys(texts)) or list(GENERIC_SENTENCES)
 
 
+def stored_requests(lm: LM, path: str, wrapper: WISEWrapper, shard: int) -> tuple[list[EditRequest], list[EditRequest]]:
+    """The requests of the edits already stored in the memory at `path`: (those of `shard`, those of
+    every other shard), for shard rehearsal and replay. The wrapper's rows are the active WISE edits at
+    `path` in stack order (one row per apply call; restore drops the top row), so row i belongs to the
+    i-th of them."""
+    edits = [e for e in lm.active_edits if e.method == WISEEditor.name and any(
+        isinstance(p, TableUpdate) and p.path == path for p in e.patches)]
+    if len(edits) != wrapper.n_rows:
+        raise CannotExtendError(f"shard_rehearsal and replay need the requests of every edit in the WISE memory at "
+                                f"{path}, but {wrapper.n_rows} rows are stored and {len(edits)} active WISE edits "
+                                "hold them: extend the sequence with the edits it was made of still active")
+    same: list[EditRequest] = []
+    other: list[EditRequest] = []
+    for row, edit in zip(wrapper.shard.tolist(), edits):
+        (same if int(row) == shard else other).extend(edit.requests)
+    return same, other
+
+
+@torch.no_grad()
+def rival_activations(wrapper: WISEWrapper, shard: int, a: torch.Tensor) -> torch.Tensor | None:
+    """Per row of `a` (inputs at the edit's tokens): the largest Δ among the side memories other than
+    `shard`'s own that fire there (Δ > ε; 0 where none fires), or None when there is no other memory."""
+    mem = wrapper.memories(torch.device("cpu"))
+    if mem is None:
+        return None
+    deltas, eps = mem
+    keep = [i for i, (rows, _) in enumerate(wrapper.memory_groups())
+            if all(int(wrapper.shard[r]) != shard for r in rows)]
+    if not keep:
+        return None
+    score = torch.einsum("ni,soi->nso", a.float(), deltas[keep]).norm(dim=-1)
+    return torch.where(score > eps[keep], score, torch.zeros_like(score)).max(-1).values
+
+
 def templated(lm: LM, requests: list[EditRequest], hp: WISEHparams) -> list[EditRequest]:
     """The requests as trained: each bare prompt, then under every sampled context prefix."""
     groups = parse_template_groups(hp.context_templates)
@@ -332,9 +388,18 @@ class WISEEditor(Editor):
             patches.append(ModuleSwap(path, wrapper))
 
         shard, mask, values, act_min = self._shard_for(wrapper, hp, k)
-        batch = encode_batch(lm, templated(lm, requests, hp), "target_new")
+        # shard rehearsal: the shard's earlier edits are trained again beside the new one
+        same, other = stored_requests(lm, path, wrapper, shard) if (
+            hp.shard_rehearsal or hp.replay) and on is not None else ([], [])
+        earlier = same if hp.shard_rehearsal else []
+        trained = list(requests) + earlier
+        batch = encode_batch(lm, templated(lm, trained, hp), "target_new")
         a_edit = self._edit_inputs(lm, path, batch)
-        a_irr = token_inputs(lm, path, irrelevant_texts(requests), hp.irr_tokens, skip_prefix=False)
+        a_irr = token_inputs(lm, path, irrelevant_texts(trained), hp.irr_tokens, skip_prefix=False)
+        replayed = other if hp.replay else []  # replay: the other memories' answer positions, kept quiet here
+        a_old = torch.cat([self._edit_inputs(lm, path, encode_batch(lm, replayed[i:i + 32], "target_new"), first=True)
+                           for i in range(0, len(replayed), 32)]) if replayed else a_irr[:0]
+        rival = rival_activations(wrapper, shard, a_edit) if hp.replay and on is not None else None
         with torch.no_grad():
             base_norms = torch.cat([a_edit, a_irr]) @ weight.float().cpu().T
             scale = float(base_norms.norm(dim=-1).median())
@@ -344,7 +409,8 @@ class WISEEditor(Editor):
         if swap is not None:
             swap.apply(lm)  # temporary: train through the wrapper, taken out again below
         try:
-            values, losses = self._train(lm, wrapper, batch, mask, values, a_edit, a_irr, (alpha, beta, gamma), hp)
+            values, losses = self._train(lm, wrapper, batch, mask, values, a_edit, a_irr, a_old, rival,
+                                         (alpha, beta, gamma), hp)
         finally:
             wrapper._train = None
             if swap is not None:
@@ -356,7 +422,9 @@ class WISEEditor(Editor):
             delta = delta.view(d_out, d_in)
             act_edit = (a_edit @ delta.T).norm(dim=-1)
             act_irr = (a_irr @ delta.T).norm(dim=-1)
-        act_min = min(act_min, float(act_edit.min()))
+        # with rehearsal a_edit holds every edit of the shard, measured after this training: the exact
+        # minimum; without it, the running minimum (earlier edits are not re-measured)
+        act_min = float(act_edit.min()) if earlier else min(act_min, float(act_edit.min()))
         eps = hp.act_ratio * act_min
         patches.append(TableUpdate(path, {
             "shard": torch.tensor([shard]), "mask": pack_bits(mask)[None], "values": values[None].clone(),
@@ -366,6 +434,7 @@ class WISEEditor(Editor):
                 "memories_before": len(wrapper.memory_groups()) if wrapper.n_rows else 0, "scale": scale,
                 "margins": [alpha, beta, gamma], "threshold": eps, "edit_act_min": float(act_edit.min()),
                 "irr_act_max": float(act_irr.max()), "irr_routed": float((act_irr > eps).float().mean()),
+                "rehearsed": len(earlier), "replayed": len(replayed),
                 "loss_first": losses[0][0], "loss_last": losses[-1][0], "ce_first": losses[0][1],
                 "ce_last": losses[-1][1]}
         return patches, info
@@ -394,21 +463,31 @@ class WISEEditor(Editor):
 
     @staticmethod
     @torch.no_grad()
-    def _edit_inputs(lm: LM, path: str, batch: Any) -> torch.Tensor:
-        """The projection's input at the positions that predict target tokens: [n_tokens, in] float32."""
+    def _edit_inputs(lm: LM, path: str, batch: Any, first: bool = False) -> torch.Tensor:
+        """The projection's input at the positions that predict target tokens: [n_tokens, in] float32;
+        with `first`, only at each row's first such position (its last prompt token): [rows, in]."""
         from ...hooks import capture
 
         got: list[torch.Tensor] = []
         capture(lm.model, lambda: lm.backbone_forward(batch.ids, batch.mask), inputs={path: got.append},
                 stop_after=path)
         x = got[0]
-        return x[batch.rows.to(x.device), batch.cols.to(x.device)].float().cpu()
+        rows, cols = batch.rows, batch.cols
+        if first:
+            start = torch.full((int(batch.ids.shape[0]),), -1, dtype=cols.dtype)
+            start = start.scatter_reduce(0, rows, cols, "amin", include_self=False)
+            rows, cols = torch.arange(len(start)), start
+        return x[rows.to(x.device), cols.to(x.device)].float().cpu()
 
     @staticmethod
     def _train(lm: LM, wrapper: WISEWrapper, batch: Any, mask: torch.Tensor, values: torch.Tensor,
-               a_edit: torch.Tensor, a_irr: torch.Tensor, margins: tuple[float, float, float],
-               hp: WISEHparams) -> tuple[torch.Tensor, list[tuple[float, float]]]:
-        """SGD on the shard's masked entries: CE + the three activation margins, clipped to ±c."""
+               a_edit: torch.Tensor, a_irr: torch.Tensor, a_old: torch.Tensor, rival: torch.Tensor | None,
+               margins: tuple[float, float, float], hp: WISEHparams) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+        """SGD on the shard's masked entries: CE + the three activation margins, clipped to ±c. With
+        replay, `a_old` (other memories' answer positions) gets its own α term, as the reference's replay
+        loss is a separate term, so a few such tokens are not averaged away among the irrelevant ones, and
+        joins the γ term's maximum; `rival` (per edit token, the largest Δ of another memory that fires
+        there) must be beaten by γ."""
         alpha, beta, gamma = margins
         # the wrapped layer's device (with device_map a layer may sit on another device than the embeddings)
         ref = next(iter(wrapper.base_layer.parameters()), None)
@@ -418,7 +497,8 @@ class WISEEditor(Editor):
         v = values.to(device).clone().requires_grad_(True)
         positions = torch.zeros(batch.ids.shape, dtype=torch.bool, device=device)
         positions[batch.rows.to(device), batch.cols.to(device)] = True
-        a_e, a_i = a_edit.to(device), a_irr.to(device)
+        a_e, a_i, a_o = a_edit.to(device), a_irr.to(device), a_old.to(device)
+        rival_e = rival.to(device) if rival is not None else None
         opt = torch.optim.SGD([v], lr=hp.edit_lr)
         losses: list[float] = []
         for _ in range(hp.n_iter):
@@ -427,8 +507,15 @@ class WISEEditor(Editor):
             ce = batch_loss(lm, batch)
             act_e = (a_e @ delta.T).norm(dim=-1)
             act_i = (a_i @ delta.T).norm(dim=-1)
-            loss = (ce + torch.relu(act_i - alpha).mean() + torch.relu(beta - act_e).mean()
-                    + torch.relu(gamma - (act_e - act_i.max())).mean())
+            loss = ce + torch.relu(act_i - alpha).mean() + torch.relu(beta - act_e).mean()
+            quiet_max = act_i.max()
+            if a_o.shape[0]:
+                act_o = (a_o @ delta.T).norm(dim=-1)
+                loss = loss + torch.relu(act_o - alpha).mean()
+                quiet_max = torch.maximum(quiet_max, act_o.max())
+            loss = loss + torch.relu(gamma - (act_e - quiet_max)).mean()
+            if rival is not None:
+                loss = loss + torch.relu(gamma - (act_e - rival_e)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
