@@ -346,6 +346,12 @@ def test_replay_routes_each_edit_to_its_own_memory(lm):
         assert bool(fire[0]) and int(best[0]) == i
     after = [_lp(edits[-1].lm, f) for f in facts]
     assert all(a > b + 2.0 for a, b in zip(after, before)), (before, after)
+    # the answer-position inputs replay caches on the wrapper are what a fresh pass computes
+    from editlab.methods.adapters.wise import WISEEditor
+    from editlab.methods.ft import encode_batch
+    assert set(wrapper._answer_inputs[1]) == {f.prompt for f in facts[:2]}
+    fresh = WISEEditor._edit_inputs(lm, _path(lm), encode_batch(lm, facts, "target_new"), first=True)
+    assert torch.allclose(WISEEditor._answer_inputs(lm, _path(lm), wrapper, facts), fresh, atol=1e-5)  # batching only
     restore_all(lm)
 
 

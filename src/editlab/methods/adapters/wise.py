@@ -183,6 +183,9 @@ class WISEWrapper(TableAdapter):
         self.add_table("threshold", (), torch.float32, device)
         self._memories: tuple[torch.Tensor, torch.Tensor] | None = None  # derived (dense deltas, ε), not state
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None  # (delta, positions) while training
+        # replay: the projection's input at each stored edit's last prompt token, by prompt, for the edit
+        # stack below it (the key); derived, not state: it only saves re-running the layers below
+        self._answer_inputs: tuple[tuple[str, ...], dict[str, torch.Tensor]] = ((), {})
 
     # ------------------------------------------------------------------ state
     def config(self) -> dict[str, Any]:
@@ -397,8 +400,7 @@ class WISEEditor(Editor):
         a_edit = self._edit_inputs(lm, path, batch)
         a_irr = token_inputs(lm, path, irrelevant_texts(trained), hp.irr_tokens, skip_prefix=False)
         replayed = other if hp.replay else []  # replay: the other memories' answer positions, kept quiet here
-        a_old = torch.cat([self._edit_inputs(lm, path, encode_batch(lm, replayed[i:i + 32], "target_new"), first=True)
-                           for i in range(0, len(replayed), 32)]) if replayed else a_irr[:0]
+        a_old = self._answer_inputs(lm, path, wrapper, replayed) if replayed else a_irr[:0]
         rival = rival_activations(wrapper, shard, a_edit) if hp.replay and on is not None else None
         with torch.no_grad():
             base_norms = torch.cat([a_edit, a_irr]) @ weight.float().cpu().T
@@ -460,6 +462,24 @@ class WISEEditor(Editor):
             shard = 0
         mask = shard_mask(n_out_in, k, hp.seed * 1_000_003 + shard)
         return shard, mask, torch.zeros(k), math.inf
+
+    @classmethod
+    def _answer_inputs(cls, lm: LM, path: str, wrapper: WISEWrapper, requests: list[EditRequest]) -> torch.Tensor:
+        """The projection's input at each request's last prompt token, [len(requests), in] float32, cached
+        on the wrapper by prompt. The input there depends only on the layers below, so the cache holds
+        while the edits other than this memory's own stay the same (it is keyed by their ids)."""
+        below = tuple(e.id for e in lm.active_edits if not (e.method == cls.name and any(
+            isinstance(p, TableUpdate) and p.path == path for p in e.patches)))
+        key, cache = wrapper._answer_inputs
+        if key != below:
+            cache = {}
+            wrapper._answer_inputs = (below, cache)
+        missing = list({r.prompt: r for r in requests if r.prompt not in cache}.values())
+        for i in range(0, len(missing), 32):
+            chunk = missing[i:i + 32]
+            for r, x in zip(chunk, cls._edit_inputs(lm, path, encode_batch(lm, chunk, "target_new"), first=True)):
+                cache[r.prompt] = x
+        return torch.stack([cache[r.prompt] for r in requests])
 
     @staticmethod
     @torch.no_grad()
