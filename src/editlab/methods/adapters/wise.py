@@ -75,7 +75,8 @@ a saved sequence reloads the same memories. With `merge_freq == save_freq` each 
 
 On SmolLM2 (counterfact-train, tuning split). The paper's SGD rate 1.0 moves Δ by roughly
 lr · mask_ratio · ‖a‖² ≈ 70 per step here, so D saturates the clip at once; the "smollm2-135m" preset uses
-0.3 and 5-edit shards (see PRESETS). Routing is per token, so a paraphrase is edited only when its own
+0.3, one edit per memory and replay (see PRESETS: a shard of several edits cannot hold them on this
+model, and replay makes the router pick each edit's own memory). Routing is per token, so a paraphrase is edited only when its own
 last token fires: rephrase accuracy stays low (≈ 0.03–0.1 over 20 edits) while rewrite accuracy holds.
 
 Departures (and why)
