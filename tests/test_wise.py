@@ -331,19 +331,29 @@ def test_replay_routes_each_edit_to_its_own_memory(lm):
     replay the third one's prompt routes to the second memory."""
     facts = [FACTS[0], FACTS[3], FACTS[1]]
     before = [_lp(lm, f) for f in facts]
-    edits = []
-    for fact in facts:
-        edits.append(get_editor("wise").apply(lm, fact, on=edits[-1] if edits else None,
-                                              **HP, save_freq=1, replay=True))
+
+    def routed_to(wrapper):
+        out = []
+        for fact in facts:
+            ids = torch.tensor([lm.encode_prompt(fact.prompt)])
+            got = []
+            capture(lm.model, lambda: lm.backbone_forward(ids, torch.ones_like(ids)), inputs={_path(lm): got.append})
+            with torch.no_grad():
+                fire, best, _ = wrapper.route(got[0][0, -1:])
+            out.append(int(best[0]) if bool(fire[0]) else None)
+        return out
+
+    for replay in (False, True):
+        edits = []
+        for fact in facts:
+            edits.append(get_editor("wise").apply(lm, fact, on=edits[-1] if edits else None,
+                                                  **HP, save_freq=1, replay=replay))
+        wrapper = lm.module(_path(lm))
+        if not replay:  # the case replay is for: a later memory outshouts the right one
+            assert routed_to(wrapper) != [0, 1, 2]
+            restore_all(lm)
     assert [e.info["replayed"] for e in edits] == [0, 1, 2]
-    wrapper = lm.module(_path(lm))
-    for i, fact in enumerate(facts):
-        ids = torch.tensor([lm.encode_prompt(fact.prompt)])
-        got = []
-        capture(lm.model, lambda: lm.backbone_forward(ids, torch.ones_like(ids)), inputs={_path(lm): got.append})
-        with torch.no_grad():
-            fire, best, _ = wrapper.route(got[0][0, -1:])
-        assert bool(fire[0]) and int(best[0]) == i
+    assert routed_to(wrapper) == [0, 1, 2]
     after = [_lp(edits[-1].lm, f) for f in facts]
     assert all(a > b + 2.0 for a, b in zip(after, before)), (before, after)
     # the answer-position inputs replay caches on the wrapper are what a fresh pass computes
@@ -355,11 +365,42 @@ def test_replay_routes_each_edit_to_its_own_memory(lm):
     restore_all(lm)
 
 
+def test_replay_sequence_continues_bit_exactly_after_save_and_load(lm, tmp_path):
+    """The replay cache is derived, not saved: a loaded sequence fills it at once, and the next edit
+    must still train on the same bits as in the process that made the sequence."""
+    editor = get_editor("wise")
+    hp = {**HP, "n_iter": 10, "save_freq": 1, "replay": True}
+    edits = []
+    for fact in FACTS[:3]:
+        edits.append(editor.apply(lm, fact, on=edits[-1] if edits else None, **hp))
+    live = lm.module(_path(lm)).values[-1].clone()
+    for i, e in enumerate(edits[:2]):
+        e.save(tmp_path / f"e{i}")
+    restore_all(lm)
+    loaded = [Edit.load(tmp_path / f"e{i}", lm) for i in range(2)]
+    again = editor.apply(lm, FACTS[2], on=loaded[-1], **hp)
+    assert again.info["replayed"] == 2 and torch.equal(lm.module(_path(lm)).values[-1], live)
+    restore_all(lm)
+
+
+def test_replay_reads_only_its_own_memory_when_memories_nest(lm):
+    """A second WISE memory at the same module (applied without on=) wraps the first; extending it with
+    replay replays its own edits, not the inner memory's."""
+    editor = get_editor("wise")
+    hp = {**HP, "n_iter": 5, "save_freq": 1, "replay": True}
+    inner = editor.apply(lm, FACTS[0], **hp)
+    outer = [editor.apply(lm, FACTS[1], **hp)]
+    outer.append(editor.apply(lm, FACTS[3], on=outer[0], **hp))
+    assert outer[1].info["replayed"] == 1 and lm.module(_path(lm)).n_rows == 2
+    assert inner.active
+    restore_all(lm)
+
+
 @pytest.mark.parametrize("bad", [
     {"layer": 4}, {"act_margin": [0.1, -0.2, 0.1]}, {"act_margin": [0.1, 0.2]}, {"mask_ratio": 0.0},
     {"mask_ratio": 1.5}, {"act_ratio": 0.0}, {"norm_constraint": -1.0}, {"merge_freq": 1001}, {"n_iter": 0},
     {"margin_scale": "log"}, {"save_freq": 0}, {"merge_freq": -500}, {"merge_freq": 1000, "retrieve": False},
-    {"merge_density": 0.0}, {"merge_density": 1.5},
+    {"merge_density": 0.0}, {"merge_density": 1.5}, {"merge_freq": 10, "save_freq": 5, "replay": True},
 ])
 def test_bad_hparams_raise_and_change_nothing(lm, bad):
     before = _snapshot(lm)

@@ -165,11 +165,11 @@ class WISEHparams(Hparams):
     merge_density: float = 0.53  # TIES keep ratio per shard, over all entries of its delta (the reference's)
     retrieve: bool = True  # keep shards as separate side memories and route to the most active one
     # editlab's addition, not the paper's: each new edit of a shard is trained together with the shard's
-    # earlier edits (their CE and activation margins), so later edits cannot overwrite them, and the
-    # shard's threshold is re-measured on all of them (see wise.py, "Shard rehearsal")
+    # earlier edits (their CE and activation margins) and the shard's threshold is re-measured on all of
+    # them; on SmolLM2 it lowered retention (docs/methods.md, WISE), so it is off everywhere
     shard_rehearsal: bool = False
-    # the paper's Appendix B.3 replay: the other memories' edit tokens are irrelevant tokens of each new
-    # shard (its α / γ margins keep it quiet there); see wise.py, "Replay", for how it differs from the reference
+    # after the paper's Appendix B.3 replay: each new memory is kept below α at the other memories' edits'
+    # last prompt tokens and must beat, by γ, any other memory firing at its own edit tokens (wise.py, "Replay")
     replay: bool = False
     irr_tokens: int = 256  # at most this many irrelevant tokens per edit
     # random prefixes the edit is also trained under, as [length, count] groups sampled from the model
@@ -217,6 +217,10 @@ class WISEHparams(Hparams):
         if self.merge_freq < 0 or self.merge_freq % self.save_freq:
             raise HparamsError(f"merge_freq must be 0 (no merging) or a positive multiple of save_freq "
                                f"({self.save_freq}), got {self.merge_freq} (the paper preset merges every 1000 edits)")
+        if self.merge_freq and self.replay:
+            raise HparamsError("replay with merge_freq is not implemented (replay would train a new shard against "
+                               "the shards it is about to be merged with): set replay=false to merge (the "
+                               "smollm2-135m preset turns replay on), or merge_freq=0")
         if self.merge_freq and not self.retrieve:
             raise HparamsError("merge_freq with retrieve=False (shards merged into the one side memory) is not "
                                "implemented; use retrieve=True, or merge_freq=0 for one unmerged memory")

@@ -41,12 +41,12 @@ A shard's side memory is its newest row, so restoring an edit just drops its row
 recomputed or subtracted: exact). An edit costs 4·mask_ratio + 1/8 bytes per weight entry (≈ 0.8 MB on
 SmolLM2's 576 x 1536 projection, vs 3.5 MB for a dense delta).
 
-Shard rehearsal (`shard_rehearsal`, editlab's addition; off in the paper preset). Every edit of a shard
-trains the same masked entries, and the paper trains only the new edit, so later edits of a shard
-overwrite earlier ones (on SmolLM2 that, not the router, is where most lost edits go: docs/benchmarks.md,
-"WISE routing"). With rehearsal the new edit is trained together with the shard's earlier edits (their CE
-and β/γ margins, their neighbourhoods among the irrelevant tokens); their requests come from the active
-WISE edits below, whose order is the row order. The shard's act_min is then the exact minimum over all
+Shard rehearsal (`shard_rehearsal`, editlab's addition; off in every preset). Every edit of a shard
+trains the same masked entries, and the paper trains only the new edit, so later edits of a shard can
+overwrite earlier ones. With rehearsal the new edit is trained together with the shard's earlier edits
+(their CE and β/γ margins, their neighbourhoods among the irrelevant tokens); their requests come from
+the active WISE edits of this memory, whose order is the row order. On SmolLM2 it made retention worse,
+not better (docs/methods.md, WISE): a 5-edit shard cannot hold its edits however they are trained. The shard's act_min is then the exact minimum over all
 its edits after this training, not a running minimum. A shard of `save_freq` edits costs up to
 `save_freq` requests per training step.
 
@@ -100,7 +100,8 @@ Departures (and why)
   (0.2) can be non-zero, so with its defaults the trim keeps every trained entry and the merge is the
   sign election and the mean where shards' masks overlap.
 - The shard threshold uses a running minimum: an earlier edit's activation is not re-measured after
-  later edits of its shard have moved D (that would need every edit's activations kept as state).
+  later edits of its shard have moved D (that would need every edit's activations kept as state);
+  with `shard_rehearsal`, which has the shard's earlier edits at hand, it is the exact minimum.
 """
 
 from __future__ import annotations
@@ -184,8 +185,8 @@ class WISEWrapper(TableAdapter):
         self.add_table("threshold", (), torch.float32, device)
         self._memories: tuple[torch.Tensor, torch.Tensor] | None = None  # derived (dense deltas, ε), not state
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None  # (delta, positions) while training
-        # replay: the projection's input at each stored edit's last prompt token, by prompt, for the edit
-        # stack below it (the key); derived, not state: it only saves re-running the layers below
+        # replay: the projection's input at each stored edit's last prompt token, by prompt, for the other
+        # active edits (the key); derived, not state: it only saves re-running the layers below
         self._answer_inputs: tuple[tuple[str, ...], dict[str, torch.Tensor]] = ((), {})
 
     # ------------------------------------------------------------------ state
@@ -311,13 +312,22 @@ def irrelevant_texts(requests: list[EditRequest]) -> list[str]:
     return list(dict.fromkeys(texts)) or list(GENERIC_SENTENCES)
 
 
+def memory_edits(lm: LM, path: str, wrapper: WISEWrapper) -> list[Any]:
+    """The active edits whose rows `wrapper` holds, in row order: the one that installed it (its
+    ModuleSwap) and the WISE edits at `path` above it (one row per apply call; restore drops the top
+    row). Edits below it belong to an inner WISE memory at the same module, if any."""
+    edits = list(lm.active_edits)
+    start = next((i for i, e in enumerate(edits) if any(
+        isinstance(p, ModuleSwap) and p.wrapper is wrapper for p in e.patches)), len(edits))
+    return [e for e in edits[start:] if e.method == WISEEditor.name and any(
+        isinstance(p, TableUpdate) and p.path == path for p in e.patches)]
+
+
 def stored_requests(lm: LM, path: str, wrapper: WISEWrapper, shard: int) -> tuple[list[EditRequest], list[EditRequest]]:
     """The requests of the edits already stored in the memory at `path`: (those of `shard`, those of
-    every other shard), for shard rehearsal and replay. The wrapper's rows are the active WISE edits at
-    `path` in stack order (one row per apply call; restore drops the top row), so row i belongs to the
-    i-th of them."""
-    edits = [e for e in lm.active_edits if e.method == WISEEditor.name and any(
-        isinstance(p, TableUpdate) and p.path == path for p in e.patches)]
+    every other shard), for shard rehearsal and replay; row i of the wrapper belongs to the i-th of
+    `memory_edits`."""
+    edits = memory_edits(lm, path, wrapper)
     if len(edits) != wrapper.n_rows:
         raise CannotExtendError(f"shard_rehearsal and replay need the requests of every edit in the WISE memory at "
                                 f"{path}, but {wrapper.n_rows} rows are stored and {len(edits)} active WISE edits "
@@ -330,19 +340,23 @@ def stored_requests(lm: LM, path: str, wrapper: WISEWrapper, shard: int) -> tupl
 
 
 @torch.no_grad()
-def rival_activations(wrapper: WISEWrapper, shard: int, a: torch.Tensor) -> torch.Tensor | None:
-    """Per row of `a` (inputs at the edit's tokens): the largest Δ among the side memories other than
-    `shard`'s own that fire there (Δ > ε; 0 where none fires), or None when there is no other memory."""
-    mem = wrapper.memories(torch.device("cpu"))
+def rival_activations(wrapper: WISEWrapper, shard: int, a: torch.Tensor,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row of `a` (inputs at the edit's tokens): (the largest Δ among the side memories other than
+    `shard`'s own that fire there, whether any fires there), or None when no other memory fires at any
+    of them. Memories are built on `device` (the wrapped layer's, where routing keeps them)."""
+    mem = wrapper.memories(device)
     if mem is None:
         return None
     deltas, eps = mem
-    keep = [i for i, (rows, _) in enumerate(wrapper.memory_groups())
-            if all(int(wrapper.shard[r]) != shard for r in rows)]
-    if not keep:
+    other = torch.tensor([all(int(wrapper.shard[r]) != shard for r in rows) for rows, _ in wrapper.memory_groups()],
+                         device=device)
+    score = torch.einsum("ni,soi->nso", a.to(device, torch.float32), deltas).norm(dim=-1)
+    fires = (score > eps) & other
+    if not bool(fires.any()):
         return None
-    score = torch.einsum("ni,soi->nso", a.float(), deltas[keep]).norm(dim=-1)
-    return torch.where(score > eps[keep], score, torch.zeros_like(score)).max(-1).values
+    best = torch.where(fires, score, torch.zeros_like(score)).max(-1).values
+    return best.cpu(), fires.any(-1).cpu()
 
 
 def templated(lm: LM, requests: list[EditRequest], hp: WISEHparams) -> list[EditRequest]:
@@ -402,7 +416,9 @@ class WISEEditor(Editor):
         a_irr = token_inputs(lm, path, irrelevant_texts(trained), hp.irr_tokens, skip_prefix=False)
         replayed = other if hp.replay else []  # replay: the other memories' answer positions, kept quiet here
         a_old = self._answer_inputs(lm, path, wrapper, replayed) if replayed else a_irr[:0]
-        rival = rival_activations(wrapper, shard, a_edit) if hp.replay and on is not None else None
+        ref = next(iter(wrapper.base_layer.parameters()), None)
+        rival = rival_activations(wrapper, shard, a_edit, ref.device if ref is not None else lm.device) if (
+            hp.replay and on is not None) else None
         with torch.no_grad():
             base_norms = torch.cat([a_edit, a_irr]) @ weight.float().cpu().T
             scale = float(base_norms.norm(dim=-1).median())
@@ -467,19 +483,18 @@ class WISEEditor(Editor):
     @classmethod
     def _answer_inputs(cls, lm: LM, path: str, wrapper: WISEWrapper, requests: list[EditRequest]) -> torch.Tensor:
         """The projection's input at each request's last prompt token, [len(requests), in] float32, cached
-        on the wrapper by prompt. The input there depends only on the layers below, so the cache holds
-        while the edits other than this memory's own stay the same (it is keyed by their ids)."""
+        on the wrapper by prompt. This memory's own rows do not change it, so the cache is kept while the
+        other active edits stay the same (it is keyed by their ids). Each prompt gets a pass of its own
+        (no padding): a sequence continued after a save / load or a resume, which fills the cache at once,
+        then trains on the same bits as the run that filled it one edit at a time."""
         below = tuple(e.id for e in lm.active_edits if not (e.method == cls.name and any(
             isinstance(p, TableUpdate) and p.path == path for p in e.patches)))
         key, cache = wrapper._answer_inputs
         if key != below:
             cache = {}
             wrapper._answer_inputs = (below, cache)
-        missing = list({r.prompt: r for r in requests if r.prompt not in cache}.values())
-        for i in range(0, len(missing), 32):
-            chunk = missing[i:i + 32]
-            for r, x in zip(chunk, cls._edit_inputs(lm, path, encode_batch(lm, chunk, "target_new"), first=True)):
-                cache[r.prompt] = x
+        for r in {r.prompt: r for r in requests if r.prompt not in cache}.values():
+            cache[r.prompt] = cls._edit_inputs(lm, path, encode_batch(lm, [r], "target_new"), first=True)[0]
         return torch.stack([cache[r.prompt] for r in requests])
 
     @staticmethod
@@ -502,13 +517,14 @@ class WISEEditor(Editor):
 
     @staticmethod
     def _train(lm: LM, wrapper: WISEWrapper, batch: Any, mask: torch.Tensor, values: torch.Tensor,
-               a_edit: torch.Tensor, a_irr: torch.Tensor, a_old: torch.Tensor, rival: torch.Tensor | None,
+               a_edit: torch.Tensor, a_irr: torch.Tensor, a_old: torch.Tensor,
+               rival: tuple[torch.Tensor, torch.Tensor] | None,
                margins: tuple[float, float, float], hp: WISEHparams) -> tuple[torch.Tensor, list[tuple[float, float]]]:
         """SGD on the shard's masked entries: CE + the three activation margins, clipped to ±c. With
         replay, `a_old` (other memories' answer positions) gets its own α term, as the reference's replay
         loss is a separate term, so a few such tokens are not averaged away among the irrelevant ones, and
         joins the γ term's maximum; `rival` (per edit token, the largest Δ of another memory that fires
-        there) must be beaten by γ."""
+        there, and where one fires) must be beaten by γ at those tokens."""
         alpha, beta, gamma = margins
         # the wrapped layer's device (with device_map a layer may sit on another device than the embeddings)
         ref = next(iter(wrapper.base_layer.parameters()), None)
@@ -519,7 +535,7 @@ class WISEEditor(Editor):
         positions = torch.zeros(batch.ids.shape, dtype=torch.bool, device=device)
         positions[batch.rows.to(device), batch.cols.to(device)] = True
         a_e, a_i, a_o = a_edit.to(device), a_irr.to(device), a_old.to(device)
-        rival_e = rival.to(device) if rival is not None else None
+        rival_e, rival_at = (rival[0].to(device), rival[1].to(device)) if rival is not None else (None, None)
         opt = torch.optim.SGD([v], lr=hp.edit_lr)
         losses: list[float] = []
         for _ in range(hp.n_iter):
@@ -535,8 +551,8 @@ class WISEEditor(Editor):
                 loss = loss + torch.relu(act_o - alpha).mean()
                 quiet_max = torch.maximum(quiet_max, act_o.max())
             loss = loss + torch.relu(gamma - (act_e - quiet_max)).mean()
-            if rival is not None:
-                loss = loss + torch.relu(gamma - (act_e - rival_e)).mean()
+            if rival_e is not None:  # only at the edit tokens where another memory fires
+                loss = loss + (torch.relu(gamma - (act_e - rival_e)) * rival_at).sum() / rival_at.sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
