@@ -341,10 +341,10 @@ def stored_requests(lm: LM, path: str, wrapper: WISEWrapper, shard: int) -> tupl
 
 @torch.no_grad()
 def rival_activations(wrapper: WISEWrapper, shard: int, a: torch.Tensor,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per row of `a` (inputs at the edit's tokens): (the largest Δ among the side memories other than
-    `shard`'s own that fire there, whether any fires there), or None when no other memory fires at any
-    of them. Memories are built on `device` (the wrapped layer's, where routing keeps them)."""
+                      device: torch.device) -> torch.Tensor | None:
+    """Per row of `a` (inputs at the edit's tokens): the largest Δ among the side memories other than
+    `shard`'s own that fire there (0 where none fires), or None when there is no other memory. Memories
+    are built on `device` (the wrapped layer's, where routing keeps them)."""
     mem = wrapper.memories(device)
     if mem is None:
         return None
@@ -352,11 +352,10 @@ def rival_activations(wrapper: WISEWrapper, shard: int, a: torch.Tensor,
     other = torch.tensor([all(int(wrapper.shard[r]) != shard for r in rows) for rows, _ in wrapper.memory_groups()],
                          device=device)
     score = torch.einsum("ni,soi->nso", a.to(device, torch.float32), deltas).norm(dim=-1)
-    fires = (score > eps) & other
-    if not bool(fires.any()):
+    if not bool(other.any()):
         return None
-    best = torch.where(fires, score, torch.zeros_like(score)).max(-1).values
-    return best.cpu(), fires.any(-1).cpu()
+    fires = (score > eps) & other
+    return torch.where(fires, score, torch.zeros_like(score)).max(-1).values.cpu()
 
 
 def templated(lm: LM, requests: list[EditRequest], hp: WISEHparams) -> list[EditRequest]:
@@ -518,13 +517,14 @@ class WISEEditor(Editor):
     @staticmethod
     def _train(lm: LM, wrapper: WISEWrapper, batch: Any, mask: torch.Tensor, values: torch.Tensor,
                a_edit: torch.Tensor, a_irr: torch.Tensor, a_old: torch.Tensor,
-               rival: tuple[torch.Tensor, torch.Tensor] | None,
+               rival: torch.Tensor | None,
                margins: tuple[float, float, float], hp: WISEHparams) -> tuple[torch.Tensor, list[tuple[float, float]]]:
         """SGD on the shard's masked entries: CE + the three activation margins, clipped to ±c. With
         replay, `a_old` (other memories' answer positions) gets its own α term, as the reference's replay
         loss is a separate term, so a few such tokens are not averaged away among the irrelevant ones, and
         joins the γ term's maximum; `rival` (per edit token, the largest Δ of another memory that fires
-        there, and where one fires) must be beaten by γ at those tokens."""
+        there, 0 where none does) must be beaten by γ; at the tokens where none fires it asks Δ ≥ γ,
+        which the β term already asks for (β > γ in every preset)."""
         alpha, beta, gamma = margins
         # the wrapped layer's device (with device_map a layer may sit on another device than the embeddings)
         ref = next(iter(wrapper.base_layer.parameters()), None)
@@ -535,7 +535,7 @@ class WISEEditor(Editor):
         positions = torch.zeros(batch.ids.shape, dtype=torch.bool, device=device)
         positions[batch.rows.to(device), batch.cols.to(device)] = True
         a_e, a_i, a_o = a_edit.to(device), a_irr.to(device), a_old.to(device)
-        rival_e, rival_at = (rival[0].to(device), rival[1].to(device)) if rival is not None else (None, None)
+        rival_e = rival.to(device) if rival is not None else None
         opt = torch.optim.SGD([v], lr=hp.edit_lr)
         losses: list[float] = []
         for _ in range(hp.n_iter):
@@ -551,8 +551,8 @@ class WISEEditor(Editor):
                 loss = loss + torch.relu(act_o - alpha).mean()
                 quiet_max = torch.maximum(quiet_max, act_o.max())
             loss = loss + torch.relu(gamma - (act_e - quiet_max)).mean()
-            if rival_e is not None:  # only at the edit tokens where another memory fires
-                loss = loss + (torch.relu(gamma - (act_e - rival_e)) * rival_at).sum() / rival_at.sum()
+            if rival_e is not None:  # where no other memory fires (rival 0) this asks only Δ ≥ γ, below β
+                loss = loss + torch.relu(gamma - (act_e - rival_e)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
