@@ -16,6 +16,13 @@ trained memories are the same for all three:
   memory (later edits of the same shard overwriting it) or by its own threshold.
 
 Prints one JSON line per rule: efficacy score, rewrite accuracy and locality accuracy over all edits.
+
+With `--act-ratios 0.88,0.95` it instead rescores the saved sequence under WISE's own rule with each
+memory's threshold set to ratio × its smallest edit activation (routing only: the memories stay as
+trained), adding rephrase accuracy and held-out locality on the locality prompts of `--heldout` records
+of --data from index `--heldout-from` (after the edited ones, never trained against):
+
+    python benchmarks/wise_routing.py --n 40 --skip 100 --save DIR --act-ratios 0.88,0.95,0.99 --heldout 60
 """
 
 from __future__ import annotations
@@ -35,7 +42,16 @@ def main() -> None:
     ap.add_argument("--save", required=True, help="directory of the saved sequence (made on first use)")
     ap.add_argument("--set", action="append", default=[], help="WISE hparam override key=value")
     ap.add_argument("--out", default=None, help="JSON-lines file to append the results to")
+    ap.add_argument("--act-ratios", default=None, help="rescore under these act_ratio values (comma-separated)")
+    ap.add_argument("--heldout", type=int, default=60, help="with --act-ratios: records for held-out locality")
+    ap.add_argument("--heldout-from", type=int, default=300, help="with --act-ratios: index of the first held-out record")
     args = ap.parse_args()
+    try:
+        ratios = [float(x) for x in args.act_ratios.split(",")] if args.act_ratios else []
+    except ValueError:
+        ap.error(f"--act-ratios takes comma-separated numbers, got {args.act_ratios!r}")
+    if not all(0 < r <= 1 for r in ratios):
+        ap.error("--act-ratios must lie in (0, 1]")
     if args.n < 1 or args.skip < 0:
         ap.error("--n must be >= 1 and --skip >= 0")
 
@@ -55,6 +71,11 @@ def main() -> None:
     if hp.merge_freq:
         ap.error("the `own` rule needs one memory per shard: run with merge_freq=0")
     pre = pre_edit(lm, reqs)
+    if ratios:  # held-out records, scored on the unedited model before any edit is applied
+        if args.heldout_from < args.skip + args.n:
+            ap.error(f"--heldout-from {args.heldout_from} overlaps the edited records {args.skip}..{args.skip + args.n - 1}")
+        held = load_requests(args.data, limit=args.heldout_from + args.heldout)[args.heldout_from:]
+        pre_held = pre_edit(lm, held)
     save = Path(args.save)
     done = save / "complete"  # written last: a folder without it is an interrupted run, made again
     made = f"{len(reqs)} edits of {args.data}[{args.skip}:]\n"
@@ -96,16 +117,29 @@ def main() -> None:
             return side.norm(dim=-1) > eps[shard], torch.full(side.shape[:-1], shard), side
         return route
 
+    def summary_of(rows, key: str) -> float:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return round(sum(vals) / len(vals), 3)
+
     def summary(rows) -> dict[str, float]:
-        out = {}
-        for key in ("efficacy_score", "rewrite_acc", "locality_acc"):
-            vals = [r[key] for r in rows if r.get(key) is not None]
-            out[key] = round(sum(vals) / len(vals), 3)
-        return out
+        return {key: summary_of(rows, key) for key in ("efficacy_score", "rewrite_acc", "locality_acc")}
 
     original = WISEWrapper.route
     common_fields = {"data": f"{args.data}[{args.skip}:{args.skip + len(reqs)}]", "edits": len(reqs),
                      "save_freq": save_freq}
+    if ratios:
+        act_min = wrapper.act_min.detach().clone()
+        for ratio in ratios:
+            with torch.no_grad():
+                wrapper.threshold.copy_(ratio * act_min)
+            wrapper._memories = None  # derived from the thresholds: rebuilt
+            rows = evaluate_requests(system, reqs, pre)
+            out = summary(rows)
+            out["rephrase_acc"] = summary_of(rows, "rephrase_acc")
+            out["heldout_locality_acc"] = summary_of(evaluate_requests(system, held, pre_held), "locality_acc")
+            emit_json_line({"act_ratio": ratio, **common_fields, "heldout": f"{len(held)} records", **out}, args.out)
+        return
+
     try:
         for rule, fn in (("largest", lambda self, x: pick(self, x, False)),
                          ("ratio", lambda self, x: pick(self, x, True))):
