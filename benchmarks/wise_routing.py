@@ -1,4 +1,4 @@
-"""Where WISE loses its earlier edits: the router or the side memories.
+"""Where a WISE sequence loses its edits (the router or the side memories), and what other thresholds do.
 
     python benchmarks/wise_routing.py --n 40 --skip 100 --save /tmp/wise40
 
@@ -17,7 +17,7 @@ trained memories are the same for all three:
 
 Prints one JSON line per rule: efficacy score, rewrite accuracy and locality accuracy over all edits.
 
-With `--act-ratios 0.88,0.95` it instead rescores the saved sequence under WISE's own rule with each
+With `--act-ratios 0.88,0.95` it instead rescores the saved sequence under WISE's routing (`largest`) with each
 memory's threshold set to ratio × its smallest edit activation (routing only: the memories stay as
 trained), adding rephrase accuracy and held-out locality on the locality prompts of `--heldout` records
 of --data from index `--heldout-from` (after the edited ones, never trained against):
