@@ -30,6 +30,11 @@ def test_non_finite_and_wrong_type_values_are_rejected():
         ed.hparams(lm, steps="2.5")
     with pytest.raises(HparamsError, match="layer"):
         ed.hparams(lm, layer=[1, 2])
+    wise = get_editor("wise")  # a switch takes a bool, 0 / 1 or a yes/no word, not any truthy object
+    for bad in ([1], "maybe", 2, {"on": True}):
+        with pytest.raises(HparamsError, match="replay"):
+            wise.hparams(lm, replay=bad)
+    assert wise.hparams(lm, replay=1).replay is True and wise.hparams(lm, replay="off").replay is False
 
 
 def test_presets_follow_the_architecture_not_the_name(monkeypatch):

@@ -211,7 +211,9 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+                return bool(value)
+            raise ValueError(value)  # a list, dict or other number is not a switch
         if isinstance(default, int) and not isinstance(value, bool):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

@@ -187,8 +187,8 @@ class WISEHparams(Hparams):
         # tuned on counterfact-train (tuning split, not results; docs/methods.md, WISE): lr 1.0 saturates the
         # ±1 clip in one step (Δ ≈ 150 vs ‖W_v a‖ ≈ 85), so lr 0.3 (records 0-19). A shard of several edits
         # cannot hold them on this model (40 edits of records 100-139: 5-edit shards keep 0.71 rewrite
-        # accuracy even with perfect routing), one edit per memory keeps 0.88, and replay makes WISE's own
-        # routing as good as perfect routing there (0.871, efficacy 0.975)
+        # accuracy even with perfect routing), one edit per memory keeps 0.88, and with replay WISE's routing
+        # scores what perfect routing of the same memories scores (rewrite 0.871, efficacy 0.975)
         "smollm2-135m": {"edit_lr": 0.3, "save_freq": 1, "replay": True},
     }
 

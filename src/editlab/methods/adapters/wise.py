@@ -46,9 +46,9 @@ trains the same masked entries, and the paper trains only the new edit, so later
 overwrite earlier ones. With rehearsal the new edit is trained together with the shard's earlier edits
 (their CE and β/γ margins, their neighbourhoods among the irrelevant tokens); their requests come from
 the active WISE edits of this memory, whose order is the row order. On SmolLM2 it made retention worse,
-not better (docs/methods.md, WISE): a 5-edit shard cannot hold its edits however they are trained. The shard's act_min is then the exact minimum over all
-its edits after this training, not a running minimum. A shard of `save_freq` edits costs up to
-`save_freq` requests per training step.
+not better (docs/methods.md, WISE): a 5-edit shard cannot hold its edits however they are trained. With
+rehearsal the shard's act_min is the exact minimum over all its edits after this training, not a running
+minimum; a shard of `save_freq` edits costs up to `save_freq` requests per training step.
 
 Replay (`replay`, the paper's Appendix B.3; off by default). Once other side memories exist, the last
 prompt token of each of their edits (where its answer starts) gets its own term mean ReLU(Δ − α) and
@@ -312,6 +312,11 @@ def irrelevant_texts(requests: list[EditRequest]) -> list[str]:
     return list(dict.fromkeys(texts)) or list(GENERIC_SENTENCES)
 
 
+def holds_row_at(edit: Any, path: str) -> bool:
+    """Whether `edit` is a WISE edit that stored a row in a WISE memory at `path`."""
+    return edit.method == WISEEditor.name and any(isinstance(p, TableUpdate) and p.path == path for p in edit.patches)
+
+
 def memory_edits(lm: LM, path: str, wrapper: WISEWrapper) -> list[Any]:
     """The active edits whose rows `wrapper` holds, in row order: the one that installed it (its
     ModuleSwap) and the WISE edits at `path` above it (one row per apply call; restore drops the top
@@ -319,8 +324,7 @@ def memory_edits(lm: LM, path: str, wrapper: WISEWrapper) -> list[Any]:
     edits = list(lm.active_edits)
     start = next((i for i, e in enumerate(edits) if any(
         isinstance(p, ModuleSwap) and p.wrapper is wrapper for p in e.patches)), len(edits))
-    return [e for e in edits[start:] if e.method == WISEEditor.name and any(
-        isinstance(p, TableUpdate) and p.path == path for p in e.patches)]
+    return [e for e in edits[start:] if holds_row_at(e, path)]
 
 
 def stored_requests(lm: LM, path: str, wrapper: WISEWrapper, shard: int) -> tuple[list[EditRequest], list[EditRequest]]:
@@ -351,9 +355,9 @@ def rival_activations(wrapper: WISEWrapper, shard: int, a: torch.Tensor,
     deltas, eps = mem
     other = torch.tensor([all(int(wrapper.shard[r]) != shard for r in rows) for rows, _ in wrapper.memory_groups()],
                          device=device)
-    score = torch.einsum("ni,soi->nso", a.to(device, torch.float32), deltas).norm(dim=-1)
     if not bool(other.any()):
         return None
+    score = torch.einsum("ni,soi->nso", a.to(device, torch.float32), deltas).norm(dim=-1)
     fires = (score > eps) & other
     return torch.where(fires, score, torch.zeros_like(score)).max(-1).values.cpu()
 
@@ -486,8 +490,7 @@ class WISEEditor(Editor):
         other active edits stay the same (it is keyed by their ids). Each prompt gets a pass of its own
         (no padding): a sequence continued after a save / load or a resume, which fills the cache at once,
         then trains on the same bits as the run that filled it one edit at a time."""
-        below = tuple(e.id for e in lm.active_edits if not (e.method == cls.name and any(
-            isinstance(p, TableUpdate) and p.path == path for p in e.patches)))
+        below = tuple(e.id for e in lm.active_edits if not holds_row_at(e, path))
         key, cache = wrapper._answer_inputs
         if key != below:
             cache = {}
