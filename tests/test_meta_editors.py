@@ -121,11 +121,12 @@ def test_malmen_delta_is_the_ridge_regression_of_value_changes(lm):
         assert torch.allclose((left @ right).double(), S.T, atol=1e-5, rtol=1e-4)
 
 
-def test_killed_training_resumes_to_the_same_editor(lm, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.8])
+def test_killed_training_resumes_to_the_same_editor(lm, monkeypatch, ema):
     from editlab.methods.meta.mend import MENDNet
 
     reqs = load_requests("builtin", limit=12)
-    hp = _hp("mend", steps=6, val_every=2, val_records=3, patience=0)
+    hp = _hp("mend", steps=6, val_every=2, val_records=3, patience=0, ema=ema)
     straight = get_editor("mend").fit(lm, reqs, hp, progress=False, force=True)
     ref = straight.tensors()
     shutil.rmtree(straight.path)  # so that the next runs train (and the last one resumes)
@@ -147,6 +148,28 @@ def test_killed_training_resumes_to_the_same_editor(lm, monkeypatch):
     assert resumed.meta["resumed"] and resumed.meta["steps"] == 6
     got = resumed.tensors()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_averaged_editor_is_the_moving_average_of_the_live_one(lm):
+    """ema=0.5 over two steps: 0.25 * initial + 0.25 * after step 1 + 0.5 * after step 2, per parameter
+    (the live trajectory is the same with or without averaging); buffers are the live ones."""
+    from editlab.methods.meta.mend import MENDNet
+
+    reqs = load_requests("builtin", limit=12)
+    editor = get_editor("mend")
+    base = _hp("mend", val_records=0, patience=0)
+    live = {n: editor.fit(lm, reqs, {**base, "steps": n, "val_every": n}, progress=False, force=True).tensors()
+            for n in (1, 2)}
+    init = MENDNet(lm, editor.hparams(lm, **base)).state_dict()
+    avg = editor.fit(lm, reqs, {**base, "steps": 2, "val_every": 2, "ema": 0.5}, progress=False, force=True).tensors()
+    params = {n for n, _ in MENDNet(lm, editor.hparams(lm, **base)).named_parameters()}
+    assert avg.keys() == live[2].keys() and params
+    for k in avg:
+        want = 0.25 * init[k] + 0.25 * live[1][k] + 0.5 * live[2][k] if k in params else live[2][k]
+        assert torch.allclose(avg[k], want, atol=1e-6), k
+    assert any(not torch.equal(avg[k], live[2][k]) for k in params)
+    with pytest.raises(HparamsError, match="ema"):
+        editor.hparams(lm, **{**base, "ema": 1.0})
 
 
 def test_checkpoint_of_another_model_or_hparams_is_not_used(lm):

@@ -9,6 +9,10 @@ KL (unedited ‖ edited on unrelated prompts) and accuracies. The loop:
   micro-batches per Adam step, gradient norm clipped to `grad_clip`;
 - validates every `val_every` steps, keeps the best editor by validation loss and stops after `patience`
   validations without improvement;
+- with `ema > 0` (editlab's option, off in the papers' presets) validates and keeps an exponential moving
+  average of the editor's parameters (Polyak averaging, decay `ema` per step) instead of the live ones:
+  with a large editor learning rate the live editor swings between strong, unspecific edits and weak ones
+  from one validation to the next; the average follows the trend without the swing;
 - writes a resumable state (editor, optimizer, step, best editor, history) at every validation into
   `workdir/state.pt` by rename, so a killed run continues from its last validation when started again;
 - shows a progress bar with the running loss, the last validation and the ETA.
@@ -17,6 +21,7 @@ Training never changes the LM: edits are made through forward hooks (`methods/me
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -145,6 +150,50 @@ def _load_state(workdir: Path) -> dict[str, Any] | None:
     return state
 
 
+class _Average:
+    """Exponential moving average of a network's floating-point parameters (buffers, such as MEND's running
+    factor statistics, are not averaged: the live ones are used)."""
+
+    def __init__(self, net: Any, decay: float) -> None:
+        self.decay = decay
+        self.params = {n: p.detach().clone() for n, p in net.named_parameters() if p.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, net: Any) -> None:
+        for n, p in net.named_parameters():
+            if n in self.params:
+                self.params[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.params.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        if state.keys() != self.params.keys():
+            raise CheckpointError("the resumable training state's averaged editor does not fit this editor; "
+                                  "train with --force")
+        self.params = {n: t.clone() for n, t in state.items()}
+
+
+@contextlib.contextmanager
+def _swapped(net: Any, shadow: _Average | None) -> Any:
+    """Inside: `net` holds the averaged parameters (when averaging); after: its live ones again."""
+    if shadow is None:
+        yield
+        return
+    live = {n: p.detach().clone() for n, p in net.named_parameters() if n in shadow.params}
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n in shadow.params:
+                p.copy_(shadow.params[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if n in live:
+                    p.copy_(live[n])
+
+
 def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir: Path | None = None,
                  progress: bool = True, name: str = "editor") -> TrainResult:
     """Train `net` (an `EditorNet` nn.Module) on `examples`; see the module docstring."""
@@ -152,6 +201,8 @@ def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir
 
     train, val = split_examples(examples, hp.val_records)
     opt = torch.optim.Adam(net.param_groups(hp))
+    decay = float(getattr(hp, "ema", 0.0) or 0.0)
+    shadow = _Average(net, decay) if decay > 0 else None
     step, best_loss, bad, history = 0, float("inf"), 0, []
     best_state: dict[str, torch.Tensor] | None = None
     elapsed = 0.0
@@ -167,6 +218,11 @@ def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir
                                       f"({str(e).splitlines()[0][:120]}); train with --force") from None
             step, best_loss, bad, history = saved["step"], saved["best_loss"], saved["bad"], list(saved["history"])
             best_state, elapsed, resumed = saved.get("best"), float(saved.get("elapsed", 0.0)), True
+            if shadow is not None:
+                if saved.get("ema") is None:
+                    raise CheckpointError(f"the resumable training state in {workdir} was written without ema; "
+                                          f"train with --force")
+                shadow.load(saved["ema"])
     size = min(hp.edits_per_step, len(train))
     walk = _batches(len(train), size, hp.seed, step * hp.accumulate)
     bar = tqdm(total=hp.steps, initial=step, desc=f"train {name}", unit="step", disable=not progress, leave=False)
@@ -186,6 +242,8 @@ def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir
             if hp.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], hp.grad_clip)
             opt.step()
+            if shadow is not None:
+                shadow.update(net)
             step += 1
             running = total if running is None else 0.95 * running + 0.05 * total
             bar.update(1)
@@ -195,27 +253,34 @@ def train_editor(net: Any, lm: Any, examples: list[Example], hp: Any, *, workdir
                                          "seconds": round(time.perf_counter() - t0, 1)}
                 if val:
                     net.eval()
-                    metrics = evaluate(net, lm, val, hp)
+                    with _swapped(net, shadow):
+                        metrics = evaluate(net, lm, val, hp)
+                        candidate = {k: v.detach().clone() for k, v in net.state_dict().items()}
                     net.train()
                     entry.update({f"val_{k}": round(v, 5) for k, v in metrics.items()})
                     net.after_validation(metrics)
                     if metrics["loss"] < best_loss:
                         best_loss, bad = metrics["loss"], 0
-                        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                        best_state = candidate
                     else:
                         bad += 1
                 history.append(entry)
                 if workdir is not None:
                     _save_state(workdir, {"format": STATE_FORMAT, "net": net.state_dict(), "opt": opt.state_dict(),
                                           "step": step, "best_loss": best_loss, "bad": bad, "history": history,
-                                          "best": best_state, "elapsed": time.perf_counter() - t0})
+                                          "best": best_state, "elapsed": time.perf_counter() - t0,
+                                          "ema": None if shadow is None else shadow.state()})
                 if val and hp.patience and bad >= hp.patience:
                     stopped_early = True
                     break
     finally:
         bar.close()
         net.eval()
-    final = best_state if best_state is not None else {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if best_state is not None:
+        final = best_state
+    else:
+        with _swapped(net, shadow):
+            final = {k: v.detach().clone() for k, v in net.state_dict().items()}
     meta = {"steps": step, "stopped_early": stopped_early, "resumed": resumed, "train_records": len(train),
             "val_records": len(val), "best_val_loss": None if best_loss == float("inf") else round(best_loss, 5),
             "history": history, "seconds": round(time.perf_counter() - t0, 1)}

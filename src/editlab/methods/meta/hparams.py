@@ -34,7 +34,7 @@ class MetaHparams(Hparams):
     TRAINING_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "steps", "edits_per_step", "accumulate", "lr", "grad_clip", "cedit", "cloc", "val_records", "val_every",
         "patience", "max_tokens", "seed", "lr_lr", "edit_lr", "init_lambda", "margin_kl", "lr_alpha",
-        "objective", "label_smoothing"})
+        "objective", "label_smoothing", "ema"})
 
     # editors train for up to hundreds of thousands of steps (KE's paper: 200k updates)
     COUNT_BOUNDS: ClassVar[tuple[tuple[str, int], ...]] = tuple(
@@ -55,6 +55,9 @@ class MetaHparams(Hparams):
     patience: int = 5  # validations without improvement before early stopping; 0 never stops early
     max_tokens: int = 48  # training texts are cut to this many tokens (prompt + answer)
     seed: int = 0
+    # editlab's option (0 = off, as in the papers): validate and keep an exponential moving average of the
+    # editor's parameters with this per-step decay (train/meta.py)
+    ema: float = 0.0
 
     @classmethod
     def defaults_for(cls, lm: LM) -> dict[str, Any]:
@@ -64,6 +67,11 @@ class MetaHparams(Hparams):
         """Also the model-free choices (matrices), so that the CLI refuses them before the model loads."""
         super().check_counts(names)
         self._check_matrices()
+        self._check_ema()
+
+    def _check_ema(self) -> None:
+        if not 0 <= self.ema < 1:
+            raise HparamsError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
 
     def _check_matrices(self) -> None:
         if not self.matrices:
@@ -80,6 +88,7 @@ class MetaHparams(Hparams):
             self._check_positive(name, getattr(self, name))
         for name in ("grad_clip", "cedit", "cloc", "val_records", "patience"):
             self._check_positive(name, getattr(self, name), allow_zero=True)
+        self._check_ema()
         if self.max_tokens < 4:
             raise HparamsError(f"max_tokens must be at least 4, got {self.max_tokens}")
 
