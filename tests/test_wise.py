@@ -456,7 +456,9 @@ def test_real_model_edit_routes_only_its_own_tokens(smollm2):
     unrelated = ["The capital of Japan is", "Water boils at a temperature of", "The author of Hamlet is"]
     base = lm.next_token_logprobs(unrelated)
     with get_editor("wise").apply(lm, fact) as edit:
-        assert edit.hparams["save_freq"] == 1 and edit.hparams["replay"] and edit.info["path"] == lm.arch.mlp_out_path(25)  # the tuned preset
+        hp = edit.hparams  # the tuned preset
+        assert hp["save_freq"] == 1 and hp["replay"] and hp["act_ratio"] == 0.95
+        assert edit.info["path"] == lm.arch.mlp_out_path(25)
         first = lm.encode_pair(fact.prompt, fact.target_new)[1][0]
         assert int(edit.lm.next_token_logprobs([fact.prompt])[0].argmax()) == first
         assert edit.info["irr_act_max"] < edit.info["threshold"] < edit.info["edit_act_min"]
