@@ -151,7 +151,7 @@ def test_killed_training_resumes_to_the_same_editor(lm, monkeypatch, ema):
 
 
 def test_averaged_editor_is_the_moving_average_of_the_live_one(lm):
-    """ema=0.5 over two steps: 0.25 * initial + 0.25 * after step 1 + 0.5 * after step 2, per parameter
+    """ema=0.8 over two steps: 0.64 * initial + 0.16 * after step 1 + 0.2 * after step 2, per parameter
     (the live trajectory is the same with or without averaging); buffers are the live ones."""
     from editlab.methods.meta.mend import MENDNet
 
@@ -161,11 +161,11 @@ def test_averaged_editor_is_the_moving_average_of_the_live_one(lm):
     live = {n: editor.fit(lm, reqs, {**base, "steps": n, "val_every": n}, progress=False, force=True).tensors()
             for n in (1, 2)}
     init = MENDNet(lm, editor.hparams(lm, **base)).state_dict()
-    avg = editor.fit(lm, reqs, {**base, "steps": 2, "val_every": 2, "ema": 0.5}, progress=False, force=True).tensors()
+    avg = editor.fit(lm, reqs, {**base, "steps": 2, "val_every": 2, "ema": 0.8}, progress=False, force=True).tensors()
     params = {n for n, _ in MENDNet(lm, editor.hparams(lm, **base)).named_parameters()}
     assert avg.keys() == live[2].keys() and params
     for k in avg:
-        want = 0.25 * init[k] + 0.25 * live[1][k] + 0.5 * live[2][k] if k in params else live[2][k]
+        want = 0.64 * init[k] + 0.16 * live[1][k] + 0.2 * live[2][k] if k in params else live[2][k]
         assert torch.allclose(avg[k], want, atol=1e-6), k
     assert any(not torch.equal(avg[k], live[2][k]) for k in params)
     with pytest.raises(HparamsError, match="ema"):

@@ -168,10 +168,11 @@ class _Average:
         return {n: t.clone() for n, t in self.params.items()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        if state.keys() != self.params.keys():
+        if state.keys() != self.params.keys() or any(state[n].shape != t.shape for n, t in self.params.items()):
             raise CheckpointError("the resumable training state's averaged editor does not fit this editor; "
                                   "train with --force")
-        self.params = {n: t.clone() for n, t in state.items()}
+        for n, t in self.params.items():  # in place: keeps the network's device (the state loads on CPU)
+            t.copy_(state[n])
 
 
 @contextlib.contextmanager
