@@ -172,6 +172,42 @@ def test_averaged_editor_is_the_moving_average_of_the_live_one(lm):
         editor.hparams(lm, **{**base, "ema": 1.0})
 
 
+def test_validation_scores_the_average_and_training_goes_on_from_the_live_editor(lm, tmp_path):
+    """With ema, each validation scores the averaged editor and the editor kept as best is that average;
+    the live editor is put back after validating, so its trajectory is the one of a run without ema."""
+    from editlab.methods.meta.mend import MENDNet
+    from editlab.train.meta import _load_state, evaluate, split_examples
+
+    reqs = load_requests("builtin", limit=12)
+    editor = get_editor("mend")
+    base = _hp("mend", val_every=1, val_records=3, patience=0)
+    live, hist, best = {}, {}, {}
+    for ema in (0.0, 0.8):
+        for steps in (1, 2):
+            hp = editor.hparams(lm, **{**base, "steps": steps, "ema": ema})
+            state, meta = editor.train(lm, reqs, hp, progress=False, workdir=tmp_path / f"{ema}-{steps}")
+            live[ema, steps] = _load_state(tmp_path / f"{ema}-{steps}")["net"]
+            hist[ema, steps], best[ema, steps] = meta["history"], state
+    for steps in (1, 2):  # validating the average left the live editor as it was
+        assert all(torch.equal(live[0.8, steps][k], live[0.0, steps][k]) for k in live[0.0, steps])
+    assert [h["train_loss"] for h in hist[0.8, 2]] == [h["train_loss"] for h in hist[0.0, 2]]
+
+    hp = editor.hparams(lm, **{**base, "steps": 2, "ema": 0.8})
+    init = MENDNet(lm, hp).state_dict()
+    params = {n for n, _ in MENDNet(lm, hp).named_parameters()}
+    one, two = live[0.0, 1], live[0.0, 2]
+    averages = {1: {k: 0.8 * init[k] + 0.2 * one[k] if k in params else one[k] for k in init},
+                2: {k: 0.64 * init[k] + 0.16 * one[k] + 0.2 * two[k] if k in params else two[k] for k in init}}
+    val = split_examples(examples_from_requests(reqs), 3)[1]
+    for entry in hist[0.8, 2]:  # the validation loss written is the average's
+        net = MENDNet(lm, hp)
+        net.load_state_dict(averages[entry["step"]])
+        assert evaluate(net.eval(), lm, val, hp)["loss"] == pytest.approx(entry["val_loss"], abs=2e-5)
+    assert hist[0.8, 2][0]["val_loss"] != hist[0.0, 2][0]["val_loss"]
+    kept = min(hist[0.8, 2], key=lambda h: h["val_loss"])["step"]
+    assert all(torch.allclose(best[0.8, 2][k], averages[kept][k], atol=1e-6) for k in init)
+
+
 def test_checkpoint_of_another_model_or_hparams_is_not_used(lm):
     ed = get_editor("mend")
     ed.fit(lm, load_requests("builtin"), _hp("mend"), progress=False)
