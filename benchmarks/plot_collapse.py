@@ -117,7 +117,7 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
         ax.set_title(k + note, fontsize=9)
         ax.set_xlabel("number of edits", fontsize=8)
         ys = [m[k] for pts in runs.values() for _, m in pts if m.get(k)]
-        if k == "ppl_wikitext" and ys and max(ys) > 100 * min(ys):
+        if k.startswith("ppl") and ys and max(ys) > 100 * min(ys):
             ax.set_yscale("log")  # a collapsed model's perplexity runs to millions
         if is_fraction(k):
             ax.set_ylim(-0.02, 1.02)  # fractions on their whole range: small moves look small
