@@ -1,10 +1,14 @@
 """Cost of one checkpoint's probes on SmolLM2 (issue target: every probe at quick sizes in <= 90 s).
 
     python benchmarks/bench_probes.py [--probes perplexity,downstream,nkl,norm] [--budget quick] [--repeats 2]
+    python benchmarks/bench_probes.py --method ike --probes perplexity [--no-shared-prefix]
 
 Measures the probes at an edited checkpoint's cost: the system measured is a pass-through view of the
 unedited model, so no probe can answer from what it computed in its one-off preparation (which is
-timed apart, and which is what checkpoint 0 costs). Prints wall and CPU seconds per probe
+timed apart, and which is what checkpoint 0 costs). With `--method M` it is instead the system of one
+edit by M (the first CounterFact record, M's SmolLM2 preset): an LM view such as IKE's reads every probe
+prompt and window after its context. `--no-shared-prefix` turns off the LM's shared-prefix KV cache
+(`min_shared_prefix = 0`), to measure what it saves. Prints wall and CPU seconds per probe
 and in total, median over --repeats, with torch's thread count: run it on an otherwise idle machine.
 """
 
@@ -26,6 +30,8 @@ def main() -> None:
     ap.add_argument("--probes", default="perplexity,downstream,nkl,norm")
     ap.add_argument("--budget", default="quick")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--method", default="", help="measure the system of one edit by this method")
+    ap.add_argument("--no-shared-prefix", action="store_true", help="run every shared context in full")
     args = ap.parse_args()
 
     import torch
@@ -36,7 +42,19 @@ def main() -> None:
 
     probes = get_probes(parse_probes(args.probes), args.budget)
     lm = load_lm(args.model, dtype=args.dtype)
-    print(f"torch threads: {torch.get_num_threads()}, budget {args.budget}")
+    if args.no_shared_prefix:
+        lm.min_shared_prefix = 0
+    print(f"torch threads: {torch.get_num_threads()}, budget {args.budget}, "
+          f"shared prefixes from {lm.min_shared_prefix} tokens (0 = off), system: {args.method or 'pass-through view'}")
+    system = LMView(lm)
+    if args.method:
+        from editlab.data import load_requests
+        from editlab.methods import get_editor
+
+        t = time.perf_counter()
+        edit = get_editor(args.method).apply(lm, load_requests("counterfact", limit=1))
+        system = edit.lm
+        print(f"{args.method}: one edit in {time.perf_counter() - t:.1f} s")
     totals_wall, totals_cpu = [], []
     for p in probes:
         t, c = time.perf_counter(), time.process_time()
@@ -48,7 +66,7 @@ def main() -> None:
         wall = cpu = 0.0
         for p in probes:
             t, c = time.perf_counter(), time.process_time()
-            values[p.name] = p.measure(LMView(lm), lm)
+            values[p.name] = p.measure(system, lm)
             w, u = time.perf_counter() - t, time.process_time() - c
             per[p.name].append((w, u))
             wall, cpu = wall + w, cpu + u

@@ -268,6 +268,49 @@ def test_generation_falls_back_when_the_cache_cannot_be_reused(tiny_lm, monkeypa
     assert tiny_lm.generate_ids(prompts, 6) == want
 
 
+def _windows_after_context(lm):
+    """(window token ids of different lengths, the ids of a 100+-token context read before each)."""
+    ctx = lm.tokenizer(_long_context_prompts(lm)[0], add_special_tokens=False)["input_ids"]
+    text = "the quick brown fox jumps over the lazy dog and then it runs back home again " * 4
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [ids[:40], ids[5:30], ids[10:60], ids[2:3]], ctx
+
+
+def test_windows_after_a_long_context_run_the_context_once_and_score_as_full_passes(tiny_lm, monkeypatch):
+    windows, ctx = _windows_after_context(tiny_lm)
+    tiny_lm.min_shared_prefix = 0
+    want = tiny_lm.sequence_logprobs(windows, ctx)
+    tiny_lm.min_shared_prefix = 64
+    fed = []  # tokens entering the backbone, per call
+    real = type(tiny_lm).backbone_forward
+    monkeypatch.setattr(type(tiny_lm), "backbone_forward",
+                        lambda self, ids, mask, **kw: fed.append(ids.numel()) or real(self, ids, mask, **kw))
+    for checked in (False, True):  # the first call is also run in full and compared; then trusted
+        fed.clear()
+        got = tiny_lm.sequence_logprobs(windows, ctx)
+        assert tiny_lm.cache["lm.shared_prefix_exact"] is True
+        assert [g.shape for g in got] == [w.shape for w in want] and want[3].numel() == 0  # one token: nothing scored
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, atol=1e-4)
+    full = sum(len(ctx) + len(tiny_lm.prefix_ids) + len(w) for w in windows)
+    assert sum(fed) < full / 2  # the context once, then only the windows
+    # a short context (below min_shared_prefix) takes the plain path: same values
+    short = tiny_lm.sequence_logprobs(windows, ctx[:10])
+    tiny_lm.min_shared_prefix = 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(short, tiny_lm.sequence_logprobs(windows, ctx[:10])))
+
+
+def test_windows_fall_back_to_full_passes_when_the_cache_cannot_be_reused(tiny_lm, monkeypatch):
+    windows, ctx = _windows_after_context(tiny_lm)
+    tiny_lm.min_shared_prefix = 0
+    want = tiny_lm.sequence_logprobs(windows, ctx)
+    tiny_lm.min_shared_prefix = 64
+    monkeypatch.setattr(type(tiny_lm), "prefix_cache", lambda self, *a: (_ for _ in ()).throw(TypeError("no cache here")))
+    for _ in range(2):
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(tiny_lm.sequence_logprobs(windows, ctx), want))
+        assert tiny_lm.cache["lm.shared_prefix_exact"] is False  # never tried again on this LM
+
+
 def _input_grad(lm, backend=None):
     """Gradient of a loss on the final hidden states with respect to the token embeddings' output."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -446,22 +446,62 @@ class LM:
     @torch.no_grad()
     def sequence_logprobs(self, windows: Sequence[Sequence[int]], prefix_ids: Sequence[int] = ()) -> list[torch.Tensor]:
         """For each token window w (ids without special tokens): log-probs of w[1:] given the sink
-        prefix, `prefix_ids` and the window's earlier tokens. Used for perplexity."""
+        prefix, `prefix_ids` and the window's earlier tokens. Used for perplexity. A context of
+        `min_shared_prefix` tokens or more (an in-context edit's demonstrations before every window) runs
+        once into a KV cache that each batch of windows reads."""
         ctx = list(self.prefix_ids) + list(prefix_ids)
         seqs = [tuple(ctx + list(w)) for w in windows]
         out: list[torch.Tensor] = [torch.zeros(0) for _ in windows]
+        # a long context before every window (an in-context edit's demonstrations) runs once into a KV cache
+        shared = len(ctx) if len(windows) > 1 and 0 < self.min_shared_prefix <= len(ctx) else 0
+        prefix: list[Any] = []  # the context's KV cache, made by the first batch that uses it
         for batch in self._batches(seqs):
-            ids, mask = self.pad_right([seqs[i] for i in batch])
-            hid = self.hidden_states(ids, mask)
+            hid = self._after_shared_context(seqs, batch, shared, prefix) if shared and self._share_prefixes() else None
+            offset = shared if hid is not None else 0
+            if hid is None:
+                ids, mask = self.pad_right([seqs[i] for i in batch])
+                hid = self.hidden_states(ids, mask)
             for r, i in enumerate(batch):
                 n = len(windows[i])
                 if n < 2:
                     continue
-                pos = torch.arange(len(ctx), len(ctx) + n - 1, device=hid.device)
+                pos = torch.arange(len(ctx) - offset, len(ctx) - offset + n - 1, device=hid.device)
                 logp = torch.log_softmax(self.head(hid[r, pos]).float(), -1)
                 tgt = torch.tensor(list(windows[i][1:]), dtype=torch.long, device=logp.device)
                 out[i] = logp.gather(1, tgt[:, None])[:, 0].cpu()
         return out
+
+    def _after_shared_context(self, seqs: Sequence[tuple[int, ...]], rows: Sequence[int], plen: int,
+                              prefix: list[Any]) -> torch.Tensor | None:
+        """Hidden states [len(rows), L, d] of the tokens after the first `plen` of `seqs[rows]` (which all
+        share them), read after their KV cache: the shared tokens run once per call (`prefix` keeps the
+        cache between batches). The first time on this LM the batch is also run in full and compared, as
+        `_logits_after_prefix` does; a model whose cache does not reproduce the full pass, or cannot be
+        used at all, gets None here (the caller runs full passes) and never uses shared prefixes again."""
+        checking = _SHARED_PREFIX_EXACT not in self.cache
+        try:
+            if not prefix:
+                prefix.append(self.shared_prefix_cache(seqs[rows[0]][:plen]))
+            ids, mask = self.pad_right([seqs[i][plen:] for i in rows])
+            full_mask = torch.cat([torch.ones(len(rows), plen, dtype=mask.dtype), mask], dim=1)
+            pos = (plen + torch.arange(ids.shape[1]))[None].expand(len(rows), -1)
+            hid = self.backbone_forward(ids, full_mask, position_ids=pos.to(self.device), use_cache=True,
+                                        **{self.cache_kwarg: self.repeat_cache(prefix[0], len(rows))})
+        except Exception:
+            if not checking:
+                raise
+            self.cache[_SHARED_PREFIX_EXACT] = False
+            return None
+        if checking:
+            ids, mask = self.pad_right([seqs[i] for i in rows])
+            ref = self.hidden_states(ids, mask)
+            n = len(seqs[rows[0]]) - plen  # the first row is the longest (batches are sorted by length)
+            at = torch.arange(max(0, n - 64), n)  # its last positions, the farthest from the cache
+            self.cache[_SHARED_PREFIX_EXACT] = _same_distribution(self.head(hid[0, at]).float(),
+                                                                  self.head(ref[0, plen + at]).float(), self.dtype)
+            if not self.cache[_SHARED_PREFIX_EXACT]:
+                return None
+        return hid
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[ContinuationScore]:
         """Teacher-forced log-probs and argmax predictions of each continuation after its prompt."""
