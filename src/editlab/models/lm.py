@@ -243,6 +243,15 @@ class LM:
         step.batch_repeat_interleave(rows)
         return step
 
+    def _after_cache(self, cache: Any, suffixes: Sequence[Sequence[int]], plen: int) -> torch.Tensor:
+        """Hidden states [len(suffixes), L, d] of right-padded `suffixes` read after a copy of `cache`, the
+        KV cache of their shared first `plen` tokens (batch of one)."""
+        ids, mask = self.pad_right(suffixes)
+        full_mask = torch.cat([torch.ones(len(suffixes), plen, dtype=mask.dtype), mask], dim=1)
+        pos = (plen + torch.arange(ids.shape[1]))[None].expand(len(suffixes), -1)
+        return self.backbone_forward(ids, full_mask, position_ids=pos.to(self.device), use_cache=True,
+                                     **{self.cache_kwarg: self.repeat_cache(cache, len(suffixes))})
+
     def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden states of the backbone for a right-padded batch."""
         return self.backbone_forward(ids, mask)
@@ -351,12 +360,7 @@ class LM:
             try:
                 if cache is None:
                     cache = self.shared_prefix_cache(unique[members[0]][:plen])
-                step = self.repeat_cache(cache, len(rows))
-                ids, mask = self.pad_right([unique[i][plen:] for i in rows])
-                full_mask = torch.cat([torch.ones(len(rows), plen, dtype=mask.dtype), mask], dim=1)
-                pos = (plen + torch.arange(ids.shape[1]))[None].expand(len(rows), -1)
-                hid = self.backbone_forward(ids, full_mask, position_ids=pos.to(self.device), use_cache=True,
-                                            **{self.cache_kwarg: step})
+                hid = self._after_cache(cache, [unique[i][plen:] for i in rows], plen)
                 logits = self.head(hid[b_idx, p_idx]).float()
             except Exception:
                 if not checking:
@@ -482,11 +486,7 @@ class LM:
         try:
             if not prefix:
                 prefix.append(self.shared_prefix_cache(seqs[rows[0]][:plen]))
-            ids, mask = self.pad_right([seqs[i][plen:] for i in rows])
-            full_mask = torch.cat([torch.ones(len(rows), plen, dtype=mask.dtype), mask], dim=1)
-            pos = (plen + torch.arange(ids.shape[1]))[None].expand(len(rows), -1)
-            hid = self.backbone_forward(ids, full_mask, position_ids=pos.to(self.device), use_cache=True,
-                                        **{self.cache_kwarg: self.repeat_cache(prefix[0], len(rows))})
+            hid = self._after_cache(prefix[0], [seqs[i][plen:] for i in rows], plen)
         except Exception:
             if not checking:
                 raise
