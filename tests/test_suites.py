@@ -151,6 +151,26 @@ def test_editing_undo_to_a_mark_scores_the_intermediate_model(lm):
     assert lm.fingerprint() == base and ed.system is lm
 
 
+def test_a_suite_edit_never_sees_the_probes_it_is_scored_on(lm):
+    from editlab.requests import EditRequest
+
+    r = EditRequest.create("The Eiffel Tower is located in", "The Eiffel Tower", "Rome", "Paris",
+                           paraphrases=[("Where is the Eiffel Tower? It is in", "Rome")],
+                           neighborhood=[("The Louvre is located in", "Paris")],
+                           portability=[("The Eiffel Tower's country is", "Italy")],
+                           locality=[("The capital of Japan is", "Tokyo")])
+    ed = Editing(lm, "ft-m", get_editor_hp(lm))
+    ed.push([r, r.with_probes(neighborhood=[("Big Ben is in", "London")])], batch=True)  # one batch edit
+    ed.push([r])  # and a single one
+    given = [q for e in ed.stack for q in e.requests]
+    assert len(given) == 3
+    for q in given:
+        assert (q.prompt, q.subject, q.target_new, q.target_true) == (r.prompt, r.subject, r.target_new, r.target_true)
+        assert not (q.paraphrases or q.neighborhood or q.portability or q.locality)
+    assert r.neighborhood and r.locality  # the caller's request (what the suite scores) is unchanged
+    ed.undo()
+
+
 def get_editor_hp(lm):
     from editlab.methods import get_editor
 

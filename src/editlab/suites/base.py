@@ -103,11 +103,20 @@ def split_units(paths: dict[str, Path], splits: Sequence[str], parse: Any, *, li
     return units
 
 
+def edit_only(request: EditRequest) -> EditRequest:
+    """`request` without any probe: the edit a suite gives a method (its probes are what it is scored on)."""
+    return request.with_probes(paraphrases=[], neighborhood=[], portability=[], locality=[])
+
+
 class Editing:
     """Applies a protocol's edits with one method and undoes them. `push(requests)` edits the current
     system (one batch edit where the method takes batches and `batch` is true, else one edit per request
     in order, each extending the previous one where the method supports `on=`) and returns a mark;
-    `undo(mark)` restores every edit made after it; `system` is what to score now."""
+    `undo(mark)` restores every edit made after it; `system` is what to score now.
+
+    Every probe is held out: the editor is given each request without its paraphrases, neighbourhood,
+    portability and locality prompts (`edit_only`), so a method that trains against a request's own probes
+    (WISE's irrelevant tokens, KN's paraphrase refining set) cannot see the prompts the suite scores."""
 
     def __init__(self, lm: Any, method: str, hparams: Any) -> None:
         from ..methods import get_editor
@@ -139,6 +148,7 @@ class Editing:
 
     def _apply(self, reqs: list[EditRequest]) -> None:
         on = self.stack[-1] if self.stack and self.editor.supports_on else None
+        reqs = [edit_only(r) for r in reqs]
         payload = reqs if len(reqs) > 1 else reqs[0]
         self.stack.append(self.editor.apply(self.lm, payload, self.hparams, on=on))
         self.n_edits += 1
@@ -194,4 +204,4 @@ class Suite(ABC):
         return {k: v for k, v in summarize(rows).items() if k != "cf_score"}
 
 
-__all__ = ["Editing", "RecordFieldError", "Suite", "SuiteError", "Unit", "collect_units", "field_at", "split_units", "text_at"]
+__all__ = ["Editing", "RecordFieldError", "edit_only", "Suite", "SuiteError", "Unit", "collect_units", "field_at", "split_units", "text_at"]
