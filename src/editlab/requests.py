@@ -124,6 +124,10 @@ class EditRequest:
             raise EditRequestError(f"unknown probe field(s): {sorted(unknown)}")
         return replace(self, **{k: _probes(k, v) for k, v in probes.items()})
 
+    def without_probes(self) -> "EditRequest":
+        """The edit alone: the same request with every probe field empty."""
+        return self.with_probes(**{k: [] for k in _PROBE_FIELDS})
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "prompt": self.prompt,

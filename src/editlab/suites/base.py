@@ -105,7 +105,7 @@ def split_units(paths: dict[str, Path], splits: Sequence[str], parse: Any, *, li
 
 def edit_only(request: EditRequest) -> EditRequest:
     """`request` without any probe: the edit a suite gives a method (its probes are what it is scored on)."""
-    return request.with_probes(paraphrases=[], neighborhood=[], portability=[], locality=[])
+    return request.without_probes()
 
 
 class Editing:
