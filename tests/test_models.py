@@ -257,6 +257,31 @@ def test_generation_after_a_shared_prefix_gives_the_tokens_of_plain_generation(t
     assert sum(embedded) < plain / 2
 
 
+def test_generation_of_prompts_after_different_contexts_runs_each_context_once(tiny_lm):
+    """An in-context edit with many facts reads each prompt after the context of its own nearest fact: one
+    call mixes contexts. Prompts are batched by the context they share, so each context runs once."""
+    first = _long_context_prompts(tiny_lm)
+    ctx_a = first[0][: -len("item 3 is in box")]
+    ctx_b = ctx_a.replace("New Fact", "Old Fact").replace("box", "crate")
+    prompts = [ctx + q for q in ("item 3 is in box", "Where is item 1? In box", "item 5 is") for ctx in (ctx_a, ctx_b)]
+    tiny_lm.min_shared_prefix = 0
+    want = tiny_lm.generate_ids(prompts, 8)
+    tiny_lm.min_shared_prefix = 64
+    embedded = []
+    hook = tiny_lm.model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].numel()))
+    try:
+        assert tiny_lm.generate_ids(prompts, 8) == want  # the first call is also checked against plain generation
+        if not tiny_lm.cache.get("lm.shared_prefix_generation_exact"):
+            assert getattr(tiny_lm.config, "sliding_window", None)  # only such models never take the path
+            return
+        embedded.clear()
+        assert tiny_lm.generate_ids(prompts, 8) == want
+    finally:
+        hook.remove()
+    plain = len(prompts) * max(len(tiny_lm.encode_prompt(p)) for p in prompts) + 7 * len(prompts)
+    assert sum(embedded) < plain / 2  # two contexts once each, not six times
+
+
 def test_generation_falls_back_when_the_cache_cannot_be_reused(tiny_lm, monkeypatch):
     prompts = _long_context_prompts(tiny_lm)
     tiny_lm.min_shared_prefix = 0

@@ -584,7 +584,7 @@ class LM:
         eos = self.tokenizer.eos_token_id
         stops = [s for s in stop if s]
         prefixes: dict[tuple[int, ...], Any] = {}  # shared prefix -> its KV cache, computed once per call
-        for batch in self._batches([s + (0,) * max_new_tokens for s in encoded]):
+        for batch in self._generation_batches(encoded, max_new_tokens):
             seqs = [encoded[i] for i in batch]
             plen = self._shared_generation_prefix(seqs)
             ids, mask = self._pad_after(seqs, plen)  # left padding of what follows the prefix: new tokens line up
@@ -600,6 +600,24 @@ class LM:
                     toks = toks[: toks.index(eos)]
                 out[i] = self._cut_at_stop(toks, stops) if stops else toks
         return out
+
+    def _generation_batches(self, encoded: Sequence[tuple[int, ...]], max_new_tokens: int) -> Iterator[list[int]]:
+        """Indices of the prompts `encoded` in generation batches. Prompts that share a long token prefix
+        (all but their last token: an in-context edit's demonstrations and fact, a few-shot task's
+        examples) are batched together, as scoring groups them (`shared_prefix_groups`), so each batch's
+        prefix runs once even when the call mixes several contexts; the rest are batched by length."""
+        padded = [s + (0,) * max_new_tokens for s in encoded]
+        groups: list[tuple[int, list[int]]] = []
+        rest = list(range(len(encoded)))
+        if (len(encoded) > 1 and self.min_shared_prefix > 0 and self.cache.get(_GENERATION_PREFIX_EXACT, True)
+                and self._generation_layout_safe()):
+            last = {i: [len(s) - 1] for i, s in enumerate(encoded) if s}
+            groups, rest = shared_prefix_groups(encoded, last, self.min_shared_prefix)
+        for _, members in groups:
+            for batch in self._batches([padded[i] for i in members]):
+                yield [members[b] for b in batch]
+        for batch in self._batches([padded[i] for i in rest]):
+            yield [rest[b] for b in batch]
 
     def _generate_after_prefix(self, seqs: Sequence[tuple[int, ...]], plen: int, ids: torch.Tensor, mask: torch.Tensor,
                                args: tuple[Any, ...], prefixes: dict[tuple[int, ...], Any]) -> torch.Tensor:
