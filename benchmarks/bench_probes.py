@@ -2,12 +2,14 @@
 
     python benchmarks/bench_probes.py [--probes perplexity,downstream,nkl,norm] [--budget quick] [--repeats 2]
     python benchmarks/bench_probes.py --method ike --probes perplexity [--no-shared-prefix]
+    python benchmarks/bench_probes.py --method ike --edits 100 --probes downstream --repeats 1
 
 Measures the probes at an edited checkpoint's cost: the system measured is a pass-through view of the
 unedited model, so no probe can answer from what it computed in its one-off preparation (which is
 timed apart, and which is what checkpoint 0 costs). With `--method M` it is instead the system of one
-edit by M (the first CounterFact record, M's SmolLM2 preset): an LM view such as IKE's reads every probe
-prompt and window after its context. `--no-shared-prefix` turns off the LM's shared-prefix KV cache
+edit by M (the first CounterFact record, M's SmolLM2 preset; `--edits N`: the first N records, as one
+batch where M edits batches, else one after the other): an LM view such as IKE's reads every probe prompt and
+window after its context, and with many facts each prompt after its own. `--no-shared-prefix` turns off the LM's shared-prefix KV cache
 (`min_shared_prefix = 0`), to measure what it saves. Prints wall and CPU seconds per probe
 and in total, median over --repeats, with torch's thread count: run it on an otherwise idle machine.
 """
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--budget", default="quick")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--method", default="", help="measure the system of one edit by this method")
+    ap.add_argument("--edits", type=int, default=1, help="with --method: edit the first N CounterFact records")
     ap.add_argument("--no-shared-prefix", action="store_true", help="run every shared context in full")
     args = ap.parse_args()
 
@@ -52,9 +55,16 @@ def main() -> None:
         from editlab.methods import get_editor
 
         t = time.perf_counter()
-        edit = get_editor(args.method).apply(lm, load_requests("counterfact", limit=1))
+        editor = get_editor(args.method)
+        requests = load_requests("counterfact", limit=args.edits)
+        if editor.supports_batch or len(requests) == 1:
+            edit = editor.apply(lm, requests)
+        else:
+            edit = None
+            for r in requests:  # one after the other: extending the memory, or stacked on the weights
+                edit = editor.apply(lm, [r], on=edit if editor.supports_on else None)
         system = edit.lm
-        print(f"{args.method}: one edit in {time.perf_counter() - t:.1f} s")
+        print(f"{args.method}: {len(requests)} edit(s) in {time.perf_counter() - t:.1f} s")
     totals_wall, totals_cpu = [], []
     for p in probes:
         t, c = time.perf_counter(), time.process_time()
