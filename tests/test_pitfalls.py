@@ -116,6 +116,8 @@ def test_every_suite_is_planned_or_says_why_not(data_root):
     assert full.suite_plans["distortion"].methods == ["rome", "memit"]
     assert full.suite_plans["distortion-mle"].methods == ["memit"]  # ROME edits one request at a time
     assert "'rome'" in full.notes["distortion-mle"] and "is not run" not in full.notes["distortion-mle"]
+    refused = plan_pitfalls(["melo", "rome"], "full", only=["distortion"])  # MELO re-edits no prompt: no round trip
+    assert refused.suite_plans["distortion"].methods == ["rome"] and "'melo'" in refused.notes["distortion"]
     alone = plan_pitfalls(["rome"], "full", only=["distortion", "multihop"])
     assert "distortion-mle" not in alone.suite_plans and alone.notes["distortion-mle"].endswith("distortion-mle is not run")
     batch = alone.suite_plans["mquake-batch"]  # others edit the 100 cases in sequence

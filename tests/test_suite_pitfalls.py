@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from editlab.errors import DataFormatError
+from editlab.errors import CannotExtendError, DataFormatError
 from editlab.methods import get_editor
 from editlab.models import load_lm
 from editlab.runner.store import Store
@@ -220,7 +220,29 @@ def test_distortion_protocol_on_three_records_restores_the_model(lm, data_root, 
 def test_mle_needs_a_batch_method_and_makes_one_batch_edit_back(lm, data_root):
     with pytest.raises(SuiteError, match="one request at a time"):
         DistortionMLE().check_method(get_editor("rome"))
-    Distortion().check_method(get_editor("rome"))  # the plain round trip takes any method
+    Distortion().check_method(get_editor("rome"))  # the plain round trip takes any method that re-edits a prompt
+
+
+def test_a_method_that_refuses_to_re_edit_a_prompt_is_refused_by_the_round_trip_before_any_work(lm, data_root):
+    """MELO refuses to edit, within a sequence, an input it already edited to another answer; every RoundEdit
+    record's way back is such an edit, so the suite refuses the method up front instead of failing each record."""
+    melo = get_editor("melo")
+    assert not melo.reedits_prompts and get_editor("grace").reedits_prompts
+    for suite in (Distortion(), DistortionMLE()):
+        with pytest.raises(SuiteError, match="already edited to another answer"):
+            suite.check_method(melo)
+    # the reason is real: the way back of a round trip is refused by MELO itself
+    unit = Distortion().load(data_root, 1)[0]
+    ed = Editing(lm, "melo", melo.hparams(lm, layers=[2], steps=5))
+    before = lm.fingerprint()
+    _, state = Distortion().unedited(lm, unit)
+    try:
+        with pytest.raises(CannotExtendError, match="already edited to another answer"):
+            Distortion().edited(ed, unit, state)
+        assert len(ed.stack) == 1  # a→b was made; b→a on top of it was refused and left nothing
+    finally:
+        ed.undo()
+    assert lm.fingerprint() == before and not lm.active_edits
     suite = DistortionMLE()
     unit = suite.load(data_root, 1)[0]
     ed = Editing(lm, "ft-m", get_editor("ft-m").hparams(lm, **FT_M))

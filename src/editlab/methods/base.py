@@ -28,6 +28,8 @@ class Editor(ABC):
     hparams_cls: ClassVar[type[Hparams]]
     supports_batch: ClassVar[bool] = False
     supports_on: ClassVar[bool] = False  # can extend the previous edit: apply(..., on=previous)
+    # a sequence (on=) may edit a prompt it already edited to another answer (RoundEdit's way back)
+    reedits_prompts: ClassVar[bool] = True
     requires_training: ClassVar[bool] = False
     checkpoint_format: ClassVar[int] = 1  # bump when a learned editor's network changes meaning
 

@@ -404,6 +404,7 @@ class MELOEditor(Editor):
     hparams_cls = MELOHparams
     supports_batch: ClassVar[bool] = True
     supports_on: ClassVar[bool] = True
+    reedits_prompts: ClassVar[bool] = False  # the same input with another answer is refused (`place`)
 
     def _wrappers(self, lm: LM, hp: MELOHparams, on: Edit | None) -> tuple[list[MeloLoRA], list[ModuleSwap]]:
         """The wrapper at each path: the one `on` extends, or a new one around the current module."""
