@@ -221,6 +221,19 @@ def test_mle_needs_a_batch_method_and_makes_one_batch_edit_back(lm, data_root):
     with pytest.raises(SuiteError, match="one request at a time"):
         DistortionMLE().check_method(get_editor("rome"))
     Distortion().check_method(get_editor("rome"))  # the plain round trip takes any method that re-edits a prompt
+    suite = DistortionMLE()
+    unit = suite.load(data_root, 1)[0]
+    ed = Editing(lm, "ft-m", get_editor("ft-m").hparams(lm, **FT_M))
+    before = lm.fingerprint()
+    try:
+        _, state = suite.unedited(lm, unit)
+        out = suite.edited(ed, unit, state)
+        # two edit calls (the way back was one batch edit), and the model is left on θ' for the runner to undo
+        assert ed.n_edits == 2 and [len(e.requests) for e in lm.active_edits] == [1]
+    finally:
+        ed.undo()
+    assert lm.fingerprint() == before
+    assert set(out) == {"easy.Succ", "easy.D", "easy.D_repo", "easy.IR", "easy.FR"}
 
 
 def test_a_method_that_refuses_to_re_edit_a_prompt_is_refused_by_the_round_trip_before_any_work(lm, data_root):
@@ -243,19 +256,6 @@ def test_a_method_that_refuses_to_re_edit_a_prompt_is_refused_by_the_round_trip_
     finally:
         ed.undo()
     assert lm.fingerprint() == before and not lm.active_edits
-    suite = DistortionMLE()
-    unit = suite.load(data_root, 1)[0]
-    ed = Editing(lm, "ft-m", get_editor("ft-m").hparams(lm, **FT_M))
-    before = lm.fingerprint()
-    try:
-        _, state = suite.unedited(lm, unit)
-        out = suite.edited(ed, unit, state)
-        # two edit calls (the way back was one batch edit), and the model is left on θ' for the runner to undo
-        assert ed.n_edits == 2 and [len(e.requests) for e in lm.active_edits] == [1]
-    finally:
-        ed.undo()
-    assert lm.fingerprint() == before
-    assert set(out) == {"easy.Succ", "easy.D", "easy.D_repo", "easy.IR", "easy.FR"}
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

@@ -84,9 +84,10 @@ class Distortion(Suite):
 
     def check_method(self, editor: Any) -> None:
         if not editor.reedits_prompts:
-            raise SuiteError(f"suite {self.name!r} edits each prompt a→b and then, on top, back to a; method "
-                             f"{editor.name!r} refuses to edit a prompt it already edited to another answer, so it "
-                             "cannot make any of its round trips")
+            raise SuiteError(f"suite {self.name!r} edits each prompt a→b and then, on top, re-edits the same prompt "
+                             f"back; method {editor.name!r} refuses to edit a prompt it already edited to another "
+                             "answer, so it cannot make any of its round trips (use a method that replaces a "
+                             "re-edited answer, e.g. 'grace')")
         if self.mle and not editor.supports_batch:
             raise SuiteError(f"suite {self.name!r} edits every true object in one batch on the way back; method "
                              f"{editor.name!r} edits one request at a time (use suite 'distortion' instead)")
