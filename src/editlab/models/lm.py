@@ -268,11 +268,14 @@ class LM:
     def pad_left(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_batch(seqs, self.pad_id, "left")
 
-    def _batches(self, seqs: list[tuple[int, ...]], overhead: int = 24, budget: int | None = None) -> Iterator[list[int]]:
+    def _batches(self, seqs: list[tuple[int, ...]], overhead: int = 24, budget: int | None = None,
+                 shared: int = 0) -> Iterator[list[int]]:
         """Indices of `seqs` split into right-padded batches that minimize padded tokens plus a fixed
         per-batch overhead (in token equivalents), each within max_batch_tokens. Sequences are sorted
         by length and cut into contiguous runs by dynamic programming, so short prompts are not
-        padded to the length of long ones. `budget`: tokens per batch instead of max_batch_tokens."""
+        padded to the length of long ones. `budget`: tokens per batch instead of max_batch_tokens.
+        `shared`: tokens every row also reads from a KV cache of a prefix run once (`seqs` are what
+        follows it): they count towards a batch's size (the cache is copied per row), not its cost."""
         limit = self.max_batch_tokens if budget is None else budget
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         lens = [len(seqs[i]) for i in order]
@@ -282,7 +285,7 @@ class LM:
         for j in range(1, n + 1):
             for i in range(j - 1, -1, -1):  # batch order[i:j]; its width is lens[i]
                 size = (j - i) * lens[i]
-                if size > limit and j - i > 1:
+                if (j - i) * (lens[i] + shared) > limit and j - i > 1:
                     break
                 c = best[i] + size + overhead
                 if c < best[j]:
@@ -350,7 +353,7 @@ class LM:
         a model whose cache does not reproduce a full pass within its dtype's noise, or cannot be used
         this way at all (an error), never uses shared prefixes again."""
         cache = None
-        for batch in self._batches([unique[i] for i in members]):  # full lengths: the cache copies grow with them
+        for batch in self._batches([unique[i][plen:] for i in members], shared=plen):
             rows = [members[b] for b in batch]
             keys, b_idx, p_idx = _wanted_keys(rows, wanted, plen)
             if not self._share_prefixes():
@@ -583,10 +586,11 @@ class LM:
         encoded = [tuple(self.encode_prompt(p)) for p in prompts]
         eos = self.tokenizer.eos_token_id
         stops = [s for s in stop if s]
-        prefixes: dict[tuple[int, ...], Any] = {}  # shared prefix -> its KV cache, computed once per call
-        for batch in self._generation_batches(encoded, max_new_tokens):
+        prefixes: dict[tuple[int, ...], Any] = {}  # the current shared prefix -> its KV cache
+        for plen, batch in self._generation_batches(encoded, max_new_tokens):
             seqs = [encoded[i] for i in batch]
-            plen = self._shared_generation_prefix(seqs)
+            if not (plen and self.cache.get(_GENERATION_PREFIX_EXACT, True)):
+                plen = self._shared_generation_prefix(seqs)
             ids, mask = self._pad_after(seqs, plen)  # left padding of what follows the prefix: new tokens line up
             n = ids.shape[1]
             args = (max_new_tokens, top_k, None if seed is None else seed + batch[0], stops)
@@ -601,11 +605,15 @@ class LM:
                 out[i] = self._cut_at_stop(toks, stops) if stops else toks
         return out
 
-    def _generation_batches(self, encoded: Sequence[tuple[int, ...]], max_new_tokens: int) -> Iterator[list[int]]:
-        """Indices of the prompts `encoded` in generation batches. Prompts that share a long token prefix
-        (all but their last token: an in-context edit's demonstrations and fact, a few-shot task's
-        examples) are batched together, as scoring groups them (`shared_prefix_groups`), so each batch's
-        prefix runs once even when the call mixes several contexts; the rest are batched by length."""
+    def _generation_batches(self, encoded: Sequence[tuple[int, ...]], max_new_tokens: int
+                            ) -> Iterator[tuple[int, list[int]]]:
+        """(shared prefix length, indices of the prompts `encoded`) per generation batch. Prompts that share
+        a long token prefix (all but their last token: an in-context edit's demonstrations and fact, a
+        few-shot task's examples) are grouped as scoring groups them (`shared_prefix_groups`), so each
+        group's prefix runs once even when the call mixes several contexts, and batched by what follows
+        it (a batch of one reads the group's cache too); the rest are batched by length (prefix 0). With
+        `top_k` sampling, which rows share a batch decides each row's random draws (`seed` + the batch's
+        first index), as it always did: a continuation is reproducible for the same prompts in one call."""
         padded = [s + (0,) * max_new_tokens for s in encoded]
         groups: list[tuple[int, list[int]]] = []
         rest = list(range(len(encoded)))
@@ -613,22 +621,23 @@ class LM:
                 and self._generation_layout_safe()):
             last = {i: [len(s) - 1] for i, s in enumerate(encoded) if s}
             groups, rest = shared_prefix_groups(encoded, last, self.min_shared_prefix)
-        for _, members in groups:
-            for batch in self._batches([padded[i] for i in members]):
-                yield [members[b] for b in batch]
+        for plen, members in groups:
+            for batch in self._batches([padded[i][plen:] for i in members], shared=plen):
+                yield plen, [members[b] for b in batch]
         for batch in self._batches([padded[i] for i in rest]):
-            yield [rest[b] for b in batch]
+            yield 0, [rest[b] for b in batch]
 
     def _generate_after_prefix(self, seqs: Sequence[tuple[int, ...]], plen: int, ids: torch.Tensor, mask: torch.Tensor,
                                args: tuple[Any, ...], prefixes: dict[tuple[int, ...], Any]) -> torch.Tensor:
-        """`_generate_batch` of prompts sharing their first `plen` tokens, which run once (their KV cache
-        is kept in `prefixes` for the call). The first time on this LM the batch is also generated
+        """`_generate_batch` of prompts sharing their first `plen` tokens, which run once (`prefixes` keeps
+        the KV cache of the latest prefix: the batches of one group follow each other). The first time on this LM the batch is also generated
         plainly and compared token for token; on any difference or error the LM never does this again
         and the plain result is used (both have the same width: prefix + padding + suffix)."""
         checking = _GENERATION_PREFIX_EXACT not in self.cache
         try:
             key = seqs[0][:plen]
             if key not in prefixes:
+                prefixes.clear()  # one cache at a time: a call may hold as many contexts as prompts
                 prefixes[key] = self.shared_prefix_cache(key)
             gen = self._generate_batch(ids, mask, *args, cache=prefixes[key])
         except Exception:
