@@ -36,6 +36,10 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=1, help="with --method: edit the first N CounterFact records")
     ap.add_argument("--no-shared-prefix", action="store_true", help="run every shared context in full")
     args = ap.parse_args()
+    if args.edits < 1:
+        ap.error(f"--edits must be at least 1, got {args.edits}")
+    if args.edits > 1 and not args.method:
+        ap.error("--edits needs --method (the pass-through view makes no edit)")
 
     import torch
 
