@@ -79,7 +79,8 @@ def table(runs: dict[str, list[tuple[int, dict[str, float]]]], metrics: tuple[st
     print("|---|---|" + "---|" * (len(keys) + 1))
     for method, pts in runs.items():
         for n, m in pts:
-            cells = ["" if k not in m or m[k] is None else f"{m[k]:.3f}" for k in keys]
+            cells = ["" if k not in m or m[k] is None else f"{m[k]:.3f}" if abs(m[k]) < 1e6 else f"{m[k]:.3g}"
+                     for k in keys]
             print(f"| {method} | {n} | " + " | ".join(cells) + f" | {m.get('_eval_s', float('nan')):.0f} |")
 
 
@@ -119,6 +120,10 @@ def plot(runs: dict[str, list[tuple[int, dict[str, float]]]], png: str, metrics:
         ys = [m[k] for pts in runs.values() for _, m in pts if m.get(k)]
         if k.startswith("ppl") and ys and max(ys) > 100 * min(ys):
             ax.set_yscale("log")  # a collapsed model's perplexity runs to millions
+        elif not is_fraction(k) and ys and max(ys) > 1000:
+            ax.set_yscale("symlog", linthresh=1.0)  # from 0: one exploding method would flatten the others
+            if min(ys) >= 0:
+                ax.set_ylim(bottom=0)
         if is_fraction(k):
             ax.set_ylim(-0.02, 1.02)  # fractions on their whole range: small moves look small
         ax.spines[["top", "right"]].set_visible(False)
