@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -297,3 +298,21 @@ def test_training_leaves_the_lm_without_gradients(lm):
     get_editor("mend").fit(lm, load_requests("builtin", limit=8), _hp("mend", steps=3), progress=False)
     assert all(p.grad is None for p in lm.model.parameters())
     assert {n: p.requires_grad for n, p in lm.model.named_parameters()} == flags
+
+
+def test_an_edit_on_top_of_another_warns_that_the_editor_never_saw_an_edited_model(lm):
+    from editlab.methods.meta.common import StaleEditorWarning
+
+    ed = get_editor("mend")
+    ed.fit(lm, load_requests("builtin", limit=8), _hp("mend", steps=3), progress=False)
+    other = EditRequest.create("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ed.apply(lm, FACT, **_hp("mend", steps=3))
+        assert not [w for w in caught if issubclass(w.category, StaleEditorWarning)]
+        second = ed.apply(lm, other, **_hp("mend", steps=3))
+    stale = [w for w in caught if issubclass(w.category, StaleEditorWarning)]
+    assert len(stale) == 1 and "already carries edits" in str(stale[0].message)
+    assert lm.active_edits[-1] is second  # a warning, not a refusal: the stacked edit is made
+    second.restore()
+    first.restore()

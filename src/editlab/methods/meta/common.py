@@ -10,6 +10,7 @@ rest."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -22,6 +23,10 @@ from ...train.meta import Example, examples_from_requests, train_editor
 from ..base import Editor
 from ..patches import LowRank, WeightDelta
 from .factors import Factors, Scored, added_outputs, answer_logprobs, capture_factors, edited_modules, encode_pairs, grouped_fn, matrix_shape, token_nll
+
+class StaleEditorWarning(UserWarning):
+    """A learned editor edits a model that already carries edits, which its training never showed it."""
+
 
 class GradientEditorNet(nn.Module):
     """Base of the editor networks: maps the gradient factors of an edit to per-module weight deltas."""
@@ -148,6 +153,11 @@ class LearnedEditor(Editor):
         return net.eval()
 
     def compute_patches(self, lm: LM, requests: list[EditRequest], hp: Any, on: Any) -> tuple[list[Any], dict[str, Any]]:
+        if lm.active_edits:
+            warnings.warn(f"{self.name} edits a model that already carries edits: its network "
+                          "was trained to edit the unedited model, so stacked edits leave what it learned (on "
+                          "SmolLM2-135M the model breaks within 10-20 of them; docs/pitfalls.md, sequential "
+                          "collapse). Edit in one batch, or restore between edits", StaleEditorWarning, stacklevel=3)
         net = self.load_net(lm, hp)
         examples = [Example((r.prompt, r.target_new), ((r.prompt, r.target_new),), (), r.subject, r.target_true)
                     for r in requests]
