@@ -22,6 +22,7 @@ KEYS = ["efficacy_score", "paraphrase_score", "neighborhood_score", "cf_score", 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--start", type=int, default=0, help="skip this many records first (e.g. 200: records 200 to 200+n)")
     ap.add_argument("--n-ft", type=int, default=50, help="records for the (slow) fine-tuning baselines")
     ap.add_argument("--methods", default="rome,memit,ft,ft-m")
     ap.add_argument("--batch-methods", default="memit,emmet,pmet,alphaedit",
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", action="append", default=[], help="method.key=value hparam override")
     args = ap.parse_args()
+    if args.start < 0 or args.n < 1:
+        ap.error("--start must be at least 0 and --n at least 1")
 
     from tqdm import tqdm
 
@@ -47,7 +50,7 @@ def main() -> None:
         overrides.setdefault(m, {})[k] = v
 
     lm = load_lm("smollm2-135m")
-    reqs = load_requests("counterfact", limit=args.n)
+    reqs = load_requests("counterfact", limit=args.start + args.n)[args.start :]
     pre = pre_edit(lm, reqs)
     unedited_rows = evaluate_requests(lm, reqs, pre)
     results = {"unedited": summarize(unedited_rows)}
@@ -100,7 +103,7 @@ def main() -> None:
         print(f"| {m} | " + " | ".join(f"{s.get(k, float('nan')):.3f}" for k in KEYS) + " |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"n": args.n, "results": results, "timing": timing, "rows": per_record,
+            json.dump({"n": args.n, "start": args.start, "results": results, "timing": timing, "rows": per_record,
                        "hparams": {m: get_editor(m).hparams(lm, **overrides.get(m, {})).to_dict()
                                    for m in dict.fromkeys(single + sequential)}}, f, indent=2)
 
