@@ -315,3 +315,25 @@ def test_every_announced_metric_has_metadata():
     for suite in (Conflict, Distortion, DistortionMLE):
         for name in suite.metrics:
             metric_info(name)
+
+
+def test_conflict_records_coverage_as_not_run_for_a_method_that_refuses_re_edits(lm, data_root, tmp_path):
+    """ConflictEdit's coverage records re-edit the prompt they just edited, which MELO refuses; those units
+    are stored as errors with the reason and no edit, once warned, while reverse and composite run."""
+    suite = Conflict()
+    units = suite.load(data_root, 1)
+    melo = get_editor("melo")
+    assert [u.split for u in units if suite.refuses_unit(melo, u)] == ["coverage"]
+    assert not [u for u in units if suite.refuses_unit(get_editor("grace"), u)]
+    plan = SuitePlan(suite=suite, units=units, methods=["melo"], data={}, limit=None, on_bad="stop")
+    store = Store(tmp_path / "r.db")
+    before = lm.fingerprint()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = run_suite(lm, plan, store, hparams={"melo": {"layers": [2], "steps": 5}})
+    assert lm.fingerprint() == before and not lm.active_edits
+    rows = {r.row_key: r for r in store.rows(ids["melo"])}
+    cov = rows["coverage:0"]
+    assert cov.kind == "error" and cov.n_edits == 0 and "not run" in cov.metrics["error"]
+    assert rows["reverse:0"].kind == "suite" and rows["composite:0"].kind == "suite"
+    assert len([w for w in caught if "not run on conflict coverage" in str(w.message)]) == 1

@@ -172,6 +172,12 @@ class Suite(ABC):
         """Raise `SuiteError` if the protocol needs something `editor` cannot do (checked before the
         model loads)."""
 
+    def refuses_unit(self, editor: Any, unit: Unit) -> str | None:
+        """Why `editor` cannot run this protocol on `unit`, where only some units need what it lacks
+        (None: it can). The runner stores such a unit as an error row with this reason, without editing;
+        a protocol that no unit can run is refused whole by `check_method`."""
+        return None
+
     def data_paths(self, root: Path) -> dict[str, Path]:
         """Each split's file; a missing one raises `DataFormatError` naming it and where it looked."""
         out = {}

@@ -145,6 +145,12 @@ class Conflict(Suite):
     protocol = ("e1, then e2 on top (θ''), undo to θ' after e1; coverage also e2 alone on θ; "
                 "P̄ over 11 prompts (spec section 2.1)")
 
+    def refuses_unit(self, editor: Any, unit: Unit) -> str | None:
+        if unit.split == "coverage" and not editor.reedits_prompts:
+            return (f"a coverage record re-edits the prompt it just edited (o → o₁, then o₁ → o₂) and method "
+                    f"{editor.name!r} refuses to edit a prompt it already edited to another answer")
+        return None
+
     def load(self, root: Path, limit: int | None = None, *, on_bad: str = "stop") -> list[Unit]:
         return load_with_prompts(self, root, SPLITS, limit, on_bad)
 

@@ -7,7 +7,8 @@ first) before the next method. So pre-edit values are computed once per unit, wh
 methods, and a resumed run (`resume=True`) skips the (method, unit) rows already stored.
 
 Rows: `kind="suite"` (or `"error"` with the message, when the method raised an `EditlabError` on that
-unit: the run goes on, the unit is left out of that method's means and counted), `row_key` = the unit's key, `n_edits` = edit calls the protocol made, `edit_s` =
+unit, or the suite refuses the unit for that method without editing, `Suite.refuses_unit`: the run goes
+on, the unit is left out of that method's means and counted), `row_key` = the unit's key, `n_edits` = edit calls the protocol made, `edit_s` =
 seconds spent inside them, `eval_s` = the rest of the protocol's time (scoring). Runs: `mode="suite"`,
 `dataset` = the suite name; the run's config records the suite's files with their SHA-256, the limit
 and `on_bad`.
@@ -148,7 +149,7 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
     overrides. `only` restricts the work to the units with these keys (the runs stay the whole
     suite's, so shards run anywhere fill the same runs). The model is restored after every unit; it
     must carry no edits when called."""
-    from ..methods import restore_all
+    from ..methods import get_editor, restore_all
 
     if lm.active_edits:
         raise EditlabError("the model carries active edits; restore them before running a suite")
@@ -158,6 +159,8 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
     runs, hps = suite_runs(lm, plan, hparams, seed)
     run_ids = check_resume(store, runs, resume)
     done = {m: store.done_keys(rid) for m, rid in run_ids.items()}
+    editors = {m: get_editor(m) for m in plan.methods}
+    refused: set[tuple[str, str]] = set()
     tick = progress or (lambda i, n, msg: None)
     try:
         for n, unit in enumerate(units, 1):
@@ -171,6 +174,15 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
                 store.add_row(Row(run_ids[UNEDITED], unit.key, unit.key, "suite", 0, None, time.perf_counter() - t0,
                                   pre_metrics))
             for m in todo:
+                refusal = suite.refuses_unit(editors[m], unit)
+                if refusal is not None:  # recorded like a failure, without touching the model
+                    if (m, unit.split) not in refused:
+                        refused.add((m, unit.split))
+                        warnings.warn(f"{m} is not run on {suite.name} {unit.split} units: {refusal} (recorded, "
+                                      "left out of the means)", stacklevel=2)
+                    store.add_row(Row(run_ids[m], unit.key, unit.key, "error", 0, None, 0.0,
+                                      {"error": f"not run: {refusal}"}))  # type: ignore[dict-item]
+                    continue
                 editing = _TimedEditing(lm, m, hps[m])
                 t1 = time.perf_counter()
                 failure = None
