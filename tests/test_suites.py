@@ -209,6 +209,26 @@ def test_record_lacking_a_field_stops_or_is_skipped(tmp_path):
     assert any("skipped 1 record" in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize("change, named", [
+    ({"paraphrase_prompts": None}, "missing field 'paraphrase_prompts'"),
+    ({"paraphrase_prompts": "Eiffel is in"}, "'paraphrase_prompts' must be a non-empty list of strings"),
+    ({"neighborhood_prompts": []}, "'neighborhood_prompts' must be a non-empty list of strings"),
+    ({"distracting_neighborhood_prompts": [{"prompt": "x"}]}, "'distracting_neighborhood_prompts' item 0 must be"),
+])
+def test_cfplus_prompt_lists_are_checked_not_coerced(tmp_path, change, named):
+    # a missing paraphrase list would drop the record from PS and Score silently; a string would be
+    # scored letter by letter and a dict by its repr
+    rec = _record(1)
+    for k, v in change.items():
+        if v is None:
+            rec.pop(k)
+        else:
+            rec[k] = v
+    _write_cfplus(tmp_path, [_record(0), rec])
+    with pytest.raises(RecordFieldError, match=rf"record 1: .*{named}"):
+        plan_suite("cfplus", ["ft"], root=tmp_path)
+
+
 def test_unknown_suite_method_and_options_are_named_errors(tmp_path):
     from editlab.errors import UnknownMethodError
 

@@ -64,6 +64,18 @@ def text_at(rec: Any, path: str, where: str) -> str:
     return value
 
 
+def texts_at(rec: Any, path: str, where: str) -> list[str]:
+    """A non-empty list of non-empty strings at `path` (prompt lists); anything else raises
+    `RecordFieldError` naming `where` and the field, so a string is never scored letter by letter."""
+    value = field_at(rec, path, where)
+    if not isinstance(value, list) or not value:
+        raise RecordFieldError(f"{where}: field {path!r} must be a non-empty list of strings, got {value!r:.60}")
+    for k, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise RecordFieldError(f"{where}: field {path!r} item {k} must be a non-empty string, got {item!r:.60}")
+    return list(value)
+
+
 def collect_units(parsed: Sequence[tuple[int, Any]], parse: Any, *, path: Path, limit: int | None, on_bad: str) -> list[Unit]:
     """Parse `(index, record)` pairs with `parse(index, record, where) -> Unit`, up to `limit` units.
     A record with a missing field, or whose fields make no valid edit (`EditRequestError`), stops the suite

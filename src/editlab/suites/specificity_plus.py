@@ -30,7 +30,7 @@ import torch
 
 from ..data.io import read_records
 from ..requests import EditRequest
-from .base import Editing, RecordFieldError, Suite, Unit, collect_units, field_at, text_at
+from .base import Editing, RecordFieldError, Suite, Unit, collect_units, field_at, text_at, texts_at
 from .scoring import harmonic_mean, mean_token_probs, neighbourhood_scores
 
 
@@ -60,11 +60,9 @@ class SpecificityPlus(Suite):
         true = text_at(rw, "target_true.str", where + " requested_rewrite")
         if "{}" not in template:
             raise RecordFieldError(f"{where}: requested_rewrite.prompt {template!r} has no '{{}}' for the subject")
-        neigh = [str(p) for p in field_at(rec, "neighborhood_prompts", where)]
-        distract = [str(p) for p in field_at(rec, "distracting_neighborhood_prompts", where)]
-        if not neigh or not distract:
-            raise RecordFieldError(f"{where}: neighborhood_prompts and distracting_neighborhood_prompts must be non-empty")
-        paraphrases = [str(p) for p in rec.get("paraphrase_prompts") or []]
+        neigh = texts_at(rec, "neighborhood_prompts", where)
+        distract = texts_at(rec, "distracting_neighborhood_prompts", where)
+        paraphrases = texts_at(rec, "paraphrase_prompts", where)  # PS, Score and Score+ need them
         case = rec.get("case_id", i)
         request = EditRequest.create(prompt=template.format(subject), subject=subject, target_new=new, target_true=true,
                                      case_id=str(case))
