@@ -208,7 +208,11 @@ def test_probe_on_tiny_model_scores_options_by_mean_logprob_when_multi_token(tmp
     assert p.info()["option_scoring"] == {t: ["mean_logprob", "mean_logprob"] for t in ("sst2", "rte", "boolq")}
     assert p.info()["sizes"] == {t: 6 for t in ds.TASKS}
     m = p.measure(tiny, tiny)
-    assert tuple(m) == p.task_metrics == Downstream.metrics
+    assert p.task_metrics == Downstream.metrics
+    # every metric in order; MEH's accuracy over parsed answers only where some output parsed
+    assert tuple(m) == tuple(k for k in Downstream.metrics if k in m)
+    assert all(k.endswith("_meh_acc_answered") and m[k[: -len("acc_answered")] + "answered"] == 0
+               for k in Downstream.metrics if k not in m)
     assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in m.values())
     assert m["sst2_chance"] == 0.5 and m["rte_chance"] == 4 / 6 and m["boolq_chance"] == 0.5
     for task in ("sst2", "rte", "boolq"):
@@ -244,6 +248,16 @@ def test_single_token_options_are_read_off_next_token_logprobs(tmp_path: Path, s
     a, b = lp[:, ids[0][0]], lp[:, ids[1][0]]
     pred = torch.where(a > b, 0, 1).tolist()
     assert m["sst2"] == pytest.approx(sum(x == g for x, g in zip(pred, p.data["sst2"].golds)) / 6)
+
+
+def test_meh_accuracy_over_no_parsed_answer_is_left_out_not_zero(tmp_path: Path, small_sizes: None, tiny,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(ds, "meh_parse", lambda task, out: None)
+    p = Downstream(data_root=_write_tmp_data(tmp_path), tasks=("sst2",))
+    p.prepare(tiny)
+    m = p.measure(tiny, tiny)
+    assert m["sst2_meh_answered"] == 0.0 and m["sst2_meh_acc_all"] == 0.0
+    assert "sst2_meh_acc_answered" not in m
 
 
 def test_meh_variant_equals_a_parse_of_greedy_one_token_generation(tmp_path: Path, small_sizes: None, tiny,

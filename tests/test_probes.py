@@ -54,7 +54,8 @@ def test_windows_are_consecutive_and_capped():
 
 def test_perplexity_matches_a_hand_computation_and_flags_collapse(lm, root):
     (p,) = get_probes(["perplexity"], "quick", root)
-    p.prepare(lm)
+    with pytest.warns(UserWarning, match=r"wikitext-2-raw-test.txt has \d+ tokens, fewer than the quick budget of 8192"):
+        p.prepare(lm)
     win = p.windows["ppl_wikitext"]
     assert all(len(x) <= 256 for x in win)  # the tiny model's context
     nll, n = 0.0, 0
@@ -73,6 +74,16 @@ def test_perplexity_matches_a_hand_computation_and_flags_collapse(lm, root):
     p.base = {**p.base, "ppl_wikitext": after["ppl_wikitext"] / 2.5}  # as if the edit had more than doubled it
     with _ft_edit(lm) as edit:
         assert p.measure(edit.lm, lm)["collapsed"] == 1.0
+
+
+@pytest.mark.parametrize("text", ["", "\n"])
+def test_perplexity_of_a_text_with_nothing_to_score_is_refused(lm, root, text):
+    # no window would report PPL 1.0, a perfect model that can never be flagged as collapsed
+    (root / "wikitext" / "wikitext-2-raw-test.txt").write_text(text)
+    (p,) = get_probes(["perplexity"], "quick", root)
+    with pytest.raises(ProbeError, match=r"wikitext-2-raw-test.txt has [01] token\(s\); ppl_wikitext needs text"):
+        p.prepare(lm)
+    assert not hasattr(p, "base")
 
 
 def test_nkl_is_zero_unedited_and_the_kl_of_the_edit_after(lm, root):

@@ -15,13 +15,17 @@ Scoring (the spec's recommended probe, which keeps MEH's prompts and fixes its s
   BoolQ: equals " yes"/" no"; all case-insensitive). Greedy decoding of one token is the argmax of the
   next-token distribution, so it is read off the same `next_token_logprobs` call instead of a second
   forward pass through `generate` (the LM and every view answer both calls on the same prompt text).
-  `acc_answered` is 0 when no output parses (MEH prints "error" there); `answered` says so.
+  `acc_answered` is left out when no output parses (an accuracy over no answers is undefined; MEH
+  prints "error" there), so a checkpoint never shows a 0 that is not one; `answered` = 0 says so.
 - NQ-open (`nq`): greedy 20 tokens; correct when some word span of the SQuAD-normalised generation
   equals a normalised gold answer, counted once per question. Only the generation is searched (MEH's
   script also searches the prompt's passage and counts some questions twice, spec pitfall P7).
 - GSM8K (`gsm8k_extract`): the prompt contains the gold rationale, so this measures answer
   extraction, not reasoning. Greedy 5 tokens; correct when the first number of the output (commas
-  removed) equals the gold `#### N`. `gsm8k_meh` is MEH's rule: N occurs as a substring.
+  removed) equals the gold `#### N`. `gsm8k_meh` is MEH's rule: N occurs as a substring. Five tokens
+  is MEH's limit; with a tokenizer that writes one token per digit after a space token (SmolLM2), a
+  gold of five or more digits, or a number written with a thousands comma, cannot be produced in
+  full: 2 of the quick 32 rows, 14 of the full 300, so the score's ceiling there is about 0.94-0.95.
 
 Sizes are fixed per budget (`SIZES`) so that runs with the same budget are comparable; a file with
 fewer rows than its budget, a missing field or a malformed value raises `ProbeError` naming the file,
@@ -451,13 +455,15 @@ class Downstream(Probe):
         answered = [(p, gold) for p, gold in zip(parsed, d.golds) if p is not None]
         right = sum(p == gold for p, gold in answered)
         n = len(d.golds)
-        return {
+        out = {
             task: _mean(correct),
             f"{task}_chance": majority_rate(d.golds),
             f"{task}_meh_answered": len(answered) / n,
-            f"{task}_meh_acc_answered": right / len(answered) if answered else 0.0,
             f"{task}_meh_acc_all": right / n,
         }
+        if answered:  # no parsed answer: an accuracy over none is undefined (MEH prints "error"), not 0
+            out[f"{task}_meh_acc_answered"] = right / len(answered)
+        return out
 
     def info(self) -> dict[str, Any]:
         sizes = self.SIZES[self.budget]

@@ -16,9 +16,10 @@ SERAC's retrieved edit where in scope).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
-from .base import Probe
+from .base import Probe, ProbeError
 
 WINDOW = 512
 TOKENS = {"quick": {"wikitext": 8_192, "corpus": 2_048}, "full": {"wikitext": 65_536, "corpus": 16_384}}
@@ -47,10 +48,17 @@ class Perplexity(Probe):
         wiki = (self.root / self.files[0]).read_text(encoding="utf-8")
         corpus = "\n\n".join(get_corpus().texts)
         tok = lm.tokenizer
-        self.windows = {
-            "ppl_wikitext": windows_of(tok(wiki, add_special_tokens=False)["input_ids"], sizes["wikitext"], window),
-            "ppl_corpus": windows_of(tok(corpus, add_special_tokens=False)["input_ids"], sizes["corpus"], window),
-        }
+        self.windows = {}
+        for metric, text, size, where in (("ppl_wikitext", wiki, sizes["wikitext"], str(self.root / self.files[0])),
+                                          ("ppl_corpus", corpus, sizes["corpus"], "the default corpus")):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) < 2:
+                # no window to score: a perplexity of 1.0 would read as a perfect model, never as collapse
+                raise ProbeError(f"perplexity: {where} has {len(ids)} token(s); {metric} needs text to score")
+            if len(ids) < size:
+                warnings.warn(f"perplexity: {where} has {len(ids)} tokens, fewer than the {self.budget} budget of "
+                              f"{size}; {metric} is measured on all of them", stacklevel=2)
+            self.windows[metric] = windows_of(ids, size, window)
         self.window = window
         self.base = self._measure(lm)
 
