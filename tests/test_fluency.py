@@ -86,3 +86,31 @@ def test_generation_fluency_validates_arguments(lm):
     with pytest.raises(EditlabError):
         generation_fluency(lm, ["a"], n_tokens=0)
     assert generation_fluency(lm, []) == []
+
+
+def test_sampling_goes_on_past_eos_as_in_rome(lm, monkeypatch):
+    # ROME samples to max_out_len whatever is drawn; a text cut at EOS would score lower entropy. Make the
+    # second sampled token EOS: plain generation stops there, fluency's sample runs to its full length.
+    prompt = "The Eiffel Tower is located in"
+    full = lm.generate_ids([prompt], 12, top_k=5, seed=1, stop_at_eos=False)[0]
+    assert len(full) == 12
+
+    class Tokenizer:  # the model's tokenizer with another EOS id
+        eos_token_id = full[1]
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, *a, **kw):
+            return self.inner(*a, **kw)
+
+    monkeypatch.setattr(lm, "tokenizer", Tokenizer(lm.tokenizer))
+    stopped = lm.generate_ids([prompt], 12, top_k=5, seed=1)[0]
+    assert stopped == full[: full.index(full[1])]
+    assert lm.generate_ids([prompt], 12, top_k=5, seed=1, stop_at_eos=False)[0] == full
+    n_prompt = len(lm.encode_prompt(prompt)) - len(lm.prefix_ids)
+    (text,) = sample_generations(lm, [prompt], n_tokens=n_prompt + 12, seed=1)
+    assert text == lm.tokenizer.decode(lm.encode_prompt(prompt)[len(lm.prefix_ids):] + full, skip_special_tokens=True)

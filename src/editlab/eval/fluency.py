@@ -1,7 +1,7 @@
 """Generation fluency as the ROME paper measures it (after Zhang et al. 2018).
 
 For each generation prompt ROME samples one text with top-k 5 sampling until prompt + continuation
-are 100 tokens long, decodes the *whole* sequence (prompt included), word-tokenizes it with
+are 100 tokens long (an EOS token does not stop it), decodes the *whole* sequence (prompt included), word-tokenizes it with
 `nltk.word_tokenize` (case kept) and scores it with the weighted n-gram entropy
     H_n = −Σ f_n log2 f_n  (f_n: relative frequencies of the text's word n-grams),
     fluency = mean(2/3 · H_2, 4/3 · H_3).
@@ -156,7 +156,8 @@ def sample_generations(lm: LM, prompts: Sequence[str], n_tokens: int = 100, top_
         return []
     budgets = [max(0, n_tokens - (len(lm.encode_prompt(p)) - len(lm.prefix_ids))) for p in prompts]
     # one batched call: a sample of the longest budget cut at a shorter budget is a sample of that length
-    conts = lm.generate_ids(list(prompts), max(1, max(budgets)), top_k=top_k, seed=seed)
+    # no stop at EOS (ROME's generate_fast runs to max_out_len): a text cut at EOS would score lower entropy
+    conts = lm.generate_ids(list(prompts), max(1, max(budgets)), top_k=top_k, seed=seed, stop_at_eos=False)
     texts = []
     for p, cont, b in zip(prompts, conts, budgets):
         # decode prompt and continuation together, as ROME does: decoding the continuation alone

@@ -575,13 +575,15 @@ class LM:
 
     @torch.no_grad()
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int = 20, *, top_k: int | None = None,
-                     seed: int | None = None, stop: Sequence[str] = ()) -> list[list[int]]:
+                     seed: int | None = None, stop: Sequence[str] = (), stop_at_eos: bool = True) -> list[list[int]]:
         """Continuations (token ids, stopping at EOS) of each prompt: greedy by default, or top-k
         sampling at temperature 1 when `top_k` is given (seeded with `seed`; the caller's RNG state
         is untouched). Decoding settings are always explicit: the model's own generation config
         (temperature, top-p, repetition penalty) is never used. With `stop`, a continuation ends with
         the token that completes one of these strings in its text (a batch stops as soon as every row
-        has), so long generations that the caller cuts at a delimiter are not decoded past it."""
+        has), so long generations that the caller cuts at a delimiter are not decoded past it. With
+        `stop_at_eos=False` every continuation is `max_new_tokens` long: an EOS token is sampled like
+        any other and generation goes on after it (ROME's fluency protocol)."""
         out: list[list[int]] = [[] for _ in prompts]
         encoded = [tuple(self.encode_prompt(p)) for p in prompts]
         eos = self.tokenizer.eos_token_id
@@ -593,14 +595,14 @@ class LM:
                 plen = self._shared_generation_prefix(seqs)
             ids, mask = self._pad_after(seqs, plen)  # left padding of what follows the prefix: new tokens line up
             n = ids.shape[1]
-            args = (max_new_tokens, top_k, None if seed is None else seed + batch[0], stops)
+            args = (max_new_tokens, top_k, None if seed is None else seed + batch[0], stops, stop_at_eos)
             if plen:
                 gen = self._generate_after_prefix(seqs, plen, ids, mask, args, prefixes)
             else:
                 gen = self._generate_batch(ids, mask, *args)
             for r, i in enumerate(batch):
                 toks = gen[r, n:].tolist()
-                if eos is not None and eos in toks:
+                if stop_at_eos and eos is not None and eos in toks:
                     toks = toks[: toks.index(eos)]
                 out[i] = self._cut_at_stop(toks, stops) if stops else toks
         return out
@@ -700,12 +702,14 @@ class LM:
         return toks
 
     def _generate_batch(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, top_k: int | None,
-                        seed: int | None, stops: Sequence[str] = (), cache: Any = None) -> torch.Tensor:
+                        seed: int | None, stops: Sequence[str] = (), stop_at_eos: bool = True,
+                        cache: Any = None) -> torch.Tensor:
         """`model.generate` on a left-padded batch; with `cache` (the KV cache of the batch's shared first
         tokens, batch of one), a copy of it repeated per row, so generation runs only what follows."""
         from transformers import GenerationConfig, StoppingCriteriaList
 
-        eos = self.tokenizer.eos_token_id
+        # no stop: an empty list, not None (generate fills a None from the model's own generation config)
+        eos: Any = self.tokenizer.eos_token_id if stop_at_eos else []
         if top_k is None:
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                    pad_token_id=self.pad_id, eos_token_id=eos)
