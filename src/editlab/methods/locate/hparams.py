@@ -186,6 +186,8 @@ class EMMETHparams(MultiLayerHparams):
         "gpt-j-6b": {"layers": [5], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 0.5, "kl_factor": 0.0625,
                      "clamp_norm_factor": 0.75, "mom2_update_weight": 10000.0, "emmet_lambda": 0.1,
                      "emmet_lambda_mode": "absolute"},
+        # as the method card lists them; dabbb96 also changed llama2-7b.json to clamp 0.75, decay 0.5 and
+        # μ 10000 (`--set clamp_norm_factor=0.75 --set v_weight_decay=0.5 --set mom2_update_weight=10000`)
         "llama-2-7b": {"layers": [5], "v_steps": 25, "v_lr": 0.5, "v_weight_decay": 1e-3, "kl_factor": 0.0625,
                        "clamp_norm_factor": 4.0, "mom2_update_weight": 1.0, "emmet_lambda": 0.1,
                        "emmet_lambda_mode": "absolute"},
@@ -214,8 +216,11 @@ class PMETHparams(MultiLayerHparams):
         # paper values: xpq-tech/PMET edit/hparams/PMET/EleutherAI_gpt-j-6B.json
         "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "v_steps": 30, "v_lr": 0.2, "v_weight_decay": 0.5,
                      "kl_factor": 1.0, "clamp_norm_factor": 0.75, "mom2_update_weight": 6000.0},
-        # SmolLM2-135M: MEMIT's tuned layers and λ (counterfact-train only), PMET's value schedule; the clamp
-        # as MEMIT's preset (the paper's 0.75 leaves MEMIT's batch unedited on this model)
+        # SmolLM2-135M: MEMIT's tuned layers and λ (counterfact-train only), PMET's NLL-drop schedule; the clamp
+        # as MEMIT's preset (the paper's 0.75 leaves MEMIT's batch unedited on this model). Steps, lr and KL
+        # weight are MEMIT's (20, 0.5, 0.0625; EasyEdit's llama-7b PMET file has the same), not the GPT-J
+        # paper's 30, 0.2, 1.0: the KL term, and the stop it gates (kl_factor * KL <= 0.01), is 16x weaker
+        # than PMET's own. Not tuned separately for PMET (docs/methods.md).
         "smollm2-135m": {"layers": [4, 5, 6, 7, 8], "v_steps": 20, "v_lr": 0.5, "v_weight_decay": 0.5,
                          "kl_factor": 0.0625, "clamp_norm_factor": 4.0, "mom2_update_weight": 2000.0},
     }
