@@ -230,6 +230,30 @@ def test_memory_is_computed_once_per_sequence(lm, hp, monkeypatch):
         e.restore()
 
 
+@pytest.mark.parametrize("memorize", [True, False])
+def test_earlier_edits_join_the_memory_of_later_ones(lm, hp, memorize):
+    # the reference's update_memory: a later unit learns to stay silent on the tokens of earlier edits
+    ed = get_editor("t-patcher")
+    first = ed.apply(lm, FACTS[0], **hp, memorize_edits=memorize)
+    second = ed.apply(lm, FACTS[1], on=first, **{**hp, "steps": 150}, memorize_edits=memorize)
+    def n_tokens(fact):  # prompt + target, less the last target token and the sink prefix
+        p_ids, t_ids = lm.encode_pair(fact.prompt, fact.target_new)
+        return len(p_ids) + len(t_ids) - 1 - len(lm.prefix_ids)
+
+    assert first.info["memory_rows_from_edits"] == 0
+    assert second.info["memory_rows_from_edits"] == (n_tokens(FACTS[0]) if memorize else 0)
+    rows = t_patcher.edit_memory(lm, second.info["path"])
+    assert rows.shape[0] == n_tokens(FACTS[0]) + n_tokens(FACTS[1])
+    if memorize:
+        assert second.info["memory_rows_firing"] == 0  # trained until no memory row fires
+        unit = lm.model.get_submodule(second.info["path"]).rows()
+        pre = rows[: n_tokens(FACTS[0])] @ unit["keys"][1] + unit["bias"][1]
+        assert float(pre.max()) <= 0.0  # the second unit never fires on the first edit's tokens
+    second.restore()
+    first.restore()
+    assert t_patcher.edit_memory(lm, second.info["path"]).shape[0] == 0
+
+
 def test_memory_excludes_the_edit_prompt_itself(lm, hp):
     # the toy corpus contains "Michael Jordan plays basketball": those rows are the query itself
     edit = get_editor("t-patcher").apply(lm, FACTS[0], **hp)

@@ -73,6 +73,8 @@ class TPatcherHparams(Hparams):
     amplify: float = 10.0  # norm of the initial value vector
     max_add_neuron_num: int = 1
     corpus: str = "wikipedia"  # generic text for the memory (see stats.corpus.get_corpus)
+    # earlier T-Patcher edits' inputs join the memory (the reference's update_memory=1); False: generic text only
+    memorize_edits: bool = True
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # paper values (zsRE setting): up to 5 units per edit; the layer stays the model's last MLP

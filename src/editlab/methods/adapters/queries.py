@@ -32,6 +32,23 @@ def _inputs(lm: LM, path: str, seqs: Sequence[Sequence[int]]) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+def token_states(lm: LM, path: str, seqs: Sequence[Sequence[int]], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of module `path` at every position of the token sequences `seqs` [n, width, d_in], their
+    attention mask [n, width]), right-padded to the longest; run in batches of `batch_size`."""
+    if not seqs:
+        return torch.zeros(0, 0, 0), torch.zeros(0, 0)
+    width = max(len(s) for s in seqs)
+    hs, masks = [], []
+    for start in range(0, len(seqs), batch_size):
+        chunk = [list(s) for s in seqs[start : start + batch_size]]
+        h, mask = _inputs(lm, path, chunk)
+        pad = width - h.shape[1]
+        hs.append(torch.nn.functional.pad(h.float(), (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(mask.to(h.device), (0, pad)))
+    return torch.cat(hs), torch.cat(masks)
+
+
+@torch.no_grad()
 def last_prompt_inputs(lm: LM, path: str, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """Input of module `path` at the last token of each prompt: [len(prompts), d_in] (float32)."""
     out: list[torch.Tensor] = []

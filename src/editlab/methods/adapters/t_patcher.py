@@ -19,7 +19,10 @@ Per unit, with `q` its query, `a(h) = k·h + b` and memory inputs `h_j`:
 The memory holds the MLP's inputs at every token of generic text (the statistics corpus; the sink
 prefix excluded, as queries never see it), `memory_size` rows, cached in `lm.cache` per (base model,
 the other edits below, module, corpus, size): edits that only add side units at this MLP do not
-change its inputs, so a sequence of T-Patcher edits computes it once. Training steps run only the
+change its inputs, so a sequence of T-Patcher edits computes it once. With `memorize_edits` (default,
+the reference's `update_memory=1`) it also holds the inputs at every token of each earlier T-Patcher
+edit's prompt and target at this MLP, so a new unit is trained not to fire where earlier units fire
+(memory rows equal to the new edit's own queries are dropped as below, so re-editing a prompt works). Training steps run only the
 wrapped block and those above it (`side_units.FrozenPrefix`).
 
 SmolLM2-135M (counterfact-train records 0-9, a tuning split, memory_size 10,000, defaults otherwise):
@@ -61,10 +64,11 @@ from ..base import Editor
 from ..ft import encode_batch
 from ..patches import Patch
 from .hparams import TPatcherHparams
-from .queries import token_inputs
+from .queries import token_inputs, token_states
 from .side_units import FrozenPrefix, Site, edit_is_own_rows, generic_paragraphs, target_loss
 
 MEMORY_CACHE = "t-patcher-memory"
+EDIT_MEMORY_CACHE = "t-patcher-edit-memory"
 
 
 
@@ -81,6 +85,33 @@ def memory(lm: LM, path: str, hp: TPatcherHparams) -> torch.Tensor:
         store.clear()  # one memory at a time (40k x d floats)
         store[key] = rows.to(lm.device) if rows.numel() else torch.zeros(0, device=lm.device)
     return store[key]
+
+
+@torch.no_grad()
+def edit_memory(lm: LM, path: str) -> torch.Tensor:
+    """Inputs of the module at `path` at every token (sink prefix excluded) of the prompt + target of each
+    earlier T-Patcher edit at `path` [n, d_in]: the reference's `update_memory`, so that a new unit learns
+    to stay silent where earlier edits' units fire. Side units at `path` leave these inputs unchanged,
+    so each edit's rows are computed once, cached per (base model, edits below, path, edit)."""
+    others = tuple(e.id for e in lm.active_edits if not edit_is_own_rows(e, path))
+    store = lm.cache.setdefault(EDIT_MEMORY_CACHE, {})
+    rows: list[torch.Tensor] = []
+    skip = len(lm.prefix_ids)
+    for e in lm.active_edits:
+        if e.method != TPatcherEditor.name or not edit_is_own_rows(e, path):
+            continue
+        key = (lm.base_fingerprint, others, path, e.id)
+        if key not in store:
+            seqs = []
+            for r in e.requests:
+                p_ids, t_ids = lm.encode_pair(r.prompt, r.target_new)
+                seqs.append(p_ids + t_ids[:-1])  # the inputs that predict each target token
+            h, mask = token_states(lm, path, seqs)
+            keep = mask.bool().clone()
+            keep[:, :skip] = False
+            store[key] = h[keep.to(h.device)].float()
+        rows.append(store[key])
+    return torch.cat(rows) if rows else torch.zeros(0, device=lm.device)
 
 
 @torch.no_grad()
@@ -121,6 +152,11 @@ def train_units(lm: LM, site: Site, requests: list[EditRequest], hp: TPatcherHpa
     q, owner = mistake_queries(lm, site.path, requests, hp.max_add_neuron_num)
     mem = memory(lm, site.path, hp) if hp.memory_size > 0 and hp.mlc > 0 else torch.zeros(0, q.shape[1])
     mem = mem.to(q.device)
+    n_edit_rows = 0
+    if hp.memorize_edits and hp.mlc > 0:
+        earlier = edit_memory(lm, site.path).to(q.device)
+        n_edit_rows = int(earlier.shape[0])
+        mem = torch.cat([mem.reshape(-1, q.shape[1]), earlier]) if n_edit_rows else mem
     n_units = q.shape[0]
     # memory rows that ARE one of this edit's queries are in scope, not memory
     if mem.shape[0]:
@@ -177,6 +213,7 @@ def train_units(lm: LM, site: Site, requests: list[EditRequest], hp: TPatcherHpa
         query_act = ((qd * trained["keys"]).sum(1) + trained["bias"]).tolist()
     info = {"units": n_units, "unit_requests": owner, "steps": len(history), "converged": stopped,
             "final": history[-1] if history else {}, "memory_rows": int(memd.shape[0]),
+            "memory_rows_from_edits": n_edit_rows,
             "memory_rows_firing": firing, "query_preactivation": query_act, "prefix_replay": prefix.active}
     return trained, info
 
