@@ -113,7 +113,8 @@ ACTIVATIONS = ("relu", "silu", "gated")
 @dataclass
 class CaliNETHparams(Hparams):
     """Defaults for Llama-style models (gated slots, a late layer, KL on); `paper` holds the values
-    of CaliNet's `t5_train_kb_f.sh` that carry over (64 ReLU slots, lr 1e-2, 5,000 steps, no KL)."""
+    of CaliNet's `t5_train_kb_f.sh` that carry over (64 ReLU slots, lr 1e-2, a fixed 5,000 steps, no KL);
+    its layer stays the late default (the reference's is the last decoder block: `--set layer=N-1`)."""
 
     layer: int = 0
     slots: int = 64
@@ -129,7 +130,8 @@ class CaliNETHparams(Hparams):
     seed: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"slots": 64, "activation": "relu", "lr": 1e-2, "steps": 5000, "kl_weight": 0.0},
+        # the reference trains a fixed max_steps 5000 (no early stop): stop_nll 0 never stops before it
+        "paper": {"slots": 64, "activation": "relu", "lr": 1e-2, "steps": 5000, "stop_nll": 0.0, "kl_weight": 0.0},
     }
 
     @classmethod
