@@ -1,8 +1,9 @@
 """Editor networks shared by MEND and MALMEN: a running standardiser of the gradient factors and the
 residual low-rank network that rewrites them.
 
-`FactorNet` (MEND's "combine" mode, card §1): z = [u; delta] standardised, then `n_blocks` residual
-blocks z <- z + s_m * (U relu(V z + b)) + o_m with U zero-initialised (so the untrained editor is the
+`FactorNet` (MEND's "combine" mode): z = [u; delta] standardised, then `n_blocks` residual
+blocks z <- z + s_m * (U relu(V z + b)) + o_m with U zero-initialised (not the card's / MEND code's
+z <- z + clamp(s_m * (U V z + b) + o_m, min=0) with V ~ N(0, 1): docs/methods.md, MEND) (so the untrained editor is the
 identity: its edit is a plain, standardised gradient step) and (s_m, o_m) one pair per module sharing
 the net (modules of equal shape share U, V, b)."""
 
