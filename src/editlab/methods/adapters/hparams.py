@@ -3,7 +3,6 @@ CLI checks `--set` before torch is imported. Each method module re-exports its c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -262,10 +261,11 @@ class MELOHparams(Hparams):
     seed: int = 0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # EasyEdit hparams/MELO/gpt2-xl.yaml: num_rank_per_block 2, 350 blocks with r = α = 700 (so the
-        # block multiplier is √350), num_edit_per_block 4, init_radius 0.5 in raw L2 units, 50 Adam
+        # EasyEdit hparams/MELO/gpt2-xl.yaml: num_rank_per_block 2, 350 blocks with r = α = 700; its dynamic
+        # LoRA multiplies A and B by √(R/r) each (peft tuners/melo.py `dynamic`), so the block multiplier of
+        # B(Ax) is (α/R)·(R/r) = 350 (√350 before 2026-12-05), num_edit_per_block 4, init_radius 0.5 in raw L2 units, 50 Adam
         # steps at 1e-3 with StepLR(20, 0.5), LoRA on two consecutive c_fc (layers 36-37 of 48)
-        "paper": {"block_rank": 2, "lora_scale": math.sqrt(350.0), "init_radius": 0.5, "radius_unit": "absolute",
+        "paper": {"block_rank": 2, "lora_scale": 350.0, "init_radius": 0.5, "radius_unit": "absolute",
                   "edits_per_block": 4, "steps": 50, "lr": 1e-3, "lr_step": 20, "lr_gamma": 0.5, "stop_loss": 0.0,
                   "module": "mlp_in"},
     }

@@ -58,8 +58,9 @@ Departures from the paper and EasyEdit's code, and why:
 - **Within-batch order.** Requests of a batch are placed one after the other, each seeing the clusters
   the earlier ones added (EasyEdit compares a batch only with the database as it was before it).
 - **Labels** are exact target token sequences (EasyEdit compares sums of token ids, which collide).
-- **Scale.** EasyEdit's effective multiplier is `(α/R)·√(R/r)` = `√num_block` with α = R; `lora_scale`
-  sets it directly (the `paper` preset: √350).
+- **Scale.** EasyEdit's dynamic LoRA multiplies both A and B by `√(R/r)`, so its effective multiplier of
+  `B(Ax)` is `(α/R)·(R/r)` = `num_block` with α = R; `lora_scale` sets it directly (the `paper` preset:
+  350; it held √350 before 2026-12-05, which moved the output 18.7 times less per step).
 - **Early stop** once the mean target NLL is below `stop_loss` (the paper runs a fixed number of steps;
   `stop_loss=0` and the `paper` preset do the same).
 
