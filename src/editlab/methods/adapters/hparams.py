@@ -182,8 +182,10 @@ class WISEHparams(Hparams):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # EasyEdit hparams/WISE/llama-7b.yaml (save_freq 500 means 200-edit sequences never open a second
-        # shard, so the merge every 1000 edits never happens in them)
+        # shard, so the merge every 1000 edits never happens in them); the context prefixes are hard-coded in
+        # the reference's wise_main.py (get_context_templates(..., [[5, 5], [10, 5]])), not in the yaml
         "paper": {"mask_ratio": 0.2, "edit_lr": 1.0, "n_iter": 70, "norm_constraint": 1.0,
+                  "context_templates": [[5, 5], [10, 5]],
                   "act_margin": [5.0, 20.0, 10.0], "margin_scale": "absolute", "act_ratio": 0.88,
                   "save_freq": 500, "merge_freq": 1000, "merge_density": 0.53, "retrieve": True,
                   "shard_rehearsal": False, "replay": False},
