@@ -478,3 +478,41 @@ def test_extending_at_another_layer_is_refused_and_changes_nothing(lm):
         get_editor("wise").apply(lm, FACTS[1], on=first, **{**HP, "layer": 1})
     assert _same(state, _snapshot(lm)) and dict(lm.model.named_modules()) == modules and lm.active_edits == [first]
     first.restore()
+
+
+def _zsre(i):
+    return {"subject": f"Company {i}", "src": f"What is the product made by Company {i}?", "alt": "uniforms",
+            "answers": ["shoes"], "rephrase": f"What does Company {i} make?",
+            "loc": f"nq question: who wrote play number {i}", "loc_ans": f"Author {i}"}
+
+
+def test_irr_data_draws_x_irr_from_a_disjoint_pool(lm, tmp_path):
+    # the reference's protocol: x_irr from a training file, never the probes locality is scored on
+    import json
+
+    from editlab.data import load_requests
+    from editlab.methods.adapters import wise
+
+    pool_file = tmp_path / "train.json"
+    pool_file.write_text(json.dumps([_zsre(i) for i in range(40)]))
+    (req,) = load_requests(pool_file, limit=1)
+    own = wise.irrelevant_texts([req])
+    assert own == ["who wrote play number 0 Author 0"]  # default: the request's own probes
+    hp = get_editor("wise").hparams(lm, irr_data=str(pool_file), irr_texts=5)
+    drawn = wise.irrelevant_texts([req], hp)
+    assert len(drawn) == 5 and not set(drawn) & set(own)
+    assert set(drawn) <= set(wise.irr_pool(str(pool_file)))
+    assert drawn == wise.irrelevant_texts([req], hp)  # the same edit always draws the same texts
+    seen = []
+    real = wise.token_inputs
+    wise.token_inputs = lambda lm_, path, texts, *a, **k: seen.append(list(texts)) or real(lm_, path, texts, *a, **k)
+    try:
+        edit = get_editor("wise").apply(lm, req, irr_data=str(pool_file), irr_texts=5)
+    finally:
+        wise.token_inputs = real
+    assert drawn in seen and own not in seen  # the edit trained against the drawn texts
+    edit.restore()
+    empty = tmp_path / "none.json"
+    empty.write_text(json.dumps([{k: v for k, v in _zsre(0).items() if k not in ("loc", "loc_ans")}]))
+    with pytest.raises(Exception, match="loc"):
+        get_editor("wise").apply(lm, req, irr_data=str(empty))

@@ -175,6 +175,11 @@ class WISEHparams(Hparams):
     # last prompt tokens and must beat, by γ, any other memory firing at its own edit tokens (wise.py, "Replay")
     replay: bool = False
     irr_tokens: int = 256  # at most this many irrelevant tokens per edit
+    # where x_irr comes from: "" = each request's own neighbourhood / locality probes (what locality then
+    # scores: an upper bound), or a dataset name / file whose records' probes form a pool that edits draw
+    # from (the reference's protocol: a training split, e.g. counterfact-train, disjoint from what is scored)
+    irr_data: str = ""
+    irr_texts: int = 16  # texts drawn from the irr_data pool per request
     # random prefixes the edit is also trained under, as [length, count] groups sampled from the model
     # (ROME-style; the reference's "context templates"); [] trains on the bare prompt only
     context_templates: list = field(default_factory=list)
@@ -236,6 +241,8 @@ class WISEHparams(Hparams):
         parse_template_groups(self.context_templates)
         if self.irr_tokens < 1:
             raise HparamsError(f"irr_tokens must be >= 1, got {self.irr_tokens}")
+        if self.irr_texts < 1:
+            raise HparamsError(f"irr_texts must be >= 1, got {self.irr_texts}")
         module = lm.base_module(lm.arch.mlp_out_path(self.layer))
         if getattr(module, "weight", None) is None or module.weight.dim() != 2:
             raise HparamsError(f"WISE needs a linear output projection at layer {self.layer}; "

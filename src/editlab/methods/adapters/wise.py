@@ -305,10 +305,44 @@ class WISEWrapper(TableAdapter):
 
 
 
-def irrelevant_texts(requests: list[EditRequest]) -> list[str]:
-    """x_irr: the requests' neighbourhood and locality probes (prompt + answer), else generic sentences."""
+def _probe_texts(requests: list[EditRequest]) -> list[str]:
     texts = [f"{prompt} {answer.strip()}".strip() for r in requests
              for prompt, answer in (*r.neighborhood, *r.locality)]
+    return list(dict.fromkeys(texts))
+
+
+_POOLS: dict[str, tuple[str, ...]] = {}
+
+
+def irr_pool(source: str) -> tuple[str, ...]:
+    """The probe texts (prompt + answer) of every record of dataset `source` (a name or a file), loaded
+    once per process. A source without probes raises `HparamsError`."""
+    if source not in _POOLS:
+        from ...data import load_requests
+
+        pool = tuple(_probe_texts(load_requests(source)))
+        if not pool:
+            raise HparamsError(f"irr_data {source!r} has no neighbourhood or locality probes to draw x_irr from")
+        _POOLS[source] = pool
+    return _POOLS[source]
+
+
+def irrelevant_texts(requests: list[EditRequest], hp: WISEHparams | None = None) -> list[str]:
+    """x_irr. By default the requests' neighbourhood and locality probes (prompt + answer), else generic
+    sentences. With `hp.irr_data`, `hp.irr_texts` texts per request drawn from that dataset's probes
+    (seeded by `hp.seed` and the request's prompt, so an edit always draws the same), never one of the
+    request's own probes."""
+    if hp is None or not hp.irr_data:
+        return _probe_texts(requests) or list(GENERIC_SENTENCES)
+    import random
+
+    pool = irr_pool(hp.irr_data)
+    own = set(_probe_texts(requests))
+    texts: list[str] = []
+    for r in requests:
+        rng = random.Random(f"{hp.seed}:{r.prompt}:{r.target_new}")
+        picks = [pool[i] for i in rng.sample(range(len(pool)), min(len(pool), hp.irr_texts + len(own)))]
+        texts.extend([t for t in picks if t not in own][: hp.irr_texts])
     return list(dict.fromkeys(texts)) or list(GENERIC_SENTENCES)
 
 
@@ -416,7 +450,7 @@ class WISEEditor(Editor):
         trained = list(requests) + earlier
         batch = encode_batch(lm, templated(lm, trained, hp), "target_new")
         a_edit = self._edit_inputs(lm, path, batch)
-        a_irr = token_inputs(lm, path, irrelevant_texts(trained), hp.irr_tokens, skip_prefix=False)
+        a_irr = token_inputs(lm, path, irrelevant_texts(trained, hp), hp.irr_tokens, skip_prefix=False)
         replayed = other if hp.replay else []  # replay: the other memories' answer positions, kept quiet here
         a_old = self._answer_inputs(lm, path, wrapper, replayed) if replayed else a_irr[:0]
         ref = next(iter(wrapper.base_layer.parameters()), None)
