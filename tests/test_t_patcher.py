@@ -352,3 +352,21 @@ def test_extending_needs_units_the_named_edit_made(lm, hp):
     assert _same(snap, _snapshot(lm)) and lm.active_edits == [a, b]
     b.restore()
     a.restore()
+
+
+def test_memory_data_builds_the_memory_from_a_datasets_probes(lm, hp, tmp_path):
+    import json
+
+    recs = [{"subject": f"Company {i}", "src": f"What is the product made by Company {i}?", "alt": "uniforms",
+             "answers": ["shoes"], "rephrase": f"What does Company {i} make?",
+             "loc": f"nq question: who wrote play number {i}", "loc_ans": f"Author {i}"} for i in range(30)]
+    f = tmp_path / "train.json"
+    f.write_text(json.dumps(recs))
+    hpd = t_patcher.TPatcherHparams.for_model(lm, **{**hp, "memory_data": str(f)})
+    path = mlp_path(lm, hpd.layer)
+    rows = t_patcher.memory(lm, path, hpd)
+    texts = [f"who wrote play number {i} Author {i}" for i in range(30)]
+    assert torch.equal(rows, t_patcher.token_inputs(lm, path, texts, hpd.memory_size).to(rows.device))
+    edit = get_editor("t-patcher").apply(lm, FACTS[0], **{**hp, "memory_data": str(f)})
+    assert edit.info["memory_rows"] == rows.shape[0]
+    edit.restore()

@@ -501,7 +501,7 @@ def test_irr_data_draws_x_irr_from_a_disjoint_pool(lm, tmp_path):
     hp = get_editor("wise").hparams(lm, irr_data=str(pool_file), irr_texts=5)
     drawn = wise.irrelevant_texts([req], hp)
     assert len(drawn) == 5 and not set(drawn) & set(own)
-    assert set(drawn) <= set(wise.irr_pool(str(pool_file)))
+    assert set(drawn) <= set(wise.probe_pool(str(pool_file)))
     assert drawn == wise.irrelevant_texts([req], hp)  # the same edit always draws the same texts
     seen = []
     real = wise.token_inputs

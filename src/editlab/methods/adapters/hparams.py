@@ -72,6 +72,9 @@ class TPatcherHparams(Hparams):
     amplify: float = 10.0  # norm of the initial value vector
     max_add_neuron_num: int = 1
     corpus: str = "wikipedia"  # generic text for the memory (see stats.corpus.get_corpus)
+    # a dataset (name or file) whose probes' inputs are the memory instead of generic text (the reference
+    # builds it from the task's training examples); use a split disjoint from the records scored
+    memory_data: str = ""
     # earlier T-Patcher edits' inputs join the memory (the reference's update_memory=1); False: generic text only
     memorize_edits: bool = True
 

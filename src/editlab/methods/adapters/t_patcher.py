@@ -19,7 +19,10 @@ Per unit, with `q` its query, `a(h) = k·h + b` and memory inputs `h_j`:
 The memory holds the MLP's inputs at every token of generic text (the statistics corpus; the sink
 prefix excluded, as queries never see it), `memory_size` rows, cached in `lm.cache` per (base model,
 the other edits below, module, corpus, size): edits that only add side units at this MLP do not
-change its inputs, so a sequence of T-Patcher edits computes it once. With `memorize_edits` (default,
+change its inputs, so a sequence of T-Patcher edits computes it once. With `memory_data` (a dataset
+name or file) the memory is the inputs at every token of that dataset's neighbourhood and locality
+probes (prompt + answer) instead, as the reference builds it from the task's training examples; use a
+split disjoint from the records scored (e.g. counterfact-train). With `memorize_edits` (default,
 the reference's `update_memory=1`) it also holds the inputs at every token of each earlier T-Patcher
 edit's prompt and target at this MLP, so a new unit is trained not to fire where earlier units fire
 (memory rows equal to the new edit's own queries are dropped as below, so re-editing a prompt works). Training steps run only the
@@ -64,6 +67,7 @@ from ..base import Editor
 from ..ft import encode_batch
 from ..patches import Patch
 from .hparams import TPatcherHparams
+from .pools import probe_pool
 from .queries import token_inputs, token_states
 from .side_units import FrozenPrefix, Site, edit_is_own_rows, generic_paragraphs, target_loss
 
@@ -74,13 +78,15 @@ EDIT_MEMORY_CACHE = "t-patcher-edit-memory"
 
 # ---------------------------------------------------------------- memory and queries
 def memory(lm: LM, path: str, hp: TPatcherHparams) -> torch.Tensor:
-    """Inputs of the module at `path` on generic text [n, d_in] (float32, on the model's device),
-    cached per (base model, the edits below that could change those inputs, path, corpus, size)."""
+    """Inputs of the module at `path` on generic text, or on the probes of `hp.memory_data` [n, d_in]
+    (float32, on the model's device), cached per (base model, the edits below that could change those
+    inputs, path, source, size)."""
     others = tuple(e.id for e in lm.active_edits if not edit_is_own_rows(e, path))
-    key = (lm.base_fingerprint, others, path, hp.corpus, hp.memory_size)
+    key = (lm.base_fingerprint, others, path, hp.corpus, hp.memory_data, hp.memory_size)
     store = lm.cache.setdefault(MEMORY_CACHE, {})
     if key not in store:
-        texts = generic_paragraphs(hp.corpus)
+        # the reference's memory is the model's inputs on the task's own training examples
+        texts = list(probe_pool(hp.memory_data, "memory_data")) if hp.memory_data else generic_paragraphs(hp.corpus)
         rows = token_inputs(lm, path, texts, hp.memory_size) if texts else torch.zeros(0)
         store.clear()  # one memory at a time (40k x d floats)
         store[key] = rows.to(lm.device) if rows.numel() else torch.zeros(0, device=lm.device)

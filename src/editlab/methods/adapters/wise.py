@@ -120,6 +120,7 @@ from ..patches import ModuleSwap, Patch, TableUpdate
 from .hparams import WISEHparams
 from .inject import TableAdapter
 from ..locate.shared import context_templates, parse_template_groups
+from .pools import probe_pool, probe_texts
 from .queries import token_inputs
 from .ties import ties_merge
 
@@ -305,39 +306,17 @@ class WISEWrapper(TableAdapter):
 
 
 
-def _probe_texts(requests: list[EditRequest]) -> list[str]:
-    texts = [f"{prompt} {answer.strip()}".strip() for r in requests
-             for prompt, answer in (*r.neighborhood, *r.locality)]
-    return list(dict.fromkeys(texts))
-
-
-_POOLS: dict[str, tuple[str, ...]] = {}
-
-
-def irr_pool(source: str) -> tuple[str, ...]:
-    """The probe texts (prompt + answer) of every record of dataset `source` (a name or a file), loaded
-    once per process. A source without probes raises `HparamsError`."""
-    if source not in _POOLS:
-        from ...data import load_requests
-
-        pool = tuple(_probe_texts(load_requests(source)))
-        if not pool:
-            raise HparamsError(f"irr_data {source!r} has no neighbourhood or locality probes to draw x_irr from")
-        _POOLS[source] = pool
-    return _POOLS[source]
-
-
 def irrelevant_texts(requests: list[EditRequest], hp: WISEHparams | None = None) -> list[str]:
     """x_irr. By default the requests' neighbourhood and locality probes (prompt + answer), else generic
     sentences. With `hp.irr_data`, `hp.irr_texts` texts per request drawn from that dataset's probes
     (seeded by `hp.seed` and the request's prompt, so an edit always draws the same), never one of the
     request's own probes."""
     if hp is None or not hp.irr_data:
-        return _probe_texts(requests) or list(GENERIC_SENTENCES)
+        return probe_texts(requests) or list(GENERIC_SENTENCES)
     import random
 
-    pool = irr_pool(hp.irr_data)
-    own = set(_probe_texts(requests))
+    pool = probe_pool(hp.irr_data)
+    own = set(probe_texts(requests))
     texts: list[str] = []
     for r in requests:
         rng = random.Random(f"{hp.seed}:{r.prompt}:{r.target_new}")
