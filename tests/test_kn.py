@@ -138,6 +138,9 @@ def test_sharing_filter_keeps_units_shared_by_enough_prompts():
     assert trunc.neurons == [(5, 1), (9, 2)] and trunc.share_ratio == pytest.approx(0.35)
     assert trunc.scores == pytest.approx([float(a[:, 0, 1].mean()), float(a[:, 1, 2].mean())])
     assert trunc.coarse_sizes == [2, 2, 2]
+    # "more than p": at p = 2/3 exactly, a unit in 2 of 3 prompts is not shared by more than 2/3
+    assert kn._shared([{(5, 1), (9, 2)}, {(5, 1), (9, 2)}, {(5, 1)}], 2 / 3) == {(5, 1)}
+    assert kn._shared([{(5, 1)}, {(9, 2)}], 0.5) == set()  # 1 of 2 is not more than half
 
 
 def test_neuron_deltas_follow_the_formula_in_each_layout():

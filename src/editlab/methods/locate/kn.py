@@ -154,8 +154,9 @@ def coarse_sets(attr: torch.Tensor, threshold: float) -> list[set[tuple[int, int
 
 
 def _shared(coarse: list[set[tuple[int, int]]], ratio: float) -> set[tuple[int, int]]:
-    """Units in the coarse sets of at least a fraction `ratio` of the prompts (and of at least one)."""
-    need = max(1, math.ceil(ratio * len(coarse) - 1e-9))
+    """Units in the coarse sets of more than a fraction `ratio` of the prompts (the paper's "shared by
+    more than p% of prompts", as the reference's `count > p·n`; and of at least one)."""
+    need = max(1, math.floor(ratio * len(coarse) + 1e-9) + 1)
     counts: dict[tuple[int, int], int] = {}
     for s in coarse:
         for u in s:
