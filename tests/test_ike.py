@@ -175,6 +175,15 @@ def test_batch_states_the_fact_nearest_to_each_prompt(lm):
         assert len(stated) == 2 and stated[-1].endswith("city of Rome")  # the nearest fact last
 
 
+def test_a_few_shot_prompt_is_routed_by_its_question_not_its_demonstrations(lm):
+    # a few-shot prompt's examples mention another fact; its question decides which fact is stated
+    shots = "Q: Where is the Eiffel Tower? A: Paris\nQ: Which city is the Eiffel Tower in? A: Paris\n"
+    with _editor().apply(lm, [JORDAN, EIFFEL, CURIE], n_demos=0) as edit:
+        text = _context(edit, shots + "Q: Which sport is Michael Jordan a player of? A:")
+        stated = [line for line in text.splitlines() if line.startswith("New Fact:")]
+        assert stated and all("Jordan" in line for line in stated)
+
+
 @needs_minilm
 def test_scoped_ike_leaves_unrelated_prompts_alone(lm):
     with _editor().apply(lm, [JORDAN, EIFFEL], n_demos=0, scope_threshold=0.5) as edit:

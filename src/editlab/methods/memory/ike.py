@@ -50,7 +50,7 @@ from ..patches import Patch, ViewPatch
 from .hparams import IKEHparams
 from .prompting import join
 from .retriever import EditMemory, Retriever, check_threshold, record_for, statement
-from .views import PromptView, extend_below, extension_of
+from .views import PromptView, extend_below, extension_of, split_query
 
 FORMAT = 1
 DEMO_TYPES = ("copy", "update", "retain")
@@ -233,7 +233,9 @@ class IKEView(PromptView):
         return "".join(demos) + head
 
     def wrap(self, prompts: Sequence[str], reserves: Sequence[int]) -> list[str]:
-        facts = self.facts_for(prompts)
+        # retrieve by the prompt's question (`split_query`), never by a few-shot prompt's demonstrations:
+        # the encoder reads 256 word pieces, so a long few-shot prompt would be cut before its question
+        facts = self.facts_for([split_query(p)[1] for p in prompts])
         return [join(self.base.tokenizer, self.context(p, f, r), p, self.chat) for p, f, r in zip(prompts, facts, reserves)]
 
     # ---------------------------------------------------------------- the LM calls (PromptView: score, next token, generate)
