@@ -370,3 +370,5 @@ def test_memory_data_builds_the_memory_from_a_datasets_probes(lm, hp, tmp_path):
     edit = get_editor("t-patcher").apply(lm, FACTS[0], **{**hp, "memory_data": str(f)})
     assert edit.info["memory_rows"] == rows.shape[0]
     edit.restore()
+    with pytest.raises(HparamsError, match=r"memory_data: data file not found"):
+        get_editor("t-patcher").hparams(lm, **{**hp, "memory_data": str(tmp_path / "nope.json")})

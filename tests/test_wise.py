@@ -514,5 +514,11 @@ def test_irr_data_draws_x_irr_from_a_disjoint_pool(lm, tmp_path):
     edit.restore()
     empty = tmp_path / "none.json"
     empty.write_text(json.dumps([{k: v for k, v in _zsre(0).items() if k not in ("loc", "loc_ans")}]))
-    with pytest.raises(Exception, match="loc"):
+    before = _snapshot(lm)
+    with pytest.raises(HparamsError, match="has no neighbourhood or locality probes"):
         get_editor("wise").apply(lm, req, irr_data=str(empty))
+    with pytest.raises(HparamsError, match=r"irr_data: data file not found: .*missing\.json"):
+        get_editor("wise").hparams(lm, irr_data=str(tmp_path / "missing.json"))  # before any model work
+    with pytest.warns(UserWarning, match="'counterfact', an evaluation dataset"):
+        wise.WISEHparams.from_dict({"irr_data": "counterfact"})._check_dataset("irr_data", "counterfact", "x_irr")
+    assert _same(before, _snapshot(lm)) and not lm.active_edits

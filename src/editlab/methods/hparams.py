@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
@@ -18,6 +19,18 @@ if TYPE_CHECKING:
     from ..models.lm import LM
 
 H = TypeVar("H", bound="Hparams")
+
+
+def warn_if_evaluation_data(setting: str, names: Sequence[str]) -> None:
+    """Warn when a method learns from (or retrieves from) a registered evaluation dataset: figures on
+    that dataset's records would then be measured on records the method has seen. Training splits
+    (`*-train`), the built-in facts and files are not checked."""
+    from ..data import DATASETS
+
+    for name in names:
+        if name in DATASETS and not DATASETS.resolve(name).endswith("-train") and DATASETS.resolve(name) != "builtin":
+            warnings.warn(f"{setting} uses {name!r}, an evaluation dataset: figures on its records are not results "
+                          "(use a training split such as counterfact-train)", UserWarning, stacklevel=3)
 
 
 @dataclass
@@ -135,6 +148,25 @@ class Hparams:
     def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         if value not in choices:
             raise HparamsError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+    @staticmethod
+    def _check_dataset(name: str, value: str, setting: str) -> None:
+        """A hyper-parameter naming a dataset (a registered name, "builtin" or a file) that the method reads:
+        "" is off; otherwise it must resolve, and an evaluation dataset draws a warning (its records would
+        then be seen by the method). Checked here, before any model work."""
+        if not value:
+            return
+        if not isinstance(value, str):
+            raise HparamsError(f"{name} must name a dataset or a file, got {value!r}")
+        if value != "builtin":
+            from ..data import resolve
+            from ..errors import DataFormatError
+
+            try:
+                resolve(value)
+            except DataFormatError as e:
+                raise HparamsError(f"{name}: {e}") from None
+        warn_if_evaluation_data(setting, [value])
 
     @staticmethod
     def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:

@@ -99,6 +99,7 @@ class TPatcherHparams(Hparams):
         self._check_positive("alc", self.alc, allow_zero=True)
         self._check_positive("mlc", self.mlc, allow_zero=True)
         self._check_positive("amplify", self.amplify)
+        self._check_dataset("memory_data", self.memory_data, "T-Patcher's memory_data")
         self._check_positive("max_add_neuron_num", self.max_add_neuron_num)
         self._check_positive("memory_top_k", self.memory_top_k)
         self._check_positive("memory_size", self.memory_size, allow_zero=True)
@@ -246,6 +247,7 @@ class WISEHparams(Hparams):
             raise HparamsError(f"irr_tokens must be >= 1, got {self.irr_tokens}")
         if self.irr_texts < 1:
             raise HparamsError(f"irr_texts must be >= 1, got {self.irr_texts}")
+        self._check_dataset("irr_data", self.irr_data, "WISE's irr_data (x_irr)")
         module = lm.base_module(lm.arch.mlp_out_path(self.layer))
         if getattr(module, "weight", None) is None or module.weight.dim() != 2:
             raise HparamsError(f"WISE needs a linear output projection at layer {self.layer}; "

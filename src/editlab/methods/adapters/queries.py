@@ -32,23 +32,6 @@ def _inputs(lm: LM, path: str, seqs: Sequence[Sequence[int]]) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def token_states(lm: LM, path: str, seqs: Sequence[Sequence[int]], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input of module `path` at every position of the token sequences `seqs` [n, width, d_in], their
-    attention mask [n, width]), right-padded to the longest; run in batches of `batch_size`."""
-    if not seqs:
-        return torch.zeros(0, 0, 0), torch.zeros(0, 0)
-    width = max(len(s) for s in seqs)
-    hs, masks = [], []
-    for start in range(0, len(seqs), batch_size):
-        chunk = [list(s) for s in seqs[start : start + batch_size]]
-        h, mask = _inputs(lm, path, chunk)
-        pad = width - h.shape[1]
-        hs.append(torch.nn.functional.pad(h.float(), (0, 0, 0, pad)))
-        masks.append(torch.nn.functional.pad(mask.to(h.device), (0, pad)))
-    return torch.cat(hs), torch.cat(masks)
-
-
-@torch.no_grad()
 def last_prompt_inputs(lm: LM, path: str, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
     """Input of module `path` at the last token of each prompt: [len(prompts), d_in] (float32)."""
     out: list[torch.Tensor] = []
@@ -75,12 +58,19 @@ def token_inputs(lm: LM, path: str, texts: Sequence[str], max_tokens: int, skip_
     """Inputs of module `path` at every real token of `texts` (padding excluded; the sink prefix
     excluded when `skip_prefix`), up to `max_tokens` rows: [n, d_in] (float32). Used for memories of
     what the module sees on unrelated text (T-Patcher's memory loss, radius calibration)."""
+    return sequence_inputs(lm, path, [lm.encode_prompt(t) for t in texts], max_tokens, skip_prefix, batch_size)
+
+
+@torch.no_grad()
+def sequence_inputs(lm: LM, path: str, encoded: Sequence[Sequence[int]], max_tokens: int, skip_prefix: bool = True,
+                    batch_size: int = 16) -> torch.Tensor:
+    """`token_inputs` of token sequences already encoded as the model reads them (each starting with the
+    sink prefix, as `encode_prompt` and `encode_pair` give them)."""
     rows: list[torch.Tensor] = []
     n = 0
     skip = len(lm.prefix_ids) if skip_prefix else 0
-    encoded = [lm.encode_prompt(t) for t in texts]
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
+        chunk = [list(s) for s in encoded[start : start + batch_size]]
         h, mask = _inputs(lm, path, chunk)
         keep = mask.bool().clone()
         keep[:, :skip] = False

@@ -68,7 +68,7 @@ from ..ft import encode_batch
 from ..patches import Patch
 from .hparams import TPatcherHparams
 from .pools import probe_pool
-from .queries import token_inputs, token_states
+from .queries import sequence_inputs, token_inputs
 from .side_units import FrozenPrefix, Site, edit_is_own_rows, generic_paragraphs, target_loss
 
 MEMORY_CACHE = "t-patcher-memory"
@@ -102,7 +102,6 @@ def edit_memory(lm: LM, path: str) -> torch.Tensor:
     others = tuple(e.id for e in lm.active_edits if not edit_is_own_rows(e, path))
     store = lm.cache.setdefault(EDIT_MEMORY_CACHE, {})
     rows: list[torch.Tensor] = []
-    skip = len(lm.prefix_ids)
     for e in lm.active_edits:
         if e.method != TPatcherEditor.name or not edit_is_own_rows(e, path):
             continue
@@ -112,10 +111,7 @@ def edit_memory(lm: LM, path: str) -> torch.Tensor:
             for r in e.requests:
                 p_ids, t_ids = lm.encode_pair(r.prompt, r.target_new)
                 seqs.append(p_ids + t_ids[:-1])  # the inputs that predict each target token
-            h, mask = token_states(lm, path, seqs)
-            keep = mask.bool().clone()
-            keep[:, :skip] = False
-            store[key] = h[keep.to(h.device)].float()
+            store[key] = sequence_inputs(lm, path, seqs, sum(map(len, seqs))).to(lm.device)
         rows.append(store[key])
     return torch.cat(rows) if rows else torch.zeros(0, device=lm.device)
 

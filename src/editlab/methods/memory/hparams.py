@@ -4,29 +4,16 @@ re-exports its class."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ...errors import HparamsError
 from ...requests import _context_limit
-from ..hparams import Hparams
+from ..hparams import Hparams, warn_if_evaluation_data
 from .prompting import check_chat
 
 if TYPE_CHECKING:
     from ...models.lm import LM
-
-
-def warn_if_evaluation_data(setting: str, names: Sequence[str]) -> None:
-    """Warn when a method learns from (or retrieves from) a registered evaluation dataset: figures on
-    that dataset's records would then be measured on records the method has seen. Training splits
-    (`*-train`), the built-in facts and files are not checked."""
-    from ...data import DATASETS
-
-    for name in names:
-        if name in DATASETS and not DATASETS.resolve(name).endswith("-train") and DATASETS.resolve(name) != "builtin":
-            warnings.warn(f"{setting} uses {name!r}, an evaluation dataset: figures on its records are not results "
-                          "(use a training split such as counterfact-train)", UserWarning, stacklevel=3)
 
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
