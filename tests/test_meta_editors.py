@@ -74,11 +74,12 @@ def test_added_outputs_equal_running_the_changed_weights(lm):
     assert torch.allclose(hooked, direct, atol=1e-5)
 
 
-def test_untrained_mend_makes_a_plain_gradient_step(lm):
+@pytest.mark.parametrize("block", ["paper", "residual"])
+def test_untrained_mend_makes_a_plain_gradient_step(lm, block):
     """With the identity network and no statistics yet, MEND's delta is -alpha * grad W."""
     from editlab.methods.meta.mend import MENDNet
 
-    hp = get_editor("mend").hparams(lm, **_hp("mend"))
+    hp = get_editor("mend").hparams(lm, **_hp("mend", block=block))
     net = MENDNet(lm, hp)
     ex = examples_from_requests([FACT, FACT])[:1]
     facts, _, _ = net.factors(lm, ex, hp)
@@ -87,6 +88,53 @@ def test_untrained_mend_makes_a_plain_gradient_step(lm):
         left, right = deltas[p]
         grad = facts[p].delta.T @ facts[p].u
         assert torch.allclose(left @ right, -hp.edit_lr * grad, atol=1e-9)
+
+
+def test_paper_block_is_the_papers_formula_and_trains_from_zero_u():
+    """block="paper": z + clamp(s (U V z + b) + o, 0) per block, V ~ N(0, 1); at U = 0 the clamp still
+    passes gradient to U (a relu would not: its gradient at 0 is 0)."""
+    from editlab.methods.meta.nets import FactorNet
+
+    torch.manual_seed(0)
+    net = FactorNet(3, 2, rank=4, n_blocks=2, n_modes=2, block="paper")
+    assert net.V[0].shape == (4, 5) and net.b[0].shape == (5,) and 0.5 < float(net.V[0].detach().std()) < 2
+    u, d = torch.randn(6, 3), torch.randn(6, 2)
+    gu, gd = net(u, d, mode=1)
+    assert torch.equal(gu, u) and torch.equal(gd, d)  # identity at initialisation
+    (gu.sum() + gd.sum()).backward()
+    assert all(float(U.grad.abs().sum()) > 0 for U in net.U)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p))
+    z = torch.cat([u, d], -1)
+    for j in range(2):
+        pre = net.scale[j][1] * (z @ net.V[j].T @ net.U[j].T + net.b[j]) + net.shift[j][1]
+        z = z + torch.where(pre > 0, pre, torch.zeros_like(pre))
+    gu, gd = net(u, d, mode=1)
+    assert torch.allclose(torch.cat([gu, gd], -1), z, atol=1e-5)
+
+
+def test_checkpoint_from_before_the_block_field_still_serves_its_block(lm):
+    """A MEND checkpoint whose key has no `block` (written before the field existed) was trained with the
+    residual block: it serves and is re-found for block="residual", never for block="paper"."""
+    from editlab.train import checkpoints as ckmod
+
+    ed = get_editor("mend")
+    ck = ed.fit(lm, load_requests("builtin"), _hp("mend", block="residual"), progress=False)
+    meta = json.loads((ck.path / "checkpoint.json").read_text())
+    del meta["key"]["hparams"]["block"]
+    old = ckmod._folder(meta["key"])
+    shutil.move(str(ck.path), str(old))
+    (old / "checkpoint.json").write_text(json.dumps(meta))
+    edit = ed.apply(lm, FACT, **_hp("mend", block="residual"))  # the only checkpoint there is
+    assert lm.active_edits == [edit]
+    edit.restore()
+    again = ed.fit(lm, load_requests("builtin"), _hp("mend", block="residual"), progress=False)
+    assert again.path == old  # found, not trained again
+    with pytest.raises(CheckpointError, match="editlab train mend"):
+        ed.apply(lm, FACT, **_hp("mend", block="paper"))
+    with pytest.raises(HparamsError, match="block"):
+        ed.hparams(lm, block="reference")
 
 
 def test_running_norm_matches_batch_statistics():

@@ -140,7 +140,7 @@ class Editor(ABC):
         hp = self._resolve_hparams(lm, hparams, {})
         key = {**checkpoint_key(lm, self.name, hp.to_dict(), reqs), "format": self.checkpoint_format}
         if not force:
-            found = find_checkpoint(key)
+            found = find_checkpoint(key, getattr(hp, "ABSENT_MEANS", None))
             if found is not None:
                 return found
         workdir = work_dir(key)
@@ -169,7 +169,8 @@ class Editor(ABC):
 
     def checkpoint(self, lm: LM, hp: Any) -> Checkpoint:
         """The checkpoint `apply` uses: the newest cached one for this base model and network."""
-        found = latest_checkpoint(lm, self.name, self.network_fields(hp), self.checkpoint_format)
+        found = latest_checkpoint(lm, self.name, self.network_fields(hp), self.checkpoint_format,
+                                  getattr(hp, "ABSENT_MEANS", None))
         if found is None:
             raise CheckpointError(
                 f"method {self.name!r} needs a trained editor for {lm.name} with these hyper-parameters; "

@@ -75,9 +75,22 @@ def work_dir(key: dict[str, Any]) -> Path:
     return folder.parent / f"{folder.name}.partial"
 
 
-def find_checkpoint(key: dict[str, Any]) -> Checkpoint | None:
-    """The checkpoint stored under exactly `key`, or None."""
+def _legacy_key(key: dict[str, Any], absent: dict[str, Any]) -> dict[str, Any]:
+    """`key` as a checkpoint written before the fields of `absent` existed stored it: each such field that
+    holds the value its absence stood for is left out."""
+    hp = {k: v for k, v in key["hparams"].items() if not (k in absent and v == absent[k])}
+    return {**key, "hparams": hp}
+
+
+def find_checkpoint(key: dict[str, Any], absent: dict[str, Any] | None = None) -> Checkpoint | None:
+    """The checkpoint stored under exactly `key`, or None. `absent`: hyper-parameters added after
+    checkpoints were written, with the value their absence stands for; a checkpoint stored without such a
+    field is found when `key` holds that value."""
     folder = _folder(key)
+    if not (folder / META).exists() and absent:
+        legacy = _legacy_key(key, absent)
+        if legacy != key and (_folder(legacy) / META).exists():
+            key, folder = legacy, _folder(legacy)
     if not (folder / META).exists():
         return None
     ckpt = _read(folder)
@@ -86,10 +99,14 @@ def find_checkpoint(key: dict[str, Any]) -> Checkpoint | None:
     return ckpt
 
 
-def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any], fmt: int = 1) -> Checkpoint | None:
+def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any], fmt: int = 1,
+                      absent: dict[str, Any] | None = None) -> Checkpoint | None:
     """Newest checkpoint for this base model and method (any training data) whose hyper-parameters agree
     with `hparams` on every key `hparams` has (callers leave out training-only fields), and whose
-    network format is `fmt` (a key without one is format 1)."""
+    network format is `fmt` (a key without one is format 1). A key without a field of `absent` holds that
+    field's value there (checkpoints written before the field existed)."""
+    absent = absent or {}
+    missing = object()
     root = cache_dir("checkpoints", method, str(lm.base_fingerprint)[:16])
     found = []
     want = json.loads(json.dumps(hparams, default=str))
@@ -103,7 +120,7 @@ def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any], fmt: int = 
         k = meta.get("key", {})
         have = k.get("hparams") or {}
         if (k.get("model") == lm.base_fingerprint and k.get("format", 1) == fmt
-                and all(have.get(name) == value for name, value in want.items())):
+                and all(have.get(name, absent.get(name, missing)) == value for name, value in want.items())):
             found.append((meta.get("created", 0), folder))
     if not found:
         return None

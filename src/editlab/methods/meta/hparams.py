@@ -36,6 +36,10 @@ class MetaHparams(Hparams):
         "patience", "max_tokens", "seed", "lr_lr", "edit_lr", "init_lambda", "margin_kl", "lr_alpha",
         "objective", "label_smoothing", "ema"})
 
+    # network fields added after checkpoints were written: the value a cached key without the field was
+    # trained with, so that the field's arrival does not orphan those checkpoints (train/checkpoints.py)
+    ABSENT_MEANS: ClassVar[dict[str, Any]] = {}
+
     # editors train for up to hundreds of thousands of steps (KE's paper: 200k updates)
     COUNT_BOUNDS: ClassVar[tuple[tuple[str, int], ...]] = tuple(
         (name, 10_000_000 if name == "steps" else bound) for name, bound in Hparams.COUNT_BOUNDS)
@@ -102,9 +106,14 @@ class MENDHparams(MetaHparams):
     matrices: list[str] = field(default_factory=lambda: ["mlp_gate", "mlp_in", "mlp_out"])
     rank: int = 1920  # hidden width of each residual block (min(rank, d_in + d_out))
     n_blocks: int = 2
+    # "paper": z + clamp(s (U V z + b) + o, 0), V ~ N(0, 1) (MEND's paper and code); "residual": editlab's
+    # earlier z + s U relu(V z + b) + o, V ~ N(0, 1/D) (nets.FactorNet)
+    block: str = "paper"
     edit_lr: float = 1e-4  # initial per-module step size alpha
     lr_lr: float = 1e-4  # Adam lr of the step sizes
     steps: int = 100_000
+
+    ABSENT_MEANS: ClassVar[dict[str, Any]] = {"block": "residual"}  # every checkpoint before the field
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # SmolLM2-135M on this project's 2-core CPU budget (≤ 45 min of training): the paper's matrices
@@ -116,7 +125,8 @@ class MENDHparams(MetaHparams):
         # validation (by loss) is kept. Chosen on counterfact-train (validation = its last 40 training
         # records), never on a reported split: with all three matrices the best validation is 0.74 edit /
         # 0.925 locality accuracy, against 0.66 / 0.925 with down_proj alone (docs/benchmarks.md).
-        "smollm2-135m": {"layers": [27, 28, 29], "matrices": ["mlp_gate", "mlp_in", "mlp_out"], "rank": 256, "lr": 1e-4,
+        "smollm2-135m": {"layers": [27, 28, 29], "matrices": ["mlp_gate", "mlp_in", "mlp_out"], "rank": 256,
+                         "block": "residual", "lr": 1e-4,
                          "steps": 2500, "edits_per_step": 4, "accumulate": 1, "edit_lr": 1e-4, "lr_lr": 1e-4,
                          "val_every": 100, "val_records": 40, "cloc": 3.0, "ema": 0.99, "patience": 0},
     }
@@ -127,10 +137,15 @@ class MENDHparams(MetaHparams):
         return {"layers": _last_layers(lm, 3),
                 "matrices": ["mlp_gate", "mlp_in", "mlp_out"] if gated else ["mlp_in", "mlp_out"]}
 
+    def check_counts(self, names: Any = None) -> None:
+        super().check_counts(names)
+        self._check_choice("block", self.block, ("paper", "residual"))
+
     def validate(self, lm: LM) -> None:
         super().validate(lm)
         for name in ("rank", "n_blocks", "edit_lr", "lr_lr"):
             self._check_positive(name, getattr(self, name))
+        self._check_choice("block", self.block, ("paper", "residual"))
 
 
 @dataclass

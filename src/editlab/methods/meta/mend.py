@@ -44,7 +44,8 @@ class MENDNet(GradientEditorNet):
         self.mode = {p: paths.index(p) for paths in groups.values() for p in paths}
         self.group = {p: k for k, paths in groups.items() for p in paths}
         self.nets = nn.ModuleDict({
-            k: FactorNet(self.shapes[paths[0]][1], self.shapes[paths[0]][0], hp.rank, hp.n_blocks, len(paths), seed=hp.seed + i)
+            k: FactorNet(self.shapes[paths[0]][1], self.shapes[paths[0]][0], hp.rank, hp.n_blocks, len(paths), seed=hp.seed + i,
+                         block=getattr(hp, "block", "residual"))  # MALMEN's net: residual
             for i, (k, paths) in enumerate(groups.items())
         })
         self.norms = nn.ModuleDict({safe_name(p): RunningNorm(sum(self.shapes[p])) for p in self.paths})
