@@ -81,6 +81,8 @@ def test_untrained_mend_makes_a_plain_gradient_step(lm, block):
 
     hp = get_editor("mend").hparams(lm, **_hp("mend", block=block))
     net = MENDNet(lm, hp)
+    for k, f in net.nets.items():  # the requested layout reaches every shared net (b: D-dim for paper)
+        assert f.block == block and f.b[0].shape[0] == (f.d_in + f.d_out if block == "paper" else min(hp.rank, f.d_in + f.d_out))
     ex = examples_from_requests([FACT, FACT])[:1]
     facts, _, _ = net.factors(lm, ex, hp)
     deltas = net.deltas(lm, ex, facts, rows=list(range(len(ex))), training=False)
