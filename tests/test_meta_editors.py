@@ -116,27 +116,32 @@ def test_paper_block_is_the_papers_formula_and_trains_from_zero_u():
     assert torch.allclose(torch.cat([gu, gd], -1), z, atol=1e-5)
 
 
-def test_checkpoint_from_before_the_block_field_still_serves_its_block(lm):
-    """A MEND checkpoint whose key has no `block` (written before the field existed) was trained with the
-    residual block: it serves and is re-found for block="residual", never for block="paper"."""
-    from editlab.train import checkpoints as ckmod
+def test_block_field_keeps_earlier_checkpoints_and_run_ids(lm):
+    """`block` came after MEND checkpoints and runs were stored; their keys have no `block` and stand for
+    "residual" (ABSENT_MEANS). A residual editor is keyed as before (no `block` in its checkpoint key or
+    run id), a key without `block` never serves block="paper", and a newer paper checkpoint never serves a
+    residual edit."""
+    from editlab.runner.runner import RunConfig, plan_run, run_id_for
 
     ed = get_editor("mend")
-    ck = ed.fit(lm, load_requests("builtin"), _hp("mend", block="residual"), progress=False)
-    meta = json.loads((ck.path / "checkpoint.json").read_text())
-    del meta["key"]["hparams"]["block"]
-    old = ckmod._folder(meta["key"])
-    shutil.move(str(ck.path), str(old))
-    (old / "checkpoint.json").write_text(json.dumps(meta))
-    edit = ed.apply(lm, FACT, **_hp("mend", block="residual"))  # the only checkpoint there is
-    assert lm.active_edits == [edit]
-    edit.restore()
-    again = ed.fit(lm, load_requests("builtin"), _hp("mend", block="residual"), progress=False)
-    assert again.path == old  # found, not trained again
+    res = ed.fit(lm, load_requests("builtin"), _hp("mend", block="residual"), progress=False)
+    assert "block" not in json.loads((res.path / "checkpoint.json").read_text())["key"]["hparams"]
     with pytest.raises(CheckpointError, match="editlab train mend"):
         ed.apply(lm, FACT, **_hp("mend", block="paper"))
+    paper = ed.fit(lm, load_requests("builtin"), _hp("mend", block="paper"), progress=False)
+    assert json.loads((paper.path / "checkpoint.json").read_text())["key"]["hparams"]["block"] == "paper"
+    for block, ck in (("residual", res), ("paper", paper)):
+        edit = ed.apply(lm, FACT, **_hp("mend", block=block))
+        assert edit.checkpoint_sha256 == ck.sha256
+        edit.restore()
+    assert ed.fit(lm, load_requests("builtin"), _hp("mend", block="residual"), progress=False).path == res.path
     with pytest.raises(HparamsError, match="block"):
         ed.hparams(lm, block="reference")
+    cfg = RunConfig(method="mend", hparams=_hp("mend", block="residual"))
+    stored = {k: v for k, v in ed.hparams(lm, **cfg.hparams).to_dict().items() if k != "block"}  # as hashed before
+    assert plan_run(lm, cfg, [FACT]).run_id == run_id_for(lm, cfg, [FACT], stored)
+    cfg_paper = RunConfig(method="mend", hparams=_hp("mend", block="paper"))
+    assert plan_run(lm, cfg_paper, [FACT]).run_id != plan_run(lm, cfg, [FACT]).run_id
 
 
 def test_running_norm_matches_batch_statistics():

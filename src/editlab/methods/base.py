@@ -138,9 +138,9 @@ class Editor(ABC):
             if not isinstance(r, EditRequest):
                 raise EditRequestError(f"train_requests[{i}] is a {type(r).__name__}, not an EditRequest")
         hp = self._resolve_hparams(lm, hparams, {})
-        key = {**checkpoint_key(lm, self.name, hp.to_dict(), reqs), "format": self.checkpoint_format}
+        key = {**checkpoint_key(lm, self.name, hp.identity(), reqs), "format": self.checkpoint_format}
         if not force:
-            found = find_checkpoint(key, getattr(hp, "ABSENT_MEANS", None))
+            found = find_checkpoint(key)
             if found is not None:
                 return found
         workdir = work_dir(key)
@@ -170,7 +170,7 @@ class Editor(ABC):
     def checkpoint(self, lm: LM, hp: Any) -> Checkpoint:
         """The checkpoint `apply` uses: the newest cached one for this base model and network."""
         found = latest_checkpoint(lm, self.name, self.network_fields(hp), self.checkpoint_format,
-                                  getattr(hp, "ABSENT_MEANS", None))
+                                  hp.ABSENT_MEANS)
         if found is None:
             raise CheckpointError(
                 f"method {self.name!r} needs a trained editor for {lm.name} with these hyper-parameters; "

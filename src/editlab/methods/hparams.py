@@ -38,6 +38,10 @@ class Hparams:
     """Base of every method's hyper-parameters. Subclasses add fields and `defaults_for(lm)`."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # fields added after runs and checkpoints were stored under keys without them: the value such a key
+    # stood for. `identity()` leaves a field out while it holds that value, so earlier run ids and
+    # checkpoint keys stay valid (and `latest_checkpoint` reads a key without it as that value).
+    ABSENT_MEANS: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def defaults_for(cls, lm: LM) -> dict[str, Any]:
@@ -124,6 +128,12 @@ class Hparams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """`to_dict()` as run ids and checkpoint keys hash it: without each `ABSENT_MEANS` field that holds
+        the value its absence stood for."""
+        return {k: v for k, v in self.to_dict().items()
+                if not (k in self.ABSENT_MEANS and v == self.ABSENT_MEANS[k])}
 
     def validate(self, lm: LM) -> None:
         """Raise HparamsError for values out of range for `lm` (subclasses extend)."""

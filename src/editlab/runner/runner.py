@@ -117,7 +117,7 @@ def plan_run(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest]) -> RunPlan
     if cfg.mode == "batch" and cfg.batch_size > 1 and not editor.supports_batch:
         raise EditlabError(f"method {cfg.method!r} does not support batch edits; use --mode single or a batch method")
     hp = editor.hparams(lm, **cfg.hparams)
-    run_id = run_id_for(lm, cfg, requests, hp.to_dict())
+    run_id = run_id_for(lm, cfg, requests, hp.identity())
     fields = dict(
         model=lm.name, model_fingerprint=lm.base_fingerprint, method=cfg.method, mode=cfg.mode,
         dataset=cfg.dataset, n_requests=len(requests), seed=cfg.seed, hparams=hp.to_dict(),

@@ -124,7 +124,7 @@ def suite_runs(lm: Any, plan: SuitePlan, hparams: Mapping[str, Mapping[str, Any]
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
     for m in [UNEDITED, *plan.methods]:
         hp = hps[m].to_dict() if m in hps else {}
-        runs[m] = (_run_id(lm, plan, m, hp, seed),
+        runs[m] = (_run_id(lm, plan, m, hps[m].identity() if m in hps else {}, seed),
                    dict(model=lm.name, model_fingerprint=lm.base_fingerprint, method=m, mode="suite", dataset=suite.name,
                         n_requests=len(units), seed=seed, hparams=hp, config=config, versions=vers))
     return runs, hps

@@ -75,22 +75,9 @@ def work_dir(key: dict[str, Any]) -> Path:
     return folder.parent / f"{folder.name}.partial"
 
 
-def _legacy_key(key: dict[str, Any], absent: dict[str, Any]) -> dict[str, Any]:
-    """`key` as a checkpoint written before the fields of `absent` existed stored it: each such field that
-    holds the value its absence stood for is left out."""
-    hp = {k: v for k, v in key["hparams"].items() if not (k in absent and v == absent[k])}
-    return {**key, "hparams": hp}
-
-
-def find_checkpoint(key: dict[str, Any], absent: dict[str, Any] | None = None) -> Checkpoint | None:
-    """The checkpoint stored under exactly `key`, or None. `absent`: hyper-parameters added after
-    checkpoints were written, with the value their absence stands for; a checkpoint stored without such a
-    field is found when `key` holds that value."""
+def find_checkpoint(key: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint stored under exactly `key`, or None."""
     folder = _folder(key)
-    if not (folder / META).exists() and absent:
-        legacy = _legacy_key(key, absent)
-        if legacy != key and (_folder(legacy) / META).exists():
-            key, folder = legacy, _folder(legacy)
     if not (folder / META).exists():
         return None
     ckpt = _read(folder)

@@ -36,10 +36,6 @@ class MetaHparams(Hparams):
         "patience", "max_tokens", "seed", "lr_lr", "edit_lr", "init_lambda", "margin_kl", "lr_alpha",
         "objective", "label_smoothing", "ema"})
 
-    # network fields added after checkpoints were written: the value a cached key without the field was
-    # trained with, so that the field's arrival does not orphan those checkpoints (train/checkpoints.py)
-    ABSENT_MEANS: ClassVar[dict[str, Any]] = {}
-
     # editors train for up to hundreds of thousands of steps (KE's paper: 200k updates)
     COUNT_BOUNDS: ClassVar[tuple[tuple[str, int], ...]] = tuple(
         (name, 10_000_000 if name == "steps" else bound) for name, bound in Hparams.COUNT_BOUNDS)
