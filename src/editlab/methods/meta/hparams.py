@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 # Symbolic names of the per-block matrices an editor can learn to change; resolved through ArchSpec
 # (`mlp_gate` only exists on gated MLPs such as Llama's SwiGLU).
 MATRICES = ("mlp_gate", "mlp_in", "mlp_out")
+# MEND's editor-block layouts (nets.FactorNet)
+BLOCKS = ("paper", "residual")
 
 
 def _last_layers(lm: LM, n: int) -> list[int]:
@@ -135,13 +137,13 @@ class MENDHparams(MetaHparams):
 
     def check_counts(self, names: Any = None) -> None:
         super().check_counts(names)
-        self._check_choice("block", self.block, ("paper", "residual"))
+        self._check_choice("block", self.block, BLOCKS)
 
     def validate(self, lm: LM) -> None:
         super().validate(lm)
         for name in ("rank", "n_blocks", "edit_lr", "lr_lr"):
             self._check_positive(name, getattr(self, name))
-        self._check_choice("block", self.block, ("paper", "residual"))
+        self._check_choice("block", self.block, BLOCKS)
 
 
 @dataclass

@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from .hparams import BLOCKS
+
 
 class RunningNorm(nn.Module):
     """Running mean and variance (Chan et al.'s parallel update) of feature vectors; updated only while
@@ -59,13 +61,11 @@ class RunningNorm(nn.Module):
 class FactorNet(nn.Module):
     """Rewrites standardised factors z = [u; delta] of one matrix shape; see the module docstring."""
 
-    BLOCKS = ("paper", "residual")
-
     def __init__(self, d_in: int, d_out: int, rank: int, n_blocks: int, n_modes: int, seed: int = 0,
                  block: str = "residual") -> None:
         super().__init__()
-        if block not in self.BLOCKS:
-            raise ValueError(f"block must be one of {self.BLOCKS}, got {block!r}")
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         self.d_in, self.d_out, self.block = d_in, d_out, block
         dim = d_in + d_out
         r = min(rank, dim)
