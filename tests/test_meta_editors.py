@@ -6,6 +6,7 @@ for another model, damaged ones and unusable training data are refused with edit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import warnings
@@ -19,7 +20,7 @@ from editlab.data import load_requests
 from editlab.errors import CheckpointError, DataFormatError, EditRequestError, HparamsError
 from editlab.methods import get_editor
 from editlab.methods.catalogue import METHODS
-from editlab.methods.meta.factors import added_outputs, capture_factors, encode_pairs
+from editlab.methods.meta.factors import added_outputs, capture, capture_factors, encode_pairs
 from editlab.methods.meta.nets import RunningNorm
 from editlab.models import load_lm
 from editlab.requests import EditRequest
@@ -54,6 +55,111 @@ def test_captured_factors_are_the_weight_gradient(lm):
     f = facts[path]
     assert set(f.rows.tolist()) == {0}  # the riding text contributes no factors
     assert torch.allclose(f.delta.T @ f.u, grad, atol=1e-6)
+
+
+def test_factors_and_states_do_not_depend_on_how_rows_are_batched(lm, monkeypatch):
+    """capture runs edit rows and riding rows as length-sorted sub-batches: every edit row's factors
+    are still its own weight gradient, and the final states and the kept block inputs are those of one
+    plain forward over the whole batch (at every real token)."""
+    path = lm.arch.mlp_in_path(2)
+    edits = [(FACT.prompt, FACT.target_new), ("The capital city of the country France is", " Paris"),
+             ("Toyota", " Japan")]
+    riding = [("Water boils at a temperature of one hundred degrees in", " Celsius"), ("Cats", " meow")]
+    scored = encode_pairs(lm, edits + riding)
+    # sub-batches out of row order and of mixed widths: [[2], [0, 1]] for the edits, [[1], [0]] for the rest
+    monkeypatch.setattr(lm, "length_batches", lambda lengths, *a, **k: iter([[len(lengths) - 1], list(range(len(lengths) - 1))]))
+    got = capture(lm, [path], scored, n_edit_rows=len(edits), keep_input_of=1)
+    monkeypatch.undo()
+    kept: list[torch.Tensor] = []
+    hook = lm.module(lm.arch.block_path(1)).register_forward_pre_hook(lambda m, a: kept.append(a[0]))
+    try:
+        full = lm.hidden_states(scored.ids, scored.mask)
+    finally:
+        hook.remove()
+    real = scored.mask.bool()
+    assert torch.allclose(got.hidden[real], full[real], atol=1e-5)
+    assert torch.allclose(got.block_input[real], kept[0][real], atol=1e-5)
+    f = got.factors[path]
+    assert set(f.rows.tolist()) == {0, 1, 2}
+    w = lm.module(path).weight
+    for row, pair in enumerate(edits):
+        one = encode_pairs(lm, [pair])
+        w.requires_grad_(True)
+        try:
+            hidden = lm.hidden_states(one.ids, one.mask)
+            logp = torch.log_softmax(lm.head(hidden[one.rows, one.cols]).float(), -1)
+            (grad,) = torch.autograd.grad(-logp.gather(1, one.targets[:, None]).mean(), [w])
+        finally:
+            w.requires_grad_(False)
+        mine = f.rows == row
+        assert torch.allclose(f.delta[mine].T @ f.u[mine], grad, atol=1e-5)
+
+
+def test_starting_at_a_block_skips_the_blocks_below_and_gives_the_full_forward(tiny_lm):
+    """The edited pass of meta-training runs from the lowest edited block on kept inputs: same states as
+    the whole forward, the blocks below are not run, and they run again afterwards."""
+    lm = tiny_lm
+    layer = lm.n_layers - 1
+    ids, mask = lm.pad_right([lm.encode_prompt("The Eiffel Tower is located in"), lm.encode_prompt("Paris")])
+    kept: list[torch.Tensor] = []
+    calls: list[int] = []
+    keep = lm.module(lm.arch.block_path(layer)).register_forward_pre_hook(
+        lambda m, a, k: kept.append(a[0] if a else k["hidden_states"]), with_kwargs=True)
+    count = lm.module(lm.arch.mlp_out_path(0)).register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        with torch.no_grad():
+            full = lm.hidden_states(ids, mask)
+            assert len(calls) == 1
+            with lm.starting_at_block(layer, kept[0]):
+                short = lm.hidden_states(ids, mask)
+            assert len(calls) == 1  # block 0 was skipped
+            with pytest.raises(ValueError, match="do not fit"):
+                with lm.starting_at_block(layer, kept[0][:1]):
+                    lm.hidden_states(ids, mask)
+            again = lm.hidden_states(ids, mask)
+    finally:
+        keep.remove()
+        count.remove()
+    assert len(calls) == 2 and "forward" not in lm.module(lm.arch.block_path(0)).__dict__
+    real = mask.bool()
+    assert torch.allclose(short[real], full[real], atol=1e-5) and torch.equal(again, full)
+
+
+@pytest.mark.parametrize("name", ["mend", "malmen", "ke"])
+def test_training_losses_and_gradients_equal_the_full_edited_forward(lm, monkeypatch, name):
+    """The edited pass of `losses` starts at the lowest edited block on states kept from the unedited
+    pass; running all blocks instead gives the same losses and editor gradients (duplicate texts and
+    texts of different lengths included)."""
+    import copy
+
+    hp = get_editor(name).hparams(lm, **_hp(name, layers=[lm.n_layers - 2, lm.n_layers - 1]))
+    torch.manual_seed(0)
+    net = get_editor(name).build_net(lm, hp)
+    ex = examples_from_requests(load_requests("builtin", limit=4))
+    ex = ex + ex[:1]
+    assert any(len(e.equiv) > 1 for e in ex) and all(e.loc for e in ex)
+    starts = []
+    real = lm.starting_at_block
+
+    def counted(layer, states):
+        starts.append(layer)
+        return real(layer, states)
+
+    def run(net):
+        out = net.losses(lm, ex, hp, training=True)
+        out["loss"].backward()
+        return out, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    monkeypatch.setattr(lm, "starting_at_block", counted)
+    fast, fast_grads = run(copy.deepcopy(net))
+    assert starts == [lm.n_layers - 2]
+    monkeypatch.setattr(lm, "starting_at_block", lambda layer, states: contextlib.nullcontext())
+    full, full_grads = run(copy.deepcopy(net))
+    for k in ("loss", "edit_nll", "loc_kl", "edit_acc", "loc_acc"):
+        assert torch.allclose(fast[k], full[k], rtol=1e-4, atol=1e-6), k
+    assert fast_grads.keys() == full_grads.keys() and fast_grads
+    for n in fast_grads:
+        assert torch.allclose(fast_grads[n], full_grads[n], rtol=1e-3, atol=1e-6), n
 
 
 def test_added_outputs_equal_running_the_changed_weights(lm):

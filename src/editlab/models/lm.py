@@ -256,6 +256,38 @@ class LM:
         """Final (normed) hidden states of the backbone for a right-padded batch."""
         return self.backbone_forward(ids, mask)
 
+    @contextlib.contextmanager
+    def starting_at_block(self, layer: int, states: torch.Tensor) -> Iterator[None]:
+        """Run the backbone as if blocks 0 .. layer-1 had produced `states` (the input of block `layer`
+        for the batch about to run, [batch, seq, d], e.g. kept from an earlier pass over the same texts):
+        those blocks are skipped; embeddings and masks are built as usual. Only for passes whose changes
+        all sit in block `layer` or above (a learned editor's edited forward during training). Only the
+        blocks' `forward` is replaced: forward hooks on the skipped blocks themselves still run (on the
+        kept states), hooks inside them do not."""
+        if layer <= 0:
+            yield
+            return
+        states = states.to(self.device, self.dtype)
+
+        def skip(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if hidden_states.shape != states.shape:
+                raise ValueError(f"kept block inputs {tuple(states.shape)} do not fit this batch "
+                                 f"{tuple(hidden_states.shape)}")
+            return states
+
+        blocks = [self.module(self.arch.block_path(j)) for j in range(layer)]
+        prior = [b.__dict__.get("forward") for b in blocks]
+        try:
+            for b in blocks:
+                b.forward = skip  # an instance attribute shadows the class's forward
+            yield
+        finally:
+            for b, f in zip(blocks, prior):
+                if f is None:
+                    b.__dict__.pop("forward", None)
+                else:
+                    b.forward = f
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_submodule(self.arch.lm_head)(hidden)
         if self._softcap:
@@ -276,9 +308,15 @@ class LM:
         padded to the length of long ones. `budget`: tokens per batch instead of max_batch_tokens.
         `shared`: tokens every row also reads from a KV cache of a prefix run once (`seqs` are what
         follows it): they count towards a batch's size (the cache is copied per row), not its cost."""
+        return self.length_batches([len(s) for s in seqs], overhead, budget, shared)
+
+    def length_batches(self, lengths: Sequence[int], overhead: int = 24, budget: int | None = None,
+                       shared: int = 0) -> Iterator[list[int]]:
+        """`_batches` on the lengths alone: indices of right-padded rows of these real lengths, cut into
+        the sub-batches that minimize padded tokens plus `overhead` per sub-batch."""
         limit = self.max_batch_tokens if budget is None else budget
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        lens = [len(seqs[i]) for i in order]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        lens = [lengths[i] for i in order]
         n = len(lens)
         best = [0.0] + [float("inf")] * n  # best[j]: cost of batching order[:j]
         cut = [0] * (n + 1)

@@ -4,9 +4,10 @@ editor network (`GradientEditorNet.losses`) and the `LearnedEditor` that trains 
 
 Losses (MEND's, card §1): `cedit * NLL(new answer | edit prompt and paraphrases, edited model) +
 cloc * KL(unedited ‖ edited)` at the positions that predict the answers of unrelated texts. One forward /
-backward of the unedited model on [edit texts; unrelated texts] gives both the gradient factors and the
-unedited distributions; one forward of the edited model on [equivalent texts; unrelated texts] gives the
-rest."""
+backward of the unedited model on [edit texts; unrelated texts; paraphrases] gives the gradient factors,
+the unedited distributions and every text's input to the lowest edited block; the forward of the edited
+model on [equivalent texts; unrelated texts] then runs only from that block up (`LM.starting_at_block`:
+the blocks below are the same before and after the edit), about a third less time per training step."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ...requests import EditRequest
 from ...train.meta import Example, examples_from_requests, train_editor
 from ..base import Editor
 from ..patches import LowRank, WeightDelta
-from .factors import Factors, Scored, added_outputs, answer_logprobs, capture_factors, edited_modules, encode_pairs, grouped_fn, matrix_shape, token_nll
+from .factors import Factors, Scored, added_outputs, answer_logprobs, capture, capture_factors, edited_modules, encode_pairs, grouped_fn, matrix_shape, token_nll
 
 class StaleEditorWarning(UserWarning):
     """A learned editor edits a model that already carries edits, which its training never showed it."""
@@ -82,11 +83,20 @@ class GradientEditorNet(nn.Module):
                 loc_owner += [g] * len(examples[i].loc)
                 equiv += examples[i].equiv
                 eq_owner += [g] * len(examples[i].equiv)
-        facts, hidden, scored = self.factors(lm, examples, hp, loc, hp.max_tokens)
+        # one unedited pass over the edits, the unrelated texts and the paraphrases (rows in that order)
+        # gives the factors, the unedited distributions and every text's input to the lowest edited
+        # block, so that the edited pass below runs only the edited blocks and those above them
+        edits = [ex.edit for ex in examples]
+        seen = set(edits)
+        texts = edits + loc + [q for q in dict.fromkeys(equiv) if q not in seen]
+        scored = encode_pairs(lm, texts, hp.max_tokens)
+        lowest = min(hp.layers)
+        got = capture(lm, self.paths, scored, n_edit_rows=len(edits), tokens=self.tokens, keep_input_of=lowest)
+        facts = got.factors
         if training:
             self.update_statistics(facts)
         n_edit = len(examples)
-        base_logp = answer_logprobs(lm, hidden, scored.subset(n_edit, n_edit + len(loc))).detach()
+        base_logp = answer_logprobs(lm, got.hidden, scored.subset(n_edit, n_edit + len(loc))).detach()
         owner = torch.tensor(eq_owner + loc_owner)
         owners = [torch.nonzero(owner == g)[:, 0] for g in range(len(groups))]
         with torch.set_grad_enabled(training):
@@ -96,7 +106,9 @@ class GradientEditorNet(nn.Module):
             fns = {p: grouped_fn([d[p] for d in per_group], owners if len(groups) > 1 else [None], self.shapes[p][0])
                    for p in self.paths}
             batch = encode_pairs(lm, equiv + loc, hp.max_tokens)
-            with added_outputs(lm, fns):
+            row = {t: i for i, t in reversed(list(enumerate(texts)))}
+            kept = got.block_input[[row[t] for t in equiv + loc]][:, :batch.ids.shape[1]]
+            with added_outputs(lm, fns), lm.starting_at_block(lowest, kept):
                 hid = lm.hidden_states(batch.ids, batch.mask)
             eq = batch.subset(0, len(equiv))
             lo = batch.subset(len(equiv), len(equiv) + len(loc))

@@ -7,6 +7,7 @@
   module, the per-token input `u` and output gradient `delta` (the rank-one factors of that matrix's
   gradient, `grad W = sum_t delta_t u_t^T`). The output gradient is read from a zero tensor added to the
   module output, so no weight needs `requires_grad` and the backward stops at the lowest edited layer.
+  Rows run in length-sorted sub-batches (`LengthSplit`), the rows that only ride along without hooks.
 - `added_outputs`: the edited forward pass. A forward hook adds `x @ dW^T` to each edited module's
   output, which equals running the module with weight `W + dW` (in the (out, in) layout of
   `ArchSpec.as_matrix`, so GPT-2's transposed Conv1D works the same). Gradients flow into `dW` from the
@@ -132,39 +133,124 @@ class Factors:
         return Factors(self.u[keep], self.delta[keep], self.rows[keep])
 
 
+@dataclass
+class LengthSplit:
+    """Rows of a right-padded batch cut into length-sorted sub-batches (`LM.length_batches`), so that
+    short texts are not padded to the longest text of the batch. Exact: with right padding and a causal
+    mask a token's states do not depend on the padding after it. `subs[i]` holds the batch rows of
+    sub-batch i, `widths[i]` its longest real length; rows of different `groups` never share one."""
+
+    subs: list[torch.Tensor]
+    widths: list[int]
+    n_rows: int
+    width: int
+
+    @classmethod
+    def of(cls, lm: LM, mask: torch.Tensor, groups: Sequence[Sequence[int]] | None = None) -> "LengthSplit":
+        lengths = [int(x) for x in mask.sum(1).tolist()]
+        subs, widths = [], []
+        for group in (groups if groups is not None else [range(len(lengths))]):
+            rows = list(group)
+            for sub in lm.length_batches([lengths[r] for r in rows]):
+                picked = [rows[i] for i in sub]
+                subs.append(torch.tensor(picked, dtype=torch.long))
+                widths.append(max(lengths[r] for r in picked))
+        return cls(subs, widths, int(mask.shape[0]), int(mask.shape[1]))
+
+    def inputs(self, ids: torch.Tensor, mask: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids and mask of sub-batch i."""
+        rows, w = self.subs[i], self.widths[i]
+        return ids.index_select(0, rows.to(ids.device))[:, :w], mask.index_select(0, rows.to(mask.device))[:, :w]
+
+    def gather(self, parts: Sequence[torch.Tensor], subs: Sequence[int] | None = None) -> torch.Tensor:
+        """Per-sub-batch tensors [rows, width_i, ...] (of sub-batches `subs`, all by default, in that
+        order) back in batch order as one [n_rows, width, ...] tensor, zero at padding and at rows they
+        do not cover. Differentiable."""
+        which = list(range(len(self.subs))) if subs is None else list(subs)
+        padded = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, self.width - t.shape[1])) for t in parts]
+        full = torch.cat(padded)
+        rows = torch.cat([self.subs[i] for i in which]).to(full.device)
+        if len(rows) == self.n_rows:
+            inverse = torch.empty_like(rows)
+            inverse[rows] = torch.arange(len(rows), device=rows.device)
+            return full.index_select(0, inverse)
+        return full.new_zeros((self.n_rows,) + tuple(full.shape[1:])).index_copy(0, rows, full)
+
+
+@dataclass
+class Capture:
+    """What one unedited forward/backward (`capture`) gives: the gradient factors by module path, the
+    final hidden states (detached) and, when asked, the input states of one block (`block_input`,
+    [rows, width, d], detached), which an edit of that block and those above does not change."""
+
+    factors: dict[str, Factors]
+    hidden: torch.Tensor
+    block_input: torch.Tensor | None = None
+
+
 def capture_factors(lm: LM, paths: Sequence[str], scored: Scored, n_edit_rows: int | None = None,
                     tokens: str = "nonzero") -> tuple[dict[str, Factors], torch.Tensor]:
+    """`capture` without the block input: (factors by path, final hidden states)."""
+    got = capture(lm, paths, scored, n_edit_rows, tokens)
+    return got.factors, got.hidden
+
+
+def capture(lm: LM, paths: Sequence[str], scored: Scored, n_edit_rows: int | None = None,
+            tokens: str = "nonzero", keep_input_of: int | None = None) -> Capture:
     """Gradient factors of the summed per-text mean NLL of the first `n_edit_rows` texts (all by default)
     with respect to each module in `paths`, on the current (unedited) weights. Rows after
-    `n_edit_rows` ride along untouched (their final hidden states come back for free, e.g. locality
-    texts whose unedited distributions are needed). `tokens`: "nonzero" keeps every real token whose
-    output gradient is not zero (MEND), "answer" only the positions that predict answer tokens (MALMEN).
-    Returns (factors by path, final hidden states detached)."""
+    `n_edit_rows` ride along without hooks or graph (their final hidden states come back for free, e.g.
+    locality texts whose unedited distributions are needed). Rows run in length-sorted sub-batches
+    (`LengthSplit`). `tokens`: "nonzero" keeps every real token whose output gradient is not zero
+    (MEND), "answer" only the positions that predict answer tokens (MALMEN). `keep_input_of`: a block
+    index whose input states to keep for every row (`Capture.block_input`)."""
     n_edit = scored.n if n_edit_rows is None else n_edit_rows
-    inputs: dict[str, torch.Tensor] = {}
-    zeros: dict[str, torch.Tensor] = {}
-    handles = []
+    split = LengthSplit.of(lm, scored.mask, [range(n_edit), range(n_edit, int(scored.ids.shape[0]))])
+    edit_subs = [i for i, rows in enumerate(split.subs) if int(rows[0]) < n_edit]
+    rest_subs = [i for i in range(len(split.subs)) if i not in edit_subs]
+    inputs: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    zeros: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
 
     def hook(path: str):
         def fn(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            inputs[path] = args[0].detach()
+            inputs[path].append(args[0].detach())
             z = torch.zeros_like(out, requires_grad=True)
-            zeros[path] = z
+            zeros[path].append(z)
             return out + z
         return fn
 
-    for p in paths:
-        handles.append(lm.module(p).register_forward_hook(hook(p)))
+    kept: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        kept.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    parts: list[torch.Tensor] = []
+    keeper = None if keep_input_of is None else \
+        lm.module(lm.arch.block_path(keep_input_of)).register_forward_pre_hook(keep, with_kwargs=True)
     try:
+        handles = []
+        try:
+            for p in paths:
+                handles.append(lm.module(p).register_forward_hook(hook(p)))
+            with torch.enable_grad():
+                parts += [lm.hidden_states(*split.inputs(scored.ids, scored.mask, i)) for i in edit_subs]
+        finally:
+            for h in handles:
+                h.remove()
+        # rows that only ride along: without the hooks nothing they touch requires grad, so no graph is
+        # built; gradient mode stays on so that they use the edit rows' attention kernel
+        # (LM.attention_for_gradients) and a zero edit leaves a zero locality KL in half precision too
         with torch.enable_grad():
-            hidden = lm.hidden_states(scored.ids, scored.mask)
-            edit = scored.subset(0, n_edit)
-            logp = answer_logprobs(lm, hidden, edit)
-            loss = edit.per_text_mean(token_nll(logp, edit)).sum()
-            grads = torch.autograd.grad(loss, [zeros[p] for p in paths])
+            parts += [lm.hidden_states(*split.inputs(scored.ids, scored.mask, i)) for i in rest_subs]
     finally:
-        for h in handles:
-            h.remove()
+        if keeper is not None:
+            keeper.remove()
+    with torch.enable_grad():
+        hidden = split.gather(parts, edit_subs + rest_subs)
+        edit = scored.subset(0, n_edit)
+        logp = answer_logprobs(lm, hidden, edit)
+        loss = edit.per_text_mean(token_nll(logp, edit)).sum()
+        flat = torch.autograd.grad(loss, [z for p in paths for z in zeros[p]])
     out: dict[str, Factors] = {}
     mask = scored.mask.to(hidden.device).bool().clone()
     mask[n_edit:] = False
@@ -173,12 +259,14 @@ def capture_factors(lm: LM, paths: Sequence[str], scored: Scored, n_edit_rows: i
         pick[edit.rows.to(mask.device), edit.cols.to(mask.device)] = True
         mask = pick
     row_of = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
-    for p, g in zip(paths, grads):
+    for k, p in enumerate(paths):
+        g = split.gather(flat[k * len(edit_subs):(k + 1) * len(edit_subs)], edit_subs)
         m = mask
         if tokens == "nonzero":
             m = mask & (g.abs().sum(-1) > 0)
-        out[p] = Factors(inputs[p][m].float(), g[m].float(), row_of[m])
-    return out, hidden.detach()
+        out[p] = Factors(split.gather(inputs[p], edit_subs)[m].float(), g[m].float(), row_of[m])
+    block_input = split.gather(kept, edit_subs + rest_subs) if kept else None
+    return Capture(out, hidden.detach(), block_input)
 
 
 @contextmanager
