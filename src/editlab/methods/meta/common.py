@@ -62,13 +62,11 @@ class GradientEditorNet(nn.Module):
         return hp.cedit * edit_nll + hp.cloc * loc_kl
 
     # -- shared
-    def factors(self, lm: LM, examples: Sequence[Example], hp: Any, extra: Sequence[tuple[str, str]] = (),
-                max_tokens: int | None = None) -> tuple[dict[str, Factors], torch.Tensor, Scored]:
-        """Gradient factors of the edits in `examples` (row i = example i) on the unedited model; texts
-        `extra` ride along in the same forward (rows after the edits). Training texts are cut to
-        `max_tokens`; an edit request never is (its prompt was checked against the context)."""
+    def factors(self, lm: LM, examples: Sequence[Example], hp: Any) -> tuple[dict[str, Factors], torch.Tensor, Scored]:
+        """Gradient factors of the edits in `examples` (row i = example i) on the unedited model, texts
+        uncut (an edit request's prompt was checked against the context; training uses `losses`)."""
         pairs = [ex.edit for ex in examples]
-        scored = encode_pairs(lm, pairs + list(extra), max_tokens or 1_000_000)
+        scored = encode_pairs(lm, pairs, 1_000_000)
         facts, hidden = capture_factors(lm, self.paths, scored, n_edit_rows=len(pairs), tokens=self.tokens)
         return facts, hidden, scored
 
