@@ -68,3 +68,26 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on the file `path` (created if absent) for the block.
+
+    For one-time cache builds (converting the default model on first use): two processes started at
+    once would otherwise both build, and the second one's `atomic_dir` would replace the folder the
+    first one is already reading. Take the lock, check the cache again, build only if still needed.
+    Where `fcntl` is missing (Windows) the block runs unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX everywhere editlab is tested
+        yield
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

