@@ -4,6 +4,7 @@ grouping (the Portal conflict, shared facts), bad records, and the whole protoco
 import json
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import pytest
 
@@ -302,3 +303,26 @@ def test_a_group_is_one_batch_edit_for_batch_methods(tiny, data_root):
     editing.undo(0)
     assert tiny.fingerprint() == before
     assert set(out) == set(suite.metric_names()) and "k=3.multihop_cot" not in out
+
+
+def test_a_method_stating_fewer_facts_than_a_chain_has_hops_gets_a_note(data_root):
+    suite = MQuAKE(k=2, cot=False)
+    units = suite.load(data_root, 2)
+    need = max(len(c.new.facts) for u in units for c in u.data)
+    assert need == 4  # MQuAKE-hard: every hop edited
+    notes = suite.method_notes("ike", SimpleNamespace(facts_per_query=1), units)
+    assert len(notes) == 1 and "facts_per_query=1" in notes[0] and "--set facts_per_query=4" in notes[0]
+    assert suite.method_notes("ike", SimpleNamespace(facts_per_query=4), units) == []
+    assert suite.method_notes("rome", SimpleNamespace(layers=[4]), units) == []  # no such setting: nothing to say
+
+
+def test_the_runner_shows_the_suite_s_note_for_ike(tiny, data_root, tmp_path, monkeypatch):
+    suite = MQuAKE(cot=False)
+    units = suite.load(data_root, 1)
+    plan = SuitePlan(suite=suite, units=units, methods=["ike"], data={}, limit=1, on_bad="stop")
+    monkeypatch.setattr(MQuAKE, "unedited", lambda self, lm, unit: (_ for _ in ()).throw(RuntimeError("stop")))
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(RuntimeError, match="stop"):
+        warnings.simplefilter("always")
+        run_suite(tiny, plan, Store(tmp_path / "r.db"), hparams={"ike": {"pool": "builtin", "n_demos": 0}})
+    assert [str(w.message) for w in seen if "facts_per_query" in str(w.message)] == [
+        suite.method_notes("ike", SimpleNamespace(facts_per_query=1), units)[0]]

@@ -190,6 +190,11 @@ class Suite(ABC):
         a protocol that no unit can run is refused whole by `check_method`."""
         return None
 
+    def method_notes(self, method: str, hparams: Any, units: Sequence[Unit]) -> list[str]:
+        """Warnings about how `method`, with its resolved `hparams`, meets this protocol on `units`: a
+        setting that caps what the suite can measure, said before the run. The runner shows each once."""
+        return []
+
     def data_paths(self, root: Path) -> dict[str, Path]:
         """Each split's file; a missing one raises `DataFormatError` naming it and where it looked."""
         out = {}

@@ -352,6 +352,18 @@ class MQuAKE(Suite):
                       for g in groups[:limit]]
         return units
 
+    def method_notes(self, method: str, hparams: Any, units: Sequence[Unit]) -> list[str]:
+        """A method that states a fixed number of retrieved facts per prompt (IKE's `facts_per_query`)
+        and fewer than a question's edited hops cannot be scored on composition: its few-shot question
+        sees only some of the facts it needs."""
+        per_query = getattr(hparams, "facts_per_query", None)
+        need = max((len(c.new.facts) for u in units for c in u.data), default=0)
+        if not isinstance(per_query, int) or per_query >= need:
+            return []
+        return [f"{method} states {per_query} edited fact(s) per prompt (facts_per_query={per_query}) but these "
+                f"cases' questions need up to {need}: its multihop scores retrieval as much as composition; "
+                f"pass --set facts_per_query={need} to state every fact of a chain"]
+
     @staticmethod
     def _parse(i: int, rec: Any, where: str) -> Unit:
         case = parse_case(i, rec, where)

@@ -158,6 +158,9 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
     units = plan.units if keys is None else [u for u in plan.units if u.key in keys]
     runs, hps = suite_runs(lm, plan, hparams, seed)
     run_ids = check_resume(store, runs, resume)
+    for m in plan.methods:
+        for note in suite.method_notes(m, hps[m], plan.units):
+            warnings.warn(note, stacklevel=2)
     done = {m: store.done_keys(rid) for m, rid in run_ids.items()}
     editors = {m: get_editor(m) for m in plan.methods}
     refused: set[tuple[str, str]] = set()
