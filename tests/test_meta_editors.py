@@ -382,6 +382,36 @@ def test_checkpoint_of_another_model_or_hparams_is_not_used(lm):
     edit.restore()
 
 
+@pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_a_run_without_the_trained_editor_stops_before_any_work(lm, tmp_path, mode):
+    """No MEND network for this model (the test's cache is empty): the run stops with the training command
+    before the unedited pass, and writes nothing, instead of failing record after record."""
+    from editlab.runner import RunConfig, Store, run
+
+    store = Store(tmp_path / "r.db")
+    fp = lm.fingerprint()
+    cfg = RunConfig("mend", mode=mode, hparams=_hp("mend"), checkpoints=[1, 2] if mode == "sequential" else [])
+    with pytest.raises(CheckpointError, match="editlab train mend --model tiny-trained-llama"):
+        run(lm, load_requests("builtin", limit=2), cfg, store)
+    assert store.runs() == [] and not store.load_pre_edit(lm.base_fingerprint)
+    assert lm.fingerprint() == fp and not lm.active_edits
+
+
+def test_a_suite_without_the_trained_editor_stops_before_any_unit(lm, tmp_path, data_root):
+    from editlab.runner import Store
+    from editlab.suites.runner import plan_suite, run_suite
+
+    store = Store(tmp_path / "r.db")
+    plan = plan_suite("counterfact", ["ft-m", "mend"], limit=1)
+    with pytest.raises(CheckpointError, match="editlab train mend"):
+        run_suite(lm, plan, store, hparams={"mend": _hp("mend")})
+    assert store.runs() == []  # not even the unedited pass or the other method's first unit
+    # with its network trained, the same suite runs
+    get_editor("mend").fit(lm, load_requests("builtin"), _hp("mend"), progress=False)
+    ids = run_suite(lm, plan, store, hparams={"mend": _hp("mend"), "ft-m": {"layer": 0, "steps": 5}})
+    assert all(r.kind == "suite" for r in store.rows(ids["mend"])) and len(list(store.rows(ids["mend"]))) == len(plan.units)
+
+
 def test_damaged_checkpoint_is_refused_and_changes_nothing(lm):
     ed = get_editor("mend")
     ck = ed.fit(lm, load_requests("builtin"), _hp("mend"), progress=False)

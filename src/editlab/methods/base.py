@@ -42,6 +42,14 @@ class Editor(ABC):
         Never anything of minutes (statistics are computed by the first edit that needs them, or by
         `editlab stats`). Default: nothing."""
 
+    def check_ready(self, lm: LM, hp: Any) -> None:
+        """Raise the named error now if this method cannot edit `lm` with `hp` at all, so that a run
+        stops before its first unit (and before minutes of unedited passes) instead of recording the
+        same failure for every record. Default: a learned editor needs its trained network
+        (`CheckpointError`, naming the training command); other methods are always ready."""
+        if self.requires_training:
+            self.checkpoint(lm, hp)
+
     def _resolve_hparams(self, lm: LM, hparams: Hparams | Mapping[str, Any] | None, overrides: dict[str, Any]) -> Hparams:
         if hparams is None:
             return self.hparams(lm, **overrides)

@@ -167,6 +167,7 @@ def run(
     editor, hp, run_id = get_editor(cfg.method), plan.hparams, plan.run_id
     if shard is not None and cfg.mode == "sequential":
         raise EditlabError("a sequential run is one sequence of edits; it cannot be cut into shards")
+    editor.check_ready(lm, hp)  # before the unedited pass: a learned editor without its network fails now
     existed = store.ensure_run(run_id, **plan.fields)
     done = store.done_keys(run_id)
     if existed and not resume and done:

@@ -157,12 +157,16 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
     keys = None if only is None else set(only)
     units = plan.units if keys is None else [u for u in plan.units if u.key in keys]
     runs, hps = suite_runs(lm, plan, hparams, seed)
+    editors = {m: get_editor(m) for m in plan.methods}
+    for m in plan.methods:  # e.g. a learned editor never trained: one error now, before the store is touched
+        finished = store.done_keys(runs[m][0])
+        if any(u.key not in finished for u in units):
+            editors[m].check_ready(lm, hps[m])
     run_ids = check_resume(store, runs, resume)
     for m in plan.methods:
         for note in suite.method_notes(m, hps[m], plan.units):
             warnings.warn(note, stacklevel=2)
     done = {m: store.done_keys(rid) for m, rid in run_ids.items()}
-    editors = {m: get_editor(m) for m in plan.methods}
     refused: set[tuple[str, str]] = set()
     tick = progress or (lambda i, n, msg: None)
     try:
