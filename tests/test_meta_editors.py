@@ -397,6 +397,26 @@ def test_a_run_without_the_trained_editor_stops_before_any_work(lm, tmp_path, mo
     assert lm.fingerprint() == fp and not lm.active_edits
 
 
+@pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_a_finished_run_resumes_without_its_editor_and_an_unfinished_one_does_not(lm, tmp_path, mode):
+    """Resuming a run whose rows are all written only reports it done, even after its network was
+    deleted from the cache; a run with rows left still stops with the training command."""
+    from editlab.paths import cache_dir
+    from editlab.runner import RunConfig, Store, run
+
+    get_editor("mend").fit(lm, load_requests("builtin"), _hp("mend"), progress=False)
+    store = Store(tmp_path / "r.db")
+    cfg = RunConfig("mend", mode=mode, hparams=_hp("mend"), checkpoints=[1, 2] if mode == "sequential" else [])
+    run_id = run(lm, load_requests("builtin", limit=2), cfg, store)
+    rows = sorted((r.row_key, json.dumps(r.metrics)) for r in store.rows(run_id))
+    shutil.rmtree(cache_dir("checkpoints", "mend"))
+    assert run(lm, load_requests("builtin", limit=2), cfg, store) == run_id
+    assert sorted((r.row_key, json.dumps(r.metrics)) for r in store.rows(run_id)) == rows
+    longer = RunConfig("mend", mode=mode, hparams=_hp("mend"), checkpoints=[1, 3] if mode == "sequential" else [])
+    with pytest.raises(CheckpointError, match="editlab train mend"):
+        run(lm, load_requests("builtin", limit=3), longer, store)
+
+
 def test_a_suite_without_the_trained_editor_stops_before_any_unit(lm, tmp_path, data_root):
     from editlab.runner import Store
     from editlab.suites.runner import plan_suite, run_suite

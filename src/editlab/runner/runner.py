@@ -148,6 +148,15 @@ def chunk_keys(cfg: RunConfig, requests: Sequence[EditRequest], start: int) -> l
     return [row_key(i, requests[i]) for i in range(start, min(start + chunk_size(cfg), len(requests)))]
 
 
+def _complete(cfg: RunConfig, requests: Sequence[EditRequest], shard: Collection[int] | None, done: set[str]) -> bool:
+    """Whether every row this call would write is already in `done` (a finished run only prints that it
+    is done, so it needs no editor)."""
+    if cfg.mode == "sequential":
+        return all(f"ckpt:{c}" in done for c in cfg.checkpoints)
+    starts = sorted(shard) if shard is not None else chunk_starts(cfg, len(requests))
+    return all(k in done for s0 in starts for k in chunk_keys(cfg, requests, s0))
+
+
 def run(
     lm: LM,
     requests: Sequence[EditRequest],
@@ -167,9 +176,10 @@ def run(
     editor, hp, run_id = get_editor(cfg.method), plan.hparams, plan.run_id
     if shard is not None and cfg.mode == "sequential":
         raise EditlabError("a sequential run is one sequence of edits; it cannot be cut into shards")
-    editor.check_ready(lm, hp)  # before the unedited pass: a learned editor without its network fails now
-    existed = store.ensure_run(run_id, **plan.fields)
     done = store.done_keys(run_id)
+    if not _complete(cfg, requests, shard, done):
+        editor.check_ready(lm, hp)  # before the unedited pass: a learned editor without its network fails now
+    existed = store.ensure_run(run_id, **plan.fields)
     if existed and not resume and done:
         raise EditlabError(f"run {run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
     tick = progress or (lambda i, n, msg: None)
