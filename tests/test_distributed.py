@@ -329,3 +329,24 @@ def test_workers_with_other_versions_are_refused_before_any_row(local_ray, tmp_p
     with pytest.raises(ExecutorError, match=rf"has editlab {real['editlab']}, the driver 0.0.0-driver .*install the same versions"):
         run_on_ray({"name": MODEL}, reqs, [RunConfig(method="ft-m")], store, ExecutorSpec("ray", workers=1), resume=False)
     assert store.count_rows() == 0
+
+
+def test_a_learned_editor_without_its_network_stops_a_ray_run_before_any_run_is_written(
+        local_ray, data_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a local run: no MEND network in the workers' cache, so the run and the suite stop on the lead
+    worker's check with the training command, and the store gets no run (not one error row per record)."""
+    from editlab.distributed.driver import run_on_ray, run_suite_on_ray
+    from editlab.errors import CheckpointError
+    from editlab.methods import METHODS
+    from editlab.suites.runner import plan_suite
+
+    monkeypatch.setenv("EDITLAB_HOME", str(local_ray))
+    hp = dict(METHODS.entry("mend").meta["tiny_hparams"])
+    store = Store(tmp_path / "m.db")
+    with pytest.raises(CheckpointError, match="editlab train mend"):
+        run_on_ray({"name": MODEL}, load_requests("builtin", limit=2), [RunConfig(method="ft-m"), RunConfig("mend", hparams=hp)],
+                   store, ExecutorSpec("ray", workers=1), resume=False)
+    with pytest.raises(CheckpointError, match="editlab train mend"):
+        run_suite_on_ray({"name": MODEL}, plan_suite("cfplus", ["ft-m", "mend"], limit=2), store,
+                         ExecutorSpec("ray", workers=1), hparams={"mend": hp})
+    assert store.runs() == [] and store.count_rows() == 0

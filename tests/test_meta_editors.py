@@ -412,9 +412,13 @@ def test_a_finished_run_resumes_without_its_editor_and_an_unfinished_one_does_no
     shutil.rmtree(cache_dir("checkpoints", "mend"))
     assert run(lm, load_requests("builtin", limit=2), cfg, store) == run_id
     assert sorted((r.row_key, json.dumps(r.metrics)) for r in store.rows(run_id)) == rows
-    longer = RunConfig("mend", mode=mode, hparams=_hp("mend"), checkpoints=[1, 3] if mode == "sequential" else [])
+    last = max(key for key, _ in rows)  # "ckpt:2", or request 1's row: one row left to do
+    store.db.execute("DELETE FROM rows WHERE run_id=? AND row_key=?", (run_id, last))
     with pytest.raises(CheckpointError, match="editlab train mend"):
-        run(lm, load_requests("builtin", limit=3), longer, store)
+        run(lm, load_requests("builtin", limit=2), cfg, store)
+    assert sorted((r.row_key, json.dumps(r.metrics)) for r in store.rows(run_id)) == [x for x in rows if x[0] != last]
+    if mode == "single":  # a shard whose rows are all written needs no network either
+        assert run(lm, load_requests("builtin", limit=2), cfg, store, shard=[0]) == run_id
 
 
 def test_a_suite_without_the_trained_editor_stops_before_any_unit(lm, tmp_path, data_root):

@@ -411,17 +411,21 @@ class _EditRuns(_Dispatch):
         plans: list[RunPlan] = self._get([lead.plan.remote(c) for c in self.configs], "planning the runs")
         self.plans = plans
         tasks: list[Task] = []
+        dones = []
         for k, (cfg, plan) in enumerate(zip(self.configs, plans)):
             cfg.validate(len(self.requests))  # the driver's copy gets the default checkpoints, as the worker's did
+            dones.append(store.done_keys(plan.run_id))
+            tasks += plan_tasks(cfg, len(self.requests), dones[-1], self.requests, k, len(self.workers))
+        todo_cfgs = sorted({t.run for t in tasks})
+        if todo_cfgs:  # e.g. a learned editor never trained: one error now, before any run is written
+            self._get(lead.check_ready.remote([self.configs[k] for k in todo_cfgs]), "checking the editors")
+        for plan, done in zip(plans, dones):
             existed = store.ensure_run(plan.run_id, **plan.fields)
-            done = store.done_keys(plan.run_id)
             if existed and not self.resume and done:
                 raise EditlabError(f"run {plan.run_id} already has {len(done)} rows in {store.path}; pass --resume to continue it")
-            tasks += plan_tasks(cfg, len(self.requests), done, self.requests, k, len(self.workers))
         self.total = sum(t.units for t in tasks)
         if tasks:
             self.tick(0, self.total, "computing the covariance statistics (once, on one worker)")
-            todo_cfgs = sorted({t.run for t in tasks})
             self._share_statistics(self._get(lead.warm.remote([self.configs[k] for k in todo_cfgs]), "computing the statistics"))
             fingerprint = plans[0].fields["model_fingerprint"]
             self.pre_ref = ray.put(store.load_pre_edit(fingerprint))
@@ -471,6 +475,10 @@ class _SuiteRun(_Dispatch):
         self.tick(0, 1, "planning the suite's runs")
         self.plan_ref = ray.put(self.plan)  # the units travel once
         runs = self._get(lead.plan_suite.remote(self.plan_ref, self.hparams, self.seed), "planning the runs")
+        keys = [u.key for u in self.plan.units]
+        unready = [m for m in self.plan.methods if not set(keys) <= self.store.done_keys(runs[m][0])]
+        if unready:  # as a local suite: a learned editor without its network stops before any run is written
+            self._get(lead.check_ready_suite.remote(unready, self.hparams), "checking the editors")
         self.run_ids = check_resume(self.store, runs, self.resume)
         done = {m: self.store.done_keys(rid) for m, rid in self.run_ids.items()}
         todo = [i for i, u in enumerate(self.plan.units) if any(u.key not in d for d in done.values())]

@@ -65,6 +65,23 @@ class EditWorker:
             self._fits_checked = True
         return plan_run(self.lm, cfg, self.requests)
 
+    def check_ready(self, cfgs: Sequence[Any]) -> None:
+        """`Editor.check_ready` for each config (a learned editor's network is looked up here, on a worker
+        with the model, before the driver writes any run)."""
+        from ..methods import get_editor
+        from ..runner.runner import plan_run
+
+        for c in cfgs:
+            get_editor(c.method).check_ready(self.lm, plan_run(self.lm, c, self.requests).hparams)
+
+    def check_ready_suite(self, methods: Sequence[str], hparams: dict[str, Any]) -> None:
+        """`Editor.check_ready` for each of a suite's methods with units left."""
+        from ..methods import get_editor
+
+        for m in methods:
+            editor = get_editor(m)
+            editor.check_ready(self.lm, editor.hparams(self.lm, **dict(hparams.get(m, {}))))
+
     def warm(self, cfgs: Sequence[Any]) -> dict[str, Any]:
         """Compute the covariance statistics every config will read, once, and hand them out (through
         the object store) so no other worker recomputes them."""
