@@ -491,6 +491,18 @@ def test_cli_train_then_reuse_and_one_line_errors(tmp_path):
         assert r.exit_code == 2 and r.output.startswith("error:") and len(r.output.strip().splitlines()) == 1, r.output
 
 
+def test_train_summary_reports_the_kept_editors_validation_not_the_last():
+    """The trainer keeps the state with the best validation loss; the summary's validation figures are that
+    state's (a 3,200-step SmolLM2 run kept step 2,900 while its last validation scored higher edit accuracy)."""
+    from editlab.cli.train import kept_validation
+
+    history = [{"step": 100, "val_loss": 0.3, "val_edit_acc": 0.5}, {"step": 200, "val_loss": 0.1, "val_edit_acc": 0.8},
+               {"step": 300, "val_loss": 0.2, "val_edit_acc": 0.9}]
+    assert kept_validation({"best_val_loss": 0.1, "history": history}) == history[1]
+    assert kept_validation({"best_val_loss": None, "history": history}) == history[2]  # no validation kept a state
+    assert kept_validation({}) == {}
+
+
 @pytest.mark.parametrize("method", ["mend", "ke"])
 def test_batch_edit_is_the_sum_of_single_edits(lm, method):
     """MEND and KE make one independent delta per request; a batch sums them (KE conditions each alone)."""

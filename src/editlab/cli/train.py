@@ -9,7 +9,7 @@ from the last validation."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -61,12 +61,12 @@ def train(method: TrainMethod, model: ModelOptions = ModelOptions(), data: Train
         console.print("interrupted: run the same command again to continue from the last validation")
         raise typer.Exit(130) from None
     meta = ckpt.meta
-    last = (meta.get("history") or [{}])[-1]
+    kept = kept_validation(meta)
     summary = {"method": name, "model": lm.name, "checkpoint": str(ckpt.path), "sha256": ckpt.sha256,
                "steps": meta.get("steps"), "stopped_early": meta.get("stopped_early"),
                "train_records": meta.get("train_records"), "val_records": meta.get("val_records"),
                "best_val_loss": meta.get("best_val_loss"), "seconds": meta.get("seconds"),
-               **{k: v for k, v in last.items() if k.startswith("val_")}}
+               "kept_step": kept.get("step"), **{k: v for k, v in kept.items() if k.startswith("val_")}}
     if json_out:
         typer.echo(json.dumps(summary))
         return
@@ -75,3 +75,11 @@ def train(method: TrainMethod, model: ModelOptions = ModelOptions(), data: Train
         table.add_row(k, str(v))
     console.print(table)
     console.print(f"use it with: editlab eval --method {name} --model {model.model}{editor.network_sets(lm, hparams)} ...")
+
+
+def kept_validation(meta: dict[str, Any]) -> dict[str, Any]:
+    """The validation of the saved editor: the one with the best validation loss (the trainer keeps that
+    state), not the last one; the last when no validation recorded the best loss."""
+    history = meta.get("history") or [{}]
+    best = meta.get("best_val_loss")
+    return next((h for h in history if best is not None and h.get("val_loss") == best), history[-1])
