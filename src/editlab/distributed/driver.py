@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ..errors import EditlabError, ExecutorError
 from ..requests import EditRequest
 from ..runner.config import RunConfig
-from ..runner.runner import RunPlan, chunk_keys, chunk_size, chunk_starts
+from ..runner.runner import RunPlan, chunk_keys, chunk_size, chunk_starts, edit_finished, sequence_finished
 from ..runner.store import Store
 from .spec import ExecutorSpec, local_cpus
 from .worker import EditWorker
@@ -67,11 +67,11 @@ def plan_tasks(cfg: RunConfig, n_requests: int, done: set[str], requests: Sequen
                n_workers: int) -> list[Task]:
     """The tasks of one run: shards of the edits that still lack a row, or the whole sequence."""
     if cfg.mode == "sequential":
-        if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+        if sequence_finished(cfg, done):
             return []
         return [Task(run, None, max(cfg.checkpoints))]
     size = chunk_size(cfg)
-    todo = [s for s in chunk_starts(cfg, n_requests) if not done.issuperset(chunk_keys(cfg, requests, s))]
+    todo = [s for s in chunk_starts(cfg, n_requests) if not edit_finished(cfg, requests, s, done)]
     if not todo:
         return []
     per = max(1, min(MAX_SHARD, -(-len(todo) // (n_workers * TASKS_PER_WORKER))))
@@ -447,11 +447,11 @@ class _EditRuns(_Dispatch):
         cfg, plan = self.configs[t.run], self.plans[t.run]
         done = self.store.done_keys(plan.run_id)
         if t.shard is None:
-            if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+            if sequence_finished(cfg, done):
                 return None
             return self._new(Task(t.run, None, t.units, t.attempts + 1, t.done_units))
         size = chunk_size(cfg)
-        left = [s for s in t.shard if not done.issuperset(chunk_keys(cfg, self.requests, s))]
+        left = [s for s in t.shard if not edit_finished(cfg, self.requests, s, done)]
         if not left:
             return None
         units = sum(min(size, len(self.requests) - s) for s in left)
@@ -468,15 +468,14 @@ class _SuiteRun(_Dispatch):
         self.plan, self.hparams, self.seed = plan, hparams, seed
 
     def go(self) -> dict[str, str]:
-        from ..suites.runner import check_resume
+        from ..suites.runner import check_resume, units_left
 
         ray = self.ray
         lead = self.workers[0].handle
         self.tick(0, 1, "planning the suite's runs")
         self.plan_ref = ray.put(self.plan)  # the units travel once
         runs = self._get(lead.plan_suite.remote(self.plan_ref, self.hparams, self.seed), "planning the runs")
-        keys = [u.key for u in self.plan.units]
-        unready = [m for m in self.plan.methods if not set(keys) <= self.store.done_keys(runs[m][0])]
+        unready = [m for m in self.plan.methods if units_left(self.plan.units, self.store.done_keys(runs[m][0]))]
         if unready:  # as a local suite: a learned editor without its network stops before any run is written
             self._get(lead.check_ready_suite.remote(unready, self.hparams), "checking the editors")
         self.run_ids = check_resume(self.store, runs, self.resume)

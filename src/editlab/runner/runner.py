@@ -25,7 +25,7 @@ from ..models.lm import LM
 from ..requests import EditRequest
 from .config import MODES, RunConfig  # noqa: F401 (re-exported)
 from .stacks import RunStacks
-from .store import Row, Store
+from .store import Row, Store, ckpt_key
 
 
 def run_id_for(lm: LM, cfg: RunConfig, requests: Sequence[EditRequest], hparams: dict[str, Any]) -> str:
@@ -148,13 +148,23 @@ def chunk_keys(cfg: RunConfig, requests: Sequence[EditRequest], start: int) -> l
     return [row_key(i, requests[i]) for i in range(start, min(start + chunk_size(cfg), len(requests)))]
 
 
+def sequence_finished(cfg: RunConfig, done: Collection[str]) -> bool:
+    """Whether a sequential run has every checkpoint row in `done` (the rule that skips it)."""
+    return all(ckpt_key(c) in done for c in cfg.checkpoints)
+
+
+def edit_finished(cfg: RunConfig, requests: Sequence[EditRequest], start: int, done: set[str]) -> bool:
+    """Whether the edit that starts at request `start` has every one of its rows in `done`."""
+    return done.issuperset(chunk_keys(cfg, requests, start))
+
+
 def _complete(cfg: RunConfig, requests: Sequence[EditRequest], shard: Collection[int] | None, done: set[str]) -> bool:
     """Whether every row this call would write is already in `done` (a finished run only prints that it
     is done, so it needs no editor)."""
     if cfg.mode == "sequential":
-        return all(f"ckpt:{c}" in done for c in cfg.checkpoints)
+        return sequence_finished(cfg, done)
     starts = sorted(shard) if shard is not None else chunk_starts(cfg, len(requests))
-    return all(k in done for s0 in starts for k in chunk_keys(cfg, requests, s0))
+    return all(edit_finished(cfg, requests, s0, done) for s0 in starts)
 
 
 def run(
@@ -225,7 +235,7 @@ def run(
     # from the first. Either way it evaluates only the missing checkpoints.
     pre = shared_pre_edit(lm, store, requests)
     stacks = RunStacks(store.path, run_id)
-    if all(f"ckpt:{c}" in done for c in cfg.checkpoints):
+    if sequence_finished(cfg, done):
         stacks.discard()  # a kill after the last row may have left one
         tick(len(requests), len(requests), "skipped (done)")
         return run_id
@@ -233,11 +243,11 @@ def run(
     base_ppl = perplexity(lm, windows) if windows else None  # before any edit is loaded or applied
     probes = _prepared_probes(lm, cfg, store, run_id, tick, len(requests))  # on the unedited model, like base_ppl
     final_ckpt = max(cfg.checkpoints)
-    if 0 in cfg.checkpoints and "ckpt:0" not in done:
+    if 0 in cfg.checkpoints and ckpt_key(0) not in done:
         t1 = time.perf_counter()
         metrics = {"perplexity": base_ppl, "perplexity_base": base_ppl} if windows else {}
         metrics.update(_measure_probes(probes, lm, lm))
-        store.add_row(Row(run_id, "ckpt:0", None, "checkpoint", 0, None, time.perf_counter() - t1, metrics))
+        store.add_row(Row(run_id, ckpt_key(0), None, "checkpoint", 0, None, time.perf_counter() - t1, metrics))
     try:
         start = stacks.resume(lm, cfg.method, requests, cfg.checkpoints, done)
         prev = lm.active_edits[-1] if start else None
@@ -253,7 +263,7 @@ def run(
             _record_statistics(store, run_id, prev)
             if n_done in cfg.checkpoints:
                 row = None
-                if f"ckpt:{n_done}" not in done:
+                if ckpt_key(n_done) not in done:
                     t1 = time.perf_counter()
                     system = prev.lm
                     all_rows = evaluate_requests(system, list(requests[:n_done]), pre, fluency=cfg.fluency, seed=cfg.seed)
@@ -265,7 +275,7 @@ def run(
                         metrics["perplexity"] = perplexity(system, windows)
                         metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]
                     metrics.update(_measure_probes(probes, system, lm))
-                    row = Row(run_id, f"ckpt:{n_done}", None, "checkpoint", n_done, t_edit, time.perf_counter() - t1, metrics)
+                    row = Row(run_id, ckpt_key(n_done), None, "checkpoint", n_done, t_edit, time.perf_counter() - t1, metrics)
                 # save the stack BEFORE writing the row: a kill in between leaves a stack whose row is
                 # missing, which resume ignores (stacks.py). The last checkpoint needs no stack: once
                 # its row exists the run is done.

@@ -43,6 +43,7 @@ from ..methods import Edit, restore_all
 from ..methods.edit_folder import EDIT_FILES
 from ..models.lm import LM
 from ..requests import EditRequest
+from .store import ckpt_key
 
 _CKPT = re.compile(r"ckpt-(\d+)")
 _EDIT = re.compile(r"(\d+)-([0-9A-Za-z_.-]+)")
@@ -128,7 +129,7 @@ class RunStacks:
         edit of `requests[k]` by `method`. When rows exist but no stack loads, warn once (one line)."""
         finished: list[int] = []
         for c in sorted(c for c in checkpoints if c > 0):  # checkpoint 0 (unedited) has no stack
-            if f"ckpt:{c}" not in done:
+            if ckpt_key(c) not in done:
                 break
             finished.append(c)
         if not finished or self.dir is None:

@@ -50,7 +50,12 @@ _TABLES = {"meta", "runs", "rows", "pre_edit"}
 
 T = TypeVar("T")
 
-__all__ = ["Row", "Store", "StoreError", "StoreBusyError", "StoreCorruptError", "recovery_hint"]
+__all__ = ["Row", "Store", "StoreError", "StoreBusyError", "StoreCorruptError", "ckpt_key", "recovery_hint"]
+
+
+def ckpt_key(n: int) -> str:
+    """The row key of a sequential run's checkpoint after `n` edits."""
+    return f"ckpt:{n}"
 
 
 @dataclass

@@ -130,6 +130,12 @@ def suite_runs(lm: Any, plan: SuitePlan, hparams: Mapping[str, Mapping[str, Any]
     return runs, hps
 
 
+def units_left(units: Sequence[Any], done: Collection[str]) -> bool:
+    """Whether some of `units` lacks its row in `done` (one method's done keys): the rule that makes a
+    suite method need its editor."""
+    return any(u.key not in done for u in units)
+
+
 def check_resume(store: Any, runs: Mapping[str, tuple[str, dict[str, Any]]], resume: bool) -> dict[str, str]:
     """Create the suite's runs in `store`; without `resume`, refuse a method run that already has rows.
     Returns {method or "unedited": run id}."""
@@ -159,8 +165,7 @@ def run_suite(lm: Any, plan: SuitePlan, store: Store, *, hparams: Mapping[str, M
     runs, hps = suite_runs(lm, plan, hparams, seed)
     editors = {m: get_editor(m) for m in plan.methods}
     for m in plan.methods:  # e.g. a learned editor never trained: one error now, before the store is touched
-        finished = store.done_keys(runs[m][0])
-        if any(u.key not in finished for u in units):
+        if units_left(units, store.done_keys(runs[m][0])):
             editors[m].check_ready(lm, hps[m])
     run_ids = check_resume(store, runs, resume)
     for m in plan.methods:
