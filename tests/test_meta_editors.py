@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -395,6 +397,7 @@ def test_a_run_without_the_trained_editor_stops_before_any_work(lm, tmp_path, mo
         run(lm, load_requests("builtin", limit=2), cfg, store)
     assert store.runs() == [] and not store.load_pre_edit(lm.base_fingerprint)
     assert lm.fingerprint() == fp and not lm.active_edits
+    assert not (Path(os.environ["EDITLAB_HOME"]) / "checkpoints").exists()  # looking for it created nothing
 
 
 @pytest.mark.parametrize("mode", ["single", "sequential"])

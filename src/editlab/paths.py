@@ -7,10 +7,14 @@ import os
 from pathlib import Path
 
 
+def cache_path(*parts: str) -> Path:
+    """`$EDITLAB_HOME` (default `~/.cache/editlab`), joined with `parts`; nothing is created (for lookups)."""
+    return Path(os.environ.get("EDITLAB_HOME") or Path.home() / ".cache" / "editlab").expanduser().joinpath(*parts)
+
+
 def cache_dir(*parts: str) -> Path:
-    """`$EDITLAB_HOME` (default `~/.cache/editlab`), joined with `parts`, created on demand."""
-    root = Path(os.environ.get("EDITLAB_HOME") or Path.home() / ".cache" / "editlab").expanduser()
-    path = root.joinpath(*parts)
+    """`cache_path(*parts)`, created on demand (for writes)."""
+    path = cache_path(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..fileio import atomic_dir, sha256_file
-from ..paths import cache_dir
+from ..paths import cache_path
 from ..requests import EditRequest
 
 WEIGHTS = "weights.safetensors"
@@ -55,7 +55,7 @@ def checkpoint_key(lm: Any, method: str, hparams: dict[str, Any], requests: Sequ
 
 def _folder(key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return cache_dir("checkpoints", key["method"], str(key["model"])[:16]) / digest
+    return cache_path("checkpoints", key["method"], str(key["model"])[:16]) / digest
 
 
 def _read(folder: Path) -> Checkpoint:
@@ -94,10 +94,10 @@ def latest_checkpoint(lm: Any, method: str, hparams: dict[str, Any], fmt: int = 
     field's value there (checkpoints written before the field existed)."""
     absent = absent or {}
     missing = object()
-    root = cache_dir("checkpoints", method, str(lm.base_fingerprint)[:16])
+    root = cache_path("checkpoints", method, str(lm.base_fingerprint)[:16])  # a lookup creates nothing
     found = []
     want = json.loads(json.dumps(hparams, default=str))
-    for folder in root.iterdir():
+    for folder in root.iterdir() if root.is_dir() else ():
         if not (folder / META).exists():
             continue
         try:
