@@ -284,16 +284,37 @@ def test_smollm2_edit_raises_the_new_target(smollm2):
     assert lp1 > lp0 + 1.0, (lp0, lp1)
 
 
-def test_answers_sharing_their_first_token_are_refused():
-    """KN moves the first answer token's embedding: "New York" -> "New Delhi" would cancel itself."""
+def test_answers_sharing_their_first_tokens_are_edited_where_they_differ():
+    """"New York" -> "New Delhi": the erase and enhance terms of the first token would cancel, so KN works
+    at the first answer position where the answers differ: the prompt followed by " New", y* = " York"."""
+    lm = load_lm("tiny-trained-llama")
+    req = EditRequest.create("The Statue of Liberty is in", "Statue of Liberty", "New Delhi", "New York")
+    _, new_ids = lm.encode_pair(req.prompt, req.target_new)
+    _, old_ids = lm.encode_pair(req.prompt, req.target_true)
+    k = next(j for j, (a, b) in enumerate(zip(old_ids, new_ids)) if a != b)
+    assert k >= 1  # the case under test: the answers share their first token(s)
+    old_score = lm.score([req.prompt], [req.target_true])[0]
+    lp0 = float(lm.score([req.prompt], [req.target_new])[0].logprobs[k])
+    before = _snapshot(lm)
+    with get_editor("kn").apply(lm, req, layers=[0, 1, 2, 3]) as e:
+        assert e.info["shared_answer_tokens"] == k
+        assert (e.info["old_token"], e.info["new_token"]) == (old_ids[k], new_ids[k])
+        # y* is the old answer's token after the shared ones: its unedited probability is the score's
+        assert e.info["p_old"][0] == pytest.approx(float(old_score.logprobs[k].exp()), rel=1e-3)
+        lp1 = float(lm.score([req.prompt], [req.target_new])[0].logprobs[k])
+    assert lp1 > lp0 + 0.5, (lp0, lp1)
+    assert all(torch.equal(v, before[k2]) for k2, v in _snapshot(lm).items())
+
+
+@pytest.mark.parametrize("new", ["New", "New York City"])
+def test_answers_where_one_begins_the_other_are_refused(new):
+    """No answer position has a token of both answers that differ: "New" ends inside "New York", and
+    "New York City" goes on where "New York" has ended."""
     from editlab.errors import EditRequestError
-    from editlab.methods import get_editor
-    from editlab.models import load_lm
-    from editlab.requests import EditRequest
 
     lm = load_lm("tiny-llama")
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    req = EditRequest.create("The Statue of Liberty is in", "Statue of Liberty", "New Delhi", "New York")
-    with pytest.raises(EditRequestError, match="same token"):
+    req = EditRequest.create("The Statue of Liberty is in", "Statue of Liberty", new, "New York")
+    with pytest.raises(EditRequestError, match="differ"):
         get_editor("kn").apply(lm, req, layers=[0, 1], ig_steps=20)
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items()) and not lm.active_edits

@@ -9,7 +9,11 @@ embedding and toward the new one's.
    paraphrases) and each layer l of `layers`, the activation vector a at the prompt's last position is
    scaled from the zero baseline, a ← (k/M)·a for k = 1..M (M = `ig_steps`), and
    Attr_i = a_i · (1/M) Σ_k ∂P(y*)/∂a_i, with P(y*) the probability of the true answer's first token at
-   that position. As in the reference implementations the whole layer's vector is scaled at once, so
+   that position. "First" generalises the paper's single-token answers: where the old and new answers
+   begin with the same tokens (" New York" -> " New Delhi"; on SmolLM2 every number, which starts with
+   a lone space token), each prompt is followed by those shared tokens and y* is the old answer's first
+   differing token (`divergence`); answers where one begins the other cannot be written. As in the
+   reference implementations the whole layer's vector is scaled at once, so
    the attributions of one layer add up to ≈ P(a) − P(a = 0) (completeness). Earlier positions never
    change, so the prompt minus its last token runs once into a KV cache and every (layer, step) row is
    a one-token forward pass; rows for many layers and steps share one batch.
@@ -20,8 +24,8 @@ embedding and toward the new one's.
    if it cannot get under the maximum.
 3. **Edit.** For each kept unit i with value vector w_i (column i of W_out):
    w_i ← w_i + s_i·(−λ1 (‖w_i‖/‖e_old‖) e_old + λ2 (‖w_i‖/‖e_new‖) e_new), where e are the rows of the
-   output embedding for the first tokens of the old (true, or the model's greedy answer when none is
-   given) and new targets, as they continue the prompt. s_i = 1 in the paper. With `sign_aware`,
+   output embedding for the old (true, or the model's greedy answer when none is given) and new
+   answers' tokens at that first differing position, as they continue the prompt. s_i = 1 in the paper. With `sign_aware`,
    s_i = sign(a_i) (mean over prompts): the unit adds a_i·w_i to the residual, and SiLU/GELU units are
    often negative (about half of SmolLM2's), where the unsigned update pushes toward the OLD answer.
 
@@ -214,8 +218,49 @@ def neuron_deltas(lm: LM, neurons: Sequence[tuple[int, int]], signs: Sequence[fl
     return out
 
 
-def _first_target_token(lm: LM, prompt: str, target: str) -> int:
-    return lm.encode_pair(prompt, target)[1][0]
+@dataclass
+class Divergence:
+    """Where an edit's old and new answers part: after `shared` answer tokens (0 when their first tokens
+    differ, the paper's single-token case), the old answer continues with `old` and the new with `new`."""
+
+    shared: int
+    old: int
+    new: int
+
+
+def divergence(lm: LM, prompt: str, target_new: str, target_true: str | None) -> Divergence | None:
+    """The first answer position where the old answer (`target_true`, or the model's greedy answer
+    when it is None) and `target_new` have different tokens, read under teacher forcing of the new
+    answer; None where there is none (one answer begins the other)."""
+    _, new_ids = lm.encode_pair(prompt, target_new)
+    if target_true is not None:
+        _, old_ids = lm.encode_pair(prompt, target_true)
+    else:  # EasyEdit's choice: the answer the model gives now, token by token along the new answer
+        old_ids = list(lm.score([prompt], [target_new])[0].argmax_ids)
+    k = next((j for j, (a, b) in enumerate(zip(old_ids, new_ids)) if a != b), None)
+    return None if k is None else Divergence(k, int(old_ids[k]), int(new_ids[k]))
+
+
+def attribution_inputs(lm: LM, prompts: Sequence[str], req: EditRequest, at: Divergence
+                       ) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each prompt followed by the first `at.shared` tokens of the new answer, and the old
+    answer's token there (whose probability integrated gradients attribute). A paraphrase whose answer
+    tokens part elsewhere is left out; the edit prompt (first) always stays."""
+    seqs, olds = [], []
+    greedy = lm.score(list(prompts), [req.target_new] * len(prompts)) if req.target_true is None else None
+    for n, p in enumerate(prompts):
+        p_ids, new_ids = lm.encode_pair(p, req.target_new)
+        if req.target_true is not None:
+            old_ids = lm.encode_pair(p, req.target_true)[1]
+        else:
+            assert greedy is not None
+            old_ids = list(greedy[n].argmax_ids)
+        k = at.shared
+        if n and (len(new_ids) <= k or len(old_ids) <= k or list(old_ids[:k]) != list(new_ids[:k])):
+            continue
+        seqs.append(list(p_ids) + list(new_ids[:k]))
+        olds.append(at.old if n == 0 else int(old_ids[k]))
+    return seqs, olds
 
 
 class KNEditor(Editor):
@@ -228,17 +273,15 @@ class KNEditor(Editor):
         prompts = [req.prompt]
         if hp.use_paraphrases:
             prompts += [p for p, _ in req.paraphrases if p not in prompts]
-        if req.target_true is not None:
-            old_ids = [_first_target_token(lm, p, req.target_true) for p in prompts]
-        else:  # EasyEdit's choice: the answer the model gives now
-            old_ids = [int(i) for i in lm.next_token_logprobs(prompts).argmax(-1)]
-        new_id = _first_target_token(lm, req.prompt, req.target_new)
-        if new_id == old_ids[0]:  # the erase and enhance terms would cancel: nothing would change
+        at = divergence(lm, req.prompt, req.target_new, req.target_true)
+        if at is None:  # the erase and enhance terms would be one token: nothing would change
+            old = "the current answer" if req.target_true is None else repr(req.target_true)
             raise EditRequestError(
-                f"KN edits the first token of the answer, and {req.target_new!r} starts with the same token as the "
-                f"current answer ({lm.tokenizer.decode([new_id])!r}); KN cannot write this fact, use another method")
-        ig = integrated_gradients(lm, [lm.encode_prompt(p) for p in prompts], old_ids, hp.layers, hp.ig_steps,
-                                  hp.batch_size)
+                f"KN edits the first answer token where the old and new answers differ, and {req.target_new!r} has "
+                f"none: one of it and {old} begins the other; KN cannot write this fact, use another method")
+        seqs, old_ids = attribution_inputs(lm, prompts, req, at)
+        new_id = at.new
+        ig = integrated_gradients(lm, seqs, old_ids, hp.layers, hp.ig_steps, hp.batch_size)
         sel = select_neurons(ig.attr, hp.layers, hp.adaptive_threshold, hp.share_ratio, hp.share_step,
                              hp.min_neurons, hp.max_neurons)
         if not sel.neurons:
@@ -260,7 +303,8 @@ class KNEditor(Editor):
             "signs": signs,
             "share_ratio_used": sel.share_ratio,
             "coarse_sizes": sel.coarse_sizes,
-            "prompts": len(prompts),
+            "prompts": len(seqs),
+            "shared_answer_tokens": at.shared,
             "p_old": [float(x) for x in ig.prob],
             "old_token": old_ids[0],
             "new_token": new_id,
