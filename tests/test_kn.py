@@ -306,6 +306,34 @@ def test_answers_sharing_their_first_tokens_are_edited_where_they_differ():
     assert all(torch.equal(v, before[k2]) for k2, v in _snapshot(lm).items())
 
 
+def test_each_prompt_is_attributed_where_its_own_answers_part():
+    """The answers' tokens can part at different positions after different prompts (a trailing space
+    moves the boundary): every prompt is followed by exactly the tokens its old and new answers share,
+    and y* is the old answer's token where they part. Without target_true the old answer is the model's
+    greedy one along the new answer."""
+    lm = load_lm("tiny-trained-llama")
+    req = EditRequest.create("The Statue of Liberty is in", "Statue of Liberty", "New Delhi", "New York",
+                             paraphrases=[("The Statue of Liberty stands in ", "New Delhi"),
+                                          ("Where is the Statue of Liberty? In", "New Delhi")])
+    prompts = [req.prompt] + [p for p, _ in req.paraphrases]
+    seqs, ys, at = kn.attribution_inputs(lm, prompts, req)
+    assert at is not None and len(seqs) == len(ys) == 3
+    for n, (p, seq, y) in enumerate(zip(prompts, seqs, ys)):
+        p_ids, new_ids = lm.encode_pair(p, req.target_new)
+        old_ids = lm.encode_pair(p, req.target_true)[1]
+        k = len(seq) - len(p_ids)
+        assert seq[: len(p_ids)] == p_ids and seq[len(p_ids):] == new_ids[:k] == old_ids[:k]
+        assert y == old_ids[k] != new_ids[k]
+        if n == 0:
+            assert (at.shared, at.old, at.new) == (k, old_ids[k], new_ids[k])
+    no_true = EditRequest.create(req.prompt, req.subject, "New Delhi")
+    seqs, ys, at = kn.attribution_inputs(lm, [req.prompt], no_true)
+    greedy = lm.score([req.prompt], ["New Delhi"])[0].argmax_ids
+    p_ids, new_ids = lm.encode_pair(req.prompt, "New Delhi")
+    assert at is not None and seqs == [list(p_ids) + list(new_ids[: at.shared])]
+    assert list(greedy[: at.shared]) == list(new_ids[: at.shared]) and ys == [greedy[at.shared]] != [new_ids[at.shared]]
+
+
 @pytest.mark.parametrize("new", ["New", "New York City"])
 def test_answers_where_one_begins_the_other_are_refused(new):
     """No answer position has a token of both answers that differ: "New" ends inside "New York", and

@@ -6,13 +6,15 @@ those units' value vectors (their columns of the output projection) away from th
 embedding and toward the new one's.
 
 1. **Attribution.** For each prompt (the request's prompt and, with `use_paraphrases`, its
-   paraphrases) and each layer l of `layers`, the activation vector a at the prompt's last position is
+   paraphrases) and each layer l of `layers`, the activation vector a at the prompt's last position
+   (after the shared answer tokens, below) is
    scaled from the zero baseline, a ← (k/M)·a for k = 1..M (M = `ig_steps`), and
    Attr_i = a_i · (1/M) Σ_k ∂P(y*)/∂a_i, with P(y*) the probability of the true answer's first token at
    that position. "First" generalises the paper's single-token answers: where the old and new answers
    begin with the same tokens (" New York" -> " New Delhi"; on SmolLM2 every number, which starts with
    a lone space token), each prompt is followed by those shared tokens and y* is the old answer's first
-   differing token (`divergence`); answers where one begins the other cannot be written. As in the
+   differing token (`attribution_inputs`, each prompt with its own shared tokens; a paraphrase whose
+   answers never part is left out); answers where one begins the other cannot be written. As in the
    reference implementations the whole layer's vector is scaled at once, so
    the attributions of one layer add up to ≈ P(a) − P(a = 0) (completeness). Earlier positions never
    change, so the prompt minus its last token runs once into a KV cache and every (layer, step) row is
@@ -70,8 +72,8 @@ def integrated_gradients(
 ) -> Attribution:
     """Attr = a · (1/M) Σ_{k=1..M} ∂P(target | prompt; a ← (k/M)·a)/∂a for the MLP intermediate
     activation a at each prompt's last position, one layer scaled at a time. `prompt_ids` are token
-    ids as `lm.encode_prompt` gives them; `target_ids[j]` is the token whose probability is attributed
-    for prompt j."""
+    ids as `lm.encode_pair` gives a prompt's (KN appends the answer tokens the old and new answers
+    share); `target_ids[j]` is the token whose probability is attributed for prompt j."""
     if len(prompt_ids) != len(target_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(target_ids)} targets")
     if any(len(s) == 0 for s in prompt_ids):
@@ -228,39 +230,37 @@ class Divergence:
     new: int
 
 
-def divergence(lm: LM, prompt: str, target_new: str, target_true: str | None) -> Divergence | None:
-    """The first answer position where the old answer (`target_true`, or the model's greedy answer
-    when it is None) and `target_new` have different tokens, read under teacher forcing of the new
-    answer; None where there is none (one answer begins the other)."""
-    _, new_ids = lm.encode_pair(prompt, target_new)
-    if target_true is not None:
-        _, old_ids = lm.encode_pair(prompt, target_true)
-    else:  # EasyEdit's choice: the answer the model gives now, token by token along the new answer
-        old_ids = list(lm.score([prompt], [target_new])[0].argmax_ids)
+def first_difference(old_ids: Sequence[int], new_ids: Sequence[int]) -> Divergence | None:
+    """The first position where two answers' tokens differ; None where one begins the other."""
     k = next((j for j, (a, b) in enumerate(zip(old_ids, new_ids)) if a != b), None)
     return None if k is None else Divergence(k, int(old_ids[k]), int(new_ids[k]))
 
 
-def attribution_inputs(lm: LM, prompts: Sequence[str], req: EditRequest, at: Divergence
-                       ) -> tuple[list[list[int]], list[int]]:
-    """Token ids of each prompt followed by the first `at.shared` tokens of the new answer, and the old
-    answer's token there (whose probability integrated gradients attribute). A paraphrase whose answer
-    tokens part elsewhere is left out; the edit prompt (first) always stays."""
-    seqs, olds = [], []
+def attribution_inputs(lm: LM, prompts: Sequence[str], req: EditRequest
+                       ) -> tuple[list[list[int]], list[int], Divergence | None]:
+    """Per prompt (the edit prompt first), where its old answer (`target_true`, or when that is None the
+    model's greedy answer, read under teacher forcing of the new one) and the new answer part: the prompt's
+    ids followed by the answer tokens they share, and the old answer's token there (y*, whose probability
+    integrated gradients attribute). A paraphrase whose answers never part is left out. Returns
+    (sequences, y*, the edit prompt's divergence: None when it has none, and then nothing is kept)."""
     greedy = lm.score(list(prompts), [req.target_new] * len(prompts)) if req.target_true is None else None
+    seqs: list[list[int]] = []
+    olds: list[int] = []
+    first: Divergence | None = None
     for n, p in enumerate(prompts):
         p_ids, new_ids = lm.encode_pair(p, req.target_new)
-        if req.target_true is not None:
-            old_ids = lm.encode_pair(p, req.target_true)[1]
-        else:
-            assert greedy is not None
-            old_ids = list(greedy[n].argmax_ids)
-        k = at.shared
-        if n and (len(new_ids) <= k or len(old_ids) <= k or list(old_ids[:k]) != list(new_ids[:k])):
+        old_ids = lm.encode_pair(p, req.target_true)[1] if req.target_true is not None \
+            else list(greedy[n].argmax_ids)  # type: ignore[index]
+        at = first_difference(old_ids, new_ids)
+        if n == 0:
+            if at is None:
+                return [], [], None
+            first = at
+        if at is None:
             continue
-        seqs.append(list(p_ids) + list(new_ids[:k]))
-        olds.append(at.old if n == 0 else int(old_ids[k]))
-    return seqs, olds
+        seqs.append(list(p_ids) + list(new_ids[: at.shared]))
+        olds.append(at.old)
+    return seqs, olds, first
 
 
 class KNEditor(Editor):
@@ -273,13 +273,13 @@ class KNEditor(Editor):
         prompts = [req.prompt]
         if hp.use_paraphrases:
             prompts += [p for p, _ in req.paraphrases if p not in prompts]
-        at = divergence(lm, req.prompt, req.target_new, req.target_true)
+        seqs, old_ids, at = attribution_inputs(lm, prompts, req)
         if at is None:  # the erase and enhance terms would be one token: nothing would change
-            old = "the current answer" if req.target_true is None else repr(req.target_true)
+            why = (f"the model already answers {req.target_new!r}" if req.target_true is None else
+                   f"{req.target_new!r} and {req.target_true!r} have none: one begins the other")
             raise EditRequestError(
-                f"KN edits the first answer token where the old and new answers differ, and {req.target_new!r} has "
-                f"none: one of it and {old} begins the other; KN cannot write this fact, use another method")
-        seqs, old_ids = attribution_inputs(lm, prompts, req, at)
+                f"KN edits the first answer token where the old and new answers differ, and {why}; KN cannot "
+                "write this fact, use another method")
         new_id = at.new
         ig = integrated_gradients(lm, seqs, old_ids, hp.layers, hp.ig_steps, hp.batch_size)
         sel = select_neurons(ig.attr, hp.layers, hp.adaptive_threshold, hp.share_ratio, hp.share_step,
