@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from editlab.data import load_requests
+from editlab.errors import EditRequestError
 from editlab.methods import Edit, SolverState, restore_all
 from editlab.methods.base import Editor
 from editlab.methods.edit import TENSORS
 from editlab.models import load_lm
+from editlab.requests import EditRequest
 from editlab.runner import RunConfig, Store, run
 from editlab.runner.stacks import RunStacks, StackResumeWarning, stacks_folder
 
@@ -74,7 +76,8 @@ def assert_same_rows(got: dict, want: dict) -> None:
         assert got[key][0] == n
         assert set(got[key][1]) == set(m), key
         for name, v in m.items():
-            assert got[key][1][name] == pytest.approx(v, rel=1e-6, abs=1e-6), (key, name)
+            want_v = v if isinstance(v, str) else pytest.approx(v, rel=1e-6, abs=1e-6)  # an error row's message
+            assert got[key][1][name] == want_v, (key, name)
 
 
 def stack_dir(db: Path, rid: str) -> Path:
@@ -246,4 +249,63 @@ def test_failing_stack_save_warns_once_and_the_run_completes(lm, reqs, corpus_fi
         rid = run(lm, reqs, RunConfig(**args), Store(db))
     assert len([w for w in caught if issubclass(w.category, StackResumeWarning)]) == 1
     assert rows_of(Store(db), rid) == want
+    assert not lm.active_edits
+
+
+def refusing(monkeypatch: pytest.MonkeyPatch, prompt: str, fail_at: int | None = None) -> list[int]:
+    """`Editor.apply` refuses (EditRequestError, model untouched) the request with `prompt`, and raises a
+    simulated kill on call number `fail_at`; returns the list that counts the calls."""
+    real = Editor.apply
+    calls: list[int] = []
+
+    def apply(editor, lm, requests, *a, **k):
+        calls.append(1)
+        if fail_at is not None and len(calls) == fail_at:
+            raise RuntimeError("simulated kill")
+        first = requests if isinstance(requests, EditRequest) else requests[0]
+        if first.prompt == prompt:
+            raise EditRequestError("this method cannot write this fact")
+        return real(editor, lm, requests, *a, **k)
+
+    monkeypatch.setattr(Editor, "apply", apply)
+    return calls
+
+
+def test_a_refused_edit_is_recorded_and_the_sequence_goes_on_without_it(lm, reqs, corpus_file, tmp_path, monkeypatch):
+    args = dict(method="rome", mode="sequential", hparams=method_hparams("rome", corpus_file))
+    # the same edits without the refused request, checkpoints at the same edits
+    kept = [r for i, r in enumerate(reqs) if i != 2]
+    want = reference_rows(lm, kept, {**args, "checkpoints": [2, 3, 5]}, tmp_path)
+    refusing(monkeypatch, reqs[2].prompt)
+    store = Store(tmp_path / "r.db")
+    with pytest.warns(UserWarning, match="rome refused edit 3 of the sequence"):
+        rid = run(lm, reqs, RunConfig(**args, checkpoints=CHECKPOINTS), store)
+    rows = {r.row_key: r for r in store.rows(rid)}
+    assert sorted(rows) == ["ckpt:2", "ckpt:4", "ckpt:6", "refused:2"]
+    assert rows["refused:2"].kind == "error" and "cannot write this fact" in rows["refused:2"].metrics["error"]
+    assert [rows[k].metrics["edits_refused"] for k in ("ckpt:2", "ckpt:4", "ckpt:6")] == [0.0, 1.0, 1.0]
+    for mine, theirs in (("ckpt:2", "ckpt:2"), ("ckpt:4", "ckpt:3"), ("ckpt:6", "ckpt:5")):
+        got = {k: v for k, v in rows[mine].metrics.items() if k != "edits_refused"}
+        assert got == pytest.approx({k: v for k, v in want[theirs][1].items() if k != "edits_refused"}), mine
+    assert not lm.active_edits
+
+
+def test_a_run_with_a_refused_edit_resumes_from_its_saved_stack(lm, reqs, corpus_file, tmp_path, monkeypatch):
+    args = dict(method="rome", mode="sequential", checkpoints=CHECKPOINTS, hparams=method_hparams("rome", corpus_file))
+    refusing(monkeypatch, reqs[2].prompt)
+    with pytest.warns(UserWarning):
+        want = reference_rows(lm, reqs, args, tmp_path)
+    db = tmp_path / "r.db"
+    refusing(monkeypatch, reqs[2].prompt, fail_at=5)  # calls: edits 1, 2, 3 (refused), 4, then dies on 5
+    with pytest.raises(RuntimeError, match="simulated kill"), pytest.warns(UserWarning):
+        run(lm, reqs, RunConfig(**args), Store(db))
+    rid = next(iter(Store(db).runs()))["run_id"]
+    saved = stack_dir(db, rid) / "ckpt-4"
+    assert sorted(int(p.name.split("-")[0]) for p in saved.iterdir()) == [0, 1, 2]  # three edits written
+    calls = refusing(monkeypatch, reqs[2].prompt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StackResumeWarning)
+        rid2 = run(lm, reqs, RunConfig(**args), Store(db))
+    assert rid2 == rid and len(calls) == 2  # only edits 5 and 6: the stack of three loaded
+    assert_same_rows(rows_of(Store(db), rid), want)
     assert not lm.active_edits

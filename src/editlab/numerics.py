@@ -3,9 +3,11 @@
 Subnormal ("denormal") float32 values, |x| < 1.2e-38, are computed in microcode on x86 CPUs, tens of
 times slower than normal ones. A healthy model rarely makes any, but a model broken by many edits does:
 on SmolLM2 after 100 sequential KN edits (perplexity ~10^17) one KN edit took 111 s, and 14 s with
-subnormals flushed to zero (same machine, same edit; docs/pitfalls.md, collapse section). A value below
-1.2e-38 changes nothing that editlab compares (attributions are ranked against 0.2 x their maximum,
-probabilities are read to a few digits), so hot loops run with flushing on.
+subnormals flushed to zero (same machine, same edit; docs/pitfalls.md, collapse section), so hot loops
+run with flushing on. On a healthy model nothing there gets that small and the results are bit-identical
+(tests/test_numerics.py). On a broken model flushing can change a result: where the probability KN
+attributes is itself below 1.2e-38, its gradients flush to zero, KN finds no neuron with a positive
+attribution and refuses the edit, where without flushing it would rank neurons by subnormal gradients.
 
 `flush_denormals()` turns flushing on for the block and restores the previous state after it, read by
 multiplying a subnormal (PyTorch has no getter). Where the CPU cannot flush (`torch.set_flush_denormal`

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Sequence
 
@@ -143,6 +144,19 @@ def row_key(i: int, r: EditRequest) -> str:
     return f"{i}:{r.case_id}"
 
 
+REFUSED = "refused:"
+
+
+def refused_key(i: int) -> str:
+    """The store key of the `error` row of request `i`, which a sequential run's method could not write."""
+    return f"{REFUSED}{i}"
+
+
+def refused_requests(done: Collection[str]) -> set[int]:
+    """Indices of the requests a sequential run has recorded as refused (from its row keys)."""
+    return {int(k[len(REFUSED):]) for k in done if k.startswith(REFUSED)}
+
+
 def chunk_keys(cfg: RunConfig, requests: Sequence[EditRequest], start: int) -> list[str]:
     """The row keys of the edit that starts at request `start`."""
     return [row_key(i, requests[i]) for i in range(start, min(start + chunk_size(cfg), len(requests)))]
@@ -248,29 +262,47 @@ def run(
         metrics = {"perplexity": base_ppl, "perplexity_base": base_ppl} if windows else {}
         metrics.update(_measure_probes(probes, lm, lm))
         store.add_row(Row(run_id, ckpt_key(0), None, "checkpoint", 0, None, time.perf_counter() - t1, metrics))
+    # a request the method refuses (an EditlabError from `apply`, which leaves the model as it was) gets an
+    # `error` row and the sequence goes on without it; checkpoints score the edits that were written and
+    # count the refused ones (`edits_refused`)
+    refused = refused_requests(done)
     try:
-        start = stacks.resume(lm, cfg.method, requests, cfg.checkpoints, done)
-        prev = lm.active_edits[-1] if start else None
+        start = stacks.resume(lm, cfg.method, requests, cfg.checkpoints, done, refused)
+        refused = {i for i in refused if i < start}  # later requests are edited (or refused) again
+        prev = lm.active_edits[-1] if lm.active_edits else None
         last = start  # a resumed stack ends at a checkpoint
         if start:
             tick(start, len(requests), f"{cfg.method} sequential: resumed from the edits saved at {start}")
         for n_done in range(start + 1, len(requests) + 1 if final_ckpt > 0 else 1):
             r = requests[n_done - 1]
             t0 = time.perf_counter()
-            prev = editor.apply(lm, r, hp, on=prev if editor.supports_on else None)
-            t_edit = time.perf_counter() - t0
-            release_freed_memory()  # long sequences: keep resident memory to what is alive
-            _record_statistics(store, run_id, prev)
+            try:
+                prev = editor.apply(lm, r, hp, on=prev if editor.supports_on else None)
+            except EditlabError as e:
+                t_edit = time.perf_counter() - t0
+                refused.add(n_done - 1)
+                warnings.warn(f"{cfg.method} refused edit {n_done} of the sequence ({r.prompt!r} -> {r.target_new!r}): "
+                              f"{e} (recorded; the sequence goes on without it)", stacklevel=2)
+                store.add_row(Row(run_id, refused_key(n_done - 1), r.case_id, "error", n_done, t_edit, None,
+                                  {"error": f"{type(e).__name__}: {e}"}))  # type: ignore[dict-item]
+            else:
+                t_edit = time.perf_counter() - t0
+                release_freed_memory()  # long sequences: keep resident memory to what is alive
+                _record_statistics(store, run_id, prev)
             if n_done in cfg.checkpoints:
                 row = None
                 if ckpt_key(n_done) not in done:
                     t1 = time.perf_counter()
-                    system = prev.lm
-                    all_rows = evaluate_requests(system, list(requests[:n_done]), pre, fluency=cfg.fluency, seed=cfg.seed)
-                    s_all = summarize(all_rows)
-                    s_new = summarize(all_rows[last:])
+                    system = prev.lm if prev is not None else lm
+                    written = [i for i in range(n_done) if i not in refused]
+                    all_rows = evaluate_requests(system, [requests[i] for i in written], pre, fluency=cfg.fluency,
+                                                 seed=cfg.seed) if written else []
+                    s_all = summarize(all_rows) if all_rows else {}
+                    newest = [m for i, m in zip(written, all_rows) if i >= last]
+                    s_new = summarize(newest) if newest else {}
                     metrics = {f"retention_{k}": v for k, v in s_all.items()}
                     metrics.update({f"newest_{k}": v for k, v in s_new.items()})
+                    metrics["edits_refused"] = float(len(refused))
                     if windows:
                         metrics["perplexity"] = perplexity(system, windows)
                         metrics["perplexity_base"] = base_ppl  # type: ignore[assignment]

@@ -35,7 +35,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 from ..errors import EditIntegrityError, EditlabError
 from ..fileio import atomic_dir
@@ -122,9 +122,10 @@ class RunStacks:
 
     # ------------------------------------------------------------------ resuming
     def resume(self, lm: LM, method: str, requests: Sequence[EditRequest], checkpoints: Sequence[int],
-               done: set[str]) -> int:
+               done: set[str], refused: Collection[int] = ()) -> int:
         """Load the newest usable saved stack onto `lm` (which must carry no edits) and return how many
-        edits it holds; 0 when there is nothing to resume from. Usable: at a checkpoint c such that the
+        requests it has passed (a stack at checkpoint n holds the edits of `requests[:n]` less the `refused`
+        ones, which the method could not write); 0 when there is nothing to resume from. Usable: at a checkpoint c such that the
         rows of c and of every checkpoint before it are in `done`, and every edit verifies and is the
         edit of `requests[k]` by `method`. When rows exist but no stack loads, warn once (one line)."""
         finished: list[int] = []
@@ -138,7 +139,7 @@ class RunStacks:
         problems: list[str] = []
         for n in sorted(found, reverse=True):
             try:
-                self._load(lm, found[n], n, method, requests)
+                self._load(lm, found[n], [i for i in range(n) if i not in refused], method, requests)
             except Exception as e:  # noqa: BLE001 - any failure to load means: do not use this stack
                 restore_all(lm)
                 problems.append(f"{found[n].name}: {e}")
@@ -153,9 +154,10 @@ class RunStacks:
                       StackResumeWarning, stacklevel=3)
         return 0
 
-    def _load(self, lm: LM, folder: Path, n: int, method: str, requests: Sequence[EditRequest]) -> None:
-        """Load `folder`'s edits bottom to top; `EditIntegrityError` unless they are exactly the first `n`
-        edits of this run (each folder named `<k>-<id>` of the edit it holds)."""
+    def _load(self, lm: LM, folder: Path, applied: Sequence[int], method: str, requests: Sequence[EditRequest]) -> None:
+        """Load `folder`'s edits bottom to top; `EditIntegrityError` unless they are exactly the edits of
+        `requests[i]` for i in `applied`, in order (each folder named `<k>-<id>` of the edit it holds)."""
+        n = len(applied)
         entries: dict[int, Path] = {}
         for p in _children(folder):
             m = _EDIT.fullmatch(p.name)
@@ -168,8 +170,8 @@ class RunStacks:
             edit = Edit.load(entries[k], lm)
             if entries[k].name != f"{k}-{edit.id}" or edit.method != method:
                 raise EditIntegrityError(f"{entries[k]} holds {edit.method} edit {edit.id}, not this run's edit {k}")
-            if [r.to_dict() for r in edit.requests] != [requests[k].to_dict()]:
-                raise EditIntegrityError(f"{entries[k]} edits another request than this run's request {k}")
+            if [r.to_dict() for r in edit.requests] != [requests[applied[k]].to_dict()]:
+                raise EditIntegrityError(f"{entries[k]} edits another request than this run's request {applied[k]}")
 
 
 def _children(folder: Path) -> list[Path]:

@@ -35,7 +35,8 @@ One request per edit (as in the paper and EasyEdit). Nothing is sampled: the met
 
 Integrated gradients run with subnormal floats flushed to zero (`numerics.flush_denormals`): a model broken
 by many sequential edits is full of them, and they made one edit after 100 KN edits on SmolLM2 take 111 s
-instead of 14 s. On a healthy model the edit is bit-identical either way (tests/test_numerics.py).
+instead of 14 s. On a healthy model the edit is bit-identical either way (tests/test_numerics.py); where
+P(y*) itself is below 1.2e-38 every attribution flushes to zero and the edit is refused (no neuron).
 """
 
 from __future__ import annotations
