@@ -226,3 +226,29 @@ def test_entry_points_exist():
     from editlab.cli import main
 
     assert callable(main) and isinstance(editlab.cli.app, typer.Typer)
+
+
+def test_a_refused_sequential_edit_is_one_warning_line_and_the_run_completes(tmp_path, monkeypatch):
+    from editlab.data import load_requests
+    from editlab.errors import EditRequestError
+    from editlab.methods.base import Editor
+    from editlab.runner import Store
+
+    refused = load_requests("builtin", limit=2)[1]
+    real = Editor.apply
+
+    def apply(editor, lm, requests, *a, **k):
+        if getattr(requests, "prompt", None) == refused.prompt:
+            raise EditRequestError("this method cannot write this fact")
+        return real(editor, lm, requests, *a, **k)
+
+    monkeypatch.setattr(Editor, "apply", apply)
+    db = tmp_path / "r.db"
+    result = runner.invoke(app, ["eval", "--method", "ft-m", "--model", "tiny-trained-llama", "--data", "builtin",
+                                 "--limit", "3", "--mode", "sequential", "--checkpoints", "1,3", "--db", str(db)] + FT_M)
+    assert result.exit_code == 0, result.output
+    lines = [l for l in result.stderr.splitlines() if "refused edit 2" in l]
+    assert len(lines) == 1 and lines[0].startswith("warning: ft-m refused edit 2 of the sequence"), result.stderr
+    assert "UserWarning" not in result.stderr and "Traceback" not in result.stderr
+    rows = {r.row_key: r for r in Store(db).rows()}
+    assert sorted(rows) == ["ckpt:1", "ckpt:3", "refused:1"] and rows["ckpt:3"].metrics["edits_refused"] == 1.0

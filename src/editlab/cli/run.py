@@ -143,10 +143,10 @@ def execute_runs(model: ModelOptions, requests: list[Any], configs: list[RunConf
     run_ids: list[str] = []
     try:
         lm = load_model(model)
-        with user_warnings_reported():
+        with user_warnings_reported():  # a refused sequential edit, a stack that cannot resume: one line each
             check_fits(requests, lm)
-        for cfg, label in zip(configs, labels):
-            run_ids.append(run_with_progress(lm, requests, cfg, store, run.resume, label))
+            for cfg, label in zip(configs, labels):
+                run_ids.append(run_with_progress(lm, requests, cfg, store, run.resume, label))
     except KeyboardInterrupt:
         exit_interrupted(run.db)
     return run_ids
