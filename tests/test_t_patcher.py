@@ -23,6 +23,8 @@ FACTS = [
     EditRequest.create("Albert Einstein was born in", "Albert Einstein", "Warsaw", "Ulm"),
     EditRequest.create("Marie Curie was born in", "Marie Curie", "Paris", "Warsaw"),
 ]
+# a target whose first two tokens the toy model gets wrong (" Germany" is 4 tokens there, 2 mistaken)
+MULTI = EditRequest.create("Michael Jordan plays", "Michael Jordan", "Germany", "basketball")
 UNRELATED = ["Toyota was founded in", "Albert Einstein was born in", "The capital of France is",
              "Apple was founded by", "Lionel Messi plays", "Marie Curie was born in"]
 
@@ -151,7 +153,7 @@ def test_edit_makes_target_the_argmax_and_leaves_silent_prompts_bit_identical(lm
     edit = get_editor("t-patcher").apply(lm, fact, **hp)
     path = edit.info["path"]
     assert path == mlp_path(lm, lm.n_layers - 1)  # the last MLP by default
-    assert edit.info["units"] == 1 and edit.info["prefix_replay"] and edit.info["query_preactivation"][0] > 0
+    assert edit.info["units"] >= 1 and edit.info["prefix_replay"] and min(edit.info["query_preactivation"]) > 0
     score = edit.lm.score([fact.prompt], [fact.target_new])[0]
     assert score.argmax_ids == score.target_ids
     silent = [p for p in UNRELATED if _max_pre_activation(lm, path, p) <= 0]
@@ -162,26 +164,47 @@ def test_edit_makes_target_the_argmax_and_leaves_silent_prompts_bit_identical(lm
     assert _same(snap, _snapshot(lm))
 
 
-def test_batch_adds_one_unit_per_request(lm, hp):
-    edit = get_editor("t-patcher").apply(lm, FACTS[:2], **{**hp, "steps": 100})
-    assert edit.info["units"] == 2 and edit.info["unit_requests"] == [0, 1]
-    assert lm.model.get_submodule(edit.info["path"]).n_rows == 2
-    for s in edit.lm.score([f.prompt for f in FACTS[:2]], [f.target_new for f in FACTS[:2]]):
+def _mistakes(lm, fact):
+    s = lm.score([fact.prompt], [fact.target_new])[0]
+    return sum(a != t for a, t in zip(s.argmax_ids, s.target_ids))
+
+
+def test_batch_adds_each_requests_units(lm, hp):
+    # default: one unit per mistaken target token of each request, at most 5
+    facts = [FACTS[1], MULTI]
+    want = [i for i, f in enumerate(facts) for _ in range(max(1, min(5, _mistakes(lm, f))))]
+    assert len(want) > 2, "no request with several mistaken tokens: the test would prove less"
+    edit = get_editor("t-patcher").apply(lm, facts, **{**hp, "steps": 300})
+    assert edit.info["units"] == len(want) and edit.info["unit_requests"] == want
+    assert lm.model.get_submodule(edit.info["path"]).n_rows == len(want)
+    for s in edit.lm.score([f.prompt for f in facts], [f.target_new for f in facts]):
         assert s.argmax_ids == s.target_ids
     edit.restore()
 
 
-def test_more_units_per_edit_go_to_mistaken_target_tokens(lm, hp):
-    fact = FACTS[0]  # " football": several tokens on the toy tokenizer
+def test_units_go_to_mistaken_target_tokens_by_default(lm, hp):
+    fact = MULTI
     base = lm.score([fact.prompt], [fact.target_new])[0]
-    mistakes = sum(a != t for a, t in zip(base.argmax_ids, base.target_ids))
-    assert len(base.target_ids) >= 2 and mistakes >= 1
-    edit = get_editor("t-patcher").apply(lm, fact, **{**hp, "max_add_neuron_num": 5, "steps": 100})
+    mistakes = _mistakes(lm, fact)
+    assert len(base.target_ids) >= 2 and mistakes >= 2
+    edit = get_editor("t-patcher").apply(lm, fact, **{**hp, "steps": 300})  # default max_add_neuron_num
     assert edit.info["units"] == min(5, mistakes)
     assert lm.model.get_submodule(edit.info["path"]).n_rows == min(5, mistakes)
     score = edit.lm.score([fact.prompt], [fact.target_new])[0]
     assert score.argmax_ids == score.target_ids
     edit.restore()
+
+
+def test_units_per_edit_are_capped_by_max_add_neuron_num(lm, hp):
+    long = EditRequest.create("Toyota was founded in", "Toyota", "Warsaw Poland", "Japan")
+    assert _mistakes(lm, long) > 5
+    ed = get_editor("t-patcher")
+    for cap, want in ((None, 5), (1, 1), (3, 3)):
+        extra = {} if cap is None else {"max_add_neuron_num": cap}
+        edit = ed.apply(lm, long, **{**hp, **extra, "steps": 5})
+        assert edit.info["units"] == want and edit.info["unit_requests"] == [0] * want
+        assert lm.model.get_submodule(edit.info["path"]).n_rows == want
+        edit.restore()
 
 
 def test_five_sequential_edits_are_retained_and_restore_lifo(lm, hp, tmp_path):
@@ -195,7 +218,8 @@ def test_five_sequential_edits_are_retained_and_restore_lifo(lm, hp, tmp_path):
         outs.append(edits[-1].lm.next_token_logprobs(UNRELATED))
         assert edits[-1].info["extends"] == (i > 0)
     wrapper = lm.model.get_submodule(edits[0].info["path"])
-    assert isinstance(wrapper, SideUnits) and wrapper.n_rows == 5
+    units = sum(e.info["units"] for e in edits)
+    assert isinstance(wrapper, SideUnits) and wrapper.n_rows == units >= 5
     assert isinstance(wrapper.base_layer, torch.nn.Module) and not isinstance(wrapper.base_layer, SideUnits)
     final = lm.score([f.prompt for f in FACTS], [f.target_new for f in FACTS])
     retained = sum(s.argmax_ids == s.target_ids for s in final)
@@ -209,7 +233,7 @@ def test_five_sequential_edits_are_retained_and_restore_lifo(lm, hp, tmp_path):
         assert torch.equal(lm.edited.next_token_logprobs(UNRELATED), outs[i])
     loaded = [Edit.load(tmp_path / f"e{i}", lm) for i in range(len(edits))]
     assert torch.allclose(loaded[-1].lm.next_token_logprobs(UNRELATED), outs[-1], atol=1e-6)
-    assert lm.model.get_submodule(edits[0].info["path"]).n_rows == 5
+    assert lm.model.get_submodule(edits[0].info["path"]).n_rows == units
     restore_all(lm)
     assert _same(snaps[0], _snapshot(lm))
 

@@ -70,7 +70,7 @@ METHODS.register("grace", "GRACE: codebook of (key, value, radius) at one layer;
                  lazy("editlab.methods.adapters.grace:GRACEEditor"),
                  hparams="editlab.methods.adapters.hparams:GRACEHparams", batch=False, family="adapter",
                  tiny_hparams={"layer": 2, "steps": 40, "lr": 1.0})
-METHODS.register("t-patcher", "T-Patcher: one trained ReLU patch unit per edit beside the last MLP",
+METHODS.register("t-patcher", "T-Patcher: trained ReLU patch units beside the last MLP, one per mistaken target token",
                  lazy("editlab.methods.adapters.t_patcher:TPatcherEditor"),
                  hparams="editlab.methods.adapters.hparams:TPatcherHparams", batch=True, aliases=("tpatcher",), family="adapter",
                  tiny_hparams={"steps": 40, "memory_size": 2000, "memory_top_k": 100})

@@ -54,8 +54,9 @@ class GRACEHparams(Hparams):
 
 @dataclass
 class TPatcherHparams(Hparams):
-    """Defaults: the paper's (`Transformer-Patcher src/utils.py`, zsRE) except ReLU units and one unit
-    per edit; the layer is the last MLP of the model."""
+    """Defaults: the paper's (`Transformer-Patcher src/utils.py`, zsRE) except ReLU units; the layer is
+    the last MLP of the model. Up to `max_add_neuron_num` units per edit, one per target token the model
+    gets wrong (the paper's one neuron per mistake); 1 was the default before 2026-12-06."""
 
     layer: int = 0
     activation: str = "relu"
@@ -70,7 +71,7 @@ class TPatcherHparams(Hparams):
     memory_top_k: int = 1000
     memory_size: int = 40_000  # memory rows (tokens of generic text); 0 disables the memory loss
     amplify: float = 10.0  # norm of the initial value vector
-    max_add_neuron_num: int = 1
+    max_add_neuron_num: int = 5  # one unit per mistaken target token, at most this many (paper, card)
     corpus: str = "wikipedia"  # generic text for the memory (see stats.corpus.get_corpus)
     # a dataset (name or file) whose probes' inputs are the memory instead of generic text (the reference
     # builds it from the task's training examples); use a split disjoint from the records scored
