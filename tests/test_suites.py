@@ -72,6 +72,19 @@ def test_fact_probs_average_mean_token_probabilities(lm):
     assert g[0] == pytest.approx(math.exp(-nll))
 
 
+def test_suite_summary_reports_the_median_edit_time_and_leaves_errors_out(tmp_path):
+    from editlab.runner.store import Row
+
+    store = Store(tmp_path / "r.db")
+    store.ensure_run("d", method="rome", mode="suite", dataset="distortion", model="m")
+    for i, t in enumerate([1.0, 3.0, 2.0, 10.0]):
+        store.add_row(Row("d", f"easy:{i}", f"easy:{i}", "edit", 2, t, 0.1, {"easy.Succ": float(i % 2)}))
+    store.add_row(Row("d", "easy:9", "easy:9", "error", 0, 50.0, None, {}))
+    got = suite_summary(store, "d")
+    assert got["s_per_edit"] == 2.5  # even count: the mean of the two middle times; the error row is left out
+    assert got["n"] == 4 and got["errors"] == 1 and got["easy.Succ"] == 0.5
+
+
 def test_metric_metadata_is_found_through_split_prefixes():
     assert metric_info("reverse.CS_imp").higher_is_better is True
     assert metric_info("easy.D").higher_is_better is False

@@ -59,6 +59,9 @@ def test_objective_values_of_single_and_sequential_runs() -> None:
     seq = [Row("r", "ckpt:2", None, "checkpoint", 2, 1.0, 0.1, {"retention_efficacy_score": 0.5}),
            Row("r", "ckpt:5", None, "checkpoint", 5, 1.0, 0.1, {"retention_efficacy_score": 0.25})]
     assert objective_values(seq, "sequential", [OBJECTIVES["efficacy"]]) == {"efficacy": 0.25}
+    # an even count's median is the mean of the two middle times, not the upper one
+    four = rows + [Row("r", "3:c", "c", "edit", 1, 10.0, 0.1, {"efficacy_score": 1.0})]
+    assert objective_values(four, "single", [OBJECTIVES["edit_time"]]) == {"edit_time": 2.5}
 
 
 def test_sweep_runs_every_point_records_the_front_and_reports_it(tmp_path: Path) -> None:

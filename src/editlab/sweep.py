@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import random
+import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -144,8 +145,8 @@ def objective_values(rows: Iterable[Any], mode: str, objectives: Sequence[Object
         last = max(pts, key=lambda r: r.n_edits) if pts else None
     for o in objectives:
         if o.metric == "edit_s":
-            times = sorted(r.edit_s for r in rows if r.edit_s is not None)
-            out[o.name] = times[len(times) // 2] if times else None
+            times = [r.edit_s for r in rows if r.edit_s is not None]
+            out[o.name] = statistics.median(times) if times else None
         elif mode == "sequential":
             v = last.metrics.get(f"retention_{o.metric}") if last is not None else None
             out[o.name] = None if v is None else float(v)

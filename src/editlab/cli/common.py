@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import sys
 import traceback
 import warnings
@@ -329,9 +330,9 @@ def summary_table(store: Store, run_ids: list[str], title: str) -> Table:
         else:
             s = summarize(r.metrics for r in rows)
             label = f"{run['method']} {run['mode']}"
-            times = sorted(r.edit_s for r in rows if r.edit_s is not None)
+            times = [r.edit_s for r in rows if r.edit_s is not None]
             n_shown = len(rows)
-        med = f"{sorted(times)[len(times) // 2]:.1f}" if times else ""
+        med = f"{statistics.median(times):.1f}" if times else ""
         t.add_row(label, str(n_shown), med, *[("" if s.get(k) is None else f"{s[k]:.2f}") for k in _SUMMARY_KEYS])
     return t
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,9 +47,9 @@ def aggregate(store: Store) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         else:
             edits = [r for r in rows if r.kind == "edit"]
             s = summarize(r.metrics for r in edits)
-            times = sorted(r.edit_s for r in edits if r.edit_s is not None)
+            times = [r.edit_s for r in edits if r.edit_s is not None]
             summaries.append({"run": run, "n": len(edits), "summary": s,
-                              "median_edit_s": times[len(times) // 2] if times else None})
+                              "median_edit_s": statistics.median(times) if times else None})
     return summaries, sequences
 
 

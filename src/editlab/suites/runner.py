@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -238,9 +239,9 @@ def suite_summary(store: Store, run_id: str, suite: Suite | None = None) -> dict
     out["n"] = float(len(rows))
     if len(rows) < len(everything):
         out["errors"] = float(len(everything) - len(rows))
-    times = sorted(r.edit_s for r in rows if r.edit_s is not None)
+    times = [r.edit_s for r in rows if r.edit_s is not None]
     if times:
-        out["s_per_edit"] = times[len(times) // 2]
+        out["s_per_edit"] = statistics.median(times)
     return out
 
 
