@@ -5,7 +5,11 @@ column per method) with records/s, as in docs/pitfalls.md.
 
 Rows go to the result store, so an interrupted run continues where it stopped (same command) and a
 later call with more methods reuses the unedited pass already stored. `--print-only` prints the tables
-from the store without running anything.
+from the store without running anything. `--shard K/N` runs only every N-th unit from the K-th (0-based)
+into the same runs, so N processes on one store (one per core) fill one table between them:
+
+    python benchmarks/pitfalls.py --suite conflict --methods t-patcher --limit 34 --db c.db --shard 0/2 &
+    python benchmarks/pitfalls.py --suite conflict --methods t-patcher --limit 34 --db c.db --shard 1/2
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ def table(store: Store, suite_name: str, model: str) -> str:
     return "\n".join(lines)
 
 
+def parse_shard(ap: argparse.ArgumentParser, text: str | None) -> tuple[int, int] | None:
+    """`K/N` as (K, N) with 0 <= K < N; None when not given. A malformed value ends the script with one line."""
+    if text is None:
+        return None
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        ap.error(f"--shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    return int(k), int(n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", required=True)
@@ -55,9 +69,12 @@ def main() -> None:
     ap.add_argument("--print-only", action="store_true")
     ap.add_argument("--suite-set", action="append", default=[], metavar="KEY=VALUE",
                     help="suite option, as `editlab eval --suite-set` (e.g. cot=false for mquake)")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="run only units K, K+N, K+2N, ... (0-based) into the same runs, e.g. 0/2 and 1/2 on two cores")
     ap.add_argument("--on-bad", choices=("stop", "skip"), default="stop",
                     help="records lacking a field a metric needs: stop (name it) or skip (counted, left out)")
     args = ap.parse_args()
+    shard = parse_shard(ap, args.shard)
     store = Store(args.db)
     if not args.print_only:
         from editlab.models import load_lm
@@ -65,10 +82,12 @@ def main() -> None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         options = dict(kv.split("=", 1) for kv in args.suite_set)
         plan = plan_suite(args.suite, methods, limit=args.limit, options=options, on_bad=args.on_bad)
+        only = None if shard is None else [u.key for u in plan.units[shard[0]::shard[1]]]
         lm = load_lm(args.model)
         t0 = time.perf_counter()
-        run_suite(lm, plan, store, progress=lambda i, n, msg: print(f"\r{msg}", end="", flush=True))
-        print(f"\n{args.suite}: {len(plan.units)} units x {len(methods)} methods in {time.perf_counter() - t0:.0f} s")
+        run_suite(lm, plan, store, only=only, progress=lambda i, n, msg: print(f"\r{msg}", end="", flush=True))
+        n_units = len(plan.units) if only is None else len(only)
+        print(f"\n{args.suite}: {n_units} units x {len(methods)} methods in {time.perf_counter() - t0:.0f} s")
     print(table(store, args.suite, args.model))
 
 
